@@ -1,0 +1,135 @@
+"""The `llmsim` command: a thin layer over plain Python functions.
+
+Exit codes: 0 ok, 2 bad input (one line per problem, no traceback), 1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from sim.config.loader import ConfigError, load_workload
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as exit code 2 in one line (its default exit code is 2 too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="llmsim", description="Capacity-planning simulator for LLM application stacks.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="simulate a workload and print its summary")
+    p.add_argument("workload", help="workload YAML file")
+    p.add_argument("--seed", type=_seed, help="root seed (default: the workload's)")
+    p.add_argument("--replications", type=_positive_int, help="replications (default: the workload's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a field, e.g. --set models.llama8b.replicas=4 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the summary as one flat JSON object")
+    p.add_argument("--out", type=Path, help="write requests.parquet, replications.parquet and summary.json here")
+
+    p = sub.add_parser("validate", help="check a workload file")
+    p.add_argument("workload")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+
+    sub.add_parser("schema", help="print the workload JSON Schema")
+
+    p = sub.add_parser("bench", help="simulated requests per wall-second on the shipped workloads")
+    p.add_argument("--workloads", type=Path, default=Path("workloads"), help="folder of the shipped workloads")
+    p.add_argument("--repeat", type=_positive_int, default=3, help="runs per case; the best is kept")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("llmsim: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # an internal error: say so in one line, with where to look
+        print(f"llmsim: internal error: {type(err).__name__}: {err} (please report it with the workload)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sim.experiments.run import run
+    from sim.report.text import format_summary, write_outputs
+
+    result = run(args.workload, seed=args.seed, replications=args.replications, overrides=args.overrides)
+    if args.out is not None:
+        write_outputs(result, args.out)
+    if args.json:
+        print(json.dumps(_json_safe(result.summary)))
+    else:
+        print(format_summary(result))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    workload = load_workload(args.workload, args.overrides)
+    classes, models = len(workload.traffic.classes), len(workload.models)
+    print(f"{args.workload}: ok ({classes} request class{'es' if classes != 1 else ''}, "
+          f"{models} model endpoint{'s' if models != 1 else ''})")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from sim.config.schema import Workload
+
+    schema = Workload.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "llmsim workload (format v1)"
+    print(json.dumps(schema, indent=2))
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sim.bench import format_bench, run_bench
+
+    print(format_bench(run_bench(args.workloads, repeat=args.repeat)))
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema, "bench": cmd_bench}
+
+
+def _json_safe(summary: dict) -> dict:
+    """JSON has no NaN: a metric with no value (no request to measure) becomes null."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

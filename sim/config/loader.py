@@ -1,0 +1,634 @@
+"""YAML loading with file:line errors, and validation into the pydantic schema.
+
+Every problem in a config file becomes one line `FILE:LINE: field.path: message`
+(or `--set field.path: message` when the value came from the command line), so
+the user can jump straight to it. `ConfigError` carries all of them at once:
+fixing one typo per run is tedious.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import types
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .schema import Workload
+
+Path_ = tuple[Any, ...]
+"""A location in the data: mapping keys and list indexes, e.g. ('models', 'm', 'replicas')."""
+
+Lines = dict[Path_, int]
+"""1-based line of every mapping key and list item, by path; () is the top-level mapping."""
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(Exception):
+    """Bad configuration: one human-readable line per problem, no traceback needed."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        self.lines: list[str] = list(lines)
+        # The list itself is the only argument, so the error survives pickling
+        # (sweep points run in other processes).
+        super().__init__(self.lines)
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a number.
+
+    PyYAML follows YAML 1.1, where a float needs a dot, so `rate_rps: 1e-3`
+    would be the string '1e-3'. Pydantic would coerce that for a float field,
+    but not where a distribution is expected (a plain number there means a
+    constant). YAML 1.2 and every human read it as a number.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def parse_yaml_value(text: str) -> Any:
+    """Parse one YAML value (as given to --set) with the same rules as the files."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+def load_yaml_with_lines(path: str | Path) -> tuple[dict[Any, Any], Lines]:
+    """Read a YAML mapping and the 1-based line of every key and list item in it.
+
+    Returns `(data, lines)` where `lines[('models', 'm', 'replicas')]` is the line
+    of that key and `lines[()]` the line where the top-level mapping starts.
+    Raises ConfigError for a missing or unreadable file, a YAML syntax error, a
+    top level that is not a mapping, or a key given twice in one mapping.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{source}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{source}: cannot read: {getattr(exc, 'strerror', None) or exc}"]) from None
+
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError([f"{source}:1: the file is empty; expected a mapping of keys to values"])
+        lines: Lines = {(): node.start_mark.line + 1}
+        duplicates: list[tuple[int, str]] = []
+        _find_duplicates(loader, node, (), duplicates, source, set())
+        if duplicates:
+            raise ConfigError([msg for _, msg in sorted(duplicates)])
+        _walk_node(loader, node, (), lines, frozenset())
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([f"{where}: YAML syntax error: {problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: YAML syntax error: {exc}"]) from None
+    finally:
+        loader.dispose()
+
+    if not isinstance(data, dict):
+        what = _describe(data)
+        raise ConfigError([f"{source}:{lines[()]}: the top level must be a mapping of keys to values, got {what}"])
+    return data, lines
+
+
+def _walk_node(
+    loader: _Loader,
+    node: yaml.Node,
+    path: Path_,
+    lines: Lines,
+    active: frozenset[int],
+) -> None:
+    """Record the line of every key and list item below `node`."""
+    if id(node) in active:  # a recursive alias: its lines are already known
+        return
+    active = active | {id(node)}
+    if isinstance(node, yaml.MappingNode):
+        # Expand `<<: *anchor` the way the constructor will (merged pairs first,
+        # own pairs last), then keep the last occurrence of each key, as a dict does.
+        loader.flatten_mapping(node)
+        seen: set[Any] = set()
+        for key_node, value_node in reversed(node.value):
+            key = _key_value(loader, key_node)
+            if key is _UNHASHABLE or key in seen:
+                continue
+            seen.add(key)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            _walk_node(loader, value_node, path + (key,), lines, active)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[path + (index,)] = item.start_mark.line + 1
+            _walk_node(loader, item, path + (index,), lines, active)
+
+
+_UNHASHABLE = object()
+
+
+def _key_value(loader: _Loader, key_node: yaml.Node) -> Any:
+    """The constructed value of a mapping key (so 1 and '1' differ as they do in the data)."""
+    if not isinstance(key_node, yaml.ScalarNode):
+        return _UNHASHABLE  # the constructor rejects it with a proper message
+    return loader.construct_object(key_node)
+
+
+def _find_duplicates(
+    loader: _Loader, node: yaml.Node, path: Path_, out: list[tuple[int, str]], source: str, seen: set[int]
+) -> None:
+    """Report keys given twice in one mapping, anywhere (before merge keys are expanded)."""
+    if id(node) in seen:  # an alias: that node was checked where its anchor is
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _find_duplicates(loader, item, path + (index,), out, source, seen)
+    elif isinstance(node, yaml.MappingNode):
+        _check_duplicates(loader, node, path, out, source)
+        for key_node, value_node in node.value:
+            key = key_node.value if key_node.tag == _MERGE_TAG else _key_value(loader, key_node)
+            _find_duplicates(loader, value_node, path + (key,), out, source, seen)
+
+
+def _check_duplicates(
+    loader: _Loader, node: yaml.MappingNode, path: Path_, out: list[tuple[int, str]], source: str
+) -> None:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == _MERGE_TAG:
+            continue
+        key = _key_value(loader, key_node)
+        if key is _UNHASHABLE:
+            continue
+        line = key_node.start_mark.line + 1
+        if key in first_line:
+            where = f"{source}:{line}: {_dotted(path + (key,))}"
+            out.append((line, f"{where}: duplicate key (first given on line {first_line[key]})"))
+        else:
+            first_line[key] = line
+
+
+# ------------------------------------------------------------- schema walking
+# Shared with overrides.py: both need to know what the schema expects at a path.
+
+Slot = tuple[Any, Optional[str]]
+"""A type annotation as the schema declares it, with its discriminator if any."""
+
+
+def _bare(slot: Slot) -> Slot:
+    """Strip Annotated and Optional, keeping the discriminator found on the way."""
+    tp, disc = slot
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            for meta in tp.__metadata__:
+                found = getattr(meta, "discriminator", None)
+                if isinstance(found, str):
+                    disc = found
+            tp = get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            members = [a for a in get_args(tp) if a is not type(None)]
+            if len(members) != 1:
+                return tp, disc
+            tp = members[0]
+        else:
+            return tp, disc
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _union_members(tp: Any) -> Optional[list[Any]]:
+    """Members of a union (None excluded), or None when `tp` is not a union."""
+    if get_origin(tp) in (Union, types.UnionType):
+        return [a for a in get_args(tp) if a is not type(None)]
+    return None
+
+
+def _tag_map(tp: Any, disc: Optional[str]) -> dict[Any, type[BaseModel]]:
+    """Tag value -> member model of a union of models told apart by `disc`."""
+    members = _union_members(tp) or []
+    disc = disc or "kind"
+    tags: dict[Any, type[BaseModel]] = {}
+    for member in members:
+        field = member.model_fields.get(disc) if _is_model(member) else None
+        if field is not None and get_origin(field.annotation) is Literal:
+            for value in get_args(field.annotation):
+                tags[value] = member
+    return tags
+
+
+def _pick_member(slot: Slot, node: Any, label: Any = None) -> Optional[Slot]:
+    """The union member that applies: by the tag in the data, else by pydantic's label."""
+    tp, disc = _bare(slot)
+    tags = _tag_map(tp, disc)
+    if isinstance(node, Mapping):
+        try:
+            member = tags.get(node.get(disc or "kind"))
+        except TypeError:  # an unhashable tag such as a list
+            member = None
+        if member is not None:
+            return member, None
+    if label is not None:
+        for tag, member in tags.items():
+            # Pydantic labels a member by its tag, or as 'function-after[..., ClassName]'.
+            if label == tag or label == member.__name__ or str(label).endswith(f", {member.__name__}]"):
+                return member, None
+    return None
+
+
+def _field_for_key(model: type[BaseModel], key: Any) -> Optional[tuple[str, Any]]:
+    """(field name, FieldInfo) for a key the user may write: the name or its alias."""
+    for name, field in model.model_fields.items():
+        if key == name or key == field.alias or key == field.validation_alias:
+            return name, field
+    return None
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    """The keys a user writes for a model: the alias where there is one."""
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _candidate_keys(model: type[BaseModel]) -> list[str]:
+    """Every spelling pydantic accepts (names and aliases), for did-you-mean."""
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        keys += [k for k in (field.alias, name) if isinstance(k, str) and k not in keys]
+    return keys
+
+
+def _child_slot(slot: Optional[Slot], key: Any, node: Any) -> Optional[Slot]:
+    """What the schema expects under `key` of the value `node` described by `slot`."""
+    if slot is None:
+        return None
+    tp, disc = _bare(slot)
+    if _union_members(tp) is not None:
+        member = _pick_member((tp, disc), node)
+        if member is None:
+            return None
+        tp = member[0]
+    if _is_model(tp):
+        found = _field_for_key(tp, key)
+        if found is None:
+            return None
+        field = found[1]
+        return field.annotation, field.discriminator if isinstance(field.discriminator, str) else None
+    origin = get_origin(tp)
+    if origin in (dict, Mapping) and len(get_args(tp)) == 2:
+        return get_args(tp)[1], None
+    if origin in (list, Sequence, tuple) and get_args(tp):
+        return get_args(tp)[0], None
+    return None
+
+
+def _did_you_mean(word: Any, candidates: Sequence[str], listed: Optional[Sequence[str]] = None) -> str:
+    """'(did you mean 'x'?)' when a candidate is close, else '(known: a, b)' listing `listed`."""
+    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
+    if close:
+        return f"(did you mean {close[0]!r}?)"
+    shown = candidates if listed is None else listed
+    return f"(known: {', '.join(map(str, shown)) or 'none'})"
+
+
+def _dotted(path: Path_) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _describe(value: Any) -> str:
+    """A short, YAML-flavoured description of a value for 'got ...'."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
+
+
+def _resolve_dotted(text: str, data: Any, start: Path_ = ()) -> Path_:
+    """Turn 'a.b.c' into a path, matching the keys that exist (a key may contain dots)."""
+    parts = text.split(".")
+    path = list(start)
+    node = _get(data, start)
+    i = 0
+    while i < len(parts):
+        if isinstance(node, Mapping):
+            key = _longest_key(node, parts, i)
+            if key is None:
+                break
+            path.append(key)
+            node = node[key]
+            i += len(str(key).split("."))
+        elif isinstance(node, list) and parts[i].isdigit() and int(parts[i]) < len(node):
+            path.append(int(parts[i]))
+            node = node[int(parts[i])]
+            i += 1
+        else:
+            break
+    return tuple(path) + tuple(parts[i:])
+
+
+def _longest_key(node: Mapping[Any, Any], parts: Sequence[str], i: int) -> Any:
+    """The key of `node` spelled by the most of parts[i:], joined with dots."""
+    by_text = {str(k): k for k in node}
+    for j in range(len(parts), i, -1):
+        key = by_text.get(".".join(parts[i:j]))
+        if key is not None:
+            return key
+    return None
+
+
+_MISSING = object()
+
+
+def _get(data: Any, path: Path_) -> Any:
+    node = data
+    for key in path:
+        if isinstance(node, Mapping) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
+            node = node[key]
+        else:
+            return _MISSING
+    return node
+
+
+# ----------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class _Issue:
+    """One validation problem, placed at the path the user wrote."""
+
+    path: Path_
+    message: str
+    expect: Optional[str] = None  # 'must be a number' part, so union branches can merge
+    got: Optional[str] = None
+    branch: bool = False  # came from one member of a plain union
+
+
+@dataclass
+class _Located:
+    path: Path_
+    slot: Optional[Slot]  # schema at `path`
+    parent: Optional[type[BaseModel]]  # model holding the last key of `path`
+    branch: bool
+    key_error: bool
+
+
+def validate_model(
+    model_cls: type[M],
+    data: Any,
+    lines: Mapping[Path_, int],
+    source: str,
+    base_dir: str | Path,
+    *,
+    overridden: Collection[Path_] = (),
+) -> M:
+    """Validate `data` into `model_cls`, turning every pydantic error into a file:line message.
+
+    `lines` comes from load_yaml_with_lines; `source` names the file in messages;
+    `base_dir` is passed to validators as context (CSV paths are relative to it).
+    Errors at or below a path in `overridden` came from --set and are reported as
+    `--set PATH: message`. Raises ConfigError with one line per problem, in file order.
+    """
+    try:
+        return model_cls.model_validate(data, context={"base_dir": str(base_dir)})
+    except ValidationError as exc:
+        issues = _merge_branches([_issue(err, data, model_cls) for err in exc.errors()])
+        raise ConfigError(_format(issues, lines, source, overridden)) from None
+
+
+def _issue(err: Mapping[str, Any], data: Any, model_cls: type[BaseModel]) -> _Issue:
+    where = _locate(err["loc"], data, model_cls)
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    path = where.path
+    if kind == "missing":
+        return _Issue(path, "required key is missing")
+    if kind == "extra_forbidden":
+        if where.parent is None:
+            return _Issue(path, f"unknown key {path[-1]!r}")
+        hint = _did_you_mean(path[-1], _candidate_keys(where.parent), _known_keys(where.parent))
+        return _Issue(path, f"unknown key {path[-1]!r} {hint}")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        return _tag_issue(kind, ctx, where, data)
+    if kind in ("value_error", "assertion_error"):
+        return _value_issue(str(ctx.get("error", err["msg"])), where, data)
+    expect = _expectation(kind, ctx, err["msg"])
+    if where.key_error:
+        return _Issue(path, f"key {expect}, got {_describe(path[-1])}" if expect else f"key: {err['msg']}")
+    if expect is None:
+        return _Issue(path, _humanise(err["msg"]), branch=where.branch)
+    if kind in _TYPE_ERRORS:
+        got = _describe(value)
+        return _Issue(path, f"{expect}, got {got}", expect, got, where.branch)
+    return _Issue(path, expect, expect, None, where.branch)
+
+
+def _locate(loc: Sequence[Any], data: Any, model_cls: type[BaseModel]) -> _Located:
+    """Map pydantic's location onto the path the user wrote.
+
+    Pydantic puts the name of the union member it tried into the location
+    ('poisson', "literal['auto']", 'function-after[...]'); those are dropped. When
+    the user's value is a scalar that a validator expanded (a number where a
+    distribution goes), the location stops at that value.
+    """
+    path: list[Any] = []
+    node: Any = data
+    slot: Optional[Slot] = (model_cls, None)
+    parent: Optional[type[BaseModel]] = None
+    branch = False
+    for i, el in enumerate(loc):
+        if el == "[key]":
+            return _Located(tuple(path), slot, parent, branch, True)
+        bare = _bare(slot) if slot is not None else None
+        if bare is not None and _union_members(bare[0]) is not None:
+            by_tag = _pick_member(bare, node)
+            # Chosen by the tag in the data: pydantic tried only that member, so its
+            # errors stand alone. Otherwise each member reported its own failure.
+            branch = branch or by_tag is None
+            slot = by_tag or _pick_member(bare, node, el)
+            continue
+        last = i == len(loc) - 1
+        if isinstance(node, Mapping) and (el in node or last):
+            parent = _model_at(slot, node)
+            slot = _child_slot(slot, el, node)
+            path.append(el)
+            node = node.get(el, _MISSING)
+        elif isinstance(node, list) and isinstance(el, int) and 0 <= el < len(node):
+            parent = None
+            slot = _child_slot(slot, el, node)
+            path.append(el)
+            node = node[el]
+        elif isinstance(node, Mapping) and slot is None:
+            continue  # an unknown label inside a mapping: skip it, keep looking for keys
+        else:
+            break
+    return _Located(tuple(path), slot, parent, branch, False)
+
+
+def _model_at(slot: Optional[Slot], node: Any) -> Optional[type[BaseModel]]:
+    if slot is None:
+        return None
+    tp, disc = _bare(slot)
+    if _union_members(tp) is not None:
+        member = _pick_member((tp, disc), node)
+        tp = member[0] if member else None
+    return tp if _is_model(tp) else None
+
+
+def _tag_issue(kind: str, ctx: Mapping[str, Any], where: _Located, data: Any) -> _Issue:
+    disc = str(ctx.get("discriminator", "kind")).strip("'\"")
+    tags: list[str] = []
+    if where.slot is not None:
+        tp, slot_disc = _bare(where.slot)
+        tags = [str(t) for t in _tag_map(tp, slot_disc or disc)]
+    if not tags:
+        tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+    if kind == "union_tag_not_found":
+        one_of = f" (one of: {', '.join(tags)})" if tags else ""
+        return _Issue(where.path, f"missing {disc!r}{one_of}")
+    tag = ctx.get("tag", "")
+    node = _get(data, where.path)
+    path = where.path + (disc,) if isinstance(node, Mapping) and disc in node else where.path
+    close = difflib.get_close_matches(str(tag), tags, n=1, cutoff=0.6)
+    mean = f"did you mean {close[0]!r}?; " if close else ""
+    return _Issue(path, f"unknown {disc} {tag!r} ({mean}known: {', '.join(tags)})")
+
+
+def _value_issue(message: str, where: _Located, data: Any) -> _Issue:
+    """A validator's message; 'a.b.c: text' (a path below the validated value) moves the error there."""
+    message = re.sub(r"^(Value error|Assertion failed), ", "", message)
+    head, sep, rest = message.partition(": ")
+    node = _get(data, where.path)
+    if sep and head and not re.search(r"\s", head) and isinstance(node, Mapping):
+        first = _longest_key(node, head.split("."), 0)
+        if first is not None:
+            return _Issue(_resolve_dotted(head, data, where.path), rest)
+    return _Issue(where.path, message)
+
+
+_TYPE_ERRORS = {
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "list_type": "must be a list",
+    "finite_number": "must be a finite number",
+}
+
+
+def _expectation(kind: str, ctx: Mapping[str, Any], msg: str) -> Optional[str]:
+    """'must be ...' for the common pydantic error types; None for the rest."""
+    if kind in _TYPE_ERRORS:
+        return _TYPE_ERRORS[kind]
+    if kind == "literal_error":
+        return f"must be {ctx.get('expected')}"
+    if kind in ("too_short", "too_long"):
+        n = ctx.get("min_length" if kind == "too_short" else "max_length")
+        bound = "at least" if kind == "too_short" else "at most"
+        return f"must have {bound} {n} {'entry' if n == 1 else 'entries'}"
+    if msg.startswith("Input should be "):
+        return _humanise(msg)
+    return None
+
+
+def _humanise(msg: str) -> str:
+    if msg.startswith("Input should be "):
+        return "must be " + msg[len("Input should be ") :]
+    return msg
+
+
+def _merge_branches(issues: list[_Issue]) -> list[_Issue]:
+    """One line per path for a value no member of a plain union accepts ('a number or 'auto'')."""
+    out: list[_Issue] = []
+    groups: dict[Path_, list[_Issue]] = {}
+    for issue in issues:
+        if not issue.branch:
+            out.append(issue)
+            continue
+        if issue.path not in groups:
+            groups[issue.path] = []
+            out.append(issue)  # placeholder keeps the original order
+        groups[issue.path].append(issue)
+    return [_merged(groups[i.path]) if i.branch else i for i in out]
+
+
+def _merged(group: list[_Issue]) -> _Issue:
+    if len(group) == 1:
+        return group[0]
+    if all(i.expect and i.expect.startswith("must be ") for i in group):
+        alternatives = list(dict.fromkeys(i.expect[len("must be ") :] for i in group))  # type: ignore[index]
+        got = f", got {group[0].got}" if group[0].got else ""
+        return _Issue(group[0].path, f"must be {' or '.join(alternatives)}{got}")
+    return _Issue(group[0].path, "; or ".join(dict.fromkeys(i.message for i in group)))
+
+
+def _format(issues: list[_Issue], lines: Mapping[Path_, int], source: str, overridden: Collection[Path_]) -> list[str]:
+    """Lines in file order (then --set ones), without repeats."""
+    placed: list[tuple[int, int, str]] = []
+    for order, issue in enumerate(issues):
+        field = f"{_dotted(issue.path)}: " if issue.path else ""
+        if any(issue.path[: len(o)] == tuple(o) for o in overridden):
+            placed.append((1, order, f"--set {_dotted(issue.path)}: {issue.message}"))
+        else:
+            line = _line_of(issue.path, lines)
+            placed.append((0, line, f"{source}:{line}: {field}{issue.message}"))
+    placed.sort(key=lambda p: (p[0], p[1]))
+    return list(dict.fromkeys(text for _, _, text in placed))
+
+
+def _line_of(path: Path_, lines: Mapping[Path_, int]) -> int:
+    """Line of the path, or of its nearest parent that is in the file."""
+    for k in range(len(path), -1, -1):
+        if path[:k] in lines:
+            return lines[path[:k]]
+    return 1
+
+
+# ----------------------------------------------------------------- workloads
+
+
+def load_workload(path: str | Path, overrides: Sequence[str] = ()) -> Workload:
+    """Load a workload YAML file, apply `--set PATH=VALUE` overrides, validate.
+
+    Raises ConfigError with one line per problem.
+    """
+    # Imported here: overrides.py builds on this module (ConfigError, schema walking).
+    from .overrides import apply_overrides_tracked
+
+    data, lines = load_yaml_with_lines(path)
+    data, overridden = apply_overrides_tracked(data, overrides, Workload)
+    return validate_model(Workload, data, lines, str(path), Path(path).parent, overridden=overridden)

@@ -1,0 +1,62 @@
+"""Offered utilisation of each endpoint, from the config alone (no simulation).
+
+Offered utilisation = arrival rate x work per request / capacity. At or above 1
+an open system has no steady state: its queue grows for as long as it runs.
+Closed-loop classes are left out: a finite population cannot overload a server.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sim.config.schema import Api, PoissonArrivals, Workload
+
+_DRAWS = 100_000
+
+
+def _mean(draw) -> float:
+    """Mean of a distribution as the simulator draws it (rounding, floors), from a fixed seed."""
+    return float(np.mean(draw(np.random.default_rng(0), _DRAWS)))
+
+
+def _tokens(spec) -> float:
+    return _mean(lambda rng, n: np.maximum(np.rint(spec.sample(rng, n)), 1))
+
+
+def offered_utilisation(workload: Workload) -> dict[str, float]:
+    """Offered utilisation per endpoint (open-loop traffic only)."""
+    result = {}
+    for name, model in workload.models.items():
+        load = 0.0
+        for cls in workload.traffic.classes.values():
+            if cls.endpoint != name or not isinstance(cls.arrival, PoissonArrivals):
+                continue
+            rate = cls.arrival.rate_rps * workload.traffic.rate_scale
+            load += rate * _work_per_request(model, cls)
+        result[name] = load / _servers(model)
+    return result
+
+
+def _servers(model) -> int:
+    if isinstance(model, Api):
+        return model.concurrency
+    if model.engine is not None:
+        return model.replicas
+    return model.replicas * model.max_batch
+
+
+def _work_per_request(model, cls) -> float:
+    """Server-seconds one request needs; for the engine, at the best batch it can reach."""
+    if model.service_time is not None:
+        return model.service_time.mean
+    out = _tokens(cls.output_tokens)
+    if isinstance(model, Api):
+        inverse_speed = _mean(lambda rng, n: 1.0 / np.maximum(model.output_tokens_per_s.sample(rng, n), 1e-3))
+        return model.ttft_s.mean + (out - 1) * inverse_speed
+    prompt = _tokens(cls.prompt_tokens)
+    engine = model.engine
+    batch = model.max_batch
+    if engine.kv_cache_tokens is not None:
+        batch = max(1, min(batch, int(engine.kv_cache_tokens // (prompt + out))))
+    st = engine.step_time
+    # A full batch shares each step's base cost; prefill and per-sequence costs are per token.
+    return st.per_prefill_token_s * prompt + out * (st.per_decode_seq_s + st.base_s / batch)

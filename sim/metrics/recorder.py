@@ -1,0 +1,76 @@
+"""The per-request recorder: flat columns, one slot per request, cheap to fill.
+
+Components write by request index into plain Python lists (the cheapest
+mutable store there is per event); the DataFrame is built once, at the end.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+NAN = math.nan
+
+COMPLETED, REJECTED = 0, 1
+OUTCOMES = ("completed", "rejected")
+
+
+class Recorder:
+    """Columns of one replication's requests; a request is its row index."""
+
+    def __init__(self, class_names: list[str], endpoint_names: list[str]) -> None:
+        self.class_names = class_names
+        self.endpoint_names = endpoint_names
+        self.cls: list[int] = []
+        self.endpoint: list[int] = []
+        self.arrival: list[float] = []
+        self.admit: list[float] = []
+        self.first_token: list[float] = []
+        self.end: list[float] = []
+        self.prompt: list[int] = []
+        self.output: list[int] = []
+        self.replica: list[int] = []
+        self.outcome: list[int] = []
+        # Time-weighted counters of each endpoint, sampled by the monitor.
+        self.samples: list[tuple[float, dict[str, tuple[float, float]]]] = []
+
+    def new(self, cls: int, endpoint: int, now: float, prompt: int, output: int) -> int:
+        """Open a record for a request arriving now; returns its index."""
+        self.cls.append(cls)
+        self.endpoint.append(endpoint)
+        self.arrival.append(now)
+        self.admit.append(NAN)
+        self.first_token.append(NAN)
+        self.end.append(NAN)
+        self.prompt.append(prompt)
+        self.output.append(output)
+        self.replica.append(-1)
+        self.outcome.append(-1)
+        return len(self.arrival) - 1
+
+    def frame(self) -> pd.DataFrame:
+        """All requests as a DataFrame (times in seconds)."""
+        arrival = np.asarray(self.arrival, dtype=float)
+        admit = np.asarray(self.admit, dtype=float)
+        first = np.asarray(self.first_token, dtype=float)
+        end = np.asarray(self.end, dtype=float)
+        outcome = np.asarray(self.outcome, dtype=np.int64)
+        return pd.DataFrame(
+            {
+                "request": np.arange(arrival.size),
+                "class": pd.Categorical.from_codes(np.asarray(self.cls, dtype=np.int64), self.class_names),
+                "endpoint": pd.Categorical.from_codes(np.asarray(self.endpoint, dtype=np.int64), self.endpoint_names),
+                "replica": np.asarray(self.replica, dtype=np.int64),
+                "arrival_s": arrival,
+                "admit_s": admit,
+                "first_token_s": first,
+                "end_s": end,
+                "queue_wait_s": admit - arrival,
+                "ttft_s": first - arrival,
+                "e2e_s": end - arrival,
+                "prompt_tokens": np.asarray(self.prompt, dtype=np.int64),
+                "output_tokens": np.asarray(self.output, dtype=np.int64),
+                "outcome": pd.Categorical.from_codes(outcome, OUTCOMES),
+            }
+        )

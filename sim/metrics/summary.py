@@ -1,0 +1,144 @@
+"""Summaries: the flat metrics of one replication, and their intervals across replications.
+
+Metric names are flat and carry their unit; they are the same in the run
+summary, sweep results and reports (see README, "Output").
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from sim.config.schema import Api, Workload
+
+from .recorder import COMPLETED, REJECTED, Recorder
+from .stats import mser5, t_interval
+
+MEASURES = ("queue_wait", "ttft", "e2e")
+PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0), ("p999", 99.9))
+
+
+def choose_warmup(rec: Recorder, workload: Workload) -> float:
+    """The warm-up cut in seconds: the configured one, or MSER-5 rounded up to a monitor sample."""
+    warmup = workload.simulation.warmup_s
+    if warmup != "auto":
+        return float(warmup)
+    arrival = np.asarray(rec.arrival)
+    e2e = np.asarray(rec.end) - arrival
+    done = np.asarray(rec.outcome) == COMPLETED
+    cut = mser5(e2e[done])
+    if cut == 0:
+        return 0.0
+    t = float(arrival[done][cut])
+    # Round up to a monitor sample so latency and utilisation share one window.
+    grid = [s for s, _ in rec.samples if s >= t]
+    return grid[0] if grid else t
+
+
+def summarise(rec: Recorder, workload: Workload, warmup_s: float,
+              offered: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """The flat metrics of one replication over the window [warmup_s, duration_s)."""
+    duration = workload.simulation.duration_s
+    window = duration - warmup_s
+    arrival = np.asarray(rec.arrival, dtype=float)
+    admit = np.asarray(rec.admit, dtype=float)
+    first = np.asarray(rec.first_token, dtype=float)
+    end = np.asarray(rec.end, dtype=float)
+    outcome = np.asarray(rec.outcome)
+    prompt = np.asarray(rec.prompt, dtype=float)
+    output = np.asarray(rec.output, dtype=float)
+
+    arrived = arrival >= warmup_s
+    done = arrived & (outcome == COMPLETED)
+    finished_in_window = (outcome == COMPLETED) & (end >= warmup_s) & (end < duration)
+    m: dict[str, float] = {
+        "warmup_s": warmup_s,
+        "requests_arrived": float(arrived.sum()),
+        "requests_completed": float(done.sum()),
+        "requests_rejected": float((arrived & (outcome == REJECTED)).sum()),
+        "throughput_rps": finished_in_window.sum() / window,
+    }
+    if workload.slo is not None:
+        ok = finished_in_window.copy()
+        if workload.slo.ttft_s is not None:
+            ok &= (first - arrival) <= workload.slo.ttft_s
+        if workload.slo.e2e_s is not None:
+            ok &= (end - arrival) <= workload.slo.e2e_s
+        m["goodput_rps"] = ok.sum() / window
+    for measure, values in (("queue_wait", admit - arrival), ("ttft", first - arrival), ("e2e", end - arrival)):
+        m.update(_latency_stats(measure, values[done]))
+    m["tokens_in_per_s"] = prompt[finished_in_window].sum() / window
+    m["tokens_out_per_s"] = output[finished_in_window].sum() / window
+    m.update(_endpoint_stats(rec, workload, warmup_s, duration))
+    m.update(_costs(rec, workload, window, done, prompt, output, m["throughput_rps"]))
+    for name, value in (offered or {}).items():
+        m[f"offered_utilisation_{name}"] = value
+    return m
+
+
+def _latency_stats(measure: str, values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {f"{measure}_{stat}_s": math.nan for stat in ("mean",) + tuple(p for p, _ in PERCENTILES)}
+    out = {f"{measure}_mean_s": float(values.mean())}
+    qs = np.percentile(values, [q for _, q in PERCENTILES])
+    for (stat, _), q in zip(PERCENTILES, qs):
+        out[f"{measure}_{stat}_s"] = float(q)
+    return out
+
+
+def _counters_at(rec: Recorder, t: float) -> dict[str, tuple[float, float, float]]:
+    for s, counters in rec.samples:
+        if s >= t:
+            return counters
+    return rec.samples[-1][1]
+
+
+def _endpoint_stats(rec: Recorder, workload: Workload, start: float, stop: float) -> dict[str, float]:
+    """Utilisation and mean batch of each endpoint over the window, from the monitor's samples."""
+    out = {}
+    before, after = _counters_at(rec, start), _counters_at(rec, stop)
+    window = stop - start
+    for name, model in workload.models.items():
+        busy, area, util = (a - b for a, b in zip(after[name], before[name]))
+        replicas = 1 if isinstance(model, Api) else model.replicas
+        out[f"utilisation_{name}"] = util / (window * replicas)
+        out[f"batch_mean_{name}"] = area / busy if busy > 0 else 0.0
+    return out
+
+
+def _costs(rec: Recorder, workload: Workload, window: float, done: np.ndarray, prompt: np.ndarray,
+           output: np.ndarray, throughput: float) -> dict[str, float]:
+    """Dollars over the window: replica-hours for self-hosted, tokens for APIs."""
+    endpoint = np.asarray(rec.endpoint)
+    total = 0.0
+    for k, (name, model) in enumerate(workload.models.items()):
+        if isinstance(model, Api):
+            mine = done & (endpoint == k)
+            total += (prompt[mine].sum() * model.price_per_mtok_in + output[mine].sum() * model.price_per_mtok_out) / 1e6
+        else:
+            total += model.replicas * model.gpu_hourly_usd * window / 3600.0
+    completed = throughput * window
+    per_request = total / completed if completed else math.nan
+    return {
+        "cost_total_usd": total,
+        "cost_per_hour_usd": total * 3600.0 / window,
+        "cost_per_request_usd": per_request,
+        "cost_per_1k_usd": per_request * 1000.0,
+    }
+
+
+def aggregate(per_replication: pd.DataFrame) -> dict[str, float]:
+    """Mean of every metric across replications; with two or more, its 95% t-interval too."""
+    out: dict[str, float] = {}
+    n = len(per_replication)
+    for column in per_replication.columns:
+        if column == "replication":
+            continue
+        mean, low, high = t_interval(per_replication[column].to_numpy(dtype=float))
+        out[column] = mean
+        if n >= 2:
+            out[f"{column}_ci95_low"] = low
+            out[f"{column}_ci95_high"] = high
+    return out

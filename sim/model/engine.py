@@ -1,0 +1,220 @@
+"""A self-hosted replica as an iteration-level engine (continuous batching, chunked prefill).
+
+Each step decodes one token for every decoding sequence and spends the rest of
+the step's token budget on prompt chunks of admitted requests, first come first
+served. Step time = base + per_decode_seq * decoding + per_prefill_token * prefill.
+
+While the batch does not change, consecutive steps are identical, so the replica
+jumps over a whole stretch of them in one event ("phase") and only wakes when
+something changes: a prompt finishes (its first token), a sequence finishes (its
+last token), or a request joins an engine that was only decoding or idle. The
+result is exact, and costs a few events per request rather than one per token.
+
+Time is kept in steps: `step` counts the steps completed so far, and a decoding
+sequence is stored in a heap by the step at whose end its last token appears.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from typing import Optional
+
+import numpy as np
+import simpy
+
+from sim.config.schema import Engine
+from sim.metrics.recorder import COMPLETED, Recorder
+
+from .endpoint import Endpoint
+from .events import call_later
+
+# Phases: what the stretch of identical steps in flight is doing.
+IDLE = 0
+DECODE = 1      # decoding only: a new request changes the very next step
+PREFILL = 2     # the head prompt absorbs the whole prefill budget of every step
+MIXED = 3       # one step that finishes at least one prompt
+BOUNDARY = 4    # processing a step boundary: admissions wait for the next phase
+
+
+class EngineReplica:
+    """One model replica running steps over its running batch."""
+
+    def __init__(self, env: simpy.Environment, endpoint: Endpoint, index: int, max_batch: int,
+                 engine: Engine, recorder: Recorder, noise_rng: Optional[np.random.Generator]) -> None:
+        self.env = env
+        self.endpoint = endpoint
+        self.index = index
+        self.max_batch = max_batch
+        self.budget_tokens = engine.max_batch_tokens
+        self.kv_capacity = engine.kv_cache_tokens
+        st = engine.step_time
+        self.base_s = st.base_s
+        self.decode_s = st.per_decode_seq_s
+        self.prefill_s = st.per_prefill_token_s
+        self._noise = None
+        if st.noise_cv > 0 and noise_rng is not None:
+            shape = 1.0 / (st.noise_cv * st.noise_cv)
+            self._noise = iter(())
+            self._noise_draw = lambda: noise_rng.gamma(shape, 1.0 / shape, 1024).tolist()
+        self.rec = recorder
+        self.decoding: list[tuple[int, int]] = []   # heap of (finish step, request)
+        self.prefilling: deque[list[int]] = deque()  # [request, prompt tokens left], FIFO
+        self.load = 0                                # running sequences
+        self.kv_used = 0
+        self.step = 0
+        # The phase in flight: `steps` identical steps of `step_s` each from `t0`.
+        self.phase = IDLE
+        self.t0 = 0.0
+        self.steps = 0
+        self.step_s = 0.0
+        self.chunk = 0          # prefill tokens per step in this phase
+        self.generation = 0     # bumped when a scheduled boundary is superseded
+        # Time-weighted counters.
+        self._last = 0.0
+        self._busy_time = 0.0
+        self._area = 0.0
+
+    # --- what the endpoint asks -------------------------------------------
+    def _kv_need(self, i: int) -> int:
+        return self.rec.prompt[i] + self.rec.output[i]
+
+    def fits(self, i: int) -> bool:
+        return self.kv_capacity is None or self._kv_need(i) <= self.kv_capacity
+
+    def can_admit(self, i: int) -> bool:
+        if self.load >= self.max_batch:
+            return False
+        return self.kv_capacity is None or self.kv_used + self._kv_need(i) <= self.kv_capacity
+
+    def admit(self, i: int) -> None:
+        now = self.env.now
+        self._account(now)
+        rec = self.rec
+        rec.admit[i] = now
+        rec.replica[i] = self.index
+        if self.kv_capacity is not None:
+            self.kv_used += self._kv_need(i)
+        self.load += 1
+        self.prefilling.append([i, rec.prompt[i]])
+        phase = self.phase
+        if phase == IDLE:
+            # Start at the end of this instant, so requests arriving together share the first step.
+            self.phase = BOUNDARY
+            call_later(self.env, 0.0, self._wake)
+        elif phase == DECODE:
+            self._cut_after_current_step(now)
+        # PREFILL: the new prompt queues behind the head, which takes the whole budget;
+        # MIXED and BOUNDARY: the next phase is computed with it anyway.
+
+    def counters(self, now: float) -> tuple[float, float, float]:
+        self._account(now)
+        return self._busy_time, self._area, self._busy_time
+
+    # --- the engine ---------------------------------------------------------
+    def _account(self, now: float) -> None:
+        if self.load:
+            elapsed = now - self._last
+            self._busy_time += elapsed
+            self._area += self.load * elapsed
+        self._last = now
+
+    def _cut_after_current_step(self, now: float) -> None:
+        """End the decode-only phase at the end of the step in progress, so the new prompt joins the next one."""
+        done = int((now - self.t0) / self.step_s) if self.step_s > 0 else self.steps - 1
+        if done + 1 < self.steps:
+            self.steps = done + 1
+            self.generation += 1
+            call_later(self.env, max(0.0, self.t0 + self.steps * self.step_s - now), self._boundary, self.generation)
+
+    def _wake(self, event) -> None:
+        self._start_phase(self.env.now)
+
+    def _start_phase(self, now: float) -> None:
+        decoding = self.decoding
+        n_decode = len(decoding)
+        if self.prefilling:
+            budget = self.budget_tokens - n_decode
+            head_left = self.prefilling[0][1]
+            if head_left > budget:
+                # Steps in which the head prompt takes the whole budget and is still not done.
+                steps = (head_left - 1) // budget
+                if decoding:
+                    steps = min(steps, decoding[0][0] - self.step)
+                self.phase, self.steps, self.chunk = PREFILL, steps, budget
+                prefill = budget
+            else:
+                prefill = 0
+                for entry in self.prefilling:
+                    prefill += entry[1]
+                    if prefill >= budget:
+                        prefill = budget
+                        break
+                self.phase, self.steps, self.chunk = MIXED, 1, prefill
+        elif decoding:
+            self.phase, self.steps, self.chunk = DECODE, decoding[0][0] - self.step, 0
+            prefill = 0
+        else:
+            self.phase = IDLE
+            return
+        step_s = self.base_s + self.decode_s * n_decode + self.prefill_s * prefill
+        if self._noise is not None:
+            step_s *= self._next_noise()
+        self.step_s = step_s
+        self.t0 = now
+        self.generation += 1
+        call_later(self.env, self.steps * step_s, self._boundary, self.generation)
+
+    def _next_noise(self) -> float:
+        try:
+            return next(self._noise)
+        except StopIteration:
+            self._noise = iter(self._noise_draw())
+            return next(self._noise)
+
+    def _boundary(self, event) -> None:
+        if event.value != self.generation:
+            return  # superseded by a cut
+        now = self.env.now
+        self._account(now)
+        phase, self.phase = self.phase, BOUNDARY
+        step = self.step + self.steps
+        self.step = step
+        if phase == PREFILL:
+            self.prefilling[0][1] -= self.steps * self.chunk
+        elif phase == MIXED:
+            self._finish_prompts(now, step)
+        decoding = self.decoding
+        while decoding and decoding[0][0] <= step:
+            self._complete(heapq.heappop(decoding)[1], now)
+        self.endpoint.refill(self)
+        self._start_phase(now)
+
+    def _finish_prompts(self, now: float, step: int) -> None:
+        """Spend the step's prefill chunk FIFO; a finished prompt yields its first token now."""
+        rec = self.rec
+        left = self.chunk
+        prefilling = self.prefilling
+        while left > 0:
+            entry = prefilling[0]
+            if entry[1] > left:
+                entry[1] -= left
+                break
+            left -= entry[1]
+            prefilling.popleft()
+            i = entry[0]
+            rec.first_token[i] = now
+            remaining = rec.output[i] - 1
+            if remaining > 0:
+                heapq.heappush(self.decoding, (step + remaining, i))
+            else:
+                self._complete(i, now)
+
+    def _complete(self, i: int, now: float) -> None:
+        rec = self.rec
+        rec.end[i] = now
+        rec.outcome[i] = COMPLETED
+        self.load -= 1
+        if self.kv_capacity is not None:
+            self.kv_used -= rec.prompt[i] + rec.output[i]
+        if self.endpoint.on_done is not None:
+            self.endpoint.on_done(i)

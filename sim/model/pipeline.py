@@ -1,0 +1,118 @@
+"""The request lifecycle: build one replication's world from a workload and run it.
+
+arrival -> endpoint queue -> server (engine replica or slots) -> done hook.
+Arrivals stop at `duration_s`; the run then drains, so every request that
+arrived gets its full latency (no survivor bias from cutting the run short).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import simpy
+
+from sim.config.schema import Api, ClosedLoopArrivals, PoissonArrivals, SelfHosted, Workload
+from sim.metrics.recorder import Recorder
+
+from .api import streaming_draws
+from .endpoint import Endpoint
+from .engine import EngineReplica
+from .events import call_later
+from .streams import BlockSampler, Streams, token_draw
+from .arrivals import ClosedLoopUsers, PoissonSource, RequestFactory
+from .slots import SlotServer, plain_draws
+
+MONITOR_POINTS = 100  # counter samples over the run, for warm-up cuts and time series
+
+
+def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = None) -> Recorder:
+    """Run one replication of `workload` and return its records."""
+    sim = workload.simulation
+    streams = Streams(sim.seed if seed is None else seed, replication)
+    env = simpy.Environment()
+    classes = list(workload.traffic.classes)
+    model_names = list(workload.models)
+    recorder = Recorder(classes, model_names)
+    endpoints = {name: build_endpoint(env, name, k, model, recorder, streams)
+                 for k, (name, model) in enumerate(workload.models.items())}
+
+    hooks: list[Optional[Callable[[int], None]]] = []
+    for k, (name, cls) in enumerate(workload.traffic.classes.items()):
+        endpoint = endpoints[cls.endpoint]
+        make = RequestFactory(
+            recorder, k, endpoint.index,
+            BlockSampler(token_draw(cls.prompt_tokens), streams.rng(f"class.{name}.prompt")),
+            BlockSampler(token_draw(cls.output_tokens), streams.rng(f"class.{name}.output")),
+        )
+        arrival = cls.arrival
+        rng = streams.rng(f"class.{name}.arrivals")
+        if isinstance(arrival, PoissonArrivals):
+            mean_gap = 1.0 / (arrival.rate_rps * workload.traffic.rate_scale)
+            gap = BlockSampler(lambda r, n, m=mean_gap: m * r.standard_exponential(n), rng)
+            PoissonSource(env, make, endpoint.submit, gap, sim.duration_s).start()
+            hooks.append(None)
+        elif isinstance(arrival, ClosedLoopArrivals):
+            users = ClosedLoopUsers(env, make, endpoint.submit, BlockSampler(arrival.think_time_s.sample, rng),
+                                    arrival.users, sim.duration_s)
+            users.start()
+            hooks.append(users.done)
+        else:  # pragma: no cover - the schema admits no other kind
+            raise TypeError(f"unknown arrival kind {arrival.kind}")
+
+    cls_of = recorder.cls
+
+    def done(i: int) -> None:
+        hook = hooks[cls_of[i]]
+        if hook is not None:
+            hook(i)
+
+    if any(hook is not None for hook in hooks):  # open-loop-only runs skip the call
+        for endpoint in endpoints.values():
+            endpoint.on_done = done
+    start_monitor(env, list(endpoints.values()), recorder, sim.duration_s,
+                  sim.warmup_s if isinstance(sim.warmup_s, float) else None)
+    env.run()
+    return recorder
+
+
+def build_endpoint(env: simpy.Environment, name: str, index: int, model, recorder: Recorder,
+                   streams: Streams) -> Endpoint:
+    """An endpoint with its servers, as its config says."""
+    endpoint = Endpoint(env, name, index, recorder)
+    service_rng = streams.rng(f"endpoint.{name}.service")
+    if isinstance(model, SelfHosted):
+        if model.engine is not None:
+            endpoint.servers = [
+                EngineReplica(env, endpoint, r, model.max_batch, model.engine, recorder,
+                              streams.rng(f"endpoint.{name}.replica{r}.noise"))
+                for r in range(model.replicas)
+            ]
+            return endpoint
+        slots, replicas = model.max_batch, model.replicas
+    elif isinstance(model, Api):
+        slots, replicas = model.concurrency, 1
+    else:  # pragma: no cover - the schema admits no other kind
+        raise TypeError(f"unknown endpoint kind {model.kind}")
+    if model.service_time is not None:
+        endpoint.prepare = plain_draws(endpoint.pending, BlockSampler(model.service_time.sample, service_rng))
+    else:
+        speed_rng = streams.rng(f"endpoint.{name}.speed")
+        endpoint.prepare = streaming_draws(recorder, endpoint.pending,
+                                           BlockSampler(model.ttft_s.sample, service_rng),
+                                           BlockSampler(model.output_tokens_per_s.sample, speed_rng))
+    endpoint.servers = [SlotServer(env, endpoint, r, slots, recorder) for r in range(replicas)]
+    return endpoint
+
+
+def start_monitor(env: simpy.Environment, endpoints: list[Endpoint], recorder: Recorder, duration: float,
+                  warmup: Optional[float]) -> None:
+    """Sample every endpoint's cumulative counters on a grid that includes warm-up and the end."""
+    times = {duration * k / MONITOR_POINTS for k in range(MONITOR_POINTS + 1)}
+    if warmup is not None:
+        times.add(warmup)
+
+    def sample(event) -> None:
+        now = env.now
+        recorder.samples.append((now, {e.name: e.counters(now) for e in endpoints}))
+
+    for t in sorted(times):
+        call_later(env, t, sample)

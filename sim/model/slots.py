@@ -1,0 +1,86 @@
+"""Servers with plain per-request service times: `service_time` endpoints and API slots.
+
+Each server has `slots` places; a request holds one for its service time, drawn
+at arrival and carried with it (so policies compared on one seed see the same
+service times). The first token shows after a per-request offset (for
+`service_time` endpoints, at the end: no streaming).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import simpy
+
+from sim.metrics.recorder import COMPLETED, Recorder
+
+from .endpoint import Endpoint
+from .events import call_later
+from .streams import BlockSampler
+
+
+class SlotServer:
+    """`slots` identical parallel servers that each hold one request at a time."""
+
+    def __init__(self, env: simpy.Environment, endpoint: Endpoint, index: int, slots: int,
+                 recorder: Recorder) -> None:
+        self.env = env
+        self.endpoint = endpoint
+        self.index = index
+        self.slots = slots
+        self.rec = recorder
+        self.load = 0
+        self._last = 0.0
+        self._busy_time = 0.0
+        self._area = 0.0
+
+    def _account(self, now: float) -> None:
+        if self.load:
+            elapsed = now - self._last
+            self._busy_time += elapsed
+            self._area += self.load * elapsed
+        self._last = now
+
+    def fits(self, i: int) -> bool:
+        return True
+
+    def can_admit(self, i: int) -> bool:
+        return self.load < self.slots
+
+    def admit(self, i: int) -> None:
+        now = self.env.now
+        self._account(now)
+        self.load += 1
+        rec = self.rec
+        rec.admit[i] = now
+        rec.replica[i] = self.index
+        service, ttft = self.endpoint.pending.pop(i)
+        rec.first_token[i] = now + ttft
+        call_later(self.env, service, self._done, i)
+
+    def _done(self, event) -> None:
+        i = event.value
+        now = self.env.now
+        self._account(now)
+        self.load -= 1
+        rec = self.rec
+        rec.end[i] = now
+        rec.outcome[i] = COMPLETED
+        endpoint = self.endpoint
+        if endpoint.queue:
+            endpoint.refill(self)
+        if endpoint.on_done is not None:
+            endpoint.on_done(i)
+
+    def counters(self, now: float) -> tuple[float, float, float]:
+        self._account(now)
+        return self._busy_time, self._area, self._area / self.slots
+
+
+def plain_draws(pending: dict, service: BlockSampler) -> Callable[[int], None]:
+    """Draws a plain service time at arrival; the answer shows at the end (no streaming)."""
+
+    def prepare(i: int) -> None:
+        s = service()
+        pending[i] = (s, s)
+
+    return prepare

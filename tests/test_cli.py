@@ -1,0 +1,128 @@
+"""The `llmsim` command end to end: every shipped workload, outputs, errors, reproducibility."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import sim
+from sim.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOADS = sorted((ROOT / "workloads").glob("*.yaml"))
+
+
+def run_json(capsys, *args) -> dict:
+    assert main(["run", *map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("path", WORKLOADS, ids=lambda p: p.name)
+def test_every_shipped_workload_runs(capsys, path):
+    summary = run_json(capsys, path, "--set", "simulation.duration_s=600", "--set", "simulation.warmup_s=60")
+    assert summary["requests_completed"] > 0
+    assert summary["throughput_rps"] > 0
+    assert summary["unstable"] is False
+    for measure in ("queue_wait", "ttft", "e2e"):
+        assert 0 <= summary[f"{measure}_p50_s"] <= summary[f"{measure}_p99_s"] <= summary[f"{measure}_p999_s"]
+
+
+def test_every_summary_key_is_documented_in_the_readme(capsys):
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z0-9_<>]+)`", readme, re.M))
+    for path in WORKLOADS:
+        summary = run_json(capsys, path, "--set", "simulation.duration_s=300", "--set", "simulation.warmup_s=0")
+        for key in summary:
+            generic = re.sub(r"_ci95_(low|high)$", "", key)
+            generic = re.sub(r"^(utilisation|batch_mean|offered_utilisation)_.+$", r"\1_<endpoint>", generic)
+            generic = re.sub(r"^(queue_wait|ttft|e2e)_(mean|p50|p90|p95|p99|p999)_s$", r"<measure>_\2_s", generic)
+            assert generic in documented, f"{key} ({path.name}) is not in the README's output table"
+
+
+def test_same_seed_same_numbers_bit_for_bit(capsys):
+    args = (ROOT / "workloads/chat-selfhosted.yaml", "--set", "simulation.duration_s=300", "--replications", "2")
+    first = run_json(capsys, *args)
+    assert run_json(capsys, *args) == first
+    other = run_json(capsys, *args, "--seed", "2")
+    assert other["e2e_mean_s"] != first["e2e_mean_s"]
+
+
+def test_configs_with_the_same_seed_see_the_same_traffic():
+    # Common random numbers: more replicas changes latencies, never the requests themselves.
+    base = ROOT / "workloads/chat-selfhosted.yaml"
+    a = sim.run(base, overrides=["simulation.duration_s=300"], replications=1).requests
+    b = sim.run(base, overrides=["simulation.duration_s=300", "models.llama8b.replicas=1"], replications=1).requests
+    for column in ("arrival_s", "prompt_tokens", "output_tokens"):
+        assert a[column].equals(b[column])
+    assert not a["e2e_s"].equals(b["e2e_s"])
+
+
+def test_out_writes_parquet_and_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(ROOT / "workloads/mmc.yaml"), "--set", "simulation.duration_s=2000",
+                 "--replications", "2", "--out", str(out)]) == 0
+    assert "queue_wait" in capsys.readouterr().out
+    requests = pd.read_parquet(out / "requests.parquet")
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(requests["replication"]) == {0, 1}
+    assert {"arrival_s", "queue_wait_s", "ttft_s", "e2e_s", "prompt_tokens", "outcome"} <= set(requests.columns)
+    assert summary["replications"] == 2
+    assert summary["queue_wait_mean_s_ci95_low"] <= summary["queue_wait_mean_s"] <= summary["queue_wait_mean_s_ci95_high"]
+    assert len(pd.read_parquet(out / "replications.parquet")) == 2
+
+
+def test_unstable_system_runs_and_says_so(capsys):
+    summary = run_json(capsys, ROOT / "workloads/mmc.yaml", "--set", "traffic.rate_scale=1.25",
+                       "--set", "simulation.duration_s=500", "--set", "simulation.warmup_s=0", "--replications", "1")
+    assert summary["unstable"] is True
+    assert summary["offered_utilisation_server"] == pytest.approx(1.125)
+    assert summary["throughput_rps"] == pytest.approx(4.0, rel=0.05)  # four busy servers at 1/s each
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "workloads/mmc.yaml").read_text().replace("replicas: 4", "replicas: -4"))
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    line = next(n for n, text in enumerate(bad.read_text().splitlines(), 1) if "replicas: -4" in text)
+    assert err == [f"{bad}:{line}: models.server.replicas: must be greater than 0"]
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("simulation: {duration_s: 10\n")
+    proc = subprocess.run([sys.executable, "-m", "sim.cli", "run", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"{bad}:")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_file_and_bad_set_path(capsys):
+    assert main(["run", "no/such/workload.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == "no/such/workload.yaml: file not found"
+    assert main(["run", str(ROOT / "workloads/mmc.yaml"), "--set", "models.nope.replicas=2"]) == 2
+    assert capsys.readouterr().err.startswith("--set models.nope.replicas: ")
+
+
+def test_validate_and_schema(capsys):
+    assert main(["validate", str(ROOT / "workloads/chat-api.yaml")]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "simulation" in schema["properties"]
+    assert "Unknown" not in json.dumps(schema)
+
+
+def test_bench_reports_every_case(capsys):
+    from sim.bench import format_bench, run_bench
+
+    cases = run_bench(ROOT / "workloads", repeat=1)
+    assert [c.name.split()[1] for c in cases[:2]] == ["mmc.yaml", "chat-selfhosted.yaml"]
+    assert all(c.requests > 1000 and c.rate > 0 for c in cases)
+    assert "vs SimPy" in format_bench(cases)

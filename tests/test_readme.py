@@ -1,0 +1,49 @@
+"""The README's examples are tested: the quick start, the workload example, the Python API."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from sim.config.schema import Workload
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README, re.S | re.M)
+
+
+def quick_start() -> list[str]:
+    section = README.split("## Quick start", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_quick_start_is_two_commands_and_ci_runs_the_second_verbatim():
+    commands = quick_start()
+    assert len(commands) == 2
+    assert "llmsim run workloads/" in commands[0]
+    assert commands[1] in (ROOT / ".ci/run").read_text().splitlines()
+
+
+def test_workload_example_validates():
+    example = next(b for b in blocks("yaml") if "simulation:" in b)
+    workload = Workload.model_validate(yaml.safe_load(example))
+    assert set(workload.traffic.classes) == {"chat", "batch_jobs"}
+
+
+def test_documented_workload_files_exist():
+    for path in set(re.findall(r"workloads/[\w.-]+\.yaml", README)):
+        assert (ROOT / path).is_file(), path
+
+
+def test_python_api_example_runs(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    example = next(b for b in blocks("python") if "sim.run(" in b)
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    summary = scope["result"].summary
+    assert summary["ttft_p95_s_ci95_low"] <= summary["ttft_p95_s"] <= summary["ttft_p95_s_ci95_high"]
