@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -86,13 +85,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sim.experiments.run import run
-    from sim.report.text import format_summary, write_outputs
+    from sim.report.text import format_summary, json_safe, write_outputs
 
     result = run(args.workload, seed=args.seed, replications=args.replications, overrides=args.overrides)
     if args.out is not None:
         write_outputs(result, args.out)
     if args.json:
-        print(json.dumps(_json_safe(result.summary)))
+        print(json.dumps(json_safe(result.summary)))
     else:
         print(format_summary(result))
     return EXIT_OK
@@ -124,11 +123,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema, "bench": cmd_bench}
-
-
-def _json_safe(summary: dict) -> dict:
-    """JSON has no NaN: a metric with no value (no request to measure) becomes null."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -76,6 +76,14 @@ def test_out_writes_parquet_and_summary(tmp_path, capsys):
     assert len(pd.read_parquet(out / "replications.parquet")) == 2
 
 
+def test_auto_warmup_picks_a_cut_on_the_monitor_grid(capsys):
+    summary = run_json(capsys, ROOT / "workloads/mmc.yaml", "--set", "simulation.warmup_s=auto",
+                       "--set", "simulation.duration_s=2000", "--replications", "1")
+    # MSER-5 cuts at most half the requests; the cut is rounded up to a monitor sample (every 20 s here).
+    assert 0 <= summary["warmup_s"] <= 1100
+    assert summary["warmup_s"] % 20 == pytest.approx(0, abs=1e-9)
+
+
 def test_unstable_system_runs_and_says_so(capsys):
     summary = run_json(capsys, ROOT / "workloads/mmc.yaml", "--set", "traffic.rate_scale=1.25",
                        "--set", "simulation.duration_s=500", "--set", "simulation.warmup_s=0", "--replications", "1")

@@ -68,5 +68,9 @@ def write_outputs(result, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result.requests.to_parquet(out / "requests.parquet", index=False)
     result.replications.to_parquet(out / "replications.parquet", index=False)
-    summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.summary.items()}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(json_safe(result.summary), indent=2) + "\n")
+
+
+def json_safe(summary: dict) -> dict:
+    """JSON has no NaN: a metric with no value (no request to measure) becomes null."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
