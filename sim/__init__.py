@@ -8,7 +8,7 @@
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["run", "load_workload", "__version__"]
+__all__ = ["run", "sweep", "compare", "load_workload", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,6 +17,14 @@ def __getattr__(name: str) -> Any:
         from sim.experiments.run import run
 
         return run
+    if name == "sweep":
+        from sim.experiments.sweep import sweep
+
+        return sweep
+    if name == "compare":
+        from sim.experiments.compare import compare
+
+        return compare
     if name == "load_workload":
         from sim.config.loader import load_workload
 

@@ -1,6 +1,7 @@
 """The `llmsim` command: a thin layer over plain Python functions.
 
-Exit codes: 0 ok, 2 bad input (one line per problem, no traceback), 1 internal error.
+Exit codes: 0 ok, 2 bad input (one line per problem, no traceback), 1 internal error,
+3 a sweep finished but some of its points failed.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional, Sequence
 
 from sim.config.loader import ConfigError, load_workload
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_POINTS_FAILED = 0, 1, 2, 3
 
 
 def _positive_int(text: str) -> int:
@@ -55,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one flat JSON object")
     p.add_argument("--out", type=Path, help="write requests.parquet, replications.parquet and summary.json here")
 
+    p = sub.add_parser("sweep", help="run an experiment: every point, saved as it finishes; capacity search")
+    p.add_argument("experiment", help="experiment YAML file")
+    p.add_argument("--out", type=Path, help="output folder (default: reports/<experiment name>)")
+    p.add_argument("--workers", type=_positive_int, help="worker processes (default: all cores)")
+    p.add_argument("--executor", choices=("local", "dask"), default="local",
+                   help="local processes, or a Dask cluster (pip install 'llmsim[dask]')")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address (default: a local cluster)")
+    p.add_argument("--resume", action="store_true", help="keep finished points in --out and run the rest")
+    p.add_argument("--report", action="store_true", help="write report.md and report.html when done")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("report", help="write the capacity-review report and figures of a sweep folder")
+    p.add_argument("dir", type=Path, metavar="DIR", help="folder written by llmsim sweep")
+
     p = sub.add_parser("validate", help="check a workload file")
     p.add_argument("workload")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
@@ -64,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="simulated requests per wall-second on the shipped workloads")
     p.add_argument("--workloads", type=Path, default=Path("workloads"), help="folder of the shipped workloads")
     p.add_argument("--repeat", type=_positive_int, default=3, help="runs per case; the best is kept")
+
+    p = sub.add_parser("compare", help="compare two workloads: paired differences on the same traffic")
+    p.add_argument("a", metavar="A", help="baseline workload YAML")
+    p.add_argument("b", metavar="B", help="workload compared with A (differences are B - A)")
+    p.add_argument("--seed", type=_seed, help="root seed for both (default: A's)")
+    p.add_argument("--replications", type=_positive_int,
+                   help="replications for both (default: the larger of the two workloads')")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a field in both workloads (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
     return parser
 
 
@@ -97,6 +122,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from sim.experiments.sweep import sweep
+
+    result = sweep(args.experiment, out=args.out, workers=args.workers, executor=args.executor,
+                   scheduler=args.scheduler, resume=args.resume, progress=not args.quiet)
+    points = result.results["point"].nunique() if len(result.results) else 0
+    print(f"{points} points in {result.out / 'results.parquet'}"
+          + (f"; capacity in {result.out / 'capacity.json'}" if result.capacity else ""))
+    if args.report:
+        from sim.report.review import write_report
+
+        for path in write_report(result.out):
+            print(f"wrote {path}")
+    if result.failed:
+        print(f"llmsim sweep: {result.failed} point(s) failed; their errors are in results.parquet",
+              file=sys.stderr)
+        return EXIT_POINTS_FAILED
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sim.report.review import write_report
+
+    for path in write_report(args.dir):
+        print(path)
+    return EXIT_OK
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     workload = load_workload(args.workload, args.overrides)
     classes, models = len(workload.traffic.classes), len(workload.models)
@@ -122,7 +175,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "schema": cmd_schema, "bench": cmd_bench}
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sim.experiments.compare import compare, comparison_json, format_comparison
+
+    comparison = compare(args.a, args.b, seed=args.seed, replications=args.replications, overrides=args.overrides)
+    print(json.dumps(comparison_json(comparison)) if args.json else format_comparison(comparison))
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "schema": cmd_schema, "bench": cmd_bench,
+            "compare": cmd_compare, "report": cmd_report}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -134,3 +134,22 @@ def test_bench_reports_every_case(capsys):
     assert [c.name.split()[1] for c in cases[:2]] == ["mmc.yaml", "chat-selfhosted.yaml"]
     assert all(c.requests > 1000 and c.rate > 0 for c in cases)
     assert "vs SimPy" in format_bench(cases)
+
+
+def test_metric_names_lists_exactly_what_a_run_reports():
+    from sim.metrics.summary import metric_names
+
+    for path in WORKLOADS:
+        result = sim.run(path, overrides=["simulation.duration_s=200", "simulation.warmup_s=0"], replications=1)
+        reported = [c for c in result.replications.columns if c != "replication"]
+        assert sorted(reported) == sorted(metric_names(result.workload)), path.name
+
+
+def test_engine_utilisation_matches_offered_load_when_stable():
+    # All offered work gets done in a stable system, so the measured share of full-batch capacity
+    # equals the offered utilisation computed from the config, up to sampling noise.
+    summary = sim.run(ROOT / "workloads/chat-selfhosted.yaml", replications=5,
+                      overrides=["traffic.rate_scale=3"]).summary
+    low, high = summary["utilisation_llama8b_ci95_low"], summary["utilisation_llama8b_ci95_high"]
+    assert low <= summary["offered_utilisation_llama8b"] <= high
+    assert high - low < 0.05

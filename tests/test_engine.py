@@ -78,5 +78,11 @@ def test_identical_steps_are_jumped_over_in_one_event():
     # A long answer (1000 tokens) alone: one prefill step, then a single jump over 999 decode steps.
     rec, endpoint = replay([(0.0, 10, 1000)])
     assert rec.end[0] == pytest.approx(0.011 + 999 * 0.011, rel=1e-12)
-    assert endpoint.servers[0].generation == 2  # two phases scheduled, not a thousand steps
-    assert endpoint.servers[0].step == 1000
+    replica = endpoint.servers[0]
+    assert replica.generation == 2  # two phases scheduled, not a thousand steps
+    assert replica.step == 1000
+    # Work in full-batch seconds: the prompt's 10 tokens, then 999 decode steps of one sequence,
+    # each costing its own 1 ms plus a quarter (max_batch 4) of the 10 ms base.
+    busy, area, work = replica.counters(rec.end[0])
+    assert busy == pytest.approx(rec.end[0]) and area == pytest.approx(rec.end[0])
+    assert work == pytest.approx(10 * 0.0001 + 999 * (0.001 + 0.01 / 4), rel=1e-12)

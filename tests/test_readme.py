@@ -25,7 +25,7 @@ def quick_start() -> list[str]:
 def test_quick_start_is_two_commands_and_ci_runs_the_second_verbatim():
     commands = quick_start()
     assert len(commands) == 2
-    assert "llmsim run workloads/" in commands[0]
+    assert "llmsim sweep experiments/capacity-review.yaml --report" in commands[0]
     assert commands[1] in (ROOT / ".ci/run").read_text().splitlines()
 
 
@@ -35,8 +35,18 @@ def test_workload_example_validates():
     assert set(workload.traffic.classes) == {"chat", "batch_jobs"}
 
 
-def test_documented_workload_files_exist():
-    for path in set(re.findall(r"workloads/[\w.-]+\.yaml", README)):
+def test_experiment_example_validates(tmp_path):
+    from sim.experiments.spec import load_experiment
+
+    example = next(b for b in blocks("yaml") if "axes:" in b)
+    path = tmp_path / "example.yaml"
+    path.write_text(example.replace("../workloads/", f"{ROOT / 'workloads'}/"))
+    points = load_experiment(path).points()
+    assert len(points) == 2 * 12 * 3
+
+
+def test_documented_files_exist():
+    for path in set(re.findall(r"(?:workloads|experiments)/[\w.-]+\.yaml", README)):
         assert (ROOT / path).is_file(), path
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 
 from sim.config.loader import load_workload
 from sim.config.schema import Workload
-from sim.metrics.offered import offered_utilisation
+from sim.model.offered import offered_load_rps, offered_utilisation
 from sim.metrics.summary import aggregate, choose_warmup, summarise
 from sim.model.pipeline import simulate
 
@@ -25,11 +25,13 @@ class RunResult:
 
 
 def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
-        replications: Optional[int] = None, overrides: Sequence[str] = ()) -> RunResult:
+        replications: Optional[int] = None, overrides: Sequence[str] = (),
+        keep_requests: bool = True) -> RunResult:
     """Simulate a workload (a file path or a validated Workload) and summarise it.
 
     `seed` and `replications` override the workload's `simulation` block;
     `overrides` are `--set` style `path=value` strings (file paths only).
+    `keep_requests=False` skips building the per-request table (sweeps don't need it).
     """
     if not isinstance(workload, Workload):
         workload = load_workload(workload, overrides)
@@ -41,14 +43,16 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
     if replications < 1:
         raise ValueError("replications must be at least 1")
     offered = offered_utilisation(workload)
+    load = offered_load_rps(workload)
     rows, frames = [], []
     for r in range(replications):
         rec = simulate(workload, replication=r, seed=seed)
         warmup = choose_warmup(rec, workload)
-        rows.append({"replication": r, **summarise(rec, workload, warmup, offered)})
-        frame = rec.frame()
-        frame.insert(0, "replication", r)
-        frames.append(frame)
+        rows.append({"replication": r, "offered_load_rps": load, **summarise(rec, workload, warmup, offered)})
+        if keep_requests:
+            frame = rec.frame()
+            frame.insert(0, "replication", r)
+            frames.append(frame)
     per_rep = pd.DataFrame(rows)
     summary = {
         "workload": workload.name or "",
@@ -58,4 +62,5 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
         "unstable": any(u >= 1.0 for u in offered.values()),
         **aggregate(per_rep),
     }
-    return RunResult(workload, summary, per_rep, pd.concat(frames, ignore_index=True))
+    requests = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return RunResult(workload, summary, per_rep, requests)

@@ -20,6 +20,22 @@ MEASURES = ("queue_wait", "ttft", "e2e")
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0), ("p999", 99.9))
 
 
+def metric_names(workload: Workload) -> list[str]:
+    """The names `summarise` produces for this workload (to check names in experiments early)."""
+    names = ["offered_load_rps", "warmup_s", "requests_arrived", "requests_completed", "requests_rejected",
+             "throughput_rps"]
+    if workload.slo is not None:
+        names.append("goodput_rps")
+    for measure in MEASURES:
+        names += [f"{measure}_{stat}_s" for stat in ("mean",) + tuple(p for p, _ in PERCENTILES)]
+    names += ["tokens_in_per_s", "tokens_out_per_s"]
+    for name in workload.models:
+        names += [f"utilisation_{name}", f"batch_mean_{name}"]
+    names += ["cost_total_usd", "cost_per_hour_usd", "cost_per_request_usd", "cost_per_1k_usd"]
+    names += [f"offered_utilisation_{name}" for name in workload.models]
+    return names
+
+
 def choose_warmup(rec: Recorder, workload: Workload) -> float:
     """The warm-up cut in seconds: the configured one, or MSER-5 rounded up to a monitor sample."""
     warmup = workload.simulation.warmup_s
@@ -142,3 +158,22 @@ def aggregate(per_replication: pd.DataFrame) -> dict[str, float]:
             out[f"{column}_ci95_low"] = low
             out[f"{column}_ci95_high"] = high
     return out
+
+
+def aggregate_points(results: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """One row per group of `by` columns (a sweep point): each metric's mean and 95% interval.
+
+    `results` has one row per point and replication (as results.parquet); rows
+    whose `status` is not "ok" are left out. Non-numeric columns are dropped.
+    """
+    ok = results[results["status"] == "ok"] if "status" in results else results
+    skip = set(by) | {"replication", "seed", "runtime_s", "point_key", "status", "error"}
+    metrics = [c for c in ok.columns if c not in skip and pd.api.types.is_numeric_dtype(ok[c])]
+    rows = []
+    for keys, group in ok.groupby(by, sort=False, dropna=False):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        row = dict(zip(by, keys))
+        row["replications"] = len(group)
+        row.update(aggregate(group[metrics]))
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -40,7 +40,8 @@ class EngineReplica:
     """One model replica running steps over its running batch."""
 
     def __init__(self, env: simpy.Environment, endpoint: Endpoint, index: int, max_batch: int,
-                 engine: Engine, recorder: Recorder, noise_rng: Optional[np.random.Generator]) -> None:
+                 engine: Engine, recorder: Recorder, noise_rng: Optional[np.random.Generator],
+                 full_batch: Optional[int] = None) -> None:
         self.env = env
         self.endpoint = endpoint
         self.index = index
@@ -51,6 +52,9 @@ class EngineReplica:
         self.base_s = st.base_s
         self.decode_s = st.per_decode_seq_s
         self.prefill_s = st.per_prefill_token_s
+        # Work is counted in seconds of a full-batch engine (see `utilisation` in the README):
+        # a decoding sequence costs its own time plus its share of a full step's base.
+        self.decode_work_s = st.per_decode_seq_s + st.base_s / (full_batch or max_batch)
         self._noise = None
         if st.noise_cv > 0 and noise_rng is not None:
             shape = 1.0 / (st.noise_cv * st.noise_cv)
@@ -73,6 +77,8 @@ class EngineReplica:
         self._last = 0.0
         self._busy_time = 0.0
         self._area = 0.0
+        self._work = 0.0
+        self._work_rate = 0.0   # full-batch seconds of work per second in the phase in flight
 
     # --- what the endpoint asks -------------------------------------------
     def _kv_need(self, i: int) -> int:
@@ -108,7 +114,7 @@ class EngineReplica:
 
     def counters(self, now: float) -> tuple[float, float, float]:
         self._account(now)
-        return self._busy_time, self._area, self._busy_time
+        return self._busy_time, self._area, self._work
 
     # --- the engine ---------------------------------------------------------
     def _account(self, now: float) -> None:
@@ -116,6 +122,7 @@ class EngineReplica:
             elapsed = now - self._last
             self._busy_time += elapsed
             self._area += self.load * elapsed
+            self._work += self._work_rate * elapsed
         self._last = now
 
     def _cut_after_current_step(self, now: float) -> None:
@@ -155,11 +162,14 @@ class EngineReplica:
             prefill = 0
         else:
             self.phase = IDLE
+            self._work_rate = 0.0
             return
         step_s = self.base_s + self.decode_s * n_decode + self.prefill_s * prefill
         if self._noise is not None:
             step_s *= self._next_noise()
         self.step_s = step_s
+        work = self.prefill_s * prefill + self.decode_work_s * n_decode
+        self._work_rate = work / step_s if step_s > 0 else 0.0
         self.t0 = now
         self.generation += 1
         call_later(self.env, self.steps * step_s, self._boundary, self.generation)

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import simpy
 
 from sim.config.schema import Api, ClosedLoopArrivals, PoissonArrivals, SelfHosted, Workload
+from .offered import full_batch
 from sim.metrics.recorder import Recorder
 
 from .api import streaming_draws
@@ -32,8 +33,8 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     classes = list(workload.traffic.classes)
     model_names = list(workload.models)
     recorder = Recorder(classes, model_names)
-    endpoints = {name: build_endpoint(env, name, k, model, recorder, streams)
-                 for k, (name, model) in enumerate(workload.models.items())}
+    endpoints = {name: build_endpoint(env, name, k, workload, recorder, streams)
+                 for k, name in enumerate(workload.models)}
 
     hooks: list[Optional[Callable[[int], None]]] = []
     for k, (name, cls) in enumerate(workload.traffic.classes.items()):
@@ -74,16 +75,18 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     return recorder
 
 
-def build_endpoint(env: simpy.Environment, name: str, index: int, model, recorder: Recorder,
+def build_endpoint(env: simpy.Environment, name: str, index: int, workload: Workload, recorder: Recorder,
                    streams: Streams) -> Endpoint:
     """An endpoint with its servers, as its config says."""
+    model = workload.models[name]
     endpoint = Endpoint(env, name, index, recorder)
     service_rng = streams.rng(f"endpoint.{name}.service")
     if isinstance(model, SelfHosted):
         if model.engine is not None:
+            batch = full_batch(workload, name)
             endpoint.servers = [
                 EngineReplica(env, endpoint, r, model.max_batch, model.engine, recorder,
-                              streams.rng(f"endpoint.{name}.replica{r}.noise"))
+                              streams.rng(f"endpoint.{name}.replica{r}.noise"), batch)
                 for r in range(model.replicas)
             ]
             return endpoint

@@ -22,6 +22,12 @@ def _tokens(spec) -> float:
     return _mean(lambda rng, n: np.maximum(np.rint(spec.sample(rng, n)), 1))
 
 
+def offered_load_rps(workload: Workload) -> float:
+    """Total open-loop arrival rate (rate_scale applied): the x axis of load curves."""
+    return sum(cls.arrival.rate_rps for cls in workload.traffic.classes.values()
+               if isinstance(cls.arrival, PoissonArrivals)) * workload.traffic.rate_scale
+
+
 def offered_utilisation(workload: Workload) -> dict[str, float]:
     """Offered utilisation per endpoint (open-loop traffic only)."""
     result = {}
@@ -31,9 +37,33 @@ def offered_utilisation(workload: Workload) -> dict[str, float]:
             if cls.endpoint != name or not isinstance(cls.arrival, PoissonArrivals):
                 continue
             rate = cls.arrival.rate_rps * workload.traffic.rate_scale
-            load += rate * _work_per_request(model, cls)
+            load += rate * _work_per_request(model, cls, full_batch(workload, name))
         result[name] = load / _servers(model)
     return result
+
+
+def full_batch(workload: Workload, name: str) -> int:
+    """The batch an engine replica reaches under full load: max_batch, or fewer if the KV cache binds.
+
+    The KV need of a request is its prompt + output tokens, averaged over the classes
+    sent to this endpoint (weighted by their arrival rates; a closed loop by users / think time).
+    """
+    model = workload.models[name]
+    engine = getattr(model, "engine", None)
+    if engine is None or engine.kv_cache_tokens is None:
+        return getattr(model, "max_batch", 1)
+    weights, tokens = [], []
+    for cls in workload.traffic.classes.values():
+        if cls.endpoint != name:
+            continue
+        arrival = cls.arrival
+        weights.append(arrival.rate_rps if isinstance(arrival, PoissonArrivals)
+                       else arrival.users / max(arrival.think_time_s.mean, 1e-9))
+        tokens.append(_tokens(cls.prompt_tokens) + _tokens(cls.output_tokens))
+    if not weights or sum(weights) == 0:
+        return model.max_batch
+    mean_tokens = float(np.average(tokens, weights=weights))
+    return max(1, min(model.max_batch, int(engine.kv_cache_tokens // mean_tokens)))
 
 
 def _servers(model) -> int:
@@ -44,8 +74,8 @@ def _servers(model) -> int:
     return model.replicas * model.max_batch
 
 
-def _work_per_request(model, cls) -> float:
-    """Server-seconds one request needs; for the engine, at the best batch it can reach."""
+def _work_per_request(model, cls, batch: int) -> float:
+    """Server-seconds one request needs; for the engine, at the full batch it can reach."""
     if model.service_time is not None:
         return model.service_time.mean
     out = _tokens(cls.output_tokens)
@@ -53,10 +83,6 @@ def _work_per_request(model, cls) -> float:
         inverse_speed = _mean(lambda rng, n: 1.0 / np.maximum(model.output_tokens_per_s.sample(rng, n), 1e-3))
         return model.ttft_s.mean + (out - 1) * inverse_speed
     prompt = _tokens(cls.prompt_tokens)
-    engine = model.engine
-    batch = model.max_batch
-    if engine.kv_cache_tokens is not None:
-        batch = max(1, min(batch, int(engine.kv_cache_tokens // (prompt + out))))
-    st = engine.step_time
+    st = model.engine.step_time
     # A full batch shares each step's base cost; prefill and per-sequence costs are per token.
     return st.per_prefill_token_s * prompt + out * (st.per_decode_seq_s + st.base_s / batch)

@@ -1,0 +1,402 @@
+"""Compare two workloads on common random numbers: paired differences with 95% intervals.
+
+A and B run with the same root seed and the same number of replications. The
+random streams are keyed by seed, replication and stream name, so replication
+r of A and replication r of B see exactly the same requests: the differences
+B_r - A_r are paired, and a paired Student-t interval over them is far
+narrower than comparing two independent summaries would be (the traffic's
+own variability cancels out).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from sim.config.loader import ConfigError, load_workload
+from sim.config.schema import Workload
+from sim.experiments.run import RunResult, run
+from sim.metrics.stats import t975, t_interval
+from sim.report.text import json_safe
+
+WorkloadLike = Union[Workload, str, Path]
+
+HEADLINE = (
+    "throughput_rps", "goodput_rps",
+    "ttft_p50_s", "ttft_p95_s", "ttft_p99_s",
+    "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
+    "queue_wait_mean_s",
+    "cost_per_request_usd", "cost_per_1k_usd", "cost_per_hour_usd",
+)
+"""Metrics compared, in table order; `utilisation_<endpoint>` of shared endpoints follow."""
+
+# Which way is better, for the per-metric verdict: +1 higher, -1 lower, 0 neither.
+_BETTER = {"throughput_rps": 1, "goodput_rps": 1}
+
+COLUMNS = ("a", "b", "diff", "diff_ci95_low", "diff_ci95_high",
+           "rel_diff", "rel_ci95_low", "rel_ci95_high", "significant", "verdict", "pairs")
+
+
+@dataclass
+class Comparison:
+    """The outcome of `compare`: one table row per metric and a one-line summary.
+
+    `table` is indexed by metric name with the columns in COLUMNS: the means of
+    A and B, the mean paired difference B - A with its 95% interval, the
+    relative difference (B / A - 1) with its 95% interval, whether the
+    difference is significant (its interval excludes zero), a verdict and the
+    number of replication pairs used.
+    """
+
+    a: str
+    b: str
+    seed: int
+    replications: int
+    table: pd.DataFrame
+    verdict: str
+    result_a: RunResult = field(repr=False)
+    result_b: RunResult = field(repr=False)
+
+    def __str__(self) -> str:
+        return format_comparison(self)
+
+
+# ------------------------------------------------------------------ running
+
+
+def compare(a: WorkloadLike, b: WorkloadLike, *, seed: Optional[int] = None,
+            replications: Optional[int] = None, overrides: Sequence[str] = ()) -> Comparison:
+    """Run workloads A and B on common random numbers and compare their headline metrics.
+
+    `a` and `b` are workload files (or validated Workloads when there are no
+    overrides). Both run with the same `seed` (default: A's `simulation.seed`)
+    and the same number of `replications` (default: the larger of the two
+    workloads' `simulation.replications`, so neither gets fewer than it asks
+    for). `overrides` (`--set` strings) apply to both. Raises ConfigError with
+    one line per problem in either file.
+    """
+    wa, wb = _load_both(a, b, overrides)
+    seed = wa.simulation.seed if seed is None else seed
+    n = max(wa.simulation.replications, wb.simulation.replications) if replications is None else replications
+    ra = run(wa, seed=seed, replications=n)
+    rb = run(wb, seed=seed, replications=n)
+    table = compare_replications(ra.replications, rb.replications, metrics_to_compare(ra, rb))
+    return Comparison(_name(a), _name(b), seed, n, table, summary_line(table), ra, rb)
+
+
+def _name(workload: WorkloadLike) -> str:
+    return (workload.name or "workload") if isinstance(workload, Workload) else str(workload)
+
+
+def _load_both(a: WorkloadLike, b: WorkloadLike, overrides: Sequence[str]) -> tuple[Workload, Workload]:
+    """Validate both workloads before running either, reporting the problems of both at once."""
+    loaded: list[Workload] = []
+    problems: list[list[str]] = []
+    for w in (a, b):
+        if isinstance(w, Workload):
+            if overrides:
+                raise ValueError("overrides apply to workload files; pass paths")
+            loaded.append(w)
+            problems.append([])
+            continue
+        try:
+            loaded.append(load_workload(w, overrides))
+            problems.append([])
+        except ConfigError as err:
+            problems.append(err.lines)
+    if any(problems):
+        raise ConfigError(_merge_problems(str(a), str(b), problems[0], problems[1]))
+    return loaded[0], loaded[1]
+
+
+def _merge_problems(a: str, b: str, pa: list[str], pb: list[str]) -> list[str]:
+    """One list of error lines for both files.
+
+    File errors already name their file. A `--set` error names only the path,
+    so when it concerns one workload alone (the path exists in the other) the
+    line is prefixed with that file; when both reject it, it is shown once, as
+    `llmsim run` would show it.
+    """
+    out: list[str] = []
+    for source, mine, other in ((a, pa, pb), (b, pb, pa)):
+        for line in mine:
+            if line.startswith("--set ") and line not in other:
+                line = f"{source}: {line}"
+            if line not in out:  # the same file given twice, or a --set both reject
+                out.append(line)
+    return out
+
+
+def metrics_to_compare(ra: RunResult, rb: RunResult) -> list[str]:
+    """The headline metrics both runs have, then the utilisation of every endpoint in both."""
+    shared = set(ra.replications.columns) & set(rb.replications.columns)
+    utilisation = [c for c in ra.replications.columns if c.startswith("utilisation_") and c in shared]
+    return [m for m in HEADLINE if m in shared] + utilisation
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def compare_replications(a: pd.DataFrame, b: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """The comparison table from per-replication metrics of A and B (one row per replication)."""
+    a = a.sort_values("replication").set_index("replication")
+    b = b.sort_values("replication").set_index("replication")
+    common = a.index.intersection(b.index)  # pair replication r of A with replication r of B
+    rows = {m: paired_difference(a.loc[common, m].to_numpy(float), b.loc[common, m].to_numpy(float))
+            for m in metrics}
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=list(COLUMNS))
+    table.index.name = "metric"
+    table["verdict"] = [_metric_verdict(m, row) for m, row in table.iterrows()]
+    return table
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
+    """Mean of A and B, and the paired difference B - A with its 95% t-interval.
+
+    Replications where either value is missing (NaN, e.g. no request completed)
+    are dropped as a pair. With fewer than two pairs the intervals are NaN.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    n = int(a.size)
+    nan = math.nan
+    row = {"a": nan, "b": nan, "diff": nan, "diff_ci95_low": nan, "diff_ci95_high": nan,
+           "rel_diff": nan, "rel_ci95_low": nan, "rel_ci95_high": nan, "significant": False,
+           "verdict": "", "pairs": n}
+    if n == 0:
+        return row
+    d = b - a
+    # An all-zero d has zero standard deviation: t_interval then gives exactly
+    # [0, 0] (0 * t / sqrt(n)), never 0/0, so identical runs read "no difference".
+    diff, low, high = t_interval(d)
+    mean_a, mean_b = float(a.mean()), float(b.mean())
+    rel, rel_low, rel_high = _relative(a, b, d)
+    row.update(a=mean_a, b=mean_b, diff=diff, diff_ci95_low=low, diff_ci95_high=high,
+               rel_diff=rel, rel_ci95_low=rel_low, rel_ci95_high=rel_high,
+               significant=bool(n >= 2 and (low > 0 or high < 0)))
+    return row
+
+
+def _relative(a: np.ndarray, b: np.ndarray, d: np.ndarray) -> tuple[float, float, float]:
+    """B / A - 1 and its 95% interval, by Fieller's theorem for paired data.
+
+    Dividing the difference's interval by A's mean would treat A's mean as
+    known exactly. Fieller's interval for the ratio R = mean(B) / mean(A) is
+    the set of r for which the paired t-interval of B - r A contains zero: it
+    carries A's uncertainty and the A-B correlation, and because r = 1 is in it
+    exactly when the interval of B - A contains zero, the relative and the
+    absolute difference always agree on significance.
+    """
+    n = d.size
+    mean_a, mean_b = float(a.mean()), float(b.mean())
+    if not np.any(d):
+        return 0.0, (0.0 if n >= 2 else math.nan), (0.0 if n >= 2 else math.nan)
+    if mean_a == 0:
+        return math.nan, math.nan, math.nan
+    rel = mean_b / mean_a - 1.0
+    if n < 2:
+        return rel, math.nan, math.nan
+    q = t975(n - 1) ** 2 / n
+    cov = np.cov(a, b, ddof=1)
+    # (mean_b - r mean_a)^2 <= q var(B - r A): a quadratic c2 r^2 - 2 c1 r + c0 <= 0.
+    c2 = mean_a * mean_a - q * cov[0, 0]
+    c1 = mean_a * mean_b - q * cov[0, 1]
+    c0 = mean_b * mean_b - q * cov[1, 1]
+    if c2 <= 0:  # A's mean is not distinguishable from zero: the ratio is unbounded
+        return rel, math.nan, math.nan
+    root = math.sqrt(max(c1 * c1 - c2 * c0, 0.0))  # >= 0 in exact arithmetic: R itself is inside
+    return rel, (c1 - root) / c2 - 1.0, (c1 + root) / c2 - 1.0
+
+
+def _metric_verdict(metric: str, row: pd.Series) -> str:
+    if row["pairs"] == 0:
+        return "no data"
+    if row["diff"] == 0 and (row["pairs"] < 2 or row["diff_ci95_low"] == row["diff_ci95_high"] == 0):
+        return "no difference"
+    if row["pairs"] < 2:
+        return "no interval (1 replication)"
+    if not row["significant"]:
+        return "no significant change"
+    direction = 1 if row["diff"] > 0 else -1
+    better = _better(metric)
+    judged = "" if better == 0 else (" (better)" if direction == better else " (worse)")
+    return ("B higher" if direction > 0 else "B lower") + judged
+
+
+def _better(metric: str) -> int:
+    if metric.startswith("utilisation_"):
+        return 0  # higher utilisation is cheaper and slower: neither better nor worse
+    return _BETTER.get(metric, -1)  # latencies and costs: lower is better
+
+
+# ------------------------------------------------------------------ formatting
+
+
+def _label(metric: str) -> str:
+    """A metric's name in plain words, for the summary line."""
+    fixed = {"throughput_rps": "throughput", "goodput_rps": "goodput", "queue_wait_mean_s": "mean queue wait",
+             "cost_per_request_usd": "cost/request", "cost_per_1k_usd": "cost/1k requests",
+             "cost_per_hour_usd": "cost/hour"}
+    if metric in fixed:
+        return fixed[metric]
+    if metric.startswith("utilisation_"):
+        return f"utilisation {metric.removeprefix('utilisation_')}"
+    measure, stat, _ = metric.rsplit("_", 2)
+    return f"{stat} {'TTFT' if measure == 'ttft' else measure.replace('_', ' ')}"
+
+
+def _decimals(magnitude: float, significant: int, least: int = 0) -> int:
+    """Decimals that show `magnitude` with about `significant` significant digits."""
+    if magnitude == 0 or not math.isfinite(magnitude):
+        return least
+    return int(min(max(significant - 1 - math.floor(math.log10(magnitude)), least), 8))
+
+
+def _number(x: float, decimals: int, signed: bool) -> str:
+    if math.isnan(x):
+        return "-"
+    text = f"{abs(x):.{decimals}f}"
+    # An exact zero gets no sign: "+0" would suggest a difference that is not there.
+    sign = "-" if x < 0 else ("+" if signed and x > 0 else "")
+    return sign + text
+
+
+def _kind(metric: str) -> str:
+    if metric.startswith("cost_"):
+        return "usd"
+    if metric.endswith("_rps"):
+        return "rps"
+    if metric.endswith("_s"):
+        return "s"
+    return "plain"
+
+
+def format_quantities(metric: str, values: Sequence[float], *, signed: bool, significant: int) -> list[str]:
+    """Format numbers that are read together (a difference and its interval) in one unit and precision.
+
+    Latencies below one second are shown in ms, costs in $ with at least
+    cents, rates in req/s; the first value carries the unit.
+    """
+    finite = [abs(v) for v in values if not math.isnan(v)]
+    top = max(finite, default=0.0)
+    kind = _kind(metric)
+    scale, unit = 1.0, ""
+    if kind == "s":
+        scale, unit = (1000.0, " ms") if top < 1 else (1.0, " s")
+    elif kind == "rps":
+        unit = " req/s"
+    decimals = _decimals(top * scale, significant, 2 if kind == "usd" else 0)
+    if kind == "usd" and top >= 1:
+        decimals = 2  # whole dollars and cents, as on an invoice
+    texts = [_number(v * scale, decimals, signed) for v in values]
+    if kind == "usd":
+        texts = [t if t == "-" else _dollar(t) for t in texts]
+    if texts and texts[0] != "-":
+        texts[0] += unit
+    return texts
+
+
+def _dollar(text: str) -> str:
+    """'+0.15' -> '+$0.15'."""
+    sign = text[0] if text[0] in "+-" else ""
+    return f"{sign}${text[len(sign):]}"
+
+
+def _percent(values: Sequence[float]) -> list[str]:
+    """Fractions as signed percentages; an interval (values[1:]) gets enough decimals to show its width."""
+    finite = [v * 100 for v in values if not math.isnan(v)]
+    decimals = 0 if max(map(abs, finite), default=0.0) >= 10 else 1
+    if len(finite) == 3:
+        decimals = max(decimals, min(_decimals(finite[2] - finite[1], 1), 2))
+    return [t if t == "-" else t + "%" for t in (_number(v * 100, decimals, True) for v in values)]
+
+
+def _interval(texts: Sequence[str]) -> str:
+    return "-" if "-" in texts else f"[{texts[0]}, {texts[1]}]"
+
+
+def _table_rows(table: pd.DataFrame) -> list[tuple[str, ...]]:
+    rows = []
+    for metric, r in table.iterrows():
+        value_a, = format_quantities(metric, [r["a"]], signed=False, significant=4)
+        value_b, = format_quantities(metric, [r["b"]], signed=False, significant=4)
+        diff, low, high = format_quantities(metric, [r["diff"], r["diff_ci95_low"], r["diff_ci95_high"]],
+                                            signed=True, significant=3)
+        rel, = _percent([r["rel_diff"]])
+        ci = _interval([low, high])
+        if ci == "-" and r["pairs"] == 1:
+            ci = "n/a"
+        rows.append((str(metric), value_a, value_b, diff, ci, rel, r["verdict"]))
+    return rows
+
+
+def format_comparison(comparison: Comparison) -> str:
+    """The comparison as a person reads it in a terminal: a header, the table, the summary line."""
+    c = comparison
+    header = ("metric", "A", "B", "diff (B - A)", "95% CI of diff", "rel", "verdict")
+    rows = _table_rows(c.table)
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    aligned = lambda row: "  ".join(  # noqa: E731 - names first and verdicts left, numbers right
+        cell.ljust(w) if i in (0, len(row) - 1) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
+    ).rstrip()
+    lines = [
+        f"A  {c.a}",
+        f"B  {c.b}",
+        f"{c.replications} paired replication(s) x {c.result_a.workload.simulation.duration_s:g} s, seed {c.seed}: "
+        "replication r of A and of B sees the same traffic (common random numbers)",
+    ]
+    for name, result in (("A", c.result_a), ("B", c.result_b)):
+        if result.summary["unstable"]:
+            lines.append(f"WARNING {name} is unstable (offered utilisation >= 1): its numbers grow with the run length")
+    lines += ["", aligned(header)] + [aligned(row) for row in rows] + ["", c.verdict]
+    return "\n".join(lines)
+
+
+def _change(metric: str, r: pd.Series) -> str:
+    """'cost/request +50% [+45%, +55%]' or 'p99 TTFT -40 ms [-70, -10]'."""
+    relative = _kind(metric) in ("usd", "rps") and not math.isnan(r["rel_ci95_low"])
+    if relative:
+        diff, low, high = _percent([r["rel_diff"], r["rel_ci95_low"], r["rel_ci95_high"]])
+        return f"{_label(metric)} {diff} [{low}, {high}]"
+    diff, low, high = format_quantities(metric, [r["diff"], r["diff_ci95_low"], r["diff_ci95_high"]],
+                                        signed=True, significant=2)
+    return f"{_label(metric)} {diff} [{low}, {high}]"
+
+
+def summary_line(table: pd.DataFrame) -> str:
+    """One line in plain words: the significant changes, then what did not change significantly."""
+    # cost/1k requests moves exactly as cost/request does: saying it twice adds nothing.
+    rows = table.drop(index="cost_per_1k_usd", errors="ignore")
+    too_few = (rows["pairs"] < 2).any()
+    if (rows["verdict"] == "no difference").all():
+        return "B vs A: no difference (identical results in every replication)" + (
+            "; intervals need >= 2 replications" if too_few else "")
+    if too_few:
+        return "B vs A: no intervals: intervals need >= 2 replications (rerun with --replications 2 or more)"
+    changed = [_change(m, r) for m, r in rows.iterrows() if r["significant"]]
+    unchanged = [_label(m) for m, r in rows.iterrows() if not r["significant"] and r["verdict"] != "no difference"]
+    parts = []
+    if changed:
+        parts.append(", ".join(changed))
+    if unchanged:
+        parts.append("no significant change in " + ", ".join(unchanged))
+    return "B vs A: " + "; ".join(parts)
+
+
+def comparison_json(comparison: Comparison) -> dict:
+    """The comparison as one JSON-ready object (NaN becomes null)."""
+    c = comparison
+    metrics = {}
+    for metric, r in c.table.iterrows():
+        entry = {key: float(r[key]) for key in ("a", "b", "diff", "diff_ci95_low", "diff_ci95_high",
+                                                 "rel_diff", "rel_ci95_low", "rel_ci95_high")}
+        entry["significant"] = bool(r["significant"])
+        entry["verdict"] = str(r["verdict"])
+        metrics[str(metric)] = json_safe(entry)
+    return {"a": c.a, "b": c.b, "seed": int(c.seed), "replications": int(c.replications),
+            "metrics": metrics, "summary": c.verdict}
