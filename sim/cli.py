@@ -16,24 +16,22 @@ from sim.config.loader import ConfigError, load_workload
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_POINTS_FAILED = 0, 1, 2, 3
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _whole_number(minimum: int):
+    """An argparse type: a whole number of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+_positive_int, _seed = _whole_number(1), _whole_number(0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,8 +123,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sim.experiments.sweep import sweep
 
-    result = sweep(args.experiment, out=args.out, workers=args.workers, executor=args.executor,
-                   scheduler=args.scheduler, resume=args.resume, progress=not args.quiet)
+    try:
+        result = sweep(args.experiment, out=args.out, workers=args.workers, executor=args.executor,
+                       scheduler=args.scheduler, resume=args.resume, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("llmsim sweep: interrupted; every finished point is saved: "
+              "run the same command with --resume to finish", file=sys.stderr)
+        return 130
     points = result.results["point"].nunique() if len(result.results) else 0
     print(f"{points} points in {result.out / 'results.parquet'}"
           + (f"; capacity in {result.out / 'capacity.json'}" if result.capacity else ""))

@@ -180,3 +180,38 @@ capacity: {target: 0.8, low: 0.2, high: 1.9, tolerance: 0.01}
     loads = [p["load"] for p in config["probes"]]
     assert loads[:2] == [0.2, 1.9] and len(loads) < 20
     assert result.capacity["cheapest_at_target"]["values"] == {}
+
+
+class _Terminal:
+    """A stream that says it is a terminal, recording what is written."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
+    from sim.experiments.progress import Progress
+
+    terminal = _Terminal(True)
+    bar = Progress(4, "points", stream=terminal)
+    bar.update("a", True)
+    bar.update("b", False)
+    bar.close()
+    assert "\r" in terminal.text and "2/4, 1 failed" in terminal.text and "ETA" in terminal.text
+    assert terminal.text.endswith("\n")
+    log = _Terminal(False)
+    lines = Progress(2, "points", stream=log)
+    lines.update("base: replicas=2", True)
+    lines.update("base: replicas=4", False)
+    assert log.text.splitlines()[0].startswith("points 1/2 ok: base: replicas=2 [elapsed")
+    assert "points 2/2 FAILED: base: replicas=4" in log.text
