@@ -11,12 +11,12 @@ from typing import Callable, Optional
 import simpy
 
 from sim.config.schema import Api, ClosedLoopArrivals, PoissonArrivals, SelfHosted, Workload
-from .offered import full_batch
 from sim.metrics.recorder import Recorder
 
 from .api import streaming_draws
 from .endpoint import Endpoint
 from .engine import EngineReplica
+from .offered import full_batch
 from .events import call_later
 from .streams import BlockSampler, Streams, token_draw
 from .arrivals import ClosedLoopUsers, PoissonSource, RequestFactory
