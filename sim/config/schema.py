@@ -7,15 +7,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from .arrivals import Arrivals, ClosedLoopArrivals, PoissonArrivals  # noqa: F401 - re-exported
+from .base import Block
 from .distributions import Distribution
-
-
-class Block(BaseModel):
-    """A config block: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+from .limits import ProviderLimits, RateLimit, Retry
 
 
 class Simulation(Block):
@@ -27,6 +24,12 @@ class Simulation(Block):
     )
     seed: int = Field(1, ge=0, description="Root seed; every random stream is spawned from it.")
     replications: int = Field(1, ge=1, description="Independent replications; >= 2 gives 95% confidence intervals.")
+    timeseries_interval_s: float = Field(10.0, gt=0, description="Width of the time-series buckets in the output.")
+    warm: bool = Field(False, description="Start warm: replicas loaded, connections open (the --warm flag).")
+    cold_window_s: Optional[float] = Field(
+        None, gt=0, description="Report requests arriving before this as the cold window, the rest as warm "
+        "(default: the longest cold start, when there is one)."
+    )
 
     @model_validator(mode="after")
     def _warmup_inside(self) -> "Simulation":
@@ -35,31 +38,48 @@ class Simulation(Block):
         return self
 
 
-class PoissonArrivals(Block):
-    """Open loop: requests arrive as a Poisson process, whatever the system does."""
+class Users(Block):
+    """Distinct users of a class: each request is sent by one of them."""
 
-    kind: Literal["poisson"]
-    rate_rps: float = Field(gt=0, description="Mean arrival rate in requests per second.")
-
-
-class ClosedLoopArrivals(Block):
-    """Closed loop: a fixed population, each user waits for its answer, thinks, asks again."""
-
-    kind: Literal["closed"]
-    users: int = Field(gt=0, description="Number of users.")
-    think_time_s: Distribution = Field(description="Time between an answer and the user's next request.")
-
-
-Arrivals = Annotated[Union[PoissonArrivals, ClosedLoopArrivals], Field(discriminator="kind")]
+    count: int = Field(1, gt=0, description="Number of users (ids are unique across classes).")
+    zipf_s: float = Field(0.0, ge=0, description="0: users equally active; s > 0: user k sends in proportion to 1/k^s.")
 
 
 class RequestClass(Block):
     """One kind of request: how it arrives, how long its prompt and answer are, where it goes."""
 
-    arrival: Arrivals = Field(description="Arrival process (kind: poisson or closed).")
+    arrival: Arrivals = Field(description="Arrival process (its `kind` picks one; see the README).")
     prompt_tokens: Distribution = Field(description="Prompt length in tokens (rounded, at least 1).")
     output_tokens: Distribution = Field(description="Answer length in tokens (rounded, at least 1).")
-    endpoint: Optional[str] = Field(None, description="Model endpoint that serves it; may be omitted when there is one.")
+    max_output_tokens: Optional[int] = Field(
+        None, gt=0, description="The request's max_tokens: answers are cut there; token rate limits count it."
+    )
+    endpoint: Optional[Union[str, dict[str, float]]] = Field(
+        None, description="Model endpoint that serves it, or a mix {name: weight}; may be omitted when there is one."
+    )
+    priority: int = Field(0, ge=0, description="Queue priority: 0 is served first (interactive), then 1, 2, ...")
+    deadline_s: Optional[float] = Field(
+        None, gt=0, description="A request still waiting in the queue this long after arriving is dropped."
+    )
+    users: Users = Field(default_factory=Users, description="The class's user population (for per-user limits).")
+    features: Optional[dict[str, float]] = Field(
+        None, description="Product features the requests belong to, {name: weight} (for the cost ledger)."
+    )
+    retry: Retry = Field(default_factory=Retry, description="What the client does after a 429.")
+
+    @model_validator(mode="after")
+    def _positive_weights(self) -> "RequestClass":
+        for label, mix in (("endpoint", self.endpoint), ("features", self.features)):
+            if isinstance(mix, dict) and (not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0):
+                raise ValueError(f"{label}: weights must be non-negative with a positive sum")
+        return self
+
+    def endpoint_mix(self) -> dict[str, float]:
+        """{endpoint: share} with shares summing to 1 (after endpoint resolution)."""
+        if isinstance(self.endpoint, dict):
+            total = sum(self.endpoint.values())
+            return {name: w / total for name, w in self.endpoint.items()}
+        return {self.endpoint: 1.0}
 
 
 class Traffic(Block):
@@ -90,17 +110,68 @@ class Engine(Block):
     step_time: StepTime
 
 
+class HoldBack(Block):
+    """Keep low-priority work from filling the endpoint while it is busy (work-conserving otherwise)."""
+
+    priority: int = Field(ge=1, description="Requests of this priority number or higher are held back...")
+    max_load_share: float = Field(
+        gt=0, le=1, description="...from starting while this share of the endpoint's slots is in use."
+    )
+
+
+class Queue(Block):
+    """The endpoint's waiting line."""
+
+    discipline: Literal["fifo", "priority"] = Field(
+        "fifo", description="fifo: arrival order; priority: lowest priority number first, FIFO within (non-preemptive)."
+    )
+    capacity: Optional[int] = Field(
+        None, ge=0, description="Requests waiting at most; more are rejected (0: no waiting room, M/M/c/c)."
+    )
+    hold_back: Optional[HoldBack] = Field(None, description="Hold low-priority work back while busy.")
+
+
+class Connections(Block):
+    """A client connection pool: the first request on each new connection pays a handshake."""
+
+    pool_size: int = Field(gt=0, description="Connections kept open at most.")
+    handshake_s: float = Field(ge=0, description="Time to open one (TCP + TLS + auth).")
+
+
+class Autoscale(Block):
+    """Replica autoscaling, as a Kubernetes HPA does: desired = ceil(replicas x metric / target)."""
+
+    min_replicas: int = Field(1, ge=1, description="Never fewer replicas.")
+    max_replicas: int = Field(ge=1, description="Never more replicas.")
+    metric: Literal["utilisation", "queue_length", "in_flight"] = Field(
+        "utilisation", description="utilisation (share of full-batch capacity), queue length or requests in flight, per replica."
+    )
+    target: float = Field(gt=0, description="The metric's target value per replica.")
+    interval_s: float = Field(15.0, gt=0, description="How often the autoscaler looks.")
+    scale_down_cooldown_s: float = Field(300.0, ge=0, description="No scale-down sooner than this after any change.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Autoscale":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
 class SelfHosted(Block):
     """GPU replicas you run and pay for by the hour."""
 
     kind: Literal["self_hosted"]
-    replicas: int = Field(1, gt=0, description="Number of replicas (one model copy each).")
+    replicas: int = Field(1, gt=0, description="Number of replicas at the start (one model copy each).")
     max_batch: int = Field(256, gt=0, description="Maximum running sequences per replica.")
-    gpu_hourly_usd: float = Field(0.0, ge=0, description="Price of one replica per hour.")
+    gpu_hourly_usd: float = Field(0.0, ge=0, description="Price of one replica per hour (billed per second held).")
     engine: Optional[Engine] = Field(None, description="Iteration-level engine (give this or service_time).")
     service_time: Optional[Distribution] = Field(
         None, description="Plain service time per request instead of the engine: each of max_batch slots serves one request."
     )
+    queue: Queue = Field(default_factory=Queue, description="Queue discipline, capacity, hold-back.")
+    cold_start_s: float = Field(0.0, ge=0, description="Model load time before a new replica serves (at start too, unless --warm).")
+    autoscale: Optional[Autoscale] = Field(None, description="Add and remove replicas with the load.")
+    connections: Optional[Connections] = Field(None, description="Client connection pool to the replicas.")
 
     @model_validator(mode="after")
     def _one_service_model(self) -> "SelfHosted":
@@ -124,6 +195,9 @@ class Api(Block):
     service_time: Optional[Distribution] = Field(None, description="Plain service time instead of ttft_s + tokens / speed.")
     price_per_mtok_in: float = Field(0.0, ge=0, description="USD per million prompt tokens.")
     price_per_mtok_out: float = Field(0.0, ge=0, description="USD per million output tokens.")
+    queue: Queue = Field(default_factory=Queue, description="Queue discipline, capacity, hold-back (on our side).")
+    limits: Optional[ProviderLimits] = Field(None, description="The provider's RPM/TPM limits (429 with retry-after).")
+    connections: Optional[Connections] = Field(None, description="Client connection pool to the provider.")
 
     @model_validator(mode="after")
     def _one_service_model(self) -> "Api":
@@ -155,6 +229,7 @@ class Workload(Block):
     traffic: Traffic
     models: dict[str, Endpoint] = Field(min_length=1, description="Model endpoints by name.")
     slo: Optional[Slo] = Field(None, description="Per-request targets for goodput.")
+    rate_limits: list[RateLimit] = Field(default_factory=list, description="Our limiters, checked in order before the queue.")
 
     @model_validator(mode="after")
     def _resolve_endpoints(self) -> "Workload":
@@ -166,8 +241,14 @@ class Workload(Block):
                         f"traffic.classes.{cls_name}.endpoint: several models ({', '.join(names)}); say which serves this class"
                     )
                 cls.endpoint = names[0]
-            elif cls.endpoint not in self.models:
-                raise ValueError(
-                    f"traffic.classes.{cls_name}.endpoint: unknown model {cls.endpoint!r} (known: {', '.join(names)})"
-                )
+            for endpoint in ([cls.endpoint] if isinstance(cls.endpoint, str) else list(cls.endpoint)):
+                if endpoint not in self.models:
+                    raise ValueError(
+                        f"traffic.classes.{cls_name}.endpoint: unknown model {endpoint!r} (known: {', '.join(names)})"
+                    )
+        for k, limit in enumerate(self.rate_limits):
+            for cls_name in limit.classes or []:
+                if cls_name not in self.traffic.classes:
+                    raise ValueError(f"rate_limits.{k}.classes: unknown class {cls_name!r} "
+                                     f"(known: {', '.join(self.traffic.classes)})")
         return self

@@ -6,22 +6,28 @@ mutable store there is per event); the DataFrame is built once, at the end.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 NAN = math.nan
 
-COMPLETED, REJECTED = 0, 1
-OUTCOMES = ("completed", "rejected")
+COMPLETED, REJECTED, RATE_LIMITED, QUEUE_FULL, EXPIRED = 0, 1, 2, 3, 4
+OUTCOMES = ("completed", "rejected", "rate_limited", "queue_full", "expired")
+# rejected: never fits (longer than the KV cache); rate_limited: a 429 and the client gave up;
+# queue_full: no room to wait; expired: its deadline passed while it waited.
 
 
 class Recorder:
     """Columns of one replication's requests; a request is its row index."""
 
-    def __init__(self, class_names: list[str], endpoint_names: list[str]) -> None:
+    def __init__(self, class_names: list[str], endpoint_names: list[str], feature_names: Sequence[str] = (),
+                 class_priority: Sequence[int] = ()) -> None:
         self.class_names = class_names
         self.endpoint_names = endpoint_names
+        self.feature_names = list(feature_names)
+        self.class_priority = list(class_priority) or [0] * len(class_names)
         self.cls: list[int] = []
         self.endpoint: list[int] = []
         self.arrival: list[float] = []
@@ -32,10 +38,14 @@ class Recorder:
         self.output: list[int] = []
         self.replica: list[int] = []
         self.outcome: list[int] = []
+        self.user: list[int] = []
+        self.feature: list[int] = []
+        self.attempts: list[int] = []   # 1 + retries after a 429
         # Time-weighted counters of each endpoint, sampled by the monitor.
         self.samples: list[tuple[float, dict[str, tuple[float, float]]]] = []
 
-    def new(self, cls: int, endpoint: int, now: float, prompt: int, output: int) -> int:
+    def new(self, cls: int, endpoint: int, now: float, prompt: int, output: int, user: int = -1,
+            feature: int = -1) -> int:
         """Open a record for a request arriving now; returns its index."""
         self.cls.append(cls)
         self.endpoint.append(endpoint)
@@ -47,6 +57,9 @@ class Recorder:
         self.output.append(output)
         self.replica.append(-1)
         self.outcome.append(-1)
+        self.user.append(user)
+        self.feature.append(feature)
+        self.attempts.append(1)
         return len(self.arrival) - 1
 
     def frame(self) -> pd.DataFrame:
@@ -56,10 +69,14 @@ class Recorder:
         first = np.asarray(self.first_token, dtype=float)
         end = np.asarray(self.end, dtype=float)
         outcome = np.asarray(self.outcome, dtype=np.int64)
+        cls = np.asarray(self.cls, dtype=np.int64)
         return pd.DataFrame(
             {
                 "request": np.arange(arrival.size),
-                "class": pd.Categorical.from_codes(np.asarray(self.cls, dtype=np.int64), self.class_names),
+                "class": pd.Categorical.from_codes(cls, self.class_names),
+                "priority": np.asarray(self.class_priority, dtype=np.int64)[cls] if cls.size else cls,
+                "user": np.asarray(self.user, dtype=np.int64),
+                "feature": pd.Categorical.from_codes(np.asarray(self.feature, dtype=np.int64), self.feature_names),
                 "endpoint": pd.Categorical.from_codes(np.asarray(self.endpoint, dtype=np.int64), self.endpoint_names),
                 "replica": np.asarray(self.replica, dtype=np.int64),
                 "arrival_s": arrival,
@@ -71,6 +88,7 @@ class Recorder:
                 "e2e_s": end - arrival,
                 "prompt_tokens": np.asarray(self.prompt, dtype=np.int64),
                 "output_tokens": np.asarray(self.output, dtype=np.int64),
+                "attempts": np.asarray(self.attempts, dtype=np.int64),
                 "outcome": pd.Categorical.from_codes(outcome, OUTCOMES),
             }
         )

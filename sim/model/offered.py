@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sim.config.schema import Api, PoissonArrivals, Workload
+from sim.config.schema import Api, ClosedLoopArrivals, Workload
 
 _DRAWS = 100_000
 
@@ -22,10 +22,21 @@ def _tokens(spec) -> float:
     return _mean(lambda rng, n: np.maximum(np.rint(spec.sample(rng, n)), 1))
 
 
+def open_loop_rate(cls) -> float:
+    """A class's mean open-loop arrival rate at rate_scale 1 (0 for a closed loop)."""
+    return getattr(cls.arrival, "mean_rate_rps", lambda: 0.0)()
+
+
+def _request_rate(cls) -> float:
+    """A class's mean request rate; for a closed loop its ceiling, users / think time."""
+    if isinstance(cls.arrival, ClosedLoopArrivals):
+        return cls.arrival.users / max(cls.arrival.think_time_s.mean, 1e-9)
+    return open_loop_rate(cls)
+
+
 def offered_load_rps(workload: Workload) -> float:
     """Total open-loop arrival rate (rate_scale applied): the x axis of load curves."""
-    return sum(cls.arrival.rate_rps for cls in workload.traffic.classes.values()
-               if isinstance(cls.arrival, PoissonArrivals)) * workload.traffic.rate_scale
+    return sum(open_loop_rate(cls) for cls in workload.traffic.classes.values()) * workload.traffic.rate_scale
 
 
 def offered_utilisation(workload: Workload) -> dict[str, float]:
@@ -34,10 +45,10 @@ def offered_utilisation(workload: Workload) -> dict[str, float]:
     for name, model in workload.models.items():
         load = 0.0
         for cls in workload.traffic.classes.values():
-            if cls.endpoint != name or not isinstance(cls.arrival, PoissonArrivals):
-                continue
-            rate = cls.arrival.rate_rps * workload.traffic.rate_scale
-            load += rate * _work_per_request(model, cls, full_batch(workload, name))
+            share = cls.endpoint_mix().get(name, 0.0)
+            rate = open_loop_rate(cls) * workload.traffic.rate_scale * share
+            if rate > 0:
+                load += rate * _work_per_request(model, cls, full_batch(workload, name))
         result[name] = load / _servers(model)
     return result
 
@@ -54,12 +65,10 @@ def full_batch(workload: Workload, name: str) -> int:
         return getattr(model, "max_batch", 1)
     weights, tokens = [], []
     for cls in workload.traffic.classes.values():
-        if cls.endpoint != name:
-            continue
-        arrival = cls.arrival
-        weights.append(arrival.rate_rps if isinstance(arrival, PoissonArrivals)
-                       else arrival.users / max(arrival.think_time_s.mean, 1e-9))
-        tokens.append(_tokens(cls.prompt_tokens) + _tokens(cls.output_tokens))
+        weight = cls.endpoint_mix().get(name, 0.0) * _request_rate(cls)
+        if weight > 0:
+            weights.append(weight)
+            tokens.append(_tokens(cls.prompt_tokens) + _tokens(cls.output_tokens))
     if not weights or sum(weights) == 0:
         return model.max_batch
     mean_tokens = float(np.average(tokens, weights=weights))

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import simpy
 
-from sim.config.schema import Api, ClosedLoopArrivals, PoissonArrivals, SelfHosted, Workload
+from sim.config.schema import Api, SelfHosted, Workload
 from sim.metrics.recorder import Recorder
 
 from .api import streaming_draws
@@ -18,8 +18,9 @@ from .endpoint import Endpoint
 from .engine import EngineReplica
 from .offered import full_batch
 from .events import call_later
-from .streams import BlockSampler, Streams, token_draw
-from .arrivals import ClosedLoopUsers, PoissonSource, RequestFactory
+from .arrivals import RequestFactory, SourceContext, build_arrivals, user_count
+from .ratelimit import build_gate
+from .streams import BlockSampler, Streams
 from .slots import SlotServer, plain_draws
 
 MONITOR_POINTS = 100  # counter samples over the run, for warm-up cuts and time series
@@ -30,46 +31,35 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     sim = workload.simulation
     streams = Streams(sim.seed if seed is None else seed, replication)
     env = simpy.Environment()
-    classes = list(workload.traffic.classes)
-    model_names = list(workload.models)
-    recorder = Recorder(classes, model_names)
-    endpoints = {name: build_endpoint(env, name, k, workload, recorder, streams)
-                 for k, name in enumerate(workload.models)}
-
-    hooks: list[Optional[Callable[[int], None]]] = []
-    for k, (name, cls) in enumerate(workload.traffic.classes.items()):
-        endpoint = endpoints[cls.endpoint]
-        make = RequestFactory(
-            recorder, k, endpoint.index,
-            BlockSampler(token_draw(cls.prompt_tokens), streams.rng(f"class.{name}.prompt")),
-            BlockSampler(token_draw(cls.output_tokens), streams.rng(f"class.{name}.output")),
-        )
-        arrival = cls.arrival
-        rng = streams.rng(f"class.{name}.arrivals")
-        if isinstance(arrival, PoissonArrivals):
-            mean_gap = 1.0 / (arrival.rate_rps * workload.traffic.rate_scale)
-            gap = BlockSampler(lambda r, n, m=mean_gap: m * r.standard_exponential(n), rng)
-            PoissonSource(env, make, endpoint.submit, gap, sim.duration_s).start()
-            hooks.append(None)
-        elif isinstance(arrival, ClosedLoopArrivals):
-            users = ClosedLoopUsers(env, make, endpoint.submit, BlockSampler(arrival.think_time_s.sample, rng),
-                                    arrival.users, sim.duration_s)
-            users.start()
-            hooks.append(users.done)
-        else:  # pragma: no cover - the schema admits no other kind
-            raise TypeError(f"unknown arrival kind {arrival.kind}")
-
+    classes = workload.traffic.classes
+    features = list(dict.fromkeys(f for cls in classes.values() for f in (cls.features or {})))
+    recorder = Recorder(list(classes), list(workload.models), features, [c.priority for c in classes.values()])
+    endpoints = [build_endpoint(env, name, k, workload, recorder, streams) for k, name in enumerate(workload.models)]
+    endpoint_of = recorder.endpoint
     cls_of = recorder.cls
+    hooks: list[Optional[Callable[[int], None]]] = []
+
+    def route(i: int) -> None:
+        endpoints[endpoint_of[i]].submit(i)
 
     def done(i: int) -> None:
         hook = hooks[cls_of[i]]
         if hook is not None:
             hook(i)
 
+    submit = build_gate(env, workload, recorder, streams, route, done)
+    endpoint_index = {name: k for k, name in enumerate(workload.models)}
+    feature_index = {name: k for k, name in enumerate(features)}
+    first_user = 0
+    for k, (name, cls) in enumerate(classes.items()):
+        make = RequestFactory(recorder, k, name, cls, streams, endpoint_index, feature_index, first_user)
+        first_user += user_count(cls)
+        hooks.append(build_arrivals(SourceContext(env, name, cls, make, submit, streams,
+                                                  workload.traffic.rate_scale, sim.duration_s)))
     if any(hook is not None for hook in hooks):  # open-loop-only runs skip the call
-        for endpoint in endpoints.values():
+        for endpoint in endpoints:
             endpoint.on_done = done
-    start_monitor(env, list(endpoints.values()), recorder, sim.duration_s,
+    start_monitor(env, endpoints, recorder, sim.duration_s,
                   sim.warmup_s if isinstance(sim.warmup_s, float) else None)
     env.run()
     return recorder
