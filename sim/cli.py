@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a field, e.g. --set models.llama8b.replicas=4 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the summary as one flat JSON object")
-    p.add_argument("--out", type=Path, help="write requests.parquet, replications.parquet and summary.json here")
+    p.add_argument("--out", type=Path,
+                   help="write requests.parquet, replications.parquet, timeseries.parquet and summary.json here")
+    p.add_argument("--warm", action="store_true",
+                   help="start warm: replicas loaded, connections open (same as --set simulation.warm=true)")
 
     p = sub.add_parser("sweep", help="run an experiment: every point, saved as it finishes; capacity search")
     p.add_argument("experiment", help="experiment YAML file")
@@ -87,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a field in both workloads (repeatable)")
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+
+    p = sub.add_parser("fit-traffic", help="fit an arrival process and token distributions to a request trace")
+    p.add_argument("trace", metavar="TRACE", help="trace file (Azure CSV, Mooncake JSONL, or a CSV with --columns)")
+    p.add_argument("--format", choices=("azure", "mooncake", "csv"),
+                   help="trace format (default: mooncake for .jsonl, azure for the Azure columns, else csv)")
+    p.add_argument("--columns", metavar="KEY=NAME,...",
+                   help="csv columns, e.g. time=ts,prompt_tokens=in,output_tokens=out,time_unit=ms")
+    p.add_argument("--json", action="store_true", help="print the fit as one JSON object")
     return parser
 
 
@@ -110,7 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sim.experiments.run import run
     from sim.report.text import format_summary, json_safe, write_outputs
 
-    result = run(args.workload, seed=args.seed, replications=args.replications, overrides=args.overrides)
+    overrides = args.overrides + (["simulation.warm=true"] if args.warm else [])
+    result = run(args.workload, seed=args.seed, replications=args.replications, overrides=overrides)
     if args.out is not None:
         write_outputs(result, args.out)
     if args.json:
@@ -147,8 +159,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from sim.report.review import write_report
+    from sim.report.runreport import write_run_report
 
-    for path in write_report(args.dir):
+    folder = Path(args.dir)
+    # A sweep folder has results.parquet; a run folder (run --out) has a time series.
+    writer = write_report if (folder / "results.parquet").is_file() else write_run_report
+    for path in writer(folder):
         print(path)
     return EXIT_OK
 
@@ -186,8 +202,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_fit_traffic(args: argparse.Namespace) -> int:
+    from sim.config.traces import TraceError
+    from sim.experiments.fit import fit_traffic
+
+    columns = None
+    if args.columns:
+        known = ("time", "prompt_tokens", "output_tokens", "time_unit")
+        pairs = [item.partition("=") for item in args.columns.split(",") if item.strip()]
+        bad = [key for key, eq, value in pairs if key.strip() not in known or not eq or not value.strip()]
+        if bad:
+            raise ConfigError([f"--columns: expected KEY=NAME with KEY one of {', '.join(known)}, got {bad[0]!r}"])
+        columns = {key.strip(): value.strip() for key, _, value in pairs}
+    try:
+        fit = fit_traffic(args.trace, args.format, columns)
+    except (TraceError, ValueError) as err:
+        raise ConfigError([f"{args.trace}: {err}" if args.trace not in str(err) else str(err)]) from None
+    print(json.dumps(fit.summary) if args.json else fit.yaml, end="\n" if args.json else "")
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "schema": cmd_schema, "bench": cmd_bench,
-            "compare": cmd_compare, "report": cmd_report}
+            "compare": cmd_compare, "report": cmd_report, "fit-traffic": cmd_fit_traffic}
 
 
 if __name__ == "__main__":  # pragma: no cover

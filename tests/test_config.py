@@ -215,7 +215,7 @@ def test_empirical_csv_missing(tmp_path):
 def test_unknown_kind(tmp_path):
     path = write(tmp_path, VALID.replace("kind: poisson", "kind: posson"))
     assert errors(path) == [
-        f"{path}:8: traffic.classes.chat.arrival.kind: unknown kind 'posson' (did you mean 'poisson'?; known: poisson, closed)"
+        f"{path}:8: traffic.classes.chat.arrival.kind: unknown kind 'posson' (did you mean 'poisson'?; known: poisson, closed, schedule, diurnal, mmpp, gamma, sessions, trace)"
     ]
 
 

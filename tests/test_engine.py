@@ -83,6 +83,6 @@ def test_identical_steps_are_jumped_over_in_one_event():
     assert replica.step == 1000
     # Work in full-batch seconds: the prompt's 10 tokens, then 999 decode steps of one sequence,
     # each costing its own 1 ms plus a quarter (max_batch 4) of the 10 ms base.
-    busy, area, work = replica.counters(rec.end[0])
-    assert busy == pytest.approx(rec.end[0]) and area == pytest.approx(rec.end[0])
+    busy, area, work, held = replica.counters(rec.end[0])
+    assert busy == pytest.approx(rec.end[0]) and area == pytest.approx(rec.end[0]) and held == rec.end[0]
     assert work == pytest.approx(10 * 0.0001 + 999 * (0.001 + 0.01 / 4), rel=1e-12)

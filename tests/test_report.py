@@ -342,7 +342,24 @@ def test_cli_report_prints_both_paths(sweep_dir, cli_output):
 def test_cli_report_without_results_is_bad_input(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"{tmp_path}: no results.parquet (run llmsim sweep first)"
+    assert err.strip() == (f"{tmp_path}: no results.parquet (run llmsim sweep first) and no "
+                           "summary.json + timeseries.parquet (run llmsim run ... --out DIR first)")
+
+
+def test_cli_report_of_a_run_folder_draws_the_time_series(tmp_path, capsys):
+    out = tmp_path / "run"
+    workload = Path(__file__).resolve().parent.parent / "workloads" / "chat-selfhosted.yaml"
+    assert main(["run", str(workload), "--set", "simulation.duration_s=300", "--set", "models.llama8b.cold_start_s=30",
+                 "--replications", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [str(out / "report.md"), str(out / "report.html")]
+    md = (out / "report.md").read_text()
+    assert "Cold window (first 30 s)" in md
+    for name in ("traffic", "queue", "latency", "replicas"):
+        assert (out / "figures" / f"timeseries_{name}.png").stat().st_size > 10_000
+        assert f"figures/timeseries_{name}.png" in md
+    assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
 def test_crossings_by_hand():

@@ -122,6 +122,12 @@ class HoldBack(Block):
 class Queue(Block):
     """The endpoint's waiting line."""
 
+    @model_validator(mode="after")
+    def _hold_back_needs_priority(self) -> "Queue":
+        if self.hold_back is not None and self.discipline != "priority":
+            raise ValueError("hold_back needs discipline: priority (in FIFO order a held request would block everyone)")
+        return self
+
     discipline: Literal["fifo", "priority"] = Field(
         "fifo", description="fifo: arrival order; priority: lowest priority number first, FIFO within (non-preemptive)."
     )
@@ -139,7 +145,7 @@ class Connections(Block):
 
 
 class Autoscale(Block):
-    """Replica autoscaling, as a Kubernetes HPA does: desired = ceil(replicas x metric / target)."""
+    """Replica autoscaling, as a Kubernetes HPA does: replicas = ceil(metric summed over replicas / target)."""
 
     min_replicas: int = Field(1, ge=1, description="Never fewer replicas.")
     max_replicas: int = Field(ge=1, description="Never more replicas.")
@@ -177,6 +183,12 @@ class SelfHosted(Block):
     def _one_service_model(self) -> "SelfHosted":
         if (self.engine is None) == (self.service_time is None):
             raise ValueError("give exactly one of engine or service_time")
+        if self.engine is None and (self.autoscale is not None or self.cold_start_s > 0):
+            raise ValueError("autoscale and cold_start_s need an engine (replicas of a plain service_time do not load)")
+        if self.autoscale is not None and not (
+                self.autoscale.min_replicas <= self.replicas <= self.autoscale.max_replicas):
+            raise ValueError(f"replicas ({self.replicas}) must lie within autoscale's "
+                             f"[{self.autoscale.min_replicas}, {self.autoscale.max_replicas}]")
         if self.engine is not None and self.engine.max_batch_tokens < self.max_batch:
             raise ValueError(
                 f"engine.max_batch_tokens ({self.engine.max_batch_tokens}) must be at least max_batch ({self.max_batch}): "

@@ -10,6 +10,7 @@ own variability cancels out).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -36,6 +37,9 @@ HEADLINE = (
 
 # Which way is better, for the per-metric verdict: +1 higher, -1 lower, 0 neither.
 _BETTER = {"throughput_rps": 1, "goodput_rps": 1}
+# Per-class metrics of the summary: e2e_p99_chat_s; throughput_chat_rps, rate_limited_share_chat.
+_CLASS_LATENCY = re.compile(r"^(queue_wait|ttft|e2e)_(mean|p\d+)_(.+)_s$")
+_CLASS_SHARE = re.compile(r"^throughput_(.+)_rps$|^rate_limited_share_(.+)$")
 
 COLUMNS = ("a", "b", "diff", "diff_ci95_low", "diff_ci95_high",
            "rel_diff", "rel_ci95_low", "rel_ci95_high", "significant", "verdict", "pairs")
@@ -132,10 +136,17 @@ def _merge_problems(a: str, b: str, pa: list[str], pb: list[str]) -> list[str]:
 
 
 def metrics_to_compare(ra: RunResult, rb: RunResult) -> list[str]:
-    """The headline metrics both runs have, then the utilisation of every endpoint in both."""
+    """The headline metrics both runs have, the utilisation of every endpoint in both, then per class."""
     shared = set(ra.replications.columns) & set(rb.replications.columns)
     utilisation = [c for c in ra.replications.columns if c.startswith("utilisation_") and c in shared]
-    return [m for m in HEADLINE if m in shared] + utilisation
+    return [m for m in HEADLINE if m in shared] + utilisation + [m for m in _per_class(ra) if m in shared]
+
+
+def _per_class(result: RunResult) -> list[str]:
+    """Each class's throughput, p95 TTFT, p99 e2e and rate-limited share (present with several classes):
+    a policy that moves capacity from one class to another shows here, not in the totals."""
+    return [m for c in result.workload.traffic.classes
+            for m in (f"throughput_{c}_rps", f"ttft_p95_{c}_s", f"e2e_p99_{c}_s", f"rate_limited_share_{c}")]
 
 
 # ------------------------------------------------------------------ statistics
@@ -231,6 +242,8 @@ def _metric_verdict(metric: str, row: pd.Series) -> str:
 def _better(metric: str) -> int:
     if metric.startswith("utilisation_"):
         return 0  # higher utilisation is cheaper and slower: neither better nor worse
+    if _CLASS_SHARE.match(metric):
+        return 0  # a class's throughput or rate-limited share: a trade-off between classes, not a grade
     return _BETTER.get(metric, -1)  # latencies and costs: lower is better
 
 
@@ -246,6 +259,13 @@ def _label(metric: str) -> str:
         return fixed[metric]
     if metric.startswith("utilisation_"):
         return f"utilisation {metric.removeprefix('utilisation_')}"
+    latency, share = _CLASS_LATENCY.match(metric), _CLASS_SHARE.match(metric)
+    if latency:  # e2e_p99_chat_s -> "chat p99 e2e"
+        measure, stat, cls = latency.groups()
+        return f"{cls} {_label(f'{measure}_{stat}_s')}"
+    if share:
+        throughput, limited = share.groups()
+        return f"{throughput} throughput" if throughput else f"{limited} rate-limited share"
     measure, stat, _ = metric.rsplit("_", 2)
     return f"{stat} {'TTFT' if measure == 'ttft' else measure.replace('_', ' ')}"
 

@@ -11,6 +11,7 @@ from sim.config.loader import load_workload
 from sim.config.schema import Workload
 from sim.model.offered import offered_load_rps, offered_utilisation
 from sim.metrics.summary import aggregate, choose_warmup, summarise
+from sim.metrics.timeseries import timeseries
 from sim.model.pipeline import simulate
 
 
@@ -22,6 +23,7 @@ class RunResult:
     summary: dict
     replications: pd.DataFrame
     requests: pd.DataFrame
+    timeseries: pd.DataFrame
 
 
 def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
@@ -31,7 +33,7 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
 
     `seed` and `replications` override the workload's `simulation` block;
     `overrides` are `--set` style `path=value` strings (file paths only).
-    `keep_requests=False` skips building the per-request table (sweeps don't need it).
+    `keep_requests=False` skips the per-request table and the time series (sweeps don't need them).
     """
     if not isinstance(workload, Workload):
         workload = load_workload(workload, overrides)
@@ -44,7 +46,7 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
         raise ValueError("replications must be at least 1")
     offered = offered_utilisation(workload)
     load = offered_load_rps(workload)
-    rows, frames = [], []
+    rows, frames, series_frames = [], [], []
     for r in range(replications):
         rec = simulate(workload, replication=r, seed=seed)
         warmup = choose_warmup(rec, workload)
@@ -53,6 +55,9 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
             frame = rec.frame()
             frame.insert(0, "replication", r)
             frames.append(frame)
+            series = timeseries(rec, sim.timeseries_interval_s, sim.duration_s)
+            series.insert(0, "replication", r)
+            series_frames.append(series)
     per_rep = pd.DataFrame(rows)
     summary = {
         "workload": workload.name or "",
@@ -63,4 +68,5 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
         **aggregate(per_rep),
     }
     requests = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return RunResult(workload, summary, per_rep, requests)
+    series = pd.concat(series_frames, ignore_index=True) if series_frames else pd.DataFrame()
+    return RunResult(workload, summary, per_rep, requests, series)

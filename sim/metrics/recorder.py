@@ -6,7 +6,7 @@ mutable store there is per event); the DataFrame is built once, at the end.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,6 +17,23 @@ COMPLETED, REJECTED, RATE_LIMITED, QUEUE_FULL, EXPIRED = 0, 1, 2, 3, 4
 OUTCOMES = ("completed", "rejected", "rate_limited", "queue_full", "expired")
 # rejected: never fits (longer than the KV cache); rate_limited: a 429 and the client gave up;
 # queue_full: no room to wait; expired: its deadline passed while it waited.
+
+
+class Attempts(dict):
+    """Attempts per request, stored only for requests that were retried: every other made one.
+
+    Sparse because retries are rare and the recorder's per-request cost is the run's cost.
+    """
+
+    def __missing__(self, i: int) -> int:
+        return 1
+
+    def column(self, n: int) -> np.ndarray:
+        """The attempts of requests 0..n-1 as an array."""
+        out = np.ones(n, dtype=np.int64)
+        for i, attempts in self.items():
+            out[i] = attempts
+        return out
 
 
 class Recorder:
@@ -40,9 +57,12 @@ class Recorder:
         self.outcome: list[int] = []
         self.user: list[int] = []
         self.feature: list[int] = []
-        self.attempts: list[int] = []   # 1 + retries after a 429
-        # Time-weighted counters of each endpoint, sampled by the monitor.
-        self.samples: list[tuple[float, dict[str, tuple[float, float]]]] = []
+        self.attempts = Attempts()       # 1 + retries after a 429
+        self.prefix_blocks: Optional[list] = None  # per request: prompt prefix block ids (Mooncake replays)
+        # Sampled by the monitor: each endpoint's cumulative (busy, area, work, held) counters,
+        # and its (replicas serving, replicas held, requests waiting) gauges.
+        self.samples: list[tuple[float, dict[str, tuple[float, float, float, float]]]] = []
+        self.gauges: list[tuple[float, dict[str, tuple[int, int, int]]]] = []
 
     def new(self, cls: int, endpoint: int, now: float, prompt: int, output: int, user: int = -1,
             feature: int = -1) -> int:
@@ -59,7 +79,6 @@ class Recorder:
         self.outcome.append(-1)
         self.user.append(user)
         self.feature.append(feature)
-        self.attempts.append(1)
         return len(self.arrival) - 1
 
     def frame(self) -> pd.DataFrame:
@@ -88,7 +107,7 @@ class Recorder:
                 "e2e_s": end - arrival,
                 "prompt_tokens": np.asarray(self.prompt, dtype=np.int64),
                 "output_tokens": np.asarray(self.output, dtype=np.int64),
-                "attempts": np.asarray(self.attempts, dtype=np.int64),
+                "attempts": self.attempts.column(arrival.size),
                 "outcome": pd.Categorical.from_codes(outcome, OUTCOMES),
             }
         )

@@ -13,7 +13,7 @@ import pandas as pd
 
 from sim.config.schema import Api, Workload
 
-from .recorder import COMPLETED, REJECTED, Recorder
+from .recorder import COMPLETED, EXPIRED, QUEUE_FULL, RATE_LIMITED, REJECTED, Recorder
 from .stats import mser5, t_interval
 
 MEASURES = ("queue_wait", "ttft", "e2e")
@@ -23,7 +23,7 @@ PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0), ("p99
 def metric_names(workload: Workload) -> list[str]:
     """The names `summarise` produces for this workload (to check names in experiments early)."""
     names = ["offered_load_rps", "warmup_s", "requests_arrived", "requests_completed", "requests_rejected",
-             "throughput_rps"]
+             "requests_queue_full", "requests_expired", "throughput_rps"]
     if workload.slo is not None:
         names.append("goodput_rps")
     for measure in MEASURES:
@@ -33,6 +33,13 @@ def metric_names(workload: Workload) -> list[str]:
         names += [f"utilisation_{name}", f"batch_mean_{name}"]
     names += ["cost_total_usd", "cost_per_hour_usd", "cost_per_request_usd", "cost_per_1k_usd"]
     names += [f"offered_utilisation_{name}" for name in workload.models]
+    names += ["requests_rate_limited", "rate_limited_share", "retries_mean"]
+    names += class_metric_names(workload)
+    if cold_window(workload) is not None:
+        names.append("cold_window_s")
+        for label in ("cold", "warm"):
+            names.append(f"{label}_requests")
+            names += [f"{label}_{m}_{stat}_s" for m in ("ttft", "e2e") for stat in COLD_WARM_STATS]
     return names
 
 
@@ -74,6 +81,8 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
         "requests_arrived": float(arrived.sum()),
         "requests_completed": float(done.sum()),
         "requests_rejected": float((arrived & (outcome == REJECTED)).sum()),
+        "requests_queue_full": float((arrived & (outcome == QUEUE_FULL)).sum()),
+        "requests_expired": float((arrived & (outcome == EXPIRED)).sum()),
         "throughput_rps": finished_in_window.sum() / window,
     }
     if workload.slo is not None:
@@ -87,11 +96,90 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
         m.update(_latency_stats(measure, values[done]))
     m["tokens_in_per_s"] = prompt[finished_in_window].sum() / window
     m["tokens_out_per_s"] = output[finished_in_window].sum() / window
-    m.update(_endpoint_stats(rec, workload, warmup_s, duration))
-    m.update(_costs(rec, workload, window, done, prompt, output, m["throughput_rps"]))
+    counters = _window_counters(rec, warmup_s, duration)
+    m.update(_endpoint_stats(counters))
+    m.update(_costs(rec, workload, window, done, prompt, output, m["throughput_rps"], counters))
     for name, value in (offered or {}).items():
         m[f"offered_utilisation_{name}"] = value
+    m.update(_cold_and_warm(workload, arrival, first, end, outcome == COMPLETED))
+    m.update(_rate_limited(rec, arrived, outcome))
+    m.update(_per_class(rec, workload, arrived, done, finished_in_window, outcome, window,
+                        {"queue_wait": admit - arrival, "ttft": first - arrival, "e2e": end - arrival}))
     return m
+
+
+# ------------------------------------------------------------------ rate limits and classes
+
+def class_metric_names(workload: Workload) -> list[str]:
+    """Per-class metrics, only with several classes (with one they repeat the totals).
+
+    The class name goes before the unit (`e2e_p99_chat_s`, `throughput_chat_rps`),
+    since compare, the report and the figures read a metric's unit from its end.
+    """
+    classes = workload.traffic.classes
+    if len(classes) < 2:
+        return []
+    stats = ("mean",) + tuple(p for p, _ in PERCENTILES)
+    return [name for c in classes
+            for name in [f"{m}_{stat}_{c}_s" for m in MEASURES for stat in stats]
+            + [f"throughput_{c}_rps", f"rate_limited_share_{c}"]]
+
+
+def _rate_limited(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> dict[str, float]:
+    """Requests that got a 429 and gave up, their share of arrivals, and retries per request."""
+    limited = float((arrived & (outcome == RATE_LIMITED)).sum())
+    n = float(arrived.sum())
+    retries = rec.attempts.column(arrived.size)[arrived] - 1.0
+    return {"requests_rate_limited": limited,
+            "rate_limited_share": limited / n if n else math.nan,
+            "retries_mean": float(retries.mean()) if n else math.nan}
+
+
+def _per_class(rec: Recorder, workload: Workload, arrived: np.ndarray, done: np.ndarray, finished: np.ndarray,
+               outcome: np.ndarray, window: float, latencies: dict[str, np.ndarray]) -> dict[str, float]:
+    """Latency, throughput and rate-limited share of each class (with several classes)."""
+    if len(workload.traffic.classes) < 2:
+        return {}
+    cls = np.asarray(rec.cls)
+    out: dict[str, float] = {}
+    for k, name in enumerate(workload.traffic.classes):
+        mine = cls == k
+        for measure, values in latencies.items():
+            stats = _latency_stats(measure, values[done & mine])
+            out.update({f"{key[:-2]}_{name}_s": v for key, v in stats.items()})  # ttft_p95_s -> ttft_p95_chat_s
+        out[f"throughput_{name}_rps"] = (finished & mine).sum() / window
+        n = (arrived & mine).sum()
+        out[f"rate_limited_share_{name}"] = (arrived & mine & (outcome == RATE_LIMITED)).sum() / n if n else math.nan
+    return out
+
+
+def cold_window(workload: Workload) -> Optional[float]:
+    """End of the cold window: as configured, else the longest cold start (None: nothing starts cold)."""
+    sim = workload.simulation
+    if sim.cold_window_s is not None:
+        return sim.cold_window_s
+    if sim.warm:
+        return None
+    longest = max((getattr(m, "cold_start_s", 0.0) for m in workload.models.values()), default=0.0)
+    return longest or None
+
+
+COLD_WARM_STATS = ("mean", "p50", "p95", "p99")
+
+
+def _cold_and_warm(workload: Workload, arrival: np.ndarray, first: np.ndarray, end: np.ndarray,
+                   completed: np.ndarray) -> dict[str, float]:
+    """Latency of requests arriving in the cold window [0, cold) and after it, warm-up ignored."""
+    cold = cold_window(workload)
+    if cold is None:
+        return {}
+    out: dict[str, float] = {"cold_window_s": cold}
+    for label, mask in (("cold", arrival < cold), ("warm", arrival >= cold)):
+        out[f"{label}_requests"] = float(mask.sum())
+        for measure, values in (("ttft", first - arrival), ("e2e", end - arrival)):
+            stats = _latency_stats(measure, values[mask & completed])
+            out.update({f"{label}_{measure}_{stat}_s": stats[f"{measure}_{stat}_s"] for stat in COLD_WARM_STATS})
+    return out
 
 
 def _latency_stats(measure: str, values: np.ndarray) -> dict[str, float]:
@@ -104,29 +192,31 @@ def _latency_stats(measure: str, values: np.ndarray) -> dict[str, float]:
     return out
 
 
-def _counters_at(rec: Recorder, t: float) -> dict[str, tuple[float, float, float]]:
+def _counters_at(rec: Recorder, t: float) -> dict[str, tuple[float, float, float, float]]:
     for s, counters in rec.samples:
         if s >= t:
             return counters
     return rec.samples[-1][1]
 
 
-def _endpoint_stats(rec: Recorder, workload: Workload, start: float, stop: float) -> dict[str, float]:
-    """Utilisation and mean batch of each endpoint over the window, from the monitor's samples."""
-    out = {}
+def _window_counters(rec: Recorder, start: float, stop: float) -> dict[str, tuple[float, float, float, float]]:
+    """Each endpoint's (busy, area, work, held) accumulated over the window."""
     before, after = _counters_at(rec, start), _counters_at(rec, stop)
-    window = stop - start
-    for name, model in workload.models.items():
-        busy, area, util = (a - b for a, b in zip(after[name], before[name]))
-        replicas = 1 if isinstance(model, Api) else model.replicas
-        out[f"utilisation_{name}"] = util / (window * replicas)
+    return {name: tuple(a - b for a, b in zip(after[name], before[name])) for name in after}
+
+
+def _endpoint_stats(counters: dict[str, tuple[float, float, float, float]]) -> dict[str, float]:
+    """Utilisation (work over replica-seconds held) and mean batch of each endpoint over the window."""
+    out = {}
+    for name, (busy, area, work, held) in counters.items():
+        out[f"utilisation_{name}"] = work / held if held > 0 else 0.0
         out[f"batch_mean_{name}"] = area / busy if busy > 0 else 0.0
     return out
 
 
 def _costs(rec: Recorder, workload: Workload, window: float, done: np.ndarray, prompt: np.ndarray,
-           output: np.ndarray, throughput: float) -> dict[str, float]:
-    """Dollars over the window: replica-hours for self-hosted, tokens for APIs."""
+           output: np.ndarray, throughput: float, counters: dict) -> dict[str, float]:
+    """Dollars over the window: replica-seconds held x hourly price for self-hosted, tokens for APIs."""
     endpoint = np.asarray(rec.endpoint)
     total = 0.0
     for k, (name, model) in enumerate(workload.models.items()):
@@ -134,7 +224,7 @@ def _costs(rec: Recorder, workload: Workload, window: float, done: np.ndarray, p
             mine = done & (endpoint == k)
             total += (prompt[mine].sum() * model.price_per_mtok_in + output[mine].sum() * model.price_per_mtok_out) / 1e6
         else:
-            total += model.replicas * model.gpu_hourly_usd * window / 3600.0
+            total += model.gpu_hourly_usd * counters[name][3] / 3600.0
     completed = throughput * window
     per_request = total / completed if completed else math.nan
     return {

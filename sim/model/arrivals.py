@@ -2,19 +2,33 @@
 
 `build_arrivals` turns a class's `arrival:` block into a running source; each
 kind registers a builder in `BUILDERS`. A builder returns the class's done hook
-(closed loops react to answers) or None (open loops do not).
+(closed loops and sessions react to answers) or None (open loops do not).
+
+Open-loop kinds other than poisson are a `TimesSource` fed by a sampler that
+returns blocks of absolute arrival times (`*_times` below): one vectorised
+numpy call per block, and the same sampler serves tests without SimPy.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import simpy
 
-from sim.config.arrivals import ClosedLoopArrivals, PoissonArrivals
+from sim.config.arrivals import (
+    ClosedLoopArrivals,
+    DiurnalArrivals,
+    GammaArrivals,
+    MmppArrivals,
+    PoissonArrivals,
+    ScheduleArrivals,
+    SessionArrivals,
+    TraceArrivals,
+)
 from sim.config.schema import RequestClass
-from sim.metrics.recorder import Recorder
+from sim.metrics.recorder import COMPLETED, Recorder
 
 from .events import call_later
 from .streams import BlockSampler, Streams, token_draw
@@ -96,16 +110,15 @@ class PoissonSource:
         self.until = until
 
     def start(self) -> None:
-        self._next(0.0)
-
-    def _next(self, now: float) -> None:
         gap = self.gap()
-        if now + gap < self.until:
+        if gap < self.until:
             call_later(self.env, gap, self._arrive)
 
     def _arrive(self, event) -> None:
         now = self.env.now
-        self._next(now)
+        gap = self.gap()
+        if now + gap < self.until:
+            call_later(self.env, gap, self._arrive)
         self.submit(self.make(now))
 
 
@@ -139,6 +152,212 @@ class ClosedLoopUsers:
         self.submit(self.make(self.env.now, user=event.value))
 
 
+def delay_to(now: float, t: float) -> float:
+    """The delay after which SimPy's clock (now + delay) reads exactly t, so recorded times are exact."""
+    delay = t - now
+    # now + (t - now) == t for 0 <= now <= t in practice; nudge by an ulp if rounding ever says otherwise.
+    for _ in range(4):
+        landed = now + delay
+        if landed == t:
+            return delay
+        delay = math.nextafter(delay, math.inf if landed < t else -math.inf)
+    return t - now
+
+
+class TimesSource:
+    """Open loop: requests at the absolute times `next_time()` hands out (increasing), until `until`."""
+
+    def __init__(self, env: simpy.Environment, make: RequestFactory, submit: Submit, next_time: Callable[[], float],
+                 until: float) -> None:
+        self.env = env
+        self.make = make
+        self.submit = submit
+        self.next_time = next_time
+        self.until = until
+
+    def start(self) -> None:
+        self._schedule(self.next_time())
+
+    def _schedule(self, t: float) -> None:
+        if t < self.until:
+            call_later(self.env, delay_to(self.env.now, t), self._arrive)
+
+    def _arrive(self, event) -> None:
+        self._schedule(self.next_time())
+        self.submit(self.make(self.env.now))
+
+
+class PiecewiseTimes:
+    """Arrival times of a Poisson process with a piecewise-constant rate, exactly.
+
+    A unit-rate Poisson process mapped through the inverse of the integrated rate
+    Lambda(t) is a Poisson process with that rate (time change), so each block is
+    one cumulative sum of exponentials and one `searchsorted`: no thinning, no
+    rejected draws. Beyond the last edge the times are inf (the source stops).
+    """
+
+    def __init__(self, edges: np.ndarray, rates: np.ndarray) -> None:
+        self.edges = np.asarray(edges, dtype=float)
+        self.rates = np.asarray(rates, dtype=float)
+        self.cum = np.concatenate([[0.0], np.cumsum(self.rates * np.diff(self.edges))])
+        self.level = 0.0  # Lambda at the last time handed out
+
+    def __call__(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        s = self.level + np.cumsum(rng.standard_exponential(n))
+        self.level = float(s[-1])
+        return self.invert(s)
+
+    def invert(self, s: np.ndarray) -> np.ndarray:
+        """Times t with Lambda(t) = s (inf where s is past the end)."""
+        # side='right' lands on the last piece starting at or below s, which has a positive rate
+        # whenever s is inside the horizon (zero-rate pieces add nothing to Lambda).
+        k = np.minimum(np.searchsorted(self.cum, s, side="right") - 1, self.rates.size - 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = self.edges[k] + (s - self.cum[k]) / self.rates[k]
+        t[s >= self.cum[-1]] = np.inf
+        return t
+
+
+class ThinnedTimes:
+    """Lewis-Shedler thinning: candidates from an envelope process, each kept with probability keep(t)."""
+
+    def __init__(self, envelope: PiecewiseTimes, keep: Callable[[np.ndarray], np.ndarray],
+                 uniforms: np.random.Generator) -> None:
+        self.envelope = envelope
+        self.keep = keep
+        self.uniforms = uniforms
+
+    def __call__(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        while True:
+            candidates = self.envelope(rng, n)
+            finite = candidates[np.isfinite(candidates)]
+            kept = finite[self.uniforms.random(finite.size) < self.keep(finite)]
+            if kept.size:
+                return kept
+            if finite.size < candidates.size:  # the envelope has ended
+                return np.array([np.inf])
+
+
+class MmppTimes:
+    """Arrival times of a two-state Markov-modulated Poisson process, a block of sojourns at a time.
+
+    Given a sojourn's length L and rate r, its arrivals are Poisson(r L) points
+    placed uniformly: the exact conditional law, so no per-arrival events are needed.
+    """
+
+    def __init__(self, rng: np.random.Generator, rate_on: float, rate_off: float, mean_on: float,
+                 mean_off: float) -> None:
+        self.rates = (rate_on, rate_off)
+        self.means = (mean_on, mean_off)
+        self.on = bool(rng.random() < mean_on / (mean_on + mean_off))  # the stationary state
+        self.t = 0.0
+        per_cycle = rate_on * mean_on + rate_off * mean_off
+        self.per_cycle = max(per_cycle, 1e-12)
+
+    def __call__(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        while True:
+            k = 2 * int(min(max(math.ceil(n / self.per_cycle), 1), n))  # sojourns: whole on/off pairs
+            on = (np.arange(k) % 2 == 0) == self.on
+            length = np.where(on, self.means[0], self.means[1]) * rng.standard_exponential(k)
+            ends = self.t + np.cumsum(length)
+            starts = ends - length
+            counts = rng.poisson(np.where(on, self.rates[0], self.rates[1]) * length)
+            self.t = float(ends[-1])
+            total = int(counts.sum())
+            if total:
+                # Sojourns do not overlap, so one sort orders the points of all of them.
+                return np.sort(np.repeat(starts, counts) + np.repeat(length, counts) * rng.random(total))
+
+
+class GammaTimes:
+    """Arrival times of a renewal process with gamma gaps, started in equilibrium."""
+
+    def __init__(self, rate: float, cv: float) -> None:
+        self.shape = 1.0 / (cv * cv)
+        self.scale = 1.0 / (rate * self.shape)
+        self.t: Optional[float] = None
+
+    def __call__(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        gaps = rng.gamma(self.shape, self.scale, n)
+        if self.t is None:
+            # An observer arriving at a random time falls in a length-biased gap (gamma with shape + 1)
+            # at a uniform point of it; starting there makes the rate hold from t = 0.
+            gaps[0] = rng.random() * rng.gamma(self.shape + 1.0, self.scale)
+            self.t = 0.0
+        times = self.t + np.cumsum(gaps)
+        self.t = float(times[-1])
+        return times
+
+
+class _Session:
+    __slots__ = ("user", "turns_left")
+
+    def __init__(self, user: int, turns_left: int) -> None:
+        self.user = user
+        self.turns_left = turns_left
+
+
+class SessionSource:
+    """Chat sessions: Poisson session starts; each turn waits for the previous answer and a think time.
+
+    Turn k's prompt is a new message (the class's prompt_tokens draw) plus turn
+    k-1's prompt and answer, capped at `max_context`. A turn that ends other than
+    completed ends its session (the user gives up).
+    """
+
+    def __init__(self, env: simpy.Environment, make: RequestFactory, submit: Submit, gap: BlockSampler,
+                 turns: BlockSampler, think: BlockSampler, max_context: Optional[int], users: int,
+                 until: float) -> None:
+        self.env = env
+        self.make = make
+        self.submit = submit
+        self.gap = gap
+        self.turns = turns
+        self.think = think
+        self.max_context = max_context
+        self.users = users
+        self.until = until
+        self.sessions = 0
+        self.session_of: dict[int, _Session] = {}  # request index -> its session, while in flight
+
+    def start(self) -> None:
+        self._next(0.0)
+
+    def _next(self, now: float) -> None:
+        gap = self.gap()
+        if now + gap < self.until:
+            call_later(self.env, gap, self._start_session)
+
+    def _start_session(self, event) -> None:
+        self._next(self.env.now)
+        user = self.make.first_user + self.sessions % self.users
+        self.sessions += 1
+        self._send(_Session(user, int(self.turns())), 0)
+
+    def _send(self, session: _Session, history: int) -> None:
+        prompt = self.make.prompt() + history
+        if self.max_context is not None and prompt > self.max_context:
+            prompt = self.max_context
+        session.turns_left -= 1
+        i = self.make(self.env.now, prompt=prompt, user=session.user)
+        self.session_of[i] = session  # before submit: a rejection calls done() at once
+        self.submit(i)
+
+    def done(self, i: int) -> None:
+        """Request i ended: after a completed answer the session's next turn comes after a think time."""
+        session = self.session_of.pop(i, None)
+        rec = self.make.recorder
+        if session is None or session.turns_left <= 0 or rec.outcome[i] != COMPLETED:
+            return
+        think = self.think()
+        if self.env.now + think < self.until:
+            call_later(self.env, think, self._turn, (session, rec.prompt[i] + rec.output[i]))
+
+    def _turn(self, event) -> None:
+        session, history = event.value
+        self._send(session, history)
+
+
 def _poisson(ctx: SourceContext) -> DoneHook:
     mean_gap = 1.0 / (ctx.spec.arrival.rate_rps * ctx.rate_scale)
     gap = BlockSampler(lambda r, n: mean_gap * r.standard_exponential(n), ctx.streams.rng(f"class.{ctx.name}.arrivals"))
@@ -154,9 +373,85 @@ def _closed(ctx: SourceContext) -> DoneHook:
     return users.done
 
 
+def _times(ctx: SourceContext, sampler: Callable[[np.random.Generator, int], np.ndarray],
+           rng: np.random.Generator) -> DoneHook:
+    TimesSource(ctx.env, ctx.make, ctx.submit, BlockSampler(sampler, rng), ctx.until).start()
+    return None
+
+
+def schedule_times(arrival: ScheduleArrivals, rate_scale: float, until: float) -> PiecewiseTimes:
+    """Sampler of a schedule's arrival times on [0, until)."""
+    edges, rates = arrival.pieces(until)
+    return PiecewiseTimes(edges, rates * rate_scale)
+
+
+def diurnal_times(arrival: DiurnalArrivals, rate_scale: float, until: float,
+                  uniforms: np.random.Generator) -> ThinnedTimes:
+    """Sampler of a diurnal process on [0, until): thinning of the peak rate (times the spikes)."""
+    edges, rates = arrival.pieces(until)
+    # rate / envelope = sinusoid / peak: the spike factor and rate_scale cancel.
+    return ThinnedTimes(PiecewiseTimes(edges, rates * rate_scale),
+                        lambda t: arrival.base_rate(t) / arrival.peak_rps, uniforms)
+
+
+def mmpp_times(arrival: MmppArrivals, rate_scale: float, rng: np.random.Generator) -> MmppTimes:
+    """Sampler of an MMPP's arrival times (draws its stationary start state from rng)."""
+    return MmppTimes(rng, arrival.rate_on_rps * rate_scale, arrival.rate_off_rps * rate_scale,
+                     arrival.mean_on_s, arrival.mean_off_s)
+
+
+def _schedule(ctx: SourceContext) -> DoneHook:
+    sampler = schedule_times(ctx.spec.arrival, ctx.rate_scale, ctx.until)
+    return _times(ctx, sampler, ctx.streams.rng(f"class.{ctx.name}.arrivals"))
+
+
+def _diurnal(ctx: SourceContext) -> DoneHook:
+    sampler = diurnal_times(ctx.spec.arrival, ctx.rate_scale, ctx.until,
+                            ctx.streams.rng(f"class.{ctx.name}.thinning"))
+    return _times(ctx, sampler, ctx.streams.rng(f"class.{ctx.name}.arrivals"))
+
+
+def _mmpp(ctx: SourceContext) -> DoneHook:
+    rng = ctx.streams.rng(f"class.{ctx.name}.arrivals")
+    return _times(ctx, mmpp_times(ctx.spec.arrival, ctx.rate_scale, rng), rng)
+
+
+def _gamma(ctx: SourceContext) -> DoneHook:
+    arrival = ctx.spec.arrival
+    return _times(ctx, GammaTimes(arrival.rate_rps * ctx.rate_scale, arrival.cv),
+                  ctx.streams.rng(f"class.{ctx.name}.arrivals"))
+
+
+def _sessions(ctx: SourceContext) -> DoneHook:
+    arrival: SessionArrivals = ctx.spec.arrival
+    rng = ctx.streams.rng
+    mean_gap = 1.0 / (arrival.session_rate_rps * ctx.rate_scale)
+    source = SessionSource(
+        ctx.env, ctx.make, ctx.submit,
+        gap=BlockSampler(lambda r, n: mean_gap * r.standard_exponential(n), rng(f"class.{ctx.name}.arrivals")),
+        turns=BlockSampler(token_draw(arrival.turns), rng(f"class.{ctx.name}.turns")),
+        think=BlockSampler(arrival.think_time_s.sample, rng(f"class.{ctx.name}.think")),
+        max_context=arrival.max_context_tokens, users=ctx.spec.users.count, until=ctx.until)
+    source.start()
+    return source.done
+
+
+def _trace(ctx: SourceContext) -> DoneHook:
+    from .traces import TraceSource  # traces.py builds on this module
+
+    TraceSource(ctx.env, ctx.make, ctx.submit, ctx.spec.arrival.replay, ctx.rate_scale, ctx.until).start()
+    return None
+
+
 BUILDERS: dict[type, Callable[[SourceContext], DoneHook]] = {
     PoissonArrivals: _poisson,
     ClosedLoopArrivals: _closed,
+    ScheduleArrivals: _schedule,
+    DiurnalArrivals: _diurnal,
+    MmppArrivals: _mmpp,
+    GammaArrivals: _gamma,
+    SessionArrivals: _sessions,
+    TraceArrivals: _trace,
 }
 
 

@@ -41,13 +41,22 @@ class EngineReplica:
 
     def __init__(self, env: simpy.Environment, endpoint: Endpoint, index: int, max_batch: int,
                  engine: Engine, recorder: Recorder, noise_rng: Optional[np.random.Generator],
-                 full_batch: Optional[int] = None) -> None:
+                 full_batch: Optional[int] = None, cold_start_s: float = 0.0) -> None:
         self.env = env
         self.endpoint = endpoint
         self.index = index
         self.max_batch = max_batch
+        self.capacity = max_batch
+        # Lifecycle: loading the model (cold start), serving, draining (scaled down), retired.
+        self.created = env.now
+        self.retired: Optional[float] = None
+        self.draining = False
+        self.serving = cold_start_s <= 0
+        if not self.serving:
+            call_later(env, cold_start_s, self._loaded)
         self.budget_tokens = engine.max_batch_tokens
         self.kv_capacity = engine.kv_cache_tokens
+        self.fits = self._fits_kv if self.kv_capacity is not None else None  # see Server.fits
         st = engine.step_time
         self.base_s = st.base_s
         self.decode_s = st.per_decode_seq_s
@@ -84,24 +93,35 @@ class EngineReplica:
     def _kv_need(self, i: int) -> int:
         return self.rec.prompt[i] + self.rec.output[i]
 
-    def fits(self, i: int) -> bool:
-        return self.kv_capacity is None or self._kv_need(i) <= self.kv_capacity
+    def _fits_kv(self, i: int) -> bool:
+        return self._kv_need(i) <= self.kv_capacity
 
     def can_admit(self, i: int) -> bool:
-        if self.load >= self.max_batch:
+        if self.load >= self.max_batch or not self.serving:
             return False
         return self.kv_capacity is None or self.kv_used + self._kv_need(i) <= self.kv_capacity
 
-    def admit(self, i: int) -> None:
+    def admit(self, i: int, delay: float = 0.0) -> None:
+        """Take request i: its batch place and KV are held now; its prompt joins after `delay` (a handshake)."""
         now = self.env.now
         self._account(now)
         rec = self.rec
-        rec.admit[i] = now
+        rec.admit[i] = now + delay
         rec.replica[i] = self.index
         if self.kv_capacity is not None:
             self.kv_used += self._kv_need(i)
         self.load += 1
-        self.prefilling.append([i, rec.prompt[i]])
+        if delay > 0:
+            call_later(self.env, delay, self._join, i)
+        else:
+            self._join_now(i, now)
+
+    def _join(self, event) -> None:
+        self._join_now(event.value, self.env.now)
+
+    def _join_now(self, i: int, now: float) -> None:
+        """Request i's prompt enters the batch: the engine plans its next step with it."""
+        self.prefilling.append([i, self.rec.prompt[i]])
         phase = self.phase
         if phase == IDLE:
             # Start at the end of this instant, so requests arriving together share the first step.
@@ -112,9 +132,23 @@ class EngineReplica:
         # PREFILL: the new prompt queues behind the head, which takes the whole budget;
         # MIXED and BOUNDARY: the next phase is computed with it anyway.
 
-    def counters(self, now: float) -> tuple[float, float, float]:
+    def counters(self, now: float) -> tuple[float, float, float, float]:
         self._account(now)
-        return self._busy_time, self._area, self._work
+        held = (self.retired if self.retired is not None else now) - self.created
+        return self._busy_time, self._area, self._work, held
+
+    # --- lifecycle ------------------------------------------------------------
+    def _loaded(self, event) -> None:
+        if not self.draining:
+            self.serving = True
+            self.endpoint.refill(self)
+
+    def drain(self) -> None:
+        """Stop taking requests; retire (stop paying) once the running ones are done."""
+        self.serving = False
+        self.draining = True
+        if self.load == 0:
+            self.retired = self.env.now
 
     # --- the engine ---------------------------------------------------------
     def _account(self, now: float) -> None:
@@ -226,5 +260,7 @@ class EngineReplica:
         self.load -= 1
         if self.kv_capacity is not None:
             self.kv_used -= rec.prompt[i] + rec.output[i]
+        if self.load == 0 and not self.serving:  # drained: only a draining replica completes while not serving
+            self.retired = self.env.now
         if self.endpoint.on_done is not None:
             self.endpoint.on_done(i)

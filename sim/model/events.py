@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from heapq import heappush
+
 import simpy
 from simpy.core import NORMAL
 
@@ -38,5 +40,6 @@ def call_later(env: simpy.Environment, delay: float, callback: Callback, value: 
     call.callbacks = [callback]
     call._ok = True
     call._value = value
-    env.schedule(call, NORMAL, delay)
+    # What Environment.schedule does, without its call: this is the hottest line of a run.
+    heappush(env._queue, (env._now + delay, NORMAL, next(env._eid), call))
     return call

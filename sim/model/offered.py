@@ -10,6 +10,8 @@ import numpy as np
 
 from sim.config.schema import Api, ClosedLoopArrivals, Workload
 
+from .ratelimit import rates_past_limits
+
 _DRAWS = 100_000
 
 
@@ -40,13 +42,16 @@ def offered_load_rps(workload: Workload) -> float:
 
 
 def offered_utilisation(workload: Workload) -> dict[str, float]:
-    """Offered utilisation per endpoint (open-loop traffic only)."""
+    """Offered utilisation per endpoint (open-loop traffic only, as much as the rate limits let through)."""
+    classes = workload.traffic.classes
+    passed, provider = rates_past_limits(
+        workload, {n: open_loop_rate(c) * workload.traffic.rate_scale for n, c in classes.items()}, _tokens)
     result = {}
     for name, model in workload.models.items():
         load = 0.0
-        for cls in workload.traffic.classes.values():
+        for cname, cls in classes.items():
             share = cls.endpoint_mix().get(name, 0.0)
-            rate = open_loop_rate(cls) * workload.traffic.rate_scale * share
+            rate = passed[cname] * share * provider[name]
             if rate > 0:
                 load += rate * _work_per_request(model, cls, full_batch(workload, name))
         result[name] = load / _servers(model)
@@ -78,8 +83,8 @@ def full_batch(workload: Workload, name: str) -> int:
 def _servers(model) -> int:
     if isinstance(model, Api):
         return model.concurrency
-    if model.engine is not None:
-        return model.replicas
+    if model.engine is not None:  # an autoscaler may go up to max_replicas
+        return model.autoscale.max_replicas if model.autoscale is not None else model.replicas
     return model.replicas * model.max_batch
 
 

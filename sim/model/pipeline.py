@@ -14,6 +14,7 @@ from sim.config.schema import Api, SelfHosted, Workload
 from sim.metrics.recorder import Recorder
 
 from .api import streaming_draws
+from .autoscaler import Autoscaler
 from .endpoint import Endpoint
 from .engine import EngineReplica
 from .offered import full_batch
@@ -22,8 +23,6 @@ from .arrivals import RequestFactory, SourceContext, build_arrivals, user_count
 from .ratelimit import build_gate
 from .streams import BlockSampler, Streams
 from .slots import SlotServer, plain_draws
-
-MONITOR_POINTS = 100  # counter samples over the run, for warm-up cuts and time series
 
 
 def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = None) -> Recorder:
@@ -42,12 +41,15 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     def route(i: int) -> None:
         endpoints[endpoint_of[i]].submit(i)
 
+    if len(endpoints) == 1:  # one endpoint: no lookup per request
+        route = endpoints[0].submit  # noqa: F811
+
     def done(i: int) -> None:
         hook = hooks[cls_of[i]]
         if hook is not None:
             hook(i)
 
-    submit = build_gate(env, workload, recorder, streams, route, done)
+    submit = build_gate(env, workload, recorder, streams, route, done, endpoints)
     endpoint_index = {name: k for k, name in enumerate(workload.models)}
     feature_index = {name: k for k, name in enumerate(features)}
     first_user = 0
@@ -59,8 +61,7 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     if any(hook is not None for hook in hooks):  # open-loop-only runs skip the call
         for endpoint in endpoints:
             endpoint.on_done = done
-    start_monitor(env, endpoints, recorder, sim.duration_s,
-                  sim.warmup_s if isinstance(sim.warmup_s, float) else None)
+    start_monitor(env, endpoints, recorder, sim)
     env.run()
     return recorder
 
@@ -69,16 +70,24 @@ def build_endpoint(env: simpy.Environment, name: str, index: int, workload: Work
                    streams: Streams) -> Endpoint:
     """An endpoint with its servers, as its config says."""
     model = workload.models[name]
-    endpoint = Endpoint(env, name, index, recorder)
+    deadlines = [cls.deadline_s for cls in workload.traffic.classes.values()]
+    endpoint = Endpoint(env, name, index, recorder, model.queue, deadlines, model.connections,
+                        workload.simulation.warm)
     service_rng = streams.rng(f"endpoint.{name}.service")
     if isinstance(model, SelfHosted):
         if model.engine is not None:
             batch = full_batch(workload, name)
-            endpoint.servers = [
-                EngineReplica(env, endpoint, r, model.max_batch, model.engine, recorder,
-                              streams.rng(f"endpoint.{name}.replica{r}.noise"), batch)
-                for r in range(model.replicas)
-            ]
+
+            def new_replica(cold_start_s: float = model.cold_start_s) -> EngineReplica:
+                r = len(endpoint.servers) + len(endpoint.retired)  # a new index (and noise stream) each time
+                return EngineReplica(env, endpoint, r, model.max_batch, model.engine, recorder,
+                                     streams.rng(f"endpoint.{name}.replica{r}.noise"), batch, cold_start_s)
+
+            initial_cold = 0.0 if workload.simulation.warm else model.cold_start_s
+            for _ in range(model.replicas):
+                endpoint.servers.append(new_replica(initial_cold))
+            if model.autoscale is not None:
+                Autoscaler(env, endpoint, model.autoscale, new_replica, workload.simulation.duration_s).start()
             return endpoint
         slots, replicas = model.max_batch, model.replicas
     elif isinstance(model, Api):
@@ -96,16 +105,19 @@ def build_endpoint(env: simpy.Environment, name: str, index: int, workload: Work
     return endpoint
 
 
-def start_monitor(env: simpy.Environment, endpoints: list[Endpoint], recorder: Recorder, duration: float,
-                  warmup: Optional[float]) -> None:
-    """Sample every endpoint's cumulative counters on a grid that includes warm-up and the end."""
-    times = {duration * k / MONITOR_POINTS for k in range(MONITOR_POINTS + 1)}
-    if warmup is not None:
-        times.add(warmup)
+def start_monitor(env: simpy.Environment, endpoints: list[Endpoint], recorder: Recorder, sim) -> None:
+    """Sample every endpoint's counters and gauges every timeseries interval, at the warm-up and at the end.
+
+    The samples give utilisation and cost over any window between them, and the time series.
+    """
+    step = sim.timeseries_interval_s
+    times = {min(k * step, sim.duration_s) for k in range(int(sim.duration_s // step) + 1)}
+    times |= {sim.duration_s} | ({sim.warmup_s} if isinstance(sim.warmup_s, float) else set())
 
     def sample(event) -> None:
         now = env.now
         recorder.samples.append((now, {e.name: e.counters(now) for e in endpoints}))
+        recorder.gauges.append((now, {e.name: e.gauges() for e in endpoints}))
 
     for t in sorted(times):
         call_later(env, t, sample)

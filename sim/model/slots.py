@@ -7,7 +7,7 @@ service times). The first token shows after a per-request offset (for
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import simpy
 
@@ -27,8 +27,13 @@ class SlotServer:
         self.endpoint = endpoint
         self.index = index
         self.slots = slots
+        self.capacity = slots
         self.rec = recorder
         self.load = 0
+        self.created = env.now
+        self.serving = True   # slots neither load nor drain
+        self.retired = None
+        self.provider_gate: Optional[Callable[[int], bool]] = None  # API rpm/tpm (ratelimit.ProviderGate)
         self._last = 0.0
         self._busy_time = 0.0
         self._area = 0.0
@@ -40,22 +45,24 @@ class SlotServer:
             self._area += self.load * elapsed
         self._last = now
 
-    def fits(self, i: int) -> bool:
-        return True
+    fits = None  # any request can run in a slot
 
     def can_admit(self, i: int) -> bool:
         return self.load < self.slots
 
-    def admit(self, i: int) -> None:
+    def admit(self, i: int, delay: float = 0.0) -> None:
+        """Take request i; after `delay` (a handshake, the slot held meanwhile) it is served."""
+        if self.provider_gate is not None and not self.provider_gate(i):
+            return  # the provider answered 429: the slot stays free, the client retries
         now = self.env.now
         self._account(now)
         self.load += 1
         rec = self.rec
-        rec.admit[i] = now
+        rec.admit[i] = now + delay
         rec.replica[i] = self.index
         service, ttft = self.endpoint.pending.pop(i)
-        rec.first_token[i] = now + ttft
-        call_later(self.env, service, self._done, i)
+        rec.first_token[i] = now + delay + ttft
+        call_later(self.env, delay + service, self._done, i)
 
     def _done(self, event) -> None:
         i = event.value
@@ -66,14 +73,14 @@ class SlotServer:
         rec.end[i] = now
         rec.outcome[i] = COMPLETED
         endpoint = self.endpoint
-        if endpoint.queue:
+        if endpoint.waiting:
             endpoint.refill(self)
         if endpoint.on_done is not None:
             endpoint.on_done(i)
 
-    def counters(self, now: float) -> tuple[float, float, float]:
+    def counters(self, now: float) -> tuple[float, float, float, float]:
         self._account(now)
-        return self._busy_time, self._area, self._area / self.slots
+        return self._busy_time, self._area, self._area / self.slots, now - self.created
 
 
 def plain_draws(pending: dict, service: BlockSampler) -> Callable[[int], None]:

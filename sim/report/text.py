@@ -10,6 +10,11 @@ from sim.config.schema import Api
 from sim.metrics.summary import MEASURES, PERCENTILES
 
 
+# Requests that did not complete, by why; each shown when any did.
+LOST = (("requests_rejected", "too long"), ("requests_rate_limited", "rate-limited"),
+        ("requests_queue_full", "queue full"), ("requests_expired", "expired"))
+
+
 def _value(summary: dict, key: str, fmt: str) -> str:
     v = summary.get(key, math.nan)
     if isinstance(v, float) and math.isnan(v):
@@ -36,8 +41,9 @@ def format_summary(result) -> str:
         lines.append(f"WARNING unstable: offered utilisation >= 1 ({offered}); queues grow for as long as it runs")
     lines += [
         "",
-        f"requests   arrived {s['requests_arrived']:.0f}  completed {s['requests_completed']:.0f}  "
-        f"rejected {s['requests_rejected']:.0f}   (per replication, after warm-up)",
+        f"requests   arrived {s['requests_arrived']:.0f}  completed {s['requests_completed']:.0f}"
+        + "".join(f"  {label} {s[key]:.0f}" for key, label in LOST if s.get(key))
+        + "   (per replication, after warm-up)",
         f"throughput {_value(s, 'throughput_rps', '.3f')} req/s"
         + (f"   goodput {_value(s, 'goodput_rps', '.3f')} req/s" if "goodput_rps" in s else "")
         + f"   tokens in {_value(s, 'tokens_in_per_s', '.0f')}/s  out {_value(s, 'tokens_out_per_s', '.0f')}/s",
@@ -64,9 +70,10 @@ def format_summary(result) -> str:
 
 
 def write_outputs(result, out: Path) -> None:
-    """Write requests.parquet, replications.parquet and summary.json into `out`."""
+    """Write requests.parquet, replications.parquet, timeseries.parquet and summary.json into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     result.requests.to_parquet(out / "requests.parquet", index=False)
+    result.timeseries.to_parquet(out / "timeseries.parquet", index=False)
     result.replications.to_parquet(out / "replications.parquet", index=False)
     (out / "summary.json").write_text(json.dumps(json_safe(result.summary), indent=2) + "\n")
 

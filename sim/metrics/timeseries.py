@@ -1,0 +1,83 @@
+"""Time series of a run: what happened in each interval (default 10 s), from the records and the monitor.
+
+Counts come from the per-request records; time-averages (queue length, requests
+in the system) integrate each request's interval exactly; utilisation and
+replicas come from the monitor's samples at the interval edges.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .recorder import COMPLETED, Recorder
+
+
+def area_before(starts: np.ndarray, ends: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """For each edge t: the integral over [0, t] of the number of intervals [start, end) covering time.
+
+    = sum over starts < t of (t - start) - sum over ends < t of (t - end), with sorted
+    cumulative sums: O((n + k) log n) for n intervals and k edges.
+    """
+    def part(points: np.ndarray) -> np.ndarray:
+        points = np.sort(points)
+        cumulative = np.concatenate([[0.0], np.cumsum(points)])
+        count = np.searchsorted(points, edges, side="left")
+        return count * edges - cumulative[count]
+
+    return part(starts) - part(ends)
+
+
+def timeseries(rec: Recorder, interval: float, duration: float) -> pd.DataFrame:
+    """One row per interval of [0, duration): arrivals, completions, rejections, queue, latency, replicas."""
+    edges = np.arange(0.0, duration, interval)
+    edges = np.append(edges, duration) if edges[-1] < duration else edges
+    edges = np.append(edges, [edges[-1] + interval]) if len(edges) == 1 else edges
+    width = np.diff(edges)
+    arrival = np.asarray(rec.arrival, dtype=float)
+    admit = np.asarray(rec.admit, dtype=float)
+    end = np.asarray(rec.end, dtype=float)
+    first = np.asarray(rec.first_token, dtype=float)
+    outcome = np.asarray(rec.outcome)
+    done = outcome == COMPLETED
+    left_queue = np.where(np.isnan(admit), end, admit)  # dropped or turned away: it left the queue at its end
+    out = pd.DataFrame({"start_s": edges[:-1], "end_s": edges[1:]})
+    out["arrivals"] = np.histogram(arrival, edges)[0]
+    out["completions"] = np.histogram(end[done], edges)[0]
+    out["rejections"] = np.histogram(end[~done], edges)[0]
+    # Clipped at 0: differences of large sums leave rounding noise around an empty queue.
+    out["queue_length_mean"] = np.maximum(np.diff(area_before(arrival, left_queue, edges)) / width, 0.0)
+    out["in_system_mean"] = np.maximum(np.diff(area_before(arrival, end, edges)) / width, 0.0)
+    bucket = np.searchsorted(edges, arrival, side="right") - 1
+    for name, values in (("ttft", first - arrival), ("e2e", end - arrival)):
+        out[f"{name}_p95_s"] = _p95_by_bucket(values[done], bucket[done], len(out))
+    out = out.join(_endpoint_series(rec, edges))
+    return out
+
+
+def _p95_by_bucket(values: np.ndarray, bucket: np.ndarray, n: int) -> np.ndarray:
+    """95th percentile of the requests that arrived in each interval (NaN where none did)."""
+    result = np.full(n, np.nan)
+    order = np.argsort(bucket, kind="stable")
+    bucket, values = bucket[order], values[order]
+    bounds = np.searchsorted(bucket, np.arange(n + 1))
+    for k in range(n):
+        chunk = values[bounds[k]:bounds[k + 1]]
+        if chunk.size:
+            result[k] = np.percentile(chunk, 95)
+    return result
+
+
+def _endpoint_series(rec: Recorder, edges: np.ndarray) -> pd.DataFrame:
+    """Per endpoint: utilisation over each interval and replicas held at its start."""
+    times = np.asarray([t for t, _ in rec.samples])
+    columns = {}
+    for name in rec.endpoint_names:
+        counters = np.asarray([c[name] for _, c in rec.samples])  # busy, area, work, held
+        at = [np.searchsorted(times, t, side="left").clip(max=len(times) - 1) for t in edges]
+        work, held = counters[at, 2], counters[at, 3]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            columns[f"utilisation_{name}"] = np.diff(work) / np.diff(held)
+        gauges = np.asarray([g[name] for _, g in rec.gauges])
+        columns[f"replicas_{name}"] = gauges[at[:-1], 1]
+        columns[f"replicas_serving_{name}"] = gauges[at[:-1], 0]
+    return pd.DataFrame(columns)

@@ -1,0 +1,130 @@
+"""The report of one run (`llmsim run ... --out DIR`, then `llmsim report DIR`): time-series figures.
+
+Reads DIR/summary.json and DIR/timeseries.parquet (one row per replication and
+interval); each figure shows the mean over replications per interval.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from sim.config.loader import ConfigError  # noqa: E402
+
+from .figures import _RC, Figure, _save  # noqa: E402
+from .review import Bullets, FigureBlock, Heading, Para, Table, fmt_latency, fmt_rps, fmt_usd, render_html, \
+    render_markdown  # noqa: E402
+
+
+def _series(timeseries: pd.DataFrame) -> pd.DataFrame:
+    """Mean over replications of every column, per interval, with the interval's midpoint in minutes."""
+    columns = [c for c in timeseries.columns if c != "replication"]
+    mean = timeseries[columns].groupby(["start_s", "end_s"], sort=True).mean().reset_index()
+    mean["t_min"] = (mean["start_s"] + mean["end_s"]) / 2 / 60
+    return mean
+
+
+def _plot(series: pd.DataFrame, out: Path, stem: str, title: str, panels: list[tuple[str, list[tuple[str, str]]]],
+          log: bool = False) -> list[Path]:
+    """Panels stacked over a shared time axis; each panel is (y label, [(column, legend), ...])."""
+    with plt.rc_context(_RC):
+        fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), sharex=True, layout="constrained",
+                                 squeeze=False)
+        for ax, (ylabel, lines) in zip(axes[:, 0], panels):
+            for column, label in lines:
+                ax.plot(series["t_min"], series[column], label=label, linewidth=1.2)
+            ax.set_ylabel(ylabel)
+            if log and (series[[c for c, _ in lines]] > 0).any().any():
+                ax.set_yscale("log")
+            ax.legend(fontsize=8, loc="upper left")
+        axes[-1, 0].set_xlabel("time since start (min)")
+        fig.suptitle(title)
+        return _save(fig, out, stem)
+
+
+def make_run_figures(series: pd.DataFrame, endpoints: list[str], out: Path, name: str) -> list[Figure]:
+    """The time-series figures of a run."""
+    width = (series["end_s"] - series["start_s"]).where(lambda w: w > 0)
+    per_s = series.assign(arrivals_rps=series["arrivals"] / width, completions_rps=series["completions"] / width,
+                          rejections_rps=series["rejections"] / width)
+    figures = [
+        Figure("timeseries_traffic", "Traffic over time",
+               "Arrivals, completions and rejections (any request that did not complete) per second, per interval.",
+               _plot(per_s, out, "timeseries_traffic", f"{name}: traffic over time", [
+                   ("requests/s", [("arrivals_rps", "arrivals"), ("completions_rps", "completions"),
+                                   ("rejections_rps", "rejections")])])),
+        Figure("timeseries_queue", "Queue and requests in the system over time",
+               "Time-averaged number of requests waiting, and in the system (waiting or running).",
+               _plot(series, out, "timeseries_queue", f"{name}: queue over time", [
+                   ("requests", [("queue_length_mean", "waiting"), ("in_system_mean", "in the system")])])),
+        Figure("timeseries_latency", "Latency over time",
+               "95th percentile TTFT and end-to-end latency of the requests arriving in each interval.",
+               _plot(series, out, "timeseries_latency", f"{name}: p95 latency by arrival time", [
+                   ("seconds", [("ttft_p95_s", "TTFT p95"), ("e2e_p95_s", "end-to-end p95")])], log=True)),
+        Figure("timeseries_replicas", "Replicas and utilisation over time",
+               "Replicas held (loading, serving or draining) and serving, and the share of paid capacity in use.",
+               _plot(series, out, "timeseries_replicas", f"{name}: replicas and utilisation", [
+                   ("replicas", [(f"replicas_{e}", f"{e} held") for e in endpoints]
+                    + [(f"replicas_serving_{e}", f"{e} serving") for e in endpoints]),
+                   ("utilisation", [(f"utilisation_{e}", e) for e in endpoints])])),
+    ]
+    return figures
+
+
+def _headline(summary: dict) -> str:
+    parts = [f"Throughput {fmt_rps(summary.get('throughput_rps'))}",
+             f"p95 TTFT {fmt_latency(summary.get('ttft_p95_s'))}",
+             f"p95 end-to-end {fmt_latency(summary.get('e2e_p95_s'))}",
+             f"cost {fmt_usd(summary.get('cost_per_hour_usd'))}/h ({fmt_usd(summary.get('cost_per_1k_usd'))} per 1k)"]
+    text = "; ".join(parts) + "."
+    if summary.get("cold_window_s") is not None:
+        cold, warm = summary.get("cold_e2e_p95_s"), summary.get("warm_e2e_p95_s")
+        ratio = f" ({cold / warm:.1f}x)" if cold and warm else ""
+        text += (f" Cold window (first {summary['cold_window_s']:g} s): p95 end-to-end {fmt_latency(cold)} "
+                 f"against {fmt_latency(warm)} warm{ratio}.")
+    if summary.get("unstable"):
+        text += " Unstable: some endpoint's offered utilisation is 1 or more."
+    return text
+
+
+def _metrics_table(summary: dict) -> Table:
+    keys = [k for k in summary if not k.endswith(("_ci95_low", "_ci95_high")) and isinstance(summary[k], (int, float))
+            and not isinstance(summary[k], bool)]
+    rows = []
+    for key in keys:
+        value = summary[key]
+        low, high = summary.get(f"{key}_ci95_low"), summary.get(f"{key}_ci95_high")
+        interval = f"[{low:.4g}, {high:.4g}]" if low is not None and high is not None and not math.isnan(low) else ""
+        rows.append([f"`{key}`", f"{value:.4g}" if isinstance(value, float) else str(value), interval])
+    return Table(["metric", "value", "95% interval"], rows)
+
+
+def write_run_report(directory: Path) -> tuple[Path, Path]:
+    """report.md and report.html of a run folder, with the time-series figures."""
+    summary_path, series_path = directory / "summary.json", directory / "timeseries.parquet"
+    if not summary_path.is_file() or not series_path.is_file():
+        raise ConfigError([f"{directory}: no results.parquet (run llmsim sweep first) and no "
+                           "summary.json + timeseries.parquet (run llmsim run ... --out DIR first)"])
+    summary = json.loads(summary_path.read_text())
+    series = _series(pd.read_parquet(series_path))
+    endpoints = [c.removeprefix("replicas_serving_") for c in series.columns if c.startswith("replicas_serving_")]
+    name = summary.get("workload") or directory.name
+    figures = make_run_figures(series, endpoints, directory / "figures", name)
+    blocks = [Heading(1, f"Run report: {name}"), Para(_headline(summary), css="answer"),
+              Bullets([f"{summary.get('replications')} replication(s) x {summary.get('duration_s')} s, "
+                       f"seed {summary.get('seed')}, warm-up {summary.get('warmup_s')} s"]),
+              Heading(2, "Figures")]
+    for fig in figures:
+        blocks += [Heading(3, fig.title), FigureBlock(fig)]
+    blocks += [Heading(2, "Every metric"), _metrics_table(summary)]
+    md, page = directory / "report.md", directory / "report.html"
+    md.write_text(render_markdown(blocks, directory), encoding="utf-8")
+    page.write_text(render_html(blocks, f"Run report: {name}"), encoding="utf-8")
+    return md, page
