@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field, e.g. --set models.llama8b.replicas=4 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the summary as one flat JSON object")
     p.add_argument("--out", type=Path,
-                   help="write requests.parquet, replications.parquet, timeseries.parquet and summary.json here")
+                   help="write requests, replications, timeseries and ledger (.parquet) and summary.json here")
     p.add_argument("--warm", action="store_true",
                    help="start warm: replicas loaded, connections open (same as --set simulation.warm=true)")
 

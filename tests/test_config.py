@@ -337,7 +337,7 @@ def test_bad_override_paths(tmp_path, override, line):
 
 def test_every_bad_override_is_reported(tmp_path):
     assert errors(write(tmp_path, VALID), ("a=1", "b")) == [
-        "--set a: unknown key 'a' (known: version, name, description, simulation, traffic, models, slo, rate_limits)",
+        "--set a: unknown key 'a' (known: version, name, description, simulation, traffic, models, slo, rate_limits, pipeline)",
         "--set b: expected PATH=VALUE",
     ]
 

@@ -13,6 +13,7 @@ from .arrivals import Arrivals, ClosedLoopArrivals, PoissonArrivals  # noqa: F40
 from .base import Block
 from .distributions import Distribution
 from .limits import ProviderLimits, RateLimit, Retry
+from .pipeline import Pipeline
 
 
 class Simulation(Block):
@@ -242,6 +243,9 @@ class Workload(Block):
     models: dict[str, Endpoint] = Field(min_length=1, description="Model endpoints by name.")
     slo: Optional[Slo] = Field(None, description="Per-request targets for goodput.")
     rate_limits: list[RateLimit] = Field(default_factory=list, description="Our limiters, checked in order before the queue.")
+    pipeline: Optional[Pipeline] = Field(
+        None, description="The application's stages around the model call: prompt budget, output cache, post-processing."
+    )
 
     @model_validator(mode="after")
     def _resolve_endpoints(self) -> "Workload":

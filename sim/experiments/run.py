@@ -10,6 +10,7 @@ import pandas as pd
 from sim.config.loader import load_workload
 from sim.config.schema import Workload
 from sim.model.offered import offered_load_rps, offered_utilisation
+from sim.metrics.ledger import ledger
 from sim.metrics.summary import aggregate, choose_warmup, summarise
 from sim.metrics.timeseries import timeseries
 from sim.model.pipeline import simulate
@@ -24,6 +25,7 @@ class RunResult:
     replications: pd.DataFrame
     requests: pd.DataFrame
     timeseries: pd.DataFrame
+    ledger: pd.DataFrame
 
 
 def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
@@ -46,7 +48,7 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
         raise ValueError("replications must be at least 1")
     offered = offered_utilisation(workload)
     load = offered_load_rps(workload)
-    rows, frames, series_frames = [], [], []
+    rows, frames, series_frames, ledgers = [], [], [], []
     for r in range(replications):
         rec = simulate(workload, replication=r, seed=seed)
         warmup = choose_warmup(rec, workload)
@@ -58,6 +60,9 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
             series = timeseries(rec, sim.timeseries_interval_s, sim.duration_s)
             series.insert(0, "replication", r)
             series_frames.append(series)
+            book = ledger(rec, workload)
+            book.insert(0, "replication", r)
+            ledgers.append(book)
     per_rep = pd.DataFrame(rows)
     summary = {
         "workload": workload.name or "",
@@ -69,4 +74,5 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
     }
     requests = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     series = pd.concat(series_frames, ignore_index=True) if series_frames else pd.DataFrame()
-    return RunResult(workload, summary, per_rep, requests, series)
+    book = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame()
+    return RunResult(workload, summary, per_rep, requests, series, book)

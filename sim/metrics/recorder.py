@@ -59,6 +59,11 @@ class Recorder:
         self.feature: list[int] = []
         self.attempts = Attempts()       # 1 + retries after a 429
         self.prefix_blocks: Optional[list] = None  # per request: prompt prefix block ids (Mooncake replays)
+        # With a pipeline: the model calls (a Recorder of their own), and per-request stage records.
+        self.calls: Optional["Recorder"] = None
+        self.parent: Optional[list] = None       # on a calls recorder: each call's request
+        self.cache_code: Optional[list] = None   # (request, cache code) per output-cache lookup
+        self.budget: Optional[list] = None       # (request, budget result) per request
         # Sampled by the monitor: each endpoint's cumulative (busy, area, work, held) counters,
         # and its (replicas serving, replicas held, requests waiting) gauges.
         self.samples: list[tuple[float, dict[str, tuple[float, float, float, float]]]] = []

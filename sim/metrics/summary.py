@@ -13,6 +13,7 @@ import pandas as pd
 
 from sim.config.schema import Api, Workload
 
+from .ledger import ledger
 from .recorder import COMPLETED, EXPIRED, QUEUE_FULL, RATE_LIMITED, REJECTED, Recorder
 from .stats import mser5, t_interval
 
@@ -35,6 +36,15 @@ def metric_names(workload: Workload) -> list[str]:
     names += [f"offered_utilisation_{name}" for name in workload.models]
     names += ["requests_rate_limited", "rate_limited_share", "retries_mean"]
     names += class_metric_names(workload)
+    pipeline = getattr(workload, "pipeline", None)
+    if pipeline is not None:
+        names.append("model_calls_per_request")
+        if pipeline.output_cache is not None:
+            names += ["cache_bypass_share_output", "cache_hit_rate_output", "cache_stale_hit_rate_output"]
+        if pipeline.budget is not None:
+            names.append("budget_truncated_share")
+    features = list(dict.fromkeys(f for c in workload.traffic.classes.values() for f in (c.features or {})))
+    names += [f"cost_per_request_{f}_usd" for f in features]
     if cold_window(workload) is not None:
         names.append("cold_window_s")
         for label in ("cold", "warm"):
@@ -105,7 +115,49 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
     m.update(_rate_limited(rec, arrived, outcome))
     m.update(_per_class(rec, workload, arrived, done, finished_in_window, outcome, window,
                         {"queue_wait": admit - arrival, "ttft": first - arrival, "e2e": end - arrival}))
+    m.update(_pipeline_stats(rec, arrived))
+    m.update(_feature_costs(rec, workload, arrived, m["cost_total_usd"]))
     return m
+
+
+# ------------------------------------------------------------------ pipeline and ledger
+
+
+def _pipeline_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
+    """Model calls per request, output-cache hit rates, prompt budget truncation (requests after warm-up)."""
+    if rec.calls is None:
+        return {}
+    from sim.model.caches import BYPASS, HIT, STALE_HIT
+
+    parent = np.asarray(rec.calls.parent, dtype=np.int64)
+    out = {"model_calls_per_request": float(arrived[parent].sum() / max(arrived.sum(), 1))}
+    if rec.cache_code is not None:
+        codes = np.asarray([c for i, c in rec.cache_code if arrived[i]], dtype=np.int64)
+        looked = codes[codes != BYPASS]
+        out["cache_bypass_share_output"] = float((codes == BYPASS).mean()) if codes.size else math.nan
+        out["cache_hit_rate_output"] = float(np.isin(looked, (HIT, STALE_HIT)).mean()) if looked.size else math.nan
+        out["cache_stale_hit_rate_output"] = float((looked == STALE_HIT).mean()) if looked.size else math.nan
+    if rec.budget is not None:
+        truncated = np.asarray([r.truncated for i, r in rec.budget if arrived[i]], dtype=bool)
+        out["budget_truncated_share"] = float(truncated.mean()) if truncated.size else math.nan
+    return out
+
+
+def _feature_costs(rec: Recorder, workload: Workload, arrived: np.ndarray, total: float) -> dict[str, float]:
+    """Each feature's cost per request: the window's cost shared among features as the ledger shares the run's."""
+    features = rec.feature_names
+    if not features:
+        return {}
+    book = ledger(rec, workload)
+    book = book[arrived[book["request"].to_numpy()]]
+    spent = book.groupby("feature", observed=False)["usd"].sum()
+    share = spent / spent.sum() if spent.sum() > 0 else spent * 0
+    feature_of = np.asarray(rec.feature, dtype=np.int64)
+    out = {}
+    for k, name in enumerate(features):
+        requests = float((arrived & (feature_of == k)).sum())
+        out[f"cost_per_request_{name}_usd"] = total * float(share.get(name, 0.0)) / requests if requests else math.nan
+    return out
 
 
 # ------------------------------------------------------------------ rate limits and classes
@@ -217,7 +269,12 @@ def _endpoint_stats(counters: dict[str, tuple[float, float, float, float]]) -> d
 def _costs(rec: Recorder, workload: Workload, window: float, done: np.ndarray, prompt: np.ndarray,
            output: np.ndarray, throughput: float, counters: dict) -> dict[str, float]:
     """Dollars over the window: replica-seconds held x hourly price for self-hosted, tokens for APIs."""
-    endpoint = np.asarray(rec.endpoint)
+    calls = rec.calls if rec.calls is not None else rec  # with a pipeline, a request may make no call, or several
+    if rec.calls is not None:
+        parent = np.asarray(calls.parent, dtype=np.int64)
+        done = done[parent] & (np.asarray(calls.outcome) == COMPLETED)
+        prompt, output = np.asarray(calls.prompt, dtype=float), np.asarray(calls.output, dtype=float)
+    endpoint = np.asarray(calls.endpoint)
     total = 0.0
     for k, (name, model) in enumerate(workload.models.items()):
         if isinstance(model, Api):

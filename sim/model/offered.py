@@ -6,6 +6,8 @@ Closed-loop classes are left out: a finite population cannot overload a server.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from sim.config.schema import Api, ClosedLoopArrivals, Workload
@@ -53,9 +55,19 @@ def offered_utilisation(workload: Workload) -> dict[str, float]:
             share = cls.endpoint_mix().get(name, 0.0)
             rate = passed[cname] * share * provider[name]
             if rate > 0:
-                load += rate * _work_per_request(model, cls, full_batch(workload, name))
+                load += rate * _work_per_request(model, cls, full_batch(workload, name), _budget_prompt(workload))
         result[name] = load / _servers(model)
     return result
+
+
+def _budget_prompt(workload: Workload) -> Optional[float]:
+    """Mean prompt tokens a pipeline budget builds (None without one)."""
+    pipeline = getattr(workload, "pipeline", None)
+    if pipeline is None or pipeline.budget is None:
+        return None
+    from .budget import mean_prompt_tokens
+
+    return mean_prompt_tokens(pipeline.budget)
 
 
 def full_batch(workload: Workload, name: str) -> int:
@@ -88,15 +100,18 @@ def _servers(model) -> int:
     return model.replicas * model.max_batch
 
 
-def _work_per_request(model, cls, batch: int) -> float:
-    """Server-seconds one request needs; for the engine, at the full batch it can reach."""
+def _work_per_request(model, cls, batch: int, prompt_tokens: Optional[float] = None) -> float:
+    """Server-seconds one request needs; for the engine, at the full batch it can reach.
+
+    `prompt_tokens`: the mean prompt when a pipeline budget builds it (else the class's draws).
+    """
     if model.service_time is not None:
         return model.service_time.mean
     out = _tokens(cls.output_tokens)
     if isinstance(model, Api):
         inverse_speed = _mean(lambda rng, n: 1.0 / np.maximum(model.output_tokens_per_s.sample(rng, n), 1e-3))
         return model.ttft_s.mean + (out - 1) * inverse_speed
-    prompt = _tokens(cls.prompt_tokens)
+    prompt = _tokens(cls.prompt_tokens) if prompt_tokens is None else prompt_tokens
     st = model.engine.step_time
     # A full batch shares each step's base cost; prefill and per-sequence costs are per token.
     return st.per_prefill_token_s * prompt + out * (st.per_decode_seq_s + st.base_s / batch)

@@ -20,7 +20,8 @@ from .engine import EngineReplica
 from .offered import full_batch
 from .events import call_later
 from .arrivals import RequestFactory, SourceContext, build_arrivals, user_count
-from .ratelimit import build_gate
+from .lifecycle import Lifecycle
+from .ratelimit import Client, attach_provider_limits, build_gate
 from .streams import BlockSampler, Streams
 from .slots import SlotServer, plain_draws
 
@@ -32,24 +33,30 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     env = simpy.Environment()
     classes = workload.traffic.classes
     features = list(dict.fromkeys(f for cls in classes.values() for f in (cls.features or {})))
-    recorder = Recorder(list(classes), list(workload.models), features, [c.priority for c in classes.values()])
-    endpoints = [build_endpoint(env, name, k, workload, recorder, streams) for k, name in enumerate(workload.models)]
-    endpoint_of = recorder.endpoint
+    def new_recorder() -> Recorder:
+        return Recorder(list(classes), list(workload.models), features, [c.priority for c in classes.values()])
+
+    recorder = new_recorder()
+    # With a pipeline, endpoints serve model calls, recorded apart from the requests users make.
+    calls = new_recorder() if workload.pipeline is not None else recorder
+    endpoints = [build_endpoint(env, name, k, workload, calls, streams) for k, name in enumerate(workload.models)]
     cls_of = recorder.cls
     hooks: list[Optional[Callable[[int], None]]] = []
-
-    def route(i: int) -> None:
-        endpoints[endpoint_of[i]].submit(i)
-
-    if len(endpoints) == 1:  # one endpoint: no lookup per request
-        route = endpoints[0].submit  # noqa: F811
 
     def done(i: int) -> None:
         hook = hooks[cls_of[i]]
         if hook is not None:
             hook(i)
 
-    submit = build_gate(env, workload, recorder, streams, route, done, endpoints)
+    route = _router(endpoints, calls)
+    if workload.pipeline is None:
+        submit = build_gate(env, workload, recorder, streams, route, done, endpoints)
+    else:
+        lifecycle = Lifecycle(env, workload, recorder, calls, streams, endpoints, done)
+        recorder.calls = calls
+        attach_provider_limits(env, workload, Client(env, workload, calls, streams, lifecycle.call_done),
+                               endpoints, route)
+        submit = build_gate(env, workload, recorder, streams, lifecycle.start, done)
     endpoint_index = {name: k for k, name in enumerate(workload.models)}
     feature_index = {name: k for k, name in enumerate(features)}
     first_user = 0
@@ -58,12 +65,24 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
         first_user += user_count(cls)
         hooks.append(build_arrivals(SourceContext(env, name, cls, make, submit, streams,
                                                   workload.traffic.rate_scale, sim.duration_s)))
-    if any(hook is not None for hook in hooks):  # open-loop-only runs skip the call
+    if workload.pipeline is None and any(hook is not None for hook in hooks):  # open-loop-only runs skip the call
         for endpoint in endpoints:
             endpoint.on_done = done
     start_monitor(env, endpoints, recorder, sim)
     env.run()
     return recorder
+
+
+def _router(endpoints: list[Endpoint], rec: Recorder) -> Callable[[int], None]:
+    """Sends job i (a request, or a model call) to its endpoint."""
+    if len(endpoints) == 1:  # one endpoint: no lookup per request
+        return endpoints[0].submit
+    endpoint_of = rec.endpoint
+
+    def route(i: int) -> None:
+        endpoints[endpoint_of[i]].submit(i)
+
+    return route
 
 
 def build_endpoint(env: simpy.Environment, name: str, index: int, workload: Workload, recorder: Recorder,

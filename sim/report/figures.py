@@ -253,6 +253,11 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     return [png, svg]
 
 
+def _versus(x: str) -> str:
+    """What a load plot's x axis is, for its title: offered load, or the swept config path's last part."""
+    return "offered load" if x == "offered_load_rps" else ".".join(x.split(".")[-2:])
+
+
 def _load_plot_x(points: pd.DataFrame, experiment: dict) -> str:
     if points.empty:
         raise SkipFigure("no point of the sweep ran successfully")
@@ -338,7 +343,7 @@ def plot_latency(points: pd.DataFrame, experiment: dict, out_dir: Path,
             handles.append(Line2D([], [], color="grey", linestyle=":", marker="v",
                                   label="max load meeting the SLO"))
         fig.legend(handles=_unique(handles), loc="outside right upper", fontsize=8)
-        fig.suptitle(_title(experiment, "latency vs offered load (bands: 95% intervals)"))
+        fig.suptitle(_title(experiment, f"latency vs {_versus(x)} (bands: 95% intervals)"))
         return _save(fig, out_dir, "latency_vs_load")
 
 
@@ -365,7 +370,7 @@ def plot_throughput(points: pd.DataFrame, experiment: dict, out_dir: Path) -> li
         if x == LOAD_X:
             top = float(np.nanmax(points[LOAD_X]))
             ax.plot([0, top], [0, top], color="grey", linestyle=":", linewidth=1, label="served = offered")
-        ax.set(title=_title(experiment, "throughput" + (" and goodput" if goodput else "") + " vs offered load"),
+        ax.set(title=_title(experiment, "throughput" + (" and goodput" if goodput else "") + f" vs {_versus(x)}"),
                xlabel=x_label(x), ylabel="completed requests (req/s)")
         ax.legend(fontsize=8)
         return _save(fig, out_dir, "throughput_vs_load")
@@ -420,7 +425,7 @@ def plot_cost_per_1k(points: pd.DataFrame, experiment: dict, out_dir: Path) -> l
                 ax.axvline(load, color="black", linestyle=":", linewidth=1)
                 ax.annotate(f"break-even {load:.3g} req/s", (load, 0.97), xycoords=("data", "axes fraction"),
                             rotation=90, ha="right", va="top", fontsize=8)
-        ax.set(title=_title(experiment, "cost per 1,000 requests vs offered load"),
+        ax.set(title=_title(experiment, f"cost per 1,000 requests vs {_versus(x)}"),
                xlabel=x_label(x), ylabel="cost per 1k requests (USD)")
         ax.legend(fontsize=8)
         return _save(fig, out_dir, "cost_per_1k_vs_load")
@@ -502,7 +507,7 @@ def plot_utilisation(points: pd.DataFrame, experiment: dict, out_dir: Path) -> l
         util.set(title="utilisation", xlabel=x_label(x), ylabel="utilisation (share of capacity, 0-1)")
         batch.set(title="mean batch while busy", xlabel=x_label(x), ylabel="mean batch (requests per replica)")
         util.legend(fontsize=8)
-        fig.suptitle(_title(experiment, "utilisation and batch size vs offered load"))
+        fig.suptitle(_title(experiment, f"utilisation and batch size vs {_versus(x)}"))
         return _save(fig, out_dir, "utilisation_vs_load")
 
 

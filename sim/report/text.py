@@ -66,12 +66,32 @@ def format_summary(result) -> str:
         f"cost       total ${_value(s, 'cost_total_usd', '.2f')}   per hour ${_value(s, 'cost_per_hour_usd', '.2f')}   "
         f"per 1k requests ${_value(s, 'cost_per_1k_usd', '.4f')}",
     ]
+    lines += _ledger_lines(result)
     return "\n".join(lines)
 
 
+def _ledger_lines(result) -> list[str]:
+    """Cost per request by feature, and the users who cost most (the ledger over the whole run)."""
+    s = result.summary
+    lines = []
+    features = [(k.removeprefix("cost_per_request_").removesuffix("_usd"), v) for k, v in s.items()
+                if k.startswith("cost_per_request_") and k != "cost_per_request_usd" and not k.endswith(("_low", "_high"))]
+    if features:
+        lines.append("by feature " + "   ".join(f"{name} ${value:.5f}/request" for name, value in features))
+    book = getattr(result, "ledger", None)
+    if book is not None and len(book) and book["usd"].sum() > 0:
+        per_run = book.groupby("user")["usd"].sum() / max(s["replications"], 1)
+        top = per_run.sort_values(ascending=False).head(3)
+        share = top.sum() / per_run.sum()
+        lines.append("top users  " + "   ".join(f"#{user} ${usd:.2f}" for user, usd in top.items())
+                     + f"   ({share:.0%} of the run's cost, per replication)")
+    return lines
+
+
 def write_outputs(result, out: Path) -> None:
-    """Write requests.parquet, replications.parquet, timeseries.parquet and summary.json into `out`."""
+    """Write requests.parquet, replications.parquet, timeseries.parquet, ledger.parquet and summary.json."""
     out.mkdir(parents=True, exist_ok=True)
+    result.ledger.to_parquet(out / "ledger.parquet", index=False)
     result.requests.to_parquet(out / "requests.parquet", index=False)
     result.timeseries.to_parquet(out / "timeseries.parquet", index=False)
     result.replications.to_parquet(out / "replications.parquet", index=False)

@@ -1,0 +1,61 @@
+"""The cost ledger: one row per model call, with its request, user, feature, endpoint, tokens and dollars.
+
+API calls cost their tokens at the endpoint's prices. Self-hosted replicas cost
+their hours, whoever used them; the ledger shares an endpoint's bill for the
+run among its calls in proportion to the work each did: full-batch seconds,
+the same measure as utilisation (prompt tokens x per_prefill_token_s + output
+tokens x (per_decode_seq_s + base_s / full batch)), or the service time for a
+plain `service_time` endpoint. So every dollar of the run lands on some call.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from sim.config.schema import Api, Workload
+from sim.model.offered import full_batch
+
+from .recorder import COMPLETED, Recorder
+
+
+def ledger(rec: Recorder, workload: Workload) -> pd.DataFrame:
+    """One row per model call of the run (a request answered without a call has none)."""
+    calls = rec.calls if rec.calls is not None else rec
+    n = len(calls.arrival)
+    parent = np.asarray(calls.parent if calls.parent is not None else range(n), dtype=np.int64)
+    endpoint = np.asarray(calls.endpoint, dtype=np.int64)
+    prompt = np.asarray(calls.prompt, dtype=float)
+    output = np.asarray(calls.output, dtype=float)
+    completed = np.asarray(calls.outcome) == COMPLETED
+    usd = np.zeros(n)
+    held = rec.samples[-1][1] if rec.samples else {}
+    for k, (name, model) in enumerate(workload.models.items()):
+        mine = (endpoint == k) & completed
+        if isinstance(model, Api):
+            usd[mine] = (prompt[mine] * model.price_per_mtok_in + output[mine] * model.price_per_mtok_out) / 1e6
+            continue
+        work = _work(calls, model, workload, name, mine, prompt, output)
+        bill = model.gpu_hourly_usd * held.get(name, (0, 0, 0, 0))[3] / 3600.0
+        if work.sum() > 0:
+            usd[mine] = bill * work / work.sum()
+    features = np.asarray(calls.feature, dtype=np.int64)
+    return pd.DataFrame({
+        "request": parent,
+        "class": pd.Categorical.from_codes(np.asarray(calls.cls, dtype=np.int64), calls.class_names),
+        "user": np.asarray(calls.user, dtype=np.int64),
+        "feature": pd.Categorical.from_codes(features, calls.feature_names),
+        "endpoint": pd.Categorical.from_codes(endpoint, calls.endpoint_names),
+        "arrival_s": np.asarray(calls.arrival, dtype=float),
+        "tokens_in": prompt.astype(np.int64),
+        "tokens_out": np.where(completed, output, 0).astype(np.int64),
+        "usd": usd,
+    })
+
+
+def _work(calls: Recorder, model, workload: Workload, name: str, mine: np.ndarray, prompt: np.ndarray,
+          output: np.ndarray) -> np.ndarray:
+    if model.engine is None:  # plain service time: the time it held its slot
+        return (np.asarray(calls.end, dtype=float) - np.asarray(calls.admit, dtype=float))[mine]
+    st = model.engine.step_time
+    return st.per_prefill_token_s * prompt[mine] + output[mine] * (
+        st.per_decode_seq_s + st.base_s / full_batch(workload, name))

@@ -1,0 +1,129 @@
+"""A request's life in an LLM application: budget, output cache, model call, post-processing.
+
+Used when the workload has a `pipeline` block. The request (one row of the
+request recorder, what the user sees) and its model calls (rows of the calls
+recorder, what the endpoints serve) are then distinct: a request answered from
+the cache makes no call. Stages are callbacks, like the rest of the model, so a
+request costs a few events, not a process.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import simpy
+
+from sim.config.pipeline import Pipeline
+from sim.config.schema import Workload
+from sim.metrics.recorder import COMPLETED, REJECTED, Recorder
+
+from .budget import TokenBudget
+from .caches import HIT, STALE_HIT, Cache
+from .events import call_later
+from .streams import BlockSampler, Streams
+
+Submit = Callable[[int], None]
+
+
+class Lifecycle:
+    """Runs every request through the pipeline's stages and its model call."""
+
+    def __init__(self, env: simpy.Environment, workload: Workload, recorder: Recorder, calls: Recorder,
+                 streams: Streams, endpoints: list, done: Submit) -> None:
+        spec: Pipeline = workload.pipeline
+        self.env = env
+        self.rec = recorder
+        self.calls = calls
+        self.endpoints = endpoints
+        self.done = done
+        self.parent: list[int] = []          # per call: its request
+        calls.parent = self.parent
+        self.cache_key: dict[int, int] = {}  # request -> output cache key, while its call runs
+        names = list(workload.traffic.classes)
+        self.budgets: Optional[list[TokenBudget]] = (
+            [TokenBudget(spec.budget, streams, name) for name in names] if spec.budget is not None else None)
+        self.cache: Optional[Cache] = None
+        if spec.output_cache is not None:
+            self.cache = Cache(spec.output_cache, streams.rng("cache.output.keys"), streams.rng("cache.output.share"),
+                               streams.rng("cache.output.stale"))
+            self.hit_latency = BlockSampler(spec.output_cache.hit_latency_s.sample, streams.rng("cache.output.latency"))
+            self.miss_latency = BlockSampler(spec.output_cache.miss_latency_s.sample,
+                                             streams.rng("cache.output.miss_latency"))
+            if spec.output_cache.warm == "top" or workload.simulation.warm:
+                self.cache.prefill_top()
+        self.post = (BlockSampler(spec.post_processing_s.sample, streams.rng("pipeline.post_processing"))
+                     if spec.post_processing_s is not None else None)
+        recorder.cache_code = [] if self.cache is not None else None
+        recorder.budget = [] if self.budgets is not None else None
+        for endpoint in endpoints:
+            endpoint.on_done = self.call_done
+
+    # --- the request's way in -----------------------------------------------------
+    def start(self, i: int) -> None:
+        """Request i passed the rate limits: build its prompt, look in the cache, else call the model."""
+        rec = self.rec
+        if self.budgets is not None:
+            result = self.budgets[rec.cls[i]].draw()
+            rec.budget.append((i, result))
+            if result.overflow:  # longer than the context window even trimmed: refused, as a provider would
+                self._end(i, REJECTED)
+                return
+            rec.prompt[i] = result.prompt_tokens
+            if rec.output[i] > result.output_budget_tokens:  # the answer cannot outgrow what the window leaves
+                rec.output[i] = max(1, result.output_budget_tokens)
+        if self.cache is not None:
+            key = self.cache.draw_key()
+            code = self.cache.lookup(key, self.env.now)
+            rec.cache_code.append((i, code))
+            if code in (HIT, STALE_HIT):
+                call_later(self.env, self.hit_latency(), self._answered_from_cache, i)
+                return
+            if key >= 0:  # a miss: the answer will be cached; the lookup itself took a moment
+                self.cache_key[i] = key
+                call_later(self.env, self.miss_latency(), self._looked_up, i)
+                return
+        self._call(i)
+
+    def _looked_up(self, event) -> None:
+        self._call(event.value)
+
+    def _call(self, i: int) -> None:
+        rec = self.rec
+        c = self.calls.new(rec.cls[i], rec.endpoint[i], self.env.now, rec.prompt[i], rec.output[i], rec.user[i],
+                           rec.feature[i])
+        self.parent.append(i)
+        self.endpoints[rec.endpoint[i]].submit(c)
+
+    # --- the way out ----------------------------------------------------------------
+    def call_done(self, c: int) -> None:
+        """A model call ended: its request goes on (post-processing), or ends as the call did."""
+        i = self.parent[c]
+        calls, rec = self.calls, self.rec
+        rec.admit[i] = calls.admit[c]
+        rec.replica[i] = calls.replica[c]
+        if calls.outcome[c] != COMPLETED:
+            self._end(i, calls.outcome[c])
+            return
+        rec.first_token[i] = calls.first_token[c]
+        key = self.cache_key.pop(i, None)
+        if key is not None:
+            self.cache.insert(key, self.env.now)
+        if self.post is not None:
+            call_later(self.env, self.post(), self._post_processed, i)
+        else:
+            self._end(i, COMPLETED)
+
+    def _answered_from_cache(self, event) -> None:
+        i = event.value
+        now = self.env.now
+        rec = self.rec
+        rec.admit[i] = rec.first_token[i] = now
+        self._end(i, COMPLETED)
+
+    def _post_processed(self, event) -> None:
+        self._end(event.value, COMPLETED)
+
+    def _end(self, i: int, outcome: int) -> None:
+        rec = self.rec
+        rec.outcome[i] = outcome
+        rec.end[i] = self.env.now
+        self.done(i)

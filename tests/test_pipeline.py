@@ -1,0 +1,111 @@
+"""The request pipeline: prompt budget, output cache, post-processing, model calls apart from requests, ledger."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sim
+from sim.cli import main
+from sim.config.schema import Workload
+from sim.model.pipeline import simulate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def workload(tmp_path: Path, times, pipeline: dict, model: dict, prompt=10, output=10) -> Workload:
+    """Requests at exactly `times` (a replayed trace) through `pipeline` to one endpoint."""
+    path = tmp_path / "t.csv"
+    path.write_text("time,prompt_tokens,output_tokens\n" + "".join(f"{t!r},{prompt},{output}\n" for t in times))
+    return Workload.model_validate({
+        "simulation": {"duration_s": 100},
+        "traffic": {"classes": {"c": {"arrival": {"kind": "trace", "format": "csv", "path": str(path), "end_s": 50},
+                                      "prompt_tokens": prompt, "output_tokens": output}}},
+        "models": {"m": model},
+        "pipeline": pipeline,
+    })
+
+
+API = {"kind": "api", "concurrency": 4, "service_time": 1.0, "price_per_mtok_in": 1.0, "price_per_mtok_out": 2.0}
+ONE_KEY_CACHE = {"capacity": 1, "keys": {"universe": 1}, "hit_latency_s": 0.01}
+
+
+def test_a_cache_hit_makes_no_model_call(tmp_path):
+    # One possible question, always deterministic: the first request misses and calls the model (1 s);
+    # it is cached when the answer arrives, so the requests at 5 and 10 are hits: 10 ms, no call.
+    rec = simulate(workload(tmp_path, [0.0, 5.0, 10.0], {"output_cache": ONE_KEY_CACHE}, API))
+    assert rec.end == pytest.approx([1.0, 5.01, 10.01])
+    assert len(rec.calls.arrival) == 1 and rec.calls.parent == [0]
+    assert [code for _, code in rec.cache_code] == [0, 1, 1]  # miss, hit, hit
+
+
+def test_a_miss_while_the_answer_is_computed_calls_again(tmp_path):
+    # The second request comes before the first answer is cached: both call the model.
+    rec = simulate(workload(tmp_path, [0.0, 0.5], {"output_cache": ONE_KEY_CACHE}, API))
+    assert len(rec.calls.arrival) == 2
+    assert rec.end == pytest.approx([1.0, 1.5])
+
+
+def test_post_processing_adds_to_the_end_not_to_the_first_token(tmp_path):
+    rec = simulate(workload(tmp_path, [0.0], {"post_processing_s": 0.25}, API))
+    assert rec.first_token == pytest.approx([1.0]) and rec.end == pytest.approx([1.25])
+
+
+def test_the_budget_builds_the_prompt_and_refuses_what_cannot_fit(tmp_path):
+    budget = {"context_window_tokens": 1000, "output_reserve_tokens": 200,
+              "sections": {"system": {"tokens": 300, "priority": 0, "min_tokens": "all"},
+                           "question": {"tokens": 600, "priority": 0, "min_tokens": "all"}}}
+    # 300 + 600 = 900 > 1000 - 200 and nothing may be trimmed: every request overflows, none is sent.
+    rec = simulate(workload(tmp_path, [0.0, 1.0], {"budget": budget}, API))
+    assert rec.frame()["outcome"].tolist() == ["rejected", "rejected"]
+    assert len(rec.calls.arrival) == 0
+    budget["sections"]["question"]["tokens"] = 400  # 700 fits: the call's prompt is the sections' sum
+    rec = simulate(workload(tmp_path, [0.0], {"budget": budget}, API))
+    assert rec.calls.prompt == [700] and rec.prompt == [700]
+
+
+def test_every_system_prompt_token_is_paid_on_every_call():
+    # The same requests (common random numbers) with 100 more system tokens, on a priced API:
+    # every call's prompt grows by exactly 100 (nothing is trimmed: the window is large).
+    base = ["pipeline.budget.context_window_tokens=200000", "models.llama8b={kind: api, concurrency: 512, "
+            "service_time: 1, price_per_mtok_in: 1.0, price_per_mtok_out: 0}", "simulation.duration_s=300"]
+    a = sim.run(ROOT / "workloads/rag-support.yaml", replications=1, overrides=base)
+    b = sim.run(ROOT / "workloads/rag-support.yaml", replications=1,
+                overrides=base + ["pipeline.budget.sections.system.tokens=900"])
+    assert len(a.ledger) == len(b.ledger) > 100
+    assert ((b.ledger["tokens_in"] - a.ledger["tokens_in"]) == 100).all()
+    assert b.ledger["usd"].sum() - a.ledger["usd"].sum() == pytest.approx(100 * len(a.ledger) / 1e6)
+
+
+def test_the_ledger_shares_every_dollar_of_the_run():
+    # Self-hosted: the ledger shares the bill of the replicas held over the run (2 replicas x 300 s at $3/h)
+    # among the calls, by the work each did.
+    book = sim.run(ROOT / "workloads/rag-support.yaml", replications=1, overrides=["simulation.duration_s=300"]).ledger
+    assert book["usd"].sum() == pytest.approx(2 * 3.00 * 300 / 3600, rel=1e-12)
+    assert (book["usd"] > 0).all()
+    assert set(book.columns) >= {"request", "user", "feature", "endpoint", "tokens_in", "tokens_out", "usd"}
+    # A longer answer costs more: work grows with the tokens.
+    by_out = book.sort_values("tokens_out")
+    assert by_out["usd"].iloc[-100:].mean() > by_out["usd"].iloc[:100].mean()
+
+
+def test_rag_support_reports_every_pipeline_figure(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", str(ROOT / "workloads/rag-support.yaml"), "--set", "simulation.duration_s=600",
+                 "--json", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    # 40% of requests may use the cache; about a third of those hit: about 13% never call the model.
+    assert 0.80 < summary["model_calls_per_request"] < 0.95
+    assert 0.2 < summary["cache_hit_rate_output"] < 0.5
+    assert summary["cache_bypass_share_output"] == pytest.approx(0.6, abs=0.03)
+    assert 0 < summary["budget_truncated_share"] < 1
+    assert {"cost_per_request_faq_usd", "cost_per_request_billing_usd"} <= set(summary)
+    ledger = __import__("pandas").read_parquet(out / "ledger.parquet")
+    assert np.isclose(ledger["usd"].sum() / 3, ledger[ledger["replication"] == 0]["usd"].sum(), rtol=0.05)
+
+
+def test_without_a_pipeline_a_request_is_its_own_call():
+    rec = simulate(sim.load_workload(ROOT / "workloads/mmc.yaml", ["simulation.duration_s=100", "simulation.warmup_s=0"]))
+    assert rec.calls is None and rec.cache_code is None
