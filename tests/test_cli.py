@@ -147,7 +147,7 @@ def test_bench_reports_every_case(capsys):
     from sim.bench import format_bench, run_bench
 
     cases = run_bench(ROOT / "workloads", repeat=1)
-    assert [c.name.split()[1] for c in cases[:2]] == ["mmc.yaml", "chat-selfhosted.yaml"]
+    assert [c.name.split()[1] for c in cases[:3]] == ["mmc.yaml", "chat-selfhosted.yaml", "rag-support.yaml"]
     assert all(c.requests > 1000 and c.rate > 0 for c in cases)
     assert "vs SimPy" in format_bench(cases)
 

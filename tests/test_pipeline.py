@@ -70,7 +70,8 @@ def test_every_system_prompt_token_is_paid_on_every_call():
     # The same requests (common random numbers) with 100 more system tokens, on a priced API:
     # every call's prompt grows by exactly 100 (nothing is trimmed: the window is large).
     base = ["pipeline.budget.context_window_tokens=200000", "models.llama8b={kind: api, concurrency: 512, "
-            "service_time: 1, price_per_mtok_in: 1.0, price_per_mtok_out: 0}", "simulation.duration_s=300"]
+            "service_time: 1, price_per_mtok_in: 1.0, price_per_mtok_out: 0}", "simulation.duration_s=300",
+            "pipeline.router=null", "pipeline.escalation=null"]
     a = sim.run(ROOT / "workloads/rag-support.yaml", replications=1, overrides=base)
     b = sim.run(ROOT / "workloads/rag-support.yaml", replications=1,
                 overrides=base + ["pipeline.budget.sections.system.tokens=900"])
@@ -83,6 +84,10 @@ def test_the_ledger_shares_every_dollar_of_the_run():
     # Self-hosted: the ledger shares the bill of the replicas held over the run (2 replicas x 300 s at $3/h)
     # among the calls, by the work each did.
     book = sim.run(ROOT / "workloads/rag-support.yaml", replications=1, overrides=["simulation.duration_s=300"]).ledger
+    api = book["endpoint"] == "gpt4o"  # API calls cost their tokens: $2.50 / $10 per million in / out
+    assert book["usd"][api].sum() == pytest.approx(
+        (book["tokens_in"][api].sum() * 2.5 + book["tokens_out"][api].sum() * 10) / 1e6)
+    book = book[~api]
     assert book["usd"].sum() == pytest.approx(2 * 3.00 * 300 / 3600, rel=1e-12)
     assert (book["usd"] > 0).all()
     assert set(book.columns) >= {"request", "user", "feature", "endpoint", "tokens_in", "tokens_out", "usd"}
@@ -96,8 +101,9 @@ def test_rag_support_reports_every_pipeline_figure(capsys, tmp_path):
     assert main(["run", str(ROOT / "workloads/rag-support.yaml"), "--set", "simulation.duration_s=600",
                  "--json", "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out)
-    # 40% of requests may use the cache; about a third of those hit: about 13% never call the model.
-    assert 0.80 < summary["model_calls_per_request"] < 0.95
+    # 40% of requests may use the cache and about a third of those hit (no call); escalations add calls.
+    assert 0.85 < summary["model_calls_per_request"] < 1.15
+    assert 0.68 < summary["quality_good_share"] < 0.81 and 0 < summary["escalation_rate"] < 0.32
     assert 0.2 < summary["cache_hit_rate_output"] < 0.5
     assert summary["cache_bypass_share_output"] == pytest.approx(0.6, abs=0.03)
     assert 0 < summary["budget_truncated_share"] < 1
@@ -109,3 +115,67 @@ def test_rag_support_reports_every_pipeline_figure(capsys, tmp_path):
 def test_without_a_pipeline_a_request_is_its_own_call():
     rec = simulate(sim.load_workload(ROOT / "workloads/mmc.yaml", ["simulation.duration_s=100", "simulation.warmup_s=0"]))
     assert rec.calls is None and rec.cache_code is None
+
+
+def routed(router: dict, escalation: dict | None = None, classes: dict | None = None) -> Workload:
+    """Two API tiers of plain service time; Poisson requests at 50/s for 100 s (about 5,000)."""
+    tier = {"kind": "api", "concurrency": 1000, "service_time": 0.01}
+    pipeline = {"router": {"tiers": ["weak", "strong"], "quality": [0.68, 0.81], **router}}
+    if escalation is not None:
+        pipeline["escalation"] = escalation
+    return Workload.model_validate({
+        "simulation": {"duration_s": 100, "seed": 7},
+        "traffic": {"classes": classes or {"q": {"arrival": {"kind": "poisson", "rate_rps": 50},
+                                                 "prompt_tokens": 10, "output_tokens": 10, "endpoint": "weak"}}},
+        "models": {"weak": tier, "strong": tier},
+        "pipeline": pipeline,
+    })
+
+
+def within(value: float, p: float, n: int) -> bool:
+    """Within 4 binomial standard errors: a correct simulator fails about once in 16,000 seeds."""
+    return abs(value - p) <= 4 * (p * (1 - p) / n) ** 0.5
+
+
+def routing_summary(workload: Workload) -> tuple[dict, int]:
+    result = sim.run(workload, replications=1, keep_requests=False)
+    return result.summary, int(result.summary["requests_completed"])
+
+
+def test_a_fixed_route_answers_as_well_as_its_tier():
+    summary, n = routing_summary(routed({"policy": "fixed", "fixed_tier": 0}))
+    assert within(summary["quality_good_share"], 0.68, n)
+    assert summary["hops_mean"] == 1 and summary["escalation_rate"] == 0
+
+
+def test_routing_by_complexity_sends_the_hard_half_to_the_strong_tier():
+    # Difficulty uniform; d < 0.5 goes weak (all right: 0.5 < 0.68), the rest strong (right when d < 0.81):
+    # quality = 0.5 + 0.31 = 0.81, and half of the calls go to the strong tier.
+    summary, n = routing_summary(routed({"policy": "complexity", "thresholds": [0.5]}))
+    assert within(summary["quality_good_share"], 0.81, n)
+    assert within(summary["utilisation_strong"] / (summary["utilisation_weak"] + summary["utilisation_strong"]), 0.5, n)
+
+
+def test_escalation_retries_flagged_answers_on_the_next_tier():
+    # A perfect evaluator (flags every bad answer, no false alarms): the 32% the weak tier gets wrong
+    # go to the strong tier, which gets d < 0.81 right: final quality 0.81, escalation rate 0.32.
+    summary, n = routing_summary(routed({"policy": "fixed"}, {"max_hops": 2, "detect_bad": 1.0, "false_alarm": 0.0}))
+    assert within(summary["quality_good_share"], 0.81, n)
+    assert within(summary["escalation_rate"], 0.32, n)
+    assert summary["hops_mean"] == pytest.approx(1 + summary["escalation_rate"])
+    assert summary["model_calls_per_request"] == pytest.approx(summary["hops_mean"], rel=0.01)
+
+
+def test_risky_classes_always_go_to_the_strongest_tier():
+    classes = {"general": {"arrival": {"kind": "poisson", "rate_rps": 25}, "prompt_tokens": 10, "output_tokens": 10,
+                           "endpoint": "weak"},
+               "legal": {"arrival": {"kind": "poisson", "rate_rps": 25}, "prompt_tokens": 10, "output_tokens": 10,
+                         "endpoint": "weak"}}
+    result = sim.run(routed({"policy": "risk", "risky_classes": ["legal"]}, classes=classes), replications=1)
+    calls = result.ledger.groupby(["class", "endpoint"], observed=True).size()
+    assert set(calls.loc["legal"].index) == {"strong"} and set(calls.loc["general"].index) == {"weak"}
+
+
+def test_router_tiers_must_be_models():
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        routed({"tiers": ["weak", "nope"]})

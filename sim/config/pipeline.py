@@ -9,9 +9,9 @@ Every block is optional; without a `pipeline` a request is one model call, exact
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import Block
 from .budget import Budget
@@ -19,9 +19,65 @@ from .caches import OutputCacheSpec
 from .distributions import Distribution
 
 
+class Router(Block):
+    """Which model tier answers: tiers are endpoints, cheapest first.
+
+    Every request has a difficulty d in [0, 1] (its percentile among questions,
+    drawn from the class's distribution; uniform by default). A tier answers
+    well exactly when d < its `quality` (the share of questions it gets right:
+    e.g. 0.68 for a weak model, 0.81 for a strong one, RouteLLM's MMLU figures),
+    so stronger tiers answer a superset of what weaker ones do.
+    """
+
+    tiers: list[str] = Field(min_length=1, description="Endpoint names, cheapest first.")
+    quality: list[float] = Field(description="Per tier: the share of questions it answers well (0..1).")
+    policy: Literal["fixed", "complexity", "risk", "threshold"] = Field(
+        "fixed", description="fixed: tier `fixed_tier`; complexity: by the request's difficulty against "
+        "`thresholds`; risk: `risky_classes` to the strongest, the rest as fixed; threshold: like complexity "
+        "but on a noisy estimate of the difficulty (a learned router, `estimate_noise_sd`)."
+    )
+    fixed_tier: int = Field(0, ge=0, description="The tier index of the fixed policy (and of non-risky requests).")
+    thresholds: list[float] = Field(default_factory=list, description="Difficulty cut-offs between tiers (len tiers - 1).")
+    estimate_noise_sd: float = Field(0.1, ge=0, description="The threshold router's error on the difficulty.")
+    risky_classes: list[str] = Field(default_factory=list, description="Classes always sent to the strongest tier.")
+    difficulty: dict[str, Distribution] = Field(
+        default_factory=dict, description="Per class: the difficulty distribution (clipped to [0, 1]; default uniform)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Router":
+        if len(self.quality) != len(self.tiers):
+            raise ValueError(f"quality: one value per tier ({len(self.tiers)}), got {len(self.quality)}")
+        if any(not 0 <= q <= 1 for q in self.quality):
+            raise ValueError("quality: shares between 0 and 1")
+        if self.policy in ("complexity", "threshold") and len(self.thresholds) != len(self.tiers) - 1:
+            raise ValueError(f"thresholds: {len(self.tiers) - 1} cut-off(s) for {len(self.tiers)} tiers")
+        if self.fixed_tier >= len(self.tiers):
+            raise ValueError(f"fixed_tier: {self.fixed_tier} is not a tier index (0..{len(self.tiers) - 1})")
+        return self
+
+
+class Escalation(Block):
+    """After each answer an evaluator judges it; a doubtful answer is retried with more context on the next tier."""
+
+    max_hops: int = Field(2, ge=1, description="Model calls per request at most (the first included).")
+    detect_bad: float = Field(0.8, ge=0, le=1, description="Chance the evaluator flags a bad answer.")
+    false_alarm: float = Field(0.05, ge=0, le=1, description="Chance it flags a good one.")
+    extra_context_tokens: int = Field(1000, ge=0, description="Prompt tokens each escalation adds (retrieve more, rerank).")
+    evaluation_s: Optional[Distribution] = Field(None, description="Time the evaluation takes after each answer.")
+
+
 class Pipeline(Block):
     """Stages a request passes before and after its model call."""
 
     budget: Optional[Budget] = Field(None, description="Prompt sections and their trimming to the context window.")
     output_cache: Optional[OutputCacheSpec] = Field(None, description="Cache of final answers (deterministic requests only).")
+    router: Optional[Router] = Field(None, description="Model routing across tiers, with answer quality.")
+    escalation: Optional[Escalation] = Field(None, description="Adaptive escalation to stronger tiers (needs a router).")
     post_processing_s: Optional[Distribution] = Field(None, description="Time after the answer (formatting, filters).")
+
+    @model_validator(mode="after")
+    def _escalation_needs_router(self) -> "Pipeline":
+        if self.escalation is not None and self.router is None:
+            raise ValueError("escalation: needs a router (its tiers are where escalation goes)")
+        return self

@@ -262,6 +262,15 @@ class Workload(Block):
                     raise ValueError(
                         f"traffic.classes.{cls_name}.endpoint: unknown model {endpoint!r} (known: {', '.join(names)})"
                     )
+        router = self.pipeline.router if self.pipeline is not None else None
+        if router is not None:
+            for tier in router.tiers:
+                if tier not in self.models:
+                    raise ValueError(f"pipeline.router.tiers: unknown model {tier!r} (known: {', '.join(names)})")
+            for cls_name in list(router.risky_classes) + list(router.difficulty):
+                if cls_name not in self.traffic.classes:
+                    raise ValueError(f"pipeline.router: unknown class {cls_name!r} "
+                                     f"(known: {', '.join(self.traffic.classes)})")
         for k, limit in enumerate(self.rate_limits):
             for cls_name in limit.classes or []:
                 if cls_name not in self.traffic.classes:

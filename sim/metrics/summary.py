@@ -41,6 +41,8 @@ def metric_names(workload: Workload) -> list[str]:
         names.append("model_calls_per_request")
         if pipeline.output_cache is not None:
             names += ["cache_bypass_share_output", "cache_hit_rate_output", "cache_stale_hit_rate_output"]
+        if pipeline.router is not None:
+            names += ["quality_good_share", "hops_mean", "escalation_rate"]
         if pipeline.budget is not None:
             names.append("budget_truncated_share")
     features = list(dict.fromkeys(f for c in workload.traffic.classes.values() for f in (c.features or {})))
@@ -137,6 +139,11 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
         out["cache_bypass_share_output"] = float((codes == BYPASS).mean()) if codes.size else math.nan
         out["cache_hit_rate_output"] = float(np.isin(looked, (HIT, STALE_HIT)).mean()) if looked.size else math.nan
         out["cache_stale_hit_rate_output"] = float((looked == STALE_HIT).mean()) if looked.size else math.nan
+    if rec.quality is not None:
+        rows = np.asarray([(good, hops) for i, good, hops in rec.quality if arrived[i]], dtype=float).reshape(-1, 2)
+        out["quality_good_share"] = float(rows[:, 0].mean()) if len(rows) else math.nan
+        out["hops_mean"] = float(rows[:, 1].mean()) if len(rows) else math.nan
+        out["escalation_rate"] = float((rows[:, 1] > 1).mean()) if len(rows) else math.nan
     if rec.budget is not None:
         truncated = np.asarray([r.truncated for i, r in rec.budget if arrived[i]], dtype=bool)
         out["budget_truncated_share"] = float(truncated.mean()) if truncated.size else math.nan

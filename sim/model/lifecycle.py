@@ -52,6 +52,10 @@ class Lifecycle:
                 self.cache.prefill_top()
         self.post = (BlockSampler(spec.post_processing_s.sample, streams.rng("pipeline.post_processing"))
                      if spec.post_processing_s is not None else None)
+        self.router = Routing(spec, workload, streams) if spec.router is not None else None
+        self.hops: dict[int, int] = {}      # request -> model calls made so far
+        self.tier: dict[int, int] = {}      # request -> tier of its current call
+        recorder.quality = [] if self.router is not None else None
         recorder.cache_code = [] if self.cache is not None else None
         recorder.budget = [] if self.budgets is not None else None
         for endpoint in endpoints:
@@ -88,10 +92,16 @@ class Lifecycle:
 
     def _call(self, i: int) -> None:
         rec = self.rec
-        c = self.calls.new(rec.cls[i], rec.endpoint[i], self.env.now, rec.prompt[i], rec.output[i], rec.user[i],
-                           rec.feature[i])
+        endpoint, prompt = rec.endpoint[i], rec.prompt[i]
+        if self.router is not None:
+            hop = self.hops.get(i, 0)
+            tier = self.tier[i] if hop else self.router.first_tier(i, rec.cls[i])
+            self.hops[i], self.tier[i] = hop + 1, tier
+            endpoint = rec.endpoint[i] = self.router.endpoints[tier]
+            prompt += hop * self.router.extra_context  # each escalation retrieves more context
+        c = self.calls.new(rec.cls[i], endpoint, self.env.now, prompt, rec.output[i], rec.user[i], rec.feature[i])
         self.parent.append(i)
-        self.endpoints[rec.endpoint[i]].submit(c)
+        self.endpoints[endpoint].submit(c)
 
     # --- the way out ----------------------------------------------------------------
     def call_done(self, c: int) -> None:
@@ -101,9 +111,15 @@ class Lifecycle:
         rec.admit[i] = calls.admit[c]
         rec.replica[i] = calls.replica[c]
         if calls.outcome[c] != COMPLETED:
+            if self.router is not None:  # no answer to judge: forget the routing state
+                self.hops.pop(i, None)
+                self.tier.pop(i, None)
+                self.router.difficulty.pop(i, None)
             self._end(i, calls.outcome[c])
             return
         rec.first_token[i] = calls.first_token[c]
+        if self.router is not None and self._escalate(i):
+            return
         key = self.cache_key.pop(i, None)
         if key is not None:
             self.cache.insert(key, self.env.now)
@@ -111,6 +127,20 @@ class Lifecycle:
             call_later(self.env, self.post(), self._post_processed, i)
         else:
             self._end(i, COMPLETED)
+
+    def _escalate(self, i: int) -> bool:
+        """Judge the answer; a flagged one goes to the next tier with more context. Records the final quality."""
+        router = self.router
+        good = router.good(i, self.tier[i])
+        if router.escalation is not None and self.hops[i] < router.escalation.max_hops \
+                and self.tier[i] + 1 < len(router.endpoints) and router.flagged(good):
+            self.tier[i] += 1
+            call_later(self.env, router.evaluation(), self._looked_up, i)
+            return True
+        self.rec.quality.append((i, good, self.hops.pop(i)))
+        del self.tier[i]
+        del router.difficulty[i]
+        return False
 
     def _answered_from_cache(self, event) -> None:
         i = event.value
@@ -127,3 +157,49 @@ class Lifecycle:
         rec.outcome[i] = outcome
         rec.end[i] = self.env.now
         self.done(i)
+
+
+class Routing:
+    """The router's decisions and the answers' quality (see sim.config.pipeline.Router)."""
+
+    def __init__(self, spec: Pipeline, workload: Workload, streams: Streams) -> None:
+        router = spec.router
+        self.spec = router
+        self.escalation = spec.escalation
+        self.endpoints = [list(workload.models).index(t) for t in router.tiers]
+        self.quality = router.quality
+        self.extra_context = spec.escalation.extra_context_tokens if spec.escalation is not None else 0
+        names = list(workload.traffic.classes)
+        uniform = lambda rng, n: rng.uniform(0.0, 1.0, n)  # noqa: E731
+        self.difficulty_draw = [
+            BlockSampler(router.difficulty[n].sample if n in router.difficulty else uniform,
+                         streams.rng(f"router.{n}.difficulty")) for n in names]
+        self.risky = [n in router.risky_classes for n in names]
+        self.noise = BlockSampler(lambda rng, n: rng.normal(0.0, router.estimate_noise_sd, n), streams.rng("router.estimate"))
+        self.judge = BlockSampler(uniform, streams.rng("escalation.judge"))
+        self.evaluation = (BlockSampler(spec.escalation.evaluation_s.sample, streams.rng("escalation.evaluation"))
+                           if spec.escalation is not None and spec.escalation.evaluation_s is not None
+                           else (lambda: 0.0))
+        self.difficulty: dict[int, float] = {}
+
+    def first_tier(self, i: int, cls: int) -> int:
+        """The tier a request's first call goes to; draws its difficulty."""
+        d = min(1.0, max(0.0, self.difficulty_draw[cls]()))
+        self.difficulty[i] = d
+        spec = self.spec
+        if spec.policy == "risk" and self.risky[cls]:
+            return len(self.endpoints) - 1
+        if spec.policy == "complexity":
+            return sum(d > t for t in spec.thresholds)
+        if spec.policy == "threshold":
+            return sum(d + self.noise() > t for t in spec.thresholds)
+        return spec.fixed_tier
+
+    def good(self, i: int, tier: int) -> bool:
+        """A tier answers well exactly the questions easier than its quality share."""
+        return self.difficulty[i] < self.quality[tier]
+
+    def flagged(self, good: bool) -> bool:
+        """The evaluator's verdict: flags a bad answer with detect_bad, a good one with false_alarm."""
+        e = self.escalation
+        return self.judge() < (e.false_alarm if good else e.detect_bad)
