@@ -179,3 +179,24 @@ def test_risky_classes_always_go_to_the_strongest_tier():
 def test_router_tiers_must_be_models():
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         routed({"tiers": ["weak", "nope"]})
+
+
+@pytest.mark.parametrize("name", ["rag-support.yaml", "chat-selfhosted.yaml", "noisy-neighbor.yaml"])
+def test_stage_times_add_up_to_each_requests_latency(name):
+    from sim.metrics.recorder import COMPLETED
+    from sim.metrics.summary import stage_times
+
+    rec = simulate(sim.load_workload(ROOT / "workloads" / name, ["simulation.duration_s=300"]))
+    done = np.asarray(rec.outcome) == COMPLETED
+    e2e = np.asarray(rec.end) - np.asarray(rec.arrival)
+    total = sum(stage_times(rec).values())
+    np.testing.assert_allclose(total[done], e2e[done], rtol=0, atol=1e-9)
+
+
+def test_the_summary_names_the_bottleneck(capsys):
+    assert main(["run", str(ROOT / "workloads/rag-support.yaml"), "--set", "simulation.duration_s=300",
+                 "--replications", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    shares = {k: v for k, v in summary.items() if k.startswith("stage_") and k.endswith("_share")}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert summary["bottleneck_stage"] == max(shares, key=shares.get)[len("stage_"):-len("_share")]

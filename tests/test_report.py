@@ -356,9 +356,11 @@ def test_cli_report_of_a_run_folder_draws_the_time_series(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(out / "report.md"), str(out / "report.html")]
     md = (out / "report.md").read_text()
     assert "Cold window (first 30 s)" in md
-    for name in ("traffic", "queue", "latency", "replicas"):
-        assert (out / "figures" / f"timeseries_{name}.png").stat().st_size > 10_000
-        assert f"figures/timeseries_{name}.png" in md
+    for name in ("timeseries_traffic", "timeseries_queue", "timeseries_latency", "timeseries_replicas",
+                 "stage_breakdown"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 10_000
+        assert f"figures/{name}.png" in md
+    assert "the bottleneck is decode" in md
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 

@@ -72,6 +72,9 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
         "unstable": any(u >= 1.0 for u in offered.values()),
         **aggregate(per_rep),
     }
+    shares = {k[len("stage_"):-len("_share")]: v for k, v in summary.items() if k.startswith("stage_") and k.endswith("_share")}
+    if shares:  # the stage to fix first: the largest share of mean latency
+        summary["bottleneck_stage"] = max(shares, key=shares.get)
     requests = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     series = pd.concat(series_frames, ignore_index=True) if series_frames else pd.DataFrame()
     book = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame()

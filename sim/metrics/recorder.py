@@ -65,6 +65,7 @@ class Recorder:
         self.cache_code: Optional[list] = None   # (request, cache code) per output-cache lookup
         self.budget: Optional[list] = None       # (request, budget result) per request
         self.quality: Optional[list] = None      # (request, good answer, model calls) per routed request
+        self.stage_log: Optional[list] = None    # (request, gate, cache, evaluation, post) seconds per request
         # Sampled by the monitor: each endpoint's cumulative (busy, area, work, held) counters,
         # and its (replicas serving, replicas held, requests waiting) gauges.
         self.samples: list[tuple[float, dict[str, tuple[float, float, float, float]]]] = []

@@ -37,6 +37,8 @@ def metric_names(workload: Workload) -> list[str]:
     names += ["requests_rate_limited", "rate_limited_share", "retries_mean"]
     names += class_metric_names(workload)
     pipeline = getattr(workload, "pipeline", None)
+    stages = PIPELINE_STAGES if pipeline is not None else PLAIN_STAGES
+    names += [f"stage_{s}_{stat}" for s in stages for stat in ("mean_s", "share", "share_p95")]
     if pipeline is not None:
         names.append("model_calls_per_request")
         if pipeline.output_cache is not None:
@@ -117,12 +119,57 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
     m.update(_rate_limited(rec, arrived, outcome))
     m.update(_per_class(rec, workload, arrived, done, finished_in_window, outcome, window,
                         {"queue_wait": admit - arrival, "ttft": first - arrival, "e2e": end - arrival}))
+    m.update(stage_profile(rec, done))
     m.update(_pipeline_stats(rec, arrived))
     m.update(_feature_costs(rec, workload, arrived, m["cost_total_usd"]))
     return m
 
 
 # ------------------------------------------------------------------ pipeline and ledger
+
+PLAIN_STAGES = ("queue", "prefill", "decode")
+PIPELINE_STAGES = ("gate", "cache", "queue", "prefill", "decode", "evaluation", "post_processing")
+
+
+def stage_times(rec: Recorder) -> dict[str, np.ndarray]:
+    """Seconds each request spent in each stage; per request they add up to its end-to-end latency.
+
+    queue: arrival (or, with a pipeline, the call's start) to admission; prefill: admission to the first
+    token; decode: first to last token. With a pipeline a request's calls are summed (escalations), and
+    gate (rate limits and retries), cache lookup, evaluation and post-processing come from its stage log.
+    """
+    arrival, admit = np.asarray(rec.arrival, dtype=float), np.asarray(rec.admit, dtype=float)
+    first, end = np.asarray(rec.first_token, dtype=float), np.asarray(rec.end, dtype=float)
+    if rec.calls is None:
+        return {"queue": admit - arrival, "prefill": first - admit, "decode": end - first}
+    calls, n = rec.calls, arrival.size
+    parent = np.asarray(calls.parent, dtype=np.int64)
+    c_arrival, c_admit = np.asarray(calls.arrival, dtype=float), np.asarray(calls.admit, dtype=float)
+    c_first, c_end = np.asarray(calls.first_token, dtype=float), np.asarray(calls.end, dtype=float)
+    ok = np.asarray(calls.outcome) == COMPLETED
+    sums = lambda values: np.bincount(parent, weights=np.where(ok, values, 0.0), minlength=n)  # noqa: E731
+    times = {"queue": np.bincount(parent, weights=np.where(ok, c_admit - c_arrival, c_end - c_arrival), minlength=n),
+             "prefill": sums(c_first - c_admit), "decode": sums(c_end - c_first)}
+    log = np.asarray(rec.stage_log, dtype=float).reshape(-1, 5)
+    index = log[:, 0].astype(np.int64)
+    for k, name in enumerate(("gate", "cache", "evaluation", "post_processing"), start=1):
+        times[name] = np.zeros(n)
+        times[name][index] = log[:, k]
+    return {name: times[name] for name in PIPELINE_STAGES}
+
+
+def stage_profile(rec: Recorder, done: np.ndarray) -> dict[str, float]:
+    """Each stage's mean time and its share of the mean and of the slowest 5% (completed requests)."""
+    if not done.any():
+        return {}
+    e2e = (np.asarray(rec.end, dtype=float) - np.asarray(rec.arrival, dtype=float))
+    tail = done & (e2e >= np.percentile(e2e[done], 95))
+    out = {}
+    for name, seconds in stage_times(rec).items():
+        out[f"stage_{name}_mean_s"] = float(seconds[done].mean())
+        out[f"stage_{name}_share"] = float(seconds[done].mean() / e2e[done].mean())
+        out[f"stage_{name}_share_p95"] = float(seconds[tail].mean() / e2e[tail].mean())
+    return out
 
 
 def _pipeline_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:

@@ -58,6 +58,10 @@ class Lifecycle:
         recorder.quality = [] if self.router is not None else None
         recorder.cache_code = [] if self.cache is not None else None
         recorder.budget = [] if self.budgets is not None else None
+        # Stage times the calls table cannot tell: (request, gate, cache, evaluation, post-processing) seconds.
+        recorder.stage_log = []
+        self.started: dict[int, float] = {}
+        self.spent: dict[int, list[float]] = {}   # request -> [cache, evaluation, post-processing] seconds
         for endpoint in endpoints:
             endpoint.on_done = self.call_done
 
@@ -65,6 +69,8 @@ class Lifecycle:
     def start(self, i: int) -> None:
         """Request i passed the rate limits: build its prompt, look in the cache, else call the model."""
         rec = self.rec
+        self.started[i] = self.env.now
+        self.spent[i] = [0.0, 0.0, 0.0]
         if self.budgets is not None:
             result = self.budgets[rec.cls[i]].draw()
             rec.budget.append((i, result))
@@ -79,11 +85,13 @@ class Lifecycle:
             code = self.cache.lookup(key, self.env.now)
             rec.cache_code.append((i, code))
             if code in (HIT, STALE_HIT):
-                call_later(self.env, self.hit_latency(), self._answered_from_cache, i)
+                wait = self.spent[i][0] = self.hit_latency()
+                call_later(self.env, wait, self._answered_from_cache, i)
                 return
             if key >= 0:  # a miss: the answer will be cached; the lookup itself took a moment
                 self.cache_key[i] = key
-                call_later(self.env, self.miss_latency(), self._looked_up, i)
+                wait = self.spent[i][0] = self.miss_latency()
+                call_later(self.env, wait, self._looked_up, i)
                 return
         self._call(i)
 
@@ -118,29 +126,51 @@ class Lifecycle:
             self._end(i, calls.outcome[c])
             return
         rec.first_token[i] = calls.first_token[c]
-        if self.router is not None and self._escalate(i):
-            return
+        if self.router is not None:
+            wait, again = self._judge(i)
+            if again:
+                call_later(self.env, wait, self._looked_up, i)
+                return
+            if wait > 0:
+                call_later(self.env, wait, self._judged, i)
+                return
+        self._answered(i)
+
+    def _judged(self, event) -> None:
+        self._answered(event.value)
+
+    def _answered(self, i: int) -> None:
+        """The final answer is in: cache it, post-process it, end."""
         key = self.cache_key.pop(i, None)
         if key is not None:
             self.cache.insert(key, self.env.now)
         if self.post is not None:
-            call_later(self.env, self.post(), self._post_processed, i)
+            wait = self.spent[i][2] = self.post()
+            call_later(self.env, wait, self._post_processed, i)
         else:
             self._end(i, COMPLETED)
 
-    def _escalate(self, i: int) -> bool:
-        """Judge the answer; a flagged one goes to the next tier with more context. Records the final quality."""
+    def _judge(self, i: int) -> tuple[float, bool]:
+        """Evaluate the answer (with escalation, every answer is judged, which takes time): (wait, escalate?).
+
+        A flagged answer goes to the next tier with more context; the final one's quality is recorded.
+        """
         router = self.router
         good = router.good(i, self.tier[i])
-        if router.escalation is not None and self.hops[i] < router.escalation.max_hops \
-                and self.tier[i] + 1 < len(router.endpoints) and router.flagged(good):
+        if router.escalation is None:
+            wait, again = 0.0, False
+        else:
+            wait = router.evaluation()
+            self.spent[i][1] += wait
+            again = (self.hops[i] < router.escalation.max_hops and self.tier[i] + 1 < len(router.endpoints)
+                     and router.flagged(good))
+        if again:
             self.tier[i] += 1
-            call_later(self.env, router.evaluation(), self._looked_up, i)
-            return True
+            return wait, True
         self.rec.quality.append((i, good, self.hops.pop(i)))
         del self.tier[i]
         del router.difficulty[i]
-        return False
+        return wait, False
 
     def _answered_from_cache(self, event) -> None:
         i = event.value
@@ -156,6 +186,8 @@ class Lifecycle:
         rec = self.rec
         rec.outcome[i] = outcome
         rec.end[i] = self.env.now
+        cache, evaluation, post = self.spent.pop(i)
+        rec.stage_log.append((i, self.started.pop(i) - rec.arrival[i], cache, evaluation, post))
         self.done(i)
 
 

@@ -78,6 +78,47 @@ def make_run_figures(series: pd.DataFrame, endpoints: list[str], out: Path, name
     return figures
 
 
+def _bars(out: Path, stem: str, title: str, labels: list[str], series: list[tuple[str, list[float]]],
+          ylabel: str) -> list[Path]:
+    """Grouped bars: one group per label, one bar per series."""
+    import numpy as np
+
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
+        x = np.arange(len(labels))
+        width = 0.8 / len(series)
+        for k, (name, values) in enumerate(series):
+            ax.bar(x + (k - (len(series) - 1) / 2) * width, values, width, label=name)
+        ax.set_xticks(x, labels)
+        ax.set(title=title, ylabel=ylabel)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+        return _save(fig, out, stem)
+
+
+def summary_figures(summary: dict, out: Path, name: str) -> list[Figure]:
+    """Where the time goes (stage shares of the mean and of the slowest 5%) and cost per request by feature."""
+    figures = []
+    stages = [k[len("stage_"):-len("_share")] for k in summary if k.startswith("stage_") and k.endswith("_share")]
+    if stages:
+        figures.append(Figure("stage_breakdown", "Where the time goes",
+                              f"Each stage's share of the mean latency and of the slowest 5% of requests; "
+                              f"the bottleneck is {summary.get('bottleneck_stage')}.",
+                              _bars(out, "stage_breakdown", f"{name}: latency by stage", stages,
+                                    [("mean", [summary[f"stage_{s}_share"] for s in stages]),
+                                     ("slowest 5%", [summary[f"stage_{s}_share_p95"] for s in stages])],
+                                    "share of latency")))
+    features = [k[len("cost_per_request_"):-len("_usd")] for k in summary
+                if k.startswith("cost_per_request_") and k.endswith("_usd") and k != "cost_per_request_usd"]
+    if features:
+        figures.append(Figure("cost_by_feature", "Cost by feature",
+                              "Cost per request of each product feature, as the ledger shares the bill.",
+                              _bars(out, "cost_by_feature", f"{name}: cost per request by feature", features,
+                                    [("cost", [summary[f"cost_per_request_{f}_usd"] for f in features])],
+                                    "USD per request")))
+    return figures
+
+
 def _headline(summary: dict) -> str:
     parts = [f"Throughput {fmt_rps(summary.get('throughput_rps'))}",
              f"p95 TTFT {fmt_latency(summary.get('ttft_p95_s'))}",
@@ -117,6 +158,7 @@ def write_run_report(directory: Path) -> tuple[Path, Path]:
     endpoints = [c.removeprefix("replicas_serving_") for c in series.columns if c.startswith("replicas_serving_")]
     name = summary.get("workload") or directory.name
     figures = make_run_figures(series, endpoints, directory / "figures", name)
+    figures += summary_figures(summary, directory / "figures", name)
     blocks = [Heading(1, f"Run report: {name}"), Para(_headline(summary), css="answer"),
               Bullets([f"{summary.get('replications')} replication(s) x {summary.get('duration_s')} s, "
                        f"seed {summary.get('seed')}, warm-up {summary.get('warmup_s')} s"]),

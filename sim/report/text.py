@@ -66,6 +66,10 @@ def format_summary(result) -> str:
         f"cost       total ${_value(s, 'cost_total_usd', '.2f')}   per hour ${_value(s, 'cost_per_hour_usd', '.2f')}   "
         f"per 1k requests ${_value(s, 'cost_per_1k_usd', '.4f')}",
     ]
+    stages = [(k[len("stage_"):-len("_share")], v) for k, v in s.items() if k.startswith("stage_") and k.endswith("_share")]
+    if stages:
+        lines.append("stages     " + "  ".join(f"{name} {share:.0%}" for name, share in stages if share >= 0.005)
+                     + f"   of mean latency; bottleneck: {s.get('bottleneck_stage')}")
     lines += _ledger_lines(result)
     return "\n".join(lines)
 
@@ -79,7 +83,7 @@ def _ledger_lines(result) -> list[str]:
     if features:
         lines.append("by feature " + "   ".join(f"{name} ${value:.5f}/request" for name, value in features))
     book = getattr(result, "ledger", None)
-    if book is not None and len(book) and book["usd"].sum() > 0:
+    if book is not None and book["user"].nunique() > 1 and book["usd"].sum() > 0:
         per_run = book.groupby("user")["usd"].sum() / max(s["replications"], 1)
         top = per_run.sort_values(ascending=False).head(3)
         share = top.sum() / per_run.sum()

@@ -1,0 +1,443 @@
+"""Retrieval: retrieval cache, embedding cache, a batching embedding service, stages of backend hops.
+
+    retrieval = Retrieval(env, spec, streams)
+    retrieval.run(i, done)             # later, done(i) once request i's retrieval is complete
+    retrieval.retrieve_more(i, done)   # an escalation: the escalation stages only (query already embedded)
+    retrieval.records[-1]              # inside done(i): request i's row (see RECORD_FIELDS)
+    retrieval.columns()                # at the end: flat numpy columns for a DataFrame
+
+A request's way: retrieval cache lookup (hit: done after the hit latency) ->
+embedding cache lookup (hit: straight to the stages) -> the embedding service
+(joins the open batch; waits for the batch to be sent and for a worker) ->
+stages, one after another; a stage submits all its hops at once and is done when
+`need` of them have returned. Hops left over by `first_k` run on, holding their
+backend slot, but no longer concern the request. Every step is a `call_later`
+callback; `done(i)` is never called from inside `run` itself.
+
+Random numbers, each from its own named stream: `retrieval.embedding.batch`
+(batch service times, one per batch, in the order batches start),
+`retrieval.backend.<name>` (hop latencies, drawn as hops are submitted, so a
+backend's n-th hop takes the same time whatever its concurrency),
+`cache.retrieval.*` and `cache.embedding.*` (keys, data changes, latencies).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import simpy
+
+from sim.config.retrieval import BackendSpec, EmbeddingSpec, RetrievalSpec, StageSpec
+
+from .caches import HIT, STALE_HIT, Cache
+from .events import call_later
+from .streams import BlockSampler, Streams
+
+Done = Callable[[int], None]
+
+NOT_LOOKED_UP = -1
+"""Cache code of a request that never reached the cache (no such cache, or answered before it)."""
+
+RECORD_FIELDS = ("request", "start", "end", "embedding_wait", "embedding", "retrieval_cache_code",
+                 "embedding_cache_code", "stages", "escalation")
+"""One row of `Retrieval.records` per finished retrieval, in completion order: the request index, start
+and end times, the embedding wait (joining a batch to its start: batching delay plus waiting for a
+worker) and the batch's service time (both nan when the embedding was skipped), the two cache codes
+(MISS, HIT, STALE_HIT or NOT_LOOKED_UP), the duration of each stage run (a tuple; empty on a
+retrieval cache hit) and whether it was an escalation (`retrieve_more`)."""
+
+
+class Backend:
+    """A FIFO resource with `concurrency` slots; each hop holds one slot for its latency."""
+
+    __slots__ = ("env", "name", "concurrency", "_latency", "_on_done", "busy", "_waiting",
+                 "hops", "wait_sum", "_area", "_last", "_since")
+
+    def __init__(self, env: simpy.Environment, name: str, spec: BackendSpec, rng: np.random.Generator,
+                 on_done: Callable[[object], None]) -> None:
+        self.env = env
+        self.name = name
+        self.concurrency = spec.concurrency
+        self._latency = BlockSampler(spec.latency_s.sample, rng)
+        self._on_done = on_done
+        self.busy = 0
+        self._waiting: deque[tuple[float, float, object]] = deque()  # (queued at, latency, value)
+        self.reset_counters(env.now)
+
+    def submit(self, value: object) -> None:
+        """Start a hop now if a slot is free, else queue it; `on_done(value)` when it returns."""
+        latency = self._latency()
+        env = self.env
+        if self.busy < self.concurrency:
+            self._account(env._now)
+            self.busy += 1
+            self.hops += 1
+            call_later(env, latency, self._finish, value)
+        else:
+            self._waiting.append((env._now, latency, value))
+
+    def _finish(self, event) -> None:
+        now = self.env._now
+        self._account(now)
+        if self._waiting:  # the slot passes straight to the next hop in line
+            queued_at, latency, value = self._waiting.popleft()
+            self.hops += 1
+            self.wait_sum += now - queued_at
+            call_later(self.env, latency, self._finish, value)
+        else:
+            self.busy -= 1
+        self._on_done(event.value)
+
+    def _account(self, now: float) -> None:
+        self._area += self.busy * (now - self._last)
+        self._last = now
+
+    @property
+    def queued(self) -> int:
+        """Hops waiting for a slot."""
+        return len(self._waiting)
+
+    def utilisation(self, now: float) -> float:
+        """Mean share of the slots busy since the last counter reset."""
+        self._account(now)
+        span = now - self._since
+        return self._area / (self.concurrency * span) if span > 0 else math.nan
+
+    def reset_counters(self, now: float) -> None:
+        """Zero the hop counts, the waiting time and the utilisation (after a warm-up)."""
+        self.hops = 0
+        self.wait_sum = 0.0
+        self._area = 0.0
+        self._last = self._since = now
+
+
+class EmbeddingService:
+    """Batches queries: a batch is sent when full or `max_wait_s` after its first query; `workers` serve FIFO."""
+
+    __slots__ = ("env", "max_batch", "max_wait", "per_query", "workers", "_time", "_on_done", "busy",
+                 "_open", "_waiting", "batches", "queries", "_area", "_last", "_since")
+
+    def __init__(self, env: simpy.Environment, spec: EmbeddingSpec, rng: np.random.Generator,
+                 on_done: Callable[[object], None]) -> None:
+        self.env = env
+        self.max_batch = spec.max_batch
+        self.max_wait = spec.max_wait_s
+        self.per_query = spec.per_query_s
+        self.workers = spec.workers
+        self._time = BlockSampler(spec.batch_time_s.sample, rng)
+        self._on_done = on_done
+        self.busy = 0
+        self._open: Optional[list] = None   # the batch taking queries, if any
+        self._waiting: deque[list] = deque()  # sent batches waiting for a worker
+        self.reset_counters(env.now)
+
+    def submit(self, job: "_Job") -> None:
+        """Add a query to the open batch (opening one if none); `on_done(job)` once its batch is served."""
+        job.emb_join = self.env._now
+        batch = self._open
+        if batch is None:
+            batch = [job]
+            if self.max_batch == 1:
+                self._send(batch)
+                return
+            self._open = batch
+            call_later(self.env, self.max_wait, self._timeout, batch)
+            return
+        batch.append(job)
+        if len(batch) >= self.max_batch:
+            self._open = None  # its timer finds it no longer open and does nothing
+            self._send(batch)
+
+    def _timeout(self, event) -> None:
+        batch = event.value
+        if batch is self._open:
+            self._open = None
+            self._send(batch)
+
+    def _send(self, batch: list) -> None:
+        if self.busy < self.workers:
+            self._start(batch)
+        else:
+            self._waiting.append(batch)
+
+    def _start(self, batch: list) -> None:
+        now = self.env._now
+        self._account(now)
+        self.busy += 1
+        self.batches += 1
+        self.queries += len(batch)
+        service = self._time() + self.per_query * len(batch)
+        for job in batch:
+            job.emb_wait = now - job.emb_join
+            job.emb_s = service
+        call_later(self.env, service, self._finish, batch)
+
+    def _finish(self, event) -> None:
+        self._account(self.env._now)
+        self.busy -= 1
+        if self._waiting:
+            self._start(self._waiting.popleft())
+        on_done = self._on_done
+        for job in event.value:
+            on_done(job)
+
+    def _account(self, now: float) -> None:
+        self._area += self.busy * (now - self._last)
+        self._last = now
+
+    @property
+    def queued(self) -> int:
+        """Queries in the open batch and in sent batches waiting for a worker."""
+        return (len(self._open) if self._open is not None else 0) + sum(len(b) for b in self._waiting)
+
+    def utilisation(self, now: float) -> float:
+        """Mean share of the workers busy since the last counter reset."""
+        self._account(now)
+        span = now - self._since
+        return self._area / (self.workers * span) if span > 0 else math.nan
+
+    def reset_counters(self, now: float) -> None:
+        """Zero the batch counts and the utilisation (after a warm-up)."""
+        self.batches = self.queries = 0
+        self._area = 0.0
+        self._last = self._since = now
+
+
+Plan = tuple[tuple[tuple[Backend, ...], int], ...]
+"""Compiled stages: per stage, the backend of each hop and the number of hops to wait for."""
+
+
+class _Job:
+    """One retrieval in flight; carried by the callbacks, so no lookup by request index is needed."""
+
+    __slots__ = ("i", "done", "plan", "start", "stage", "stage_start", "got", "stage_s", "emb_join",
+                 "emb_wait", "emb_s", "rcode", "ecode", "rkey", "ekey", "escalation")
+
+    def __init__(self, i: int, done: Done, plan: Plan, now: float, escalation: bool) -> None:
+        self.i = i
+        self.done = done
+        self.plan = plan
+        self.start = now
+        self.stage = 0
+        self.stage_s: list[float] = []
+        self.emb_wait = self.emb_s = math.nan
+        self.rcode = self.ecode = NOT_LOOKED_UP
+        self.rkey = self.ekey = -1
+        self.escalation = escalation
+
+
+class Retrieval:
+    """Runs requests' retrievals: caches, batched embedding, stages of parallel hops to FIFO backends."""
+
+    def __init__(self, env: simpy.Environment, spec: RetrievalSpec, streams: Streams, warm: bool = False) -> None:
+        """`warm` fills both caches with their most popular keys, as `warm: top` does (the --warm flag)."""
+        self.env = env
+        self.spec = spec
+        self.backends: dict[str, Backend] = {
+            name: Backend(env, name, b, streams.rng(f"retrieval.backend.{name}"), self._hop_done)
+            for name, b in spec.backends.items()
+        }
+        self.plan: Plan = self.compile(spec.stages)
+        self.escalation_plan: Plan = (self.compile(spec.escalation_stages)
+                                      if spec.escalation_stages is not None else self.plan)
+        self.cache: Optional[Cache] = None
+        if spec.cache is not None:
+            self.cache = Cache(spec.cache, streams.rng("cache.retrieval.keys"), None,
+                               streams.rng("cache.retrieval.stale"))
+            self._hit_s = BlockSampler(spec.cache.hit_latency_s.sample, streams.rng("cache.retrieval.latency"))
+            self._miss_s = BlockSampler(spec.cache.miss_latency_s.sample,
+                                        streams.rng("cache.retrieval.miss_latency"))
+            if spec.cache.warm == "top" or warm:
+                self.cache.prefill_top()
+        self.embedding: Optional[EmbeddingService] = None
+        self.embedding_cache: Optional[Cache] = None
+        self._shared_key = False
+        if spec.embedding is not None:
+            self.embedding = EmbeddingService(env, spec.embedding, streams.rng("retrieval.embedding.batch"),
+                                              self._embedded)
+            ec = spec.embedding.cache
+            if ec is not None:
+                self.embedding_cache = Cache(ec, streams.rng("cache.embedding.keys"), None,
+                                             streams.rng("cache.embedding.stale"))
+                self._ehit_s = BlockSampler(ec.hit_latency_s.sample, streams.rng("cache.embedding.latency"))
+                self._emiss_s = BlockSampler(ec.miss_latency_s.sample, streams.rng("cache.embedding.miss_latency"))
+                if ec.warm == "top" or warm:
+                    self.embedding_cache.prefill_top()
+                # One query, one key: both caches are asked for it when they describe the same queries.
+                self._shared_key = spec.cache is not None and spec.cache.keys == ec.keys
+        self.records: list[tuple] = []
+        self.started = 0
+        self.completed = 0
+
+    def compile(self, stages: Sequence[StageSpec]) -> Plan:
+        """Stages (validated specs) as a plan for `retrieve_more`; unknown backends are a ValueError."""
+        plan = []
+        for s, stage in enumerate(stages):
+            for name in stage.hops:
+                if name not in self.backends:
+                    known = ", ".join(sorted(self.backends))
+                    raise ValueError(f"stage {s}: unknown backend {name!r} (backends: {known})")
+            plan.append((tuple(self.backends[name] for name in stage.hops), stage.need))
+        if not plan:
+            raise ValueError("a retrieval plan needs at least one stage")
+        return tuple(plan)
+
+    # --- the way in -------------------------------------------------------------------
+    def run(self, i: int, done: Done) -> None:
+        """Start request i's retrieval now (caches, embedding, every stage); `done(i)` when it is complete."""
+        job = _Job(i, done, self.plan, self.env._now, False)
+        self.started += 1
+        cache = self.cache
+        if cache is not None:
+            key = cache.draw_key()
+            code = job.rcode = cache.lookup(key, job.start)
+            if code == HIT or code == STALE_HIT:
+                call_later(self.env, self._hit_s(), self._answered_from_cache, job)
+                return
+            job.rkey = key
+            call_later(self.env, self._miss_s(), self._after_cache_miss, job)
+            return
+        self._embed(job)
+
+    def retrieve_more(self, i: int, done: Done, plan: Optional[Plan] = None) -> None:
+        """An escalation: run `plan` (default: the escalation stages) for request i, without caches or
+        embedding (its query is embedded already); `done(i)` when it is complete."""
+        job = _Job(i, done, self.escalation_plan if plan is None else plan, self.env._now, True)
+        self.started += 1
+        self._start_stage(job)
+
+    # --- caches and embedding ----------------------------------------------------------
+    def _answered_from_cache(self, event) -> None:
+        self._finish(event.value)
+
+    def _after_cache_miss(self, event) -> None:
+        self._embed(event.value)
+
+    def _embed(self, job: _Job) -> None:
+        if self.embedding is None:
+            self._start_stage(job)
+            return
+        cache = self.embedding_cache
+        if cache is not None:
+            key = job.rkey if self._shared_key else cache.draw_key()
+            code = job.ecode = cache.lookup(key, self.env._now)
+            if code == HIT or code == STALE_HIT:
+                call_later(self.env, self._ehit_s(), self._after_embedding_hit, job)
+                return
+            job.ekey = key
+            call_later(self.env, self._emiss_s(), self._after_embedding_miss, job)
+            return
+        self.embedding.submit(job)
+
+    def _after_embedding_hit(self, event) -> None:
+        self._start_stage(event.value)
+
+    def _after_embedding_miss(self, event) -> None:
+        self.embedding.submit(event.value)
+
+    def _embedded(self, job: _Job) -> None:
+        if job.ekey >= 0:
+            self.embedding_cache.insert(job.ekey, self.env._now)
+        self._start_stage(job)
+
+    # --- stages -------------------------------------------------------------------------
+    def _start_stage(self, job: _Job) -> None:
+        backends, _ = job.plan[job.stage]
+        job.stage_start = self.env._now
+        job.got = 0
+        value = (job, job.stage)  # a late first_k hop knows its stage is over
+        for backend in backends:
+            backend.submit(value)
+
+    def _hop_done(self, value) -> None:
+        job, s = value
+        if s != job.stage:
+            return
+        job.got += 1
+        plan = job.plan
+        if job.got < plan[s][1]:
+            return
+        job.stage_s.append(self.env._now - job.stage_start)
+        job.stage = s + 1
+        if job.stage < len(plan):
+            self._start_stage(job)
+        else:
+            self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        now = self.env._now
+        if job.rkey >= 0:
+            self.cache.insert(job.rkey, now)
+        job.stage = len(job.plan)  # a cache hit ran no stage; late hops must still find the job over
+        self.completed += 1
+        self.records.append((job.i, job.start, now, job.emb_wait, job.emb_s, job.rcode, job.ecode,
+                             tuple(job.stage_s), job.escalation))
+        job.done(job.i)
+
+    # --- reporting ------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Retrievals started and not yet complete."""
+        return self.started - self.completed
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The records as flat numpy columns (one row per finished retrieval, in completion order):
+        request, start_s, end_s, retrieval_s, embedding_wait_s, embedding_s, retrieval_cache_code,
+        embedding_cache_code, escalation and stage<k>_s for every stage index seen (nan where not run)."""
+        rows = self.records
+        n = len(rows)
+        width = max((len(r[7]) for r in rows), default=0)
+        stage = np.full((n, width), math.nan)
+        for row, r in enumerate(rows):
+            stage[row, :len(r[7])] = r[7]
+        start = np.fromiter((r[1] for r in rows), float, n)
+        end = np.fromiter((r[2] for r in rows), float, n)
+        out = {
+            "request": np.fromiter((r[0] for r in rows), np.int64, n),
+            "start_s": start,
+            "end_s": end,
+            "retrieval_s": end - start,
+            "embedding_wait_s": np.fromiter((r[3] for r in rows), float, n),
+            "embedding_s": np.fromiter((r[4] for r in rows), float, n),
+            "retrieval_cache_code": np.fromiter((r[5] for r in rows), np.int8, n),
+            "embedding_cache_code": np.fromiter((r[6] for r in rows), np.int8, n),
+            "escalation": np.fromiter((r[8] for r in rows), bool, n),
+        }
+        for k in range(width):
+            out[f"stage{k}_s"] = stage[:, k]
+        return out
+
+    def stats(self, now: float) -> dict[str, float]:
+        """Flat counters since the last reset: caches, embedding batches, and per backend hops, mean wait
+        for a slot and utilisation."""
+        out: dict[str, float] = {"retrieval_started": self.started, "retrieval_completed": self.completed}
+        if self.cache is not None:
+            out["retrieval_cache_hit_rate"] = self.cache.hit_rate
+        if self.embedding is not None:
+            e = self.embedding
+            out["embedding_batches"] = e.batches
+            out["embedding_batch_size_mean"] = e.queries / e.batches if e.batches else math.nan
+            out["utilisation_embedding"] = e.utilisation(now)
+        if self.embedding_cache is not None:
+            out["embedding_cache_hit_rate"] = self.embedding_cache.hit_rate
+        for name, b in self.backends.items():
+            out[f"backend_{name}_hops"] = b.hops
+            out[f"backend_{name}_wait_mean_s"] = b.wait_sum / b.hops if b.hops else math.nan
+            out[f"utilisation_backend_{name}"] = b.utilisation(now)
+        return out
+
+    def reset_counters(self, now: float) -> None:
+        """Zero every counter after a warm-up (records are kept: filter them by start time).
+
+        Retrievals in flight stay counted as started, so `in_flight` remains right."""
+        self.started -= self.completed
+        self.completed = 0
+        for cache in (self.cache, self.embedding_cache):
+            if cache is not None:
+                cache.reset_counters()
+        if self.embedding is not None:
+            self.embedding.reset_counters(now)
+        for b in self.backends.values():
+            b.reset_counters(now)

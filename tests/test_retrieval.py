@@ -1,0 +1,272 @@
+"""Retrieval: hand-computed latencies with constant times (batching, parallel and serial hops, first k),
+backend queueing, caches skipping work, M/M/1 against theory, reproducibility and config errors."""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import simpy
+import yaml
+from pydantic import ValidationError
+
+from sim.config.retrieval import RetrievalSpec, StageSpec
+from sim.model.caches import HIT, MISS
+from sim.model.events import call_later
+from sim.model.retrieval import NOT_LOOKED_UP, Retrieval
+from sim.model.streams import Streams
+from test_theory import check
+
+
+def spec(text: str) -> RetrievalSpec:
+    return RetrievalSpec.model_validate(yaml.safe_load(text))
+
+
+def simulate(retrieval_spec: RetrievalSpec, arrivals: list[float], seed: int = 1, until: float | None = None):
+    """Request i starts its retrieval at arrivals[i]; returns the Retrieval and the time each request was done."""
+    env = simpy.Environment()
+    r = Retrieval(env, retrieval_spec, Streams(seed))
+    finished: dict[int, float] = {}
+
+    def done(i: int) -> None:
+        assert r.records[-1][0] == i  # the row of request i is the last one when done(i) runs
+        finished[i] = env.now
+
+    for i, t in enumerate(arrivals):
+        call_later(env, t, lambda ev: r.run(ev.value, done), i)
+    env.run(until=until)
+    return r, finished
+
+
+BACKENDS = """
+backends:
+  vector: {concurrency: 16, latency_s: 0.05}
+  bm25:   {concurrency: 16, latency_s: 0.03}
+  sql:    {concurrency: 16, latency_s: 0.1}
+"""
+TWO_HOP = """
+embedding: {max_batch: 32, max_wait_s: 0.01, batch_time_s: 0.02, workers: 1}
+""" + BACKENDS + """
+stages:
+  - {hops: [vector, bm25], wait_for: all}
+  - [sql]
+"""
+
+
+def test_deterministic_two_hop_retrieval_latency():
+    # Queries at 0, 1 and 2 ms share one batch, sent at 10 ms (max_wait after the first), served for 20 ms:
+    # all embedded at 30 ms. Stage 1 (parallel) takes max(50, 30) ms, stage 2 (after it) 100 ms: end 180 ms.
+    r, finished = simulate(spec(TWO_HOP), [0.0, 0.001, 0.002])
+    assert finished == pytest.approx({0: 0.18, 1: 0.18, 2: 0.18})
+    cols = r.columns()
+    assert cols["request"].tolist() == [0, 1, 2]
+    assert cols["retrieval_s"] == pytest.approx([0.18, 0.179, 0.178])
+    assert cols["embedding_wait_s"] == pytest.approx([0.01, 0.009, 0.008])
+    assert cols["embedding_s"] == pytest.approx([0.02] * 3)
+    assert cols["stage0_s"] == pytest.approx([0.05] * 3)
+    assert cols["stage1_s"] == pytest.approx([0.1] * 3)
+    assert (cols["retrieval_cache_code"] == NOT_LOOKED_UP).all()
+    stats = r.stats(r.env.now)
+    assert stats["embedding_batches"] == 1 and stats["embedding_batch_size_mean"] == 3
+    assert stats["backend_sql_hops"] == 3 and stats["backend_sql_wait_mean_s"] == 0
+
+
+@pytest.mark.parametrize("stage, expected", [
+    ("{hops: [vector, bm25, sql], wait_for: first_k, k: 1}", 0.03),   # the fastest
+    ("{hops: [vector, bm25, sql], wait_for: first_k, k: 2}", 0.05),   # the 2nd smallest
+    ("{hops: [vector, bm25, sql], wait_for: all}", 0.1),              # the largest
+    ("{hops: [sql, sql], wait_for: first_k, k: 2}", 0.1),             # one backend twice
+])
+def test_parallel_stage_waits_for_the_kth_smallest(stage, expected):
+    r, finished = simulate(spec(BACKENDS + f"stages:\n  - {stage}\n"), [0.5])
+    assert finished[0] == pytest.approx(0.5 + expected)
+
+
+def test_serial_stages_add_up():
+    r, finished = simulate(spec(BACKENDS + "stages: [vector, bm25, sql, [vector, bm25]]\n"), [0.0])
+    assert finished[0] == pytest.approx(0.05 + 0.03 + 0.1 + max(0.05, 0.03))
+    assert r.columns()["stage3_s"] == pytest.approx([0.05])
+
+
+def embedding_only(max_batch: int, workers: int, per_query: float = 0.0) -> RetrievalSpec:
+    return spec(f"""
+embedding:
+  {{max_batch: {max_batch}, max_wait_s: 0.01, batch_time_s: 0.02, per_query_s: {per_query}, workers: {workers}}}
+backends: {{noop: {{concurrency: 1000, latency_s: 0}}}}
+stages: [noop]
+""")
+
+
+def test_a_full_batch_is_sent_at_once_and_the_next_query_opens_a_new_batch():
+    # 33 queries at t=0: the first 32 fill a batch, sent at once, done at 0.02; the 33rd waits 0.01 alone.
+    r, finished = simulate(embedding_only(32, workers=2), [0.0] * 33)
+    assert [finished[i] for i in range(32)] == pytest.approx([0.02] * 32)
+    assert finished[32] == pytest.approx(0.03)
+    assert r.embedding.batches == 2 and r.embedding.queries == 33
+    # With one worker the second batch, sent at 0.01, waits for the first to end at 0.02.
+    r, finished = simulate(embedding_only(32, workers=1), [0.0] * 33)
+    assert finished[32] == pytest.approx(0.04)
+    assert r.columns()["embedding_wait_s"][-1] == pytest.approx(0.02)
+
+
+def test_batch_time_grows_per_query_and_a_late_query_opens_a_new_batch():
+    # Batch of 2 (t=0, 0.005) sent at 0.01 and served 0.02 + 2 * 0.001; a query at 0.011 opens the next one.
+    r, finished = simulate(embedding_only(32, workers=4, per_query=0.001), [0.0, 0.005, 0.011])
+    assert finished[0] == pytest.approx(0.032) and finished[1] == pytest.approx(0.032)
+    assert finished[2] == pytest.approx(0.011 + 0.01 + 0.021)
+    # max_batch 1: no batching delay at all.
+    r, finished = simulate(embedding_only(1, workers=4), [0.0, 0.005])
+    assert finished == pytest.approx({0: 0.02, 1: 0.025})
+
+
+ONE_BACKEND = """
+backends: {{db: {{concurrency: {c}, latency_s: {latency}}}}}
+stages: [db]
+"""
+
+
+def test_backend_of_concurrency_one_serialises_exactly():
+    r, finished = simulate(spec(ONE_BACKEND.format(c=1, latency=0.1)), [0.0] * 5)
+    assert [finished[i] for i in range(5)] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    db = r.backends["db"]
+    assert db.hops == 5 and db.wait_sum == pytest.approx(0.1 + 0.2 + 0.3 + 0.4)
+    assert db.utilisation(0.5) == pytest.approx(1.0)
+    r, finished = simulate(spec(ONE_BACKEND.format(c=2, latency=0.1)), [0.0] * 5)
+    assert [finished[i] for i in range(5)] == pytest.approx([0.1, 0.1, 0.2, 0.2, 0.3])
+    assert r.backends["db"].utilisation(0.3) == pytest.approx(5 * 0.1 / (2 * 0.3))
+
+
+def test_hops_left_over_by_first_k_still_hold_their_slot():
+    # slow (concurrency 1, 0.1 s) and fast (0.01 s), first 1: each request is done by the fast hop, but the
+    # slow hops queue behind each other; a third request's slow hop starts only at 0.2.
+    text = """
+backends:
+  slow: {concurrency: 1, latency_s: 0.1}
+  fast: {concurrency: 8, latency_s: 0.01}
+stages: [{hops: [slow, fast], wait_for: first_k, k: 1}, [slow]]
+"""
+    r, finished = simulate(spec(text), [0.0, 0.0])
+    # Request 0: fast at 0.01, then its stage-2 slow hop queues behind both stage-1 slow hops (0.1, 0.2): 0.3.
+    # Request 1: fast at 0.01, its slow hop behind request 0's: 0.4.
+    assert finished == pytest.approx({0: 0.3, 1: 0.4})
+    assert r.backends["slow"].hops == 4
+
+
+CACHED = """
+cache: {{capacity: 10, keys: {{universe: 1}}, hit_latency_s: 0.002, miss_latency_s: 0.001{ttl}}}
+embedding:
+  max_batch: 8
+  max_wait_s: 0.01
+  batch_time_s: 0.02
+  cache: {{capacity: 10, keys: {{universe: 1}}, hit_latency_s: 0.003, miss_latency_s: 0.004}}
+backends: {{db: {{concurrency: 4, latency_s: 0.05}}}}
+stages: [db]
+"""
+
+
+def test_retrieval_cache_hit_skips_embedding_and_hops():
+    # One key: the first request misses (0.001 + 0.004 + 0.01 + 0.02 + 0.05), the second, later, hits.
+    r, finished = simulate(spec(CACHED.format(ttl="")), [0.0, 1.0])
+    assert finished[0] == pytest.approx(0.085)
+    assert finished[1] == pytest.approx(1.002)
+    cols = r.columns()
+    assert cols["retrieval_cache_code"].tolist() == [MISS, HIT]
+    assert cols["embedding_cache_code"].tolist() == [MISS, NOT_LOOKED_UP]
+    assert math.isnan(cols["embedding_s"][1]) and math.isnan(cols["stage0_s"][1])
+    assert r.backends["db"].hops == 1 and r.embedding.batches == 1
+    assert r.stats(2.0)["retrieval_cache_hit_rate"] == 0.5
+
+
+def test_embedding_cache_hit_skips_the_embedding_service():
+    # The retrieval entry expires (ttl 0.5 s) but the embedding does not: the same query, embedded once.
+    r, finished = simulate(spec(CACHED.format(ttl=", ttl_s: 0.5")), [0.0, 1.0])
+    assert finished[1] == pytest.approx(1.0 + 0.001 + 0.003 + 0.05)
+    cols = r.columns()
+    assert cols["retrieval_cache_code"].tolist() == [MISS, MISS]
+    assert cols["embedding_cache_code"].tolist() == [MISS, HIT]
+    assert r.embedding.batches == 1 and r.backends["db"].hops == 2
+
+
+def test_retrieve_more_runs_the_escalation_stages_only():
+    text = CACHED.format(ttl="").replace("stages: [db]", "stages: [db]\nescalation_stages: [[db, db]]")
+    env = simpy.Environment()
+    r = Retrieval(env, spec(text), Streams(3))
+    finished = {}
+    call_later(env, 2.0, lambda ev: r.retrieve_more(7, lambda i: finished.setdefault(i, env.now)))
+    env.run()
+    assert finished == pytest.approx({7: 2.05})
+    row = r.records[-1]
+    assert row[0] == 7 and row[8] is True and row[5] == NOT_LOOKED_UP and r.embedding.batches == 0
+    assert r.backends["db"].hops == 2 and r.in_flight == 0
+
+
+def poisson_mm1(seed: int, rate: float, mean_service: float, n: int, warmup: int) -> float:
+    """Mean sojourn time of the requests after the warm-up at one backend of concurrency 1."""
+    text = f"""
+backends: {{db: {{concurrency: 1, latency_s: {{kind: exponential, mean: {mean_service}}}}}}}
+stages: [db]
+"""
+    gaps = np.random.default_rng([seed, 99]).exponential(1 / rate, n)
+    r, _ = simulate(spec(text), np.cumsum(gaps).tolist(), seed=seed)
+    cols = r.columns()
+    keep = cols["request"] >= warmup
+    return float(cols["retrieval_s"][keep].mean())
+
+
+def test_one_backend_under_poisson_load_is_mm1():
+    # lambda = 60/s, mu = 100/s: mean sojourn W = 1 / (mu - lambda) = 25 ms.
+    rate, mean_service = 60.0, 0.01
+    runs = [poisson_mm1(seed, rate, mean_service, 8000, 1000) for seed in range(16)]
+    check(runs, 1 / (100 - rate), "M/M/1 mean sojourn (s)", max_half=0.003)
+
+
+def test_same_seed_same_records_other_seed_other_records():
+    text = """
+cache: {capacity: 50, keys: {universe: 500, zipf_s: 0.9}, hit_latency_s: {kind: exponential, mean: 0.002}}
+embedding: {max_batch: 8, max_wait_s: 0.005, batch_time_s: {kind: lognormal, median: 0.02, p95: 0.05}, workers: 2}
+backends:
+  vector: {concurrency: 4, latency_s: {kind: lognormal, median: 0.03, p95: 0.12}}
+  bm25:   {concurrency: 8, latency_s: {kind: gamma, mean: 0.01, cv: 0.5}}
+stages: [{hops: [vector, bm25], wait_for: first_k, k: 1}, [vector]]
+"""
+    arrivals = np.cumsum(np.random.default_rng(5).exponential(0.01, 400)).tolist()
+    a, _ = simulate(spec(text), arrivals, seed=11)
+    b, _ = simulate(spec(text), arrivals, seed=11)
+    c, _ = simulate(spec(text), arrivals, seed=12)
+    assert a.records == b.records
+    assert len(a.records) == 400 and a.in_flight == 0
+    assert a.records != c.records
+    ca = a.columns()
+    assert (ca["retrieval_cache_code"] == HIT).any() and (ca["retrieval_cache_code"] == MISS).any()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("backends: {db: {concurrency: 1, latency_s: 0.1}}\nstages: [db, [db, sq]]",
+     "stages[1].hops[1]: unknown backend 'sq' (backends: db)"),
+    ("backends: {db: {concurrency: 1, latency_s: 0.1}}\nstages: [db]\nescalation_stages: [dbx]",
+     "escalation_stages[0].hops[0]: unknown backend 'dbx'"),
+    ("backends: {db: {concurrency: 1, latency_s: 0.1}}\nstages: [{hops: [db, db], wait_for: first_k, k: 3}]",
+     "k (3) exceeds the stage's 2 hop(s)"),
+    ("backends: {db: {concurrency: 1, latency_s: 0.1}}\nstages: [{hops: [db], wait_for: first_k}]",
+     "needs k"),
+    ("backends: {db: {concurrency: 1, latency_s: 0.1}}\nstages: [{hops: [db], k: 1}]",
+     "only meaningful with wait_for: first_k"),
+    ("backends: {db: {concurrency: 0, latency_s: 0.1}}\nstages: [db]", "greater than or equal to 1"),
+    ("backends: {db: {concurrency: 1, latency_s: 0.1}}\nstages: []", "at least 1 item"),
+    ("embedding: {max_batch: 0}\nbackends: {db: {concurrency: 1, latency_s: 0.1}}\nstages: [db]",
+     "greater than or equal to 1"),
+    ("backends: {db: {concurrency: 1, latency_s: 0.1, timeout: 3}}\nstages: [db]", "Extra inputs"),
+])
+def test_config_errors(text, message):
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        spec(text)
+
+
+def test_stage_shorthands():
+    s = spec("backends: {a: {concurrency: 1, latency_s: 0.1}, b: {concurrency: 1, latency_s: 0.1}}\n"
+             "stages: [a, [a, b], {hops: [a, b], wait_for: first_k, k: 1}]")
+    assert [(st.hops, st.need) for st in s.stages] == [(["a"], 1), (["a", "b"], 2), (["a", "b"], 1)]
+    r = Retrieval(simpy.Environment(), s, Streams(0))
+    with pytest.raises(ValueError, match="unknown backend 'c'"):
+        r.compile([StageSpec(hops=["c"])])
