@@ -60,11 +60,22 @@ class Router(Block):
 class Escalation(Block):
     """After each answer an evaluator judges it; a doubtful answer is retried with more context on the next tier."""
 
-    max_hops: int = Field(2, ge=1, description="Model calls per request at most (the first included).")
+    max_hops: int = Field(2, ge=1, description="Tiers a request may try at most (the first included).")
     detect_bad: float = Field(0.8, ge=0, le=1, description="Chance the evaluator flags a bad answer.")
     false_alarm: float = Field(0.05, ge=0, le=1, description="Chance it flags a good one.")
     extra_context_tokens: int = Field(1000, ge=0, description="Prompt tokens each escalation adds (retrieve more, rerank).")
     evaluation_s: Optional[Distribution] = Field(None, description="Time the evaluation takes after each answer.")
+
+
+class Output(Block):
+    """How answers reach the user."""
+
+    streaming: bool = Field(True, description="Stream tokens (the user sees the first token); false: the whole answer at once.")
+    structured_failure_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of answers failing structured-output (JSON) validation; each failure is "
+        "retried as a non-streaming call, up to max_validation_retries."
+    )
+    max_validation_retries: int = Field(2, ge=0, description="Validation retries per request at most.")
 
 
 class Pipeline(Block):
@@ -75,6 +86,7 @@ class Pipeline(Block):
     router: Optional[Router] = Field(None, description="Model routing across tiers, with answer quality.")
     escalation: Optional[Escalation] = Field(None, description="Adaptive escalation to stronger tiers (needs a router).")
     post_processing_s: Optional[Distribution] = Field(None, description="Time after the answer (formatting, filters).")
+    output: Output = Field(default_factory=Output, description="Streaming and structured-output validation.")
 
     @model_validator(mode="after")
     def _escalation_needs_router(self) -> "Pipeline":

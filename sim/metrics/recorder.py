@@ -66,6 +66,7 @@ class Recorder:
         self.budget: Optional[list] = None       # (request, budget result) per request
         self.quality: Optional[list] = None      # (request, good answer, model calls) per routed request
         self.stage_log: Optional[list] = None    # (request, gate, cache, evaluation, post) seconds per request
+        self.validation_retries: Optional[dict] = None  # request -> structured-output retries (those retried)
         # Sampled by the monitor: each endpoint's cumulative (busy, area, work, held) counters,
         # and its (replicas serving, replicas held, requests waiting) gauges.
         self.samples: list[tuple[float, dict[str, tuple[float, float, float, float]]]] = []

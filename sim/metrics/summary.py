@@ -40,7 +40,7 @@ def metric_names(workload: Workload) -> list[str]:
     stages = PIPELINE_STAGES if pipeline is not None else PLAIN_STAGES
     names += [f"stage_{s}_{stat}" for s in stages for stat in ("mean_s", "share", "share_p95")]
     if pipeline is not None:
-        names.append("model_calls_per_request")
+        names += ["model_calls_per_request", "validation_retries_per_request"]
         if pipeline.output_cache is not None:
             names += ["cache_bypass_share_output", "cache_hit_rate_output", "cache_stale_hit_rate_output"]
         if pipeline.router is not None:
@@ -191,6 +191,9 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
         out["quality_good_share"] = float(rows[:, 0].mean()) if len(rows) else math.nan
         out["hops_mean"] = float(rows[:, 1].mean()) if len(rows) else math.nan
         out["escalation_rate"] = float((rows[:, 1] > 1).mean()) if len(rows) else math.nan
+    if rec.validation_retries is not None:
+        retried = sum(n for i, n in rec.validation_retries.items() if arrived[i])
+        out["validation_retries_per_request"] = retried / max(float(arrived.sum()), 1.0)
     if rec.budget is not None:
         truncated = np.asarray([r.truncated for i, r in rec.budget if arrived[i]], dtype=bool)
         out["budget_truncated_share"] = float(truncated.mean()) if truncated.size else math.nan

@@ -53,6 +53,13 @@ class Lifecycle:
         self.post = (BlockSampler(spec.post_processing_s.sample, streams.rng("pipeline.post_processing"))
                      if spec.post_processing_s is not None else None)
         self.router = Routing(spec, workload, streams) if spec.router is not None else None
+        out = spec.output
+        self.streaming = out.streaming
+        self.validation = (BlockSampler(lambda rng, n: rng.random(n), streams.rng("pipeline.validation"))
+                           if out.structured_failure_rate > 0 else None)
+        self.failure_rate, self.max_retries = out.structured_failure_rate, out.max_validation_retries
+        self.retries: dict[int, int] = {}
+        recorder.validation_retries = self.retries
         self.hops: dict[int, int] = {}      # request -> model calls made so far
         self.tier: dict[int, int] = {}      # request -> tier of its current call
         recorder.quality = [] if self.router is not None else None
@@ -106,7 +113,7 @@ class Lifecycle:
             tier = self.tier[i] if hop else self.router.first_tier(i, rec.cls[i])
             self.hops[i], self.tier[i] = hop + 1, tier
             endpoint = rec.endpoint[i] = self.router.endpoints[tier]
-            prompt += hop * self.router.extra_context  # each escalation retrieves more context
+            prompt += tier * self.router.extra_context  # each escalation (a tier up) retrieves more context
         c = self.calls.new(rec.cls[i], endpoint, self.env.now, prompt, rec.output[i], rec.user[i], rec.feature[i])
         self.parent.append(i)
         self.endpoints[endpoint].submit(c)
@@ -126,6 +133,9 @@ class Lifecycle:
             self._end(i, calls.outcome[c])
             return
         rec.first_token[i] = calls.first_token[c]
+        if self.validation is not None and self._invalid(i):
+            self._call(i)  # the answer failed validation: ask again, without streaming
+            return
         if self.router is not None:
             wait, again = self._judge(i)
             if again:
@@ -135,6 +145,13 @@ class Lifecycle:
                 call_later(self.env, wait, self._judged, i)
                 return
         self._answered(i)
+
+    def _invalid(self, i: int) -> bool:
+        """Whether the answer failed structured-output validation and is to be asked for again."""
+        if self.validation() >= self.failure_rate or self.retries.get(i, 0) >= self.max_retries:
+            return False
+        self.retries[i] = self.retries.get(i, 0) + 1
+        return True
 
     def _judged(self, event) -> None:
         self._answered(event.value)
@@ -162,7 +179,7 @@ class Lifecycle:
         else:
             wait = router.evaluation()
             self.spent[i][1] += wait
-            again = (self.hops[i] < router.escalation.max_hops and self.tier[i] + 1 < len(router.endpoints)
+            again = (self.tier[i] + 1 < min(router.escalation.max_hops, len(router.endpoints))
                      and router.flagged(good))
         if again:
             self.tier[i] += 1
@@ -186,6 +203,8 @@ class Lifecycle:
         rec = self.rec
         rec.outcome[i] = outcome
         rec.end[i] = self.env.now
+        if not self.streaming or i in self.retries:  # nothing shows before the whole (validated) answer
+            rec.first_token[i] = rec.end[i] if outcome == COMPLETED else rec.first_token[i]
         cache, evaluation, post = self.spent.pop(i)
         rec.stage_log.append((i, self.started.pop(i) - rec.arrival[i], cache, evaluation, post))
         self.done(i)

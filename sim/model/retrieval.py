@@ -419,13 +419,13 @@ class Retrieval:
             e = self.embedding
             out["embedding_batches"] = e.batches
             out["embedding_batch_size_mean"] = e.queries / e.batches if e.batches else math.nan
-            out["utilisation_embedding"] = e.utilisation(now)
+            out["utilisation_embedding"] = float(e.utilisation(now))
         if self.embedding_cache is not None:
             out["embedding_cache_hit_rate"] = self.embedding_cache.hit_rate
         for name, b in self.backends.items():
             out[f"backend_{name}_hops"] = b.hops
-            out[f"backend_{name}_wait_mean_s"] = b.wait_sum / b.hops if b.hops else math.nan
-            out[f"utilisation_backend_{name}"] = b.utilisation(now)
+            out[f"backend_{name}_wait_mean_s"] = float(b.wait_sum / b.hops) if b.hops else math.nan
+            out[f"utilisation_backend_{name}"] = float(b.utilisation(now))
         return out
 
     def reset_counters(self, now: float) -> None:
