@@ -53,6 +53,7 @@ def test_every_summary_key_is_documented_in_the_readme(capsys):
             generic = re.sub(r"^(cold|warm)_requests$", "<window>_requests", generic)
             generic = re.sub(r"^cost_per_request_(?!usd$).+_usd$", "cost_per_request_<feature>_usd", generic)
             generic = re.sub(r"^stage_[a-z_]+?_(mean_s|share|share_p95)$", r"stage_<stage>_\1", generic)
+            generic = re.sub(r"^backend_.+_(utilisation|wait_mean_s)$", r"backend_<name>_\1", generic)
             generic = re.sub(r"^(queue_wait|ttft|e2e)_(mean|p50|p90|p95|p99|p999)_.+_s$", r"<measure>_<stat>_<class>_s",
                              generic)  # per class, with several classes
             generic = re.sub(r"^throughput_.+_rps$", "throughput_<class>_rps", generic)

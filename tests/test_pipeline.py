@@ -200,3 +200,32 @@ def test_the_summary_names_the_bottleneck(capsys):
     shares = {k: v for k, v in summary.items() if k.startswith("stage_") and k.endswith("_share")}
     assert sum(shares.values()) == pytest.approx(1.0)
     assert summary["bottleneck_stage"] == max(shares, key=shares.get)[len("stage_"):-len("_share")]
+
+
+def test_without_streaming_the_user_sees_the_whole_answer_at_once(tmp_path):
+    api = {**API, "service_time": None, "ttft_s": 0.2, "output_tokens_per_s": 10.0}
+    api = {k: v for k, v in api.items() if v is not None}
+    streamed = simulate(workload(tmp_path, [0.0], {}, api, output=11))
+    assert streamed.first_token == pytest.approx([0.2]) and streamed.end == pytest.approx([1.2])
+    whole = simulate(workload(tmp_path, [0.0], {"output": {"streaming": False}}, api, output=11))
+    assert whole.first_token == pytest.approx([1.2]) and whole.end == pytest.approx([1.2])
+
+
+def test_failed_validation_asks_again_without_streaming(tmp_path):
+    # Every answer fails validation, two retries allowed: three calls of 1 s each, and the user sees
+    # nothing before the last one ends.
+    rec = simulate(workload(tmp_path, [0.0], {"output": {"structured_failure_rate": 1.0,
+                                                         "max_validation_retries": 2}}, API))
+    assert len(rec.calls.arrival) == 3
+    assert rec.end == pytest.approx([3.0]) and rec.first_token == pytest.approx([3.0])
+    assert rec.validation_retries == {0: 2}
+
+
+def test_retrieval_runs_before_the_call_and_shows_as_a_stage(tmp_path):
+    retrieval = {"backends": {"db": {"concurrency": 4, "latency_s": 0.3}}, "stages": [["db"], ["db"]]}
+    rec = simulate(workload(tmp_path, [0.0], {"retrieval": retrieval}, API))
+    # Two dependent hops of 0.3 s, then the 1 s call.
+    assert rec.calls.arrival == pytest.approx([0.6]) and rec.end == pytest.approx([1.6])
+    from sim.metrics.summary import stage_times
+
+    assert stage_times(rec)["retrieval"] == pytest.approx([0.6])

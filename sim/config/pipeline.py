@@ -17,6 +17,7 @@ from .base import Block
 from .budget import Budget
 from .caches import OutputCacheSpec
 from .distributions import Distribution
+from .retrieval import RetrievalSpec
 
 
 class Router(Block):
@@ -83,6 +84,9 @@ class Pipeline(Block):
 
     budget: Optional[Budget] = Field(None, description="Prompt sections and their trimming to the context window.")
     output_cache: Optional[OutputCacheSpec] = Field(None, description="Cache of final answers (deterministic requests only).")
+    retrieval: Optional[RetrievalSpec] = Field(
+        None, description="Embedding (batched) and retrieval hops before the model call; escalations retrieve more."
+    )
     router: Optional[Router] = Field(None, description="Model routing across tiers, with answer quality.")
     escalation: Optional[Escalation] = Field(None, description="Adaptive escalation to stronger tiers (needs a router).")
     post_processing_s: Optional[Distribution] = Field(None, description="Time after the answer (formatting, filters).")

@@ -65,8 +65,9 @@ class Recorder:
         self.cache_code: Optional[list] = None   # (request, cache code) per output-cache lookup
         self.budget: Optional[list] = None       # (request, budget result) per request
         self.quality: Optional[list] = None      # (request, good answer, model calls) per routed request
-        self.stage_log: Optional[list] = None    # (request, gate, cache, evaluation, post) seconds per request
+        self.stage_log: Optional[list] = None    # (request, gate, cache, evaluation, post, retrieval) s per request
         self.validation_retries: Optional[dict] = None  # request -> structured-output retries (those retried)
+        self.retrieval_stats: Optional[dict] = None     # the retrieval stage's counters over the whole run
         # Sampled by the monitor: each endpoint's cumulative (busy, area, work, held) counters,
         # and its (replicas serving, replicas held, requests waiting) gauges.
         self.samples: list[tuple[float, dict[str, tuple[float, float, float, float]]]] = []

@@ -45,6 +45,13 @@ def metric_names(workload: Workload) -> list[str]:
             names += ["cache_bypass_share_output", "cache_hit_rate_output", "cache_stale_hit_rate_output"]
         if pipeline.router is not None:
             names += ["quality_good_share", "hops_mean", "escalation_rate"]
+        retrieval = pipeline.retrieval
+        if retrieval is not None:
+            names += ["retrieval_cache_hit_rate"] if retrieval.cache is not None else []
+            if retrieval.embedding is not None:
+                names += ["embedding_batch_size_mean", "embedding_utilisation"]
+                names += ["embedding_cache_hit_rate"] if retrieval.embedding.cache is not None else []
+            names += [f"backend_{b}_{m}" for b in retrieval.backends for m in ("utilisation", "wait_mean_s")]
         if pipeline.budget is not None:
             names.append("budget_truncated_share")
     features = list(dict.fromkeys(f for c in workload.traffic.classes.values() for f in (c.features or {})))
@@ -128,7 +135,7 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
 # ------------------------------------------------------------------ pipeline and ledger
 
 PLAIN_STAGES = ("queue", "prefill", "decode")
-PIPELINE_STAGES = ("gate", "cache", "queue", "prefill", "decode", "evaluation", "post_processing")
+PIPELINE_STAGES = ("gate", "cache", "retrieval", "queue", "prefill", "decode", "evaluation", "post_processing")
 
 
 def stage_times(rec: Recorder) -> dict[str, np.ndarray]:
@@ -136,7 +143,8 @@ def stage_times(rec: Recorder) -> dict[str, np.ndarray]:
 
     queue: arrival (or, with a pipeline, the call's start) to admission; prefill: admission to the first
     token; decode: first to last token. With a pipeline a request's calls are summed (escalations), and
-    gate (rate limits and retries), cache lookup, evaluation and post-processing come from its stage log.
+    gate (rate limits and retries), cache lookup, retrieval, evaluation and post-processing come from
+    its stage log.
     """
     arrival, admit = np.asarray(rec.arrival, dtype=float), np.asarray(rec.admit, dtype=float)
     first, end = np.asarray(rec.first_token, dtype=float), np.asarray(rec.end, dtype=float)
@@ -150,9 +158,9 @@ def stage_times(rec: Recorder) -> dict[str, np.ndarray]:
     sums = lambda values: np.bincount(parent, weights=np.where(ok, values, 0.0), minlength=n)  # noqa: E731
     times = {"queue": np.bincount(parent, weights=np.where(ok, c_admit - c_arrival, c_end - c_arrival), minlength=n),
              "prefill": sums(c_first - c_admit), "decode": sums(c_end - c_first)}
-    log = np.asarray(rec.stage_log, dtype=float).reshape(-1, 5)
+    log = np.asarray(rec.stage_log, dtype=float).reshape(-1, 6)
     index = log[:, 0].astype(np.int64)
-    for k, name in enumerate(("gate", "cache", "evaluation", "post_processing"), start=1):
+    for k, name in enumerate(("gate", "cache", "evaluation", "post_processing", "retrieval"), start=1):
         times[name] = np.zeros(n)
         times[name][index] = log[:, k]
     return {name: times[name] for name in PIPELINE_STAGES}
@@ -194,9 +202,28 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
     if rec.validation_retries is not None:
         retried = sum(n for i, n in rec.validation_retries.items() if arrived[i])
         out["validation_retries_per_request"] = retried / max(float(arrived.sum()), 1.0)
+    out.update(_retrieval_stats(rec.retrieval_stats))
     if rec.budget is not None:
         truncated = np.asarray([r.truncated for i, r in rec.budget if arrived[i]], dtype=bool)
         out["budget_truncated_share"] = float(truncated.mean()) if truncated.size else math.nan
+    return out
+
+
+def _retrieval_stats(stats: Optional[dict]) -> dict[str, float]:
+    """The retrieval stage's caches, embedding batches and backends, over the whole run."""
+    if stats is None:
+        return {}
+    out = {}
+    for key in ("retrieval_cache_hit_rate", "embedding_cache_hit_rate", "embedding_batch_size_mean"):
+        if key in stats:
+            out[key] = float(stats[key])
+    if "utilisation_embedding" in stats:
+        out["embedding_utilisation"] = float(stats["utilisation_embedding"])
+    for key, value in stats.items():
+        if key.startswith("utilisation_backend_"):
+            out[f"backend_{key.removeprefix('utilisation_backend_')}_utilisation"] = float(value)
+        elif key.startswith("backend_") and key.endswith("_wait_mean_s"):
+            out[key] = float(value)
     return out
 
 

@@ -19,6 +19,7 @@ from sim.metrics.recorder import COMPLETED, REJECTED, Recorder
 from .budget import TokenBudget
 from .caches import HIT, STALE_HIT, Cache
 from .events import call_later
+from .retrieval import Retrieval
 from .streams import BlockSampler, Streams
 
 Submit = Callable[[int], None]
@@ -53,6 +54,8 @@ class Lifecycle:
         self.post = (BlockSampler(spec.post_processing_s.sample, streams.rng("pipeline.post_processing"))
                      if spec.post_processing_s is not None else None)
         self.router = Routing(spec, workload, streams) if spec.router is not None else None
+        self.retrieval = (Retrieval(env, spec.retrieval, streams, warm=workload.simulation.warm)
+                          if spec.retrieval is not None else None)
         out = spec.output
         self.streaming = out.streaming
         self.validation = (BlockSampler(lambda rng, n: rng.random(n), streams.rng("pipeline.validation"))
@@ -68,7 +71,7 @@ class Lifecycle:
         # Stage times the calls table cannot tell: (request, gate, cache, evaluation, post-processing) seconds.
         recorder.stage_log = []
         self.started: dict[int, float] = {}
-        self.spent: dict[int, list[float]] = {}   # request -> [cache, evaluation, post-processing] seconds
+        self.spent: dict[int, list[float]] = {}   # request -> [cache, evaluation, post-processing, retrieval] s
         for endpoint in endpoints:
             endpoint.on_done = self.call_done
 
@@ -77,7 +80,7 @@ class Lifecycle:
         """Request i passed the rate limits: build its prompt, look in the cache, else call the model."""
         rec = self.rec
         self.started[i] = self.env.now
-        self.spent[i] = [0.0, 0.0, 0.0]
+        self.spent[i] = [0.0, 0.0, 0.0, 0.0]
         if self.budgets is not None:
             result = self.budgets[rec.cls[i]].draw()
             rec.budget.append((i, result))
@@ -100,10 +103,30 @@ class Lifecycle:
                 wait = self.spent[i][0] = self.miss_latency()
                 call_later(self.env, wait, self._looked_up, i)
                 return
-        self._call(i)
+        self._prepare_call(i)
 
     def _looked_up(self, event) -> None:
-        self._call(event.value)
+        self._prepare_call(event.value)
+
+    def _prepare_call(self, i: int) -> None:
+        """Retrieve the context (if the pipeline retrieves), then call the model."""
+        if self.retrieval is not None:
+            self.retrieval.run(i, self._retrieved)
+        else:
+            self._call(i)
+
+    def _retrieved(self, i: int) -> None:
+        record = self.retrieval.records[-1]  # request i's, as the retrieval promises inside done
+        self.spent[i][3] += record[2] - record[1]
+        self._call(i)
+
+    def _escalated(self, event) -> None:
+        """Escalation: retrieve more (if the pipeline retrieves), then call the next tier."""
+        i = event.value
+        if self.retrieval is not None:
+            self.retrieval.retrieve_more(i, self._retrieved)
+        else:
+            self._call(i)
 
     def _call(self, i: int) -> None:
         rec = self.rec
@@ -139,7 +162,7 @@ class Lifecycle:
         if self.router is not None:
             wait, again = self._judge(i)
             if again:
-                call_later(self.env, wait, self._looked_up, i)
+                call_later(self.env, wait, self._escalated, i)
                 return
             if wait > 0:
                 call_later(self.env, wait, self._judged, i)
@@ -205,8 +228,8 @@ class Lifecycle:
         rec.end[i] = self.env.now
         if not self.streaming or i in self.retries:  # nothing shows before the whole (validated) answer
             rec.first_token[i] = rec.end[i] if outcome == COMPLETED else rec.first_token[i]
-        cache, evaluation, post = self.spent.pop(i)
-        rec.stage_log.append((i, self.started.pop(i) - rec.arrival[i], cache, evaluation, post))
+        cache, evaluation, post, retrieval = self.spent.pop(i)
+        rec.stage_log.append((i, self.started.pop(i) - rec.arrival[i], cache, evaluation, post, retrieval))
         self.done(i)
 
 

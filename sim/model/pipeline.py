@@ -70,6 +70,8 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
             endpoint.on_done = done
     start_monitor(env, endpoints, recorder, sim)
     env.run()
+    if workload.pipeline is not None and lifecycle.retrieval is not None:
+        recorder.retrieval_stats = lifecycle.retrieval.stats(env.now)
     return recorder
 
 
