@@ -229,3 +229,10 @@ def test_retrieval_runs_before_the_call_and_shows_as_a_stage(tmp_path):
     from sim.metrics.summary import stage_times
 
     assert stage_times(rec)["retrieval"] == pytest.approx([0.6])
+
+
+def test_the_time_series_shows_the_cache_warming_up():
+    series = sim.run(ROOT / "workloads/rag-support.yaml", replications=1,
+                     overrides=["simulation.duration_s=1200", "simulation.timeseries_interval_s=60"]).timeseries
+    rate = series["cache_hit_rate_output"].to_numpy()
+    assert rate[0] < 0.5 * np.nanmean(rate[10:])  # cold at the start, warm later

@@ -50,8 +50,22 @@ def timeseries(rec: Recorder, interval: float, duration: float) -> pd.DataFrame:
     bucket = np.searchsorted(edges, arrival, side="right") - 1
     for name, values in (("ttft", first - arrival), ("e2e", end - arrival)):
         out[f"{name}_p95_s"] = _p95_by_bucket(values[done], bucket[done], len(out))
+    if rec.cache_code is not None:  # output-cache hit rate of the lookups made in each interval
+        out["cache_hit_rate_output"] = _cache_hit_rate(rec, arrival, edges)
     out = out.join(_endpoint_series(rec, edges))
     return out
+
+
+def _cache_hit_rate(rec: Recorder, arrival: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    from sim.model.caches import BYPASS, HIT, STALE_HIT
+
+    log = np.asarray(rec.cache_code, dtype=np.int64).reshape(-1, 2)
+    looked = log[log[:, 1] != BYPASS]
+    when = arrival[looked[:, 0]]
+    lookups = np.histogram(when, edges)[0]
+    hits = np.histogram(when[np.isin(looked[:, 1], (HIT, STALE_HIT))], edges)[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(lookups > 0, hits / np.maximum(lookups, 1), np.nan)
 
 
 def _p95_by_bucket(values: np.ndarray, bucket: np.ndarray, n: int) -> np.ndarray:

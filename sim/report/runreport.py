@@ -75,6 +75,11 @@ def make_run_figures(series: pd.DataFrame, endpoints: list[str], out: Path, name
                     + [(f"replicas_serving_{e}", f"{e} serving") for e in endpoints]),
                    ("utilisation", [(f"utilisation_{e}", e) for e in endpoints])])),
     ]
+    if "cache_hit_rate_output" in series:
+        figures.append(Figure("timeseries_cache", "Output-cache hit rate over time",
+                              "Hits per lookup of the requests arriving in each interval: cold to warm.",
+                              _plot(series, out, "timeseries_cache", f"{name}: output-cache hit rate", [
+                                  ("hit rate", [("cache_hit_rate_output", "output cache")])])))
     return figures
 
 
