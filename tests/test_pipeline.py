@@ -84,9 +84,11 @@ def test_the_ledger_shares_every_dollar_of_the_run():
     # Self-hosted: the ledger shares the bill of the replicas held over the run (2 replicas x 300 s at $3/h)
     # among the calls, by the work each did.
     book = sim.run(ROOT / "workloads/rag-support.yaml", replications=1, overrides=["simulation.duration_s=300"]).ledger
-    api = book["endpoint"] == "gpt4o"  # API calls cost their tokens: $2.50 / $10 per million in / out
+    api = book["endpoint"] == "gpt4o"  # API calls cost their tokens: $2.50 / $10 per million in / out,
+    cached = book["tokens_in_cached"][api].sum()  # prompt-cache reads at half price (writes at full price)
+    assert cached > 0
     assert book["usd"][api].sum() == pytest.approx(
-        (book["tokens_in"][api].sum() * 2.5 + book["tokens_out"][api].sum() * 10) / 1e6)
+        ((book["tokens_in"][api].sum() - cached * 0.5) * 2.5 + book["tokens_out"][api].sum() * 10) / 1e6)
     book = book[~api]
     assert book["usd"].sum() == pytest.approx(2 * 3.00 * 300 / 3600, rel=1e-12)
     assert (book["usd"] > 0).all()
@@ -236,3 +238,46 @@ def test_the_time_series_shows_the_cache_warming_up():
                      overrides=["simulation.duration_s=1200", "simulation.timeseries_interval_s=60"]).timeseries
     rate = series["cache_hit_rate_output"].to_numpy()
     assert rate[0] < 0.5 * np.nanmean(rate[10:])  # cold at the start, warm later
+
+
+PREFIX_BUDGET = {"context_window_tokens": 100000, "output_reserve_tokens": 100,
+                 "sections": {"system": {"tokens": 2000, "priority": 0, "min_tokens": "all"},
+                              "question": {"tokens": 100, "priority": 0, "min_tokens": "all"}},
+                 "cacheable_prefix": ["system"]}
+PROMPT_CACHE = {"min_tokens": 1024, "ttl_s": 10, "read_price_multiplier": 0.1, "write_price_multiplier": 1.25}
+
+
+def test_prompt_caching_bills_reads_and_writes_at_their_prices(tmp_path):
+    # One user; calls at 0 and 5 (within the 10 s TTL) and at 30 (expired): write, read, write.
+    api = {**API, "prompt_cache": PROMPT_CACHE}
+    spec = workload(tmp_path, [0.0, 5.0, 30.0], {"budget": PREFIX_BUDGET}, api)
+    from sim.metrics.ledger import ledger
+
+    book = ledger(simulate(spec), spec)
+    assert book["tokens_in_cached"].tolist() == [0, 2000, 0]
+    assert book["tokens_in_cache_written"].tolist() == [2000, 0, 2000]
+    # $1/M in, $2/M out: write 2000 x 1.25 + 100 plain; read 2000 x 0.1 + 100; 10 output tokens each.
+    expected = [(2000 * 1.25 + 100) / 1e6 + 20 / 1e6, (2000 * 0.1 + 100) / 1e6 + 20 / 1e6,
+                (2000 * 1.25 + 100) / 1e6 + 20 / 1e6]
+    assert book["usd"].tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_short_prefix_is_never_cached(tmp_path):
+    api = {**API, "prompt_cache": {**PROMPT_CACHE, "min_tokens": 4096}}
+    rec = simulate(workload(tmp_path, [0.0, 5.0], {"budget": PREFIX_BUDGET}, api))
+    assert rec.calls.cached_tokens == {0: (0, 0), 1: (0, 0)}
+
+
+def test_a_self_hosted_prefix_cache_skips_prefill(tmp_path):
+    # Step time 10 ms + 0.1 ms per prefill token; 2100-token prompts, budget 8192 tokens a step, 1 output token.
+    engine = {"kind": "self_hosted", "max_batch": 4, "engine": {"max_batch_tokens": 8192, "step_time": {
+        "base_s": 0.01, "per_decode_seq_s": 0.0, "per_prefill_token_s": 0.0001}}, "prompt_cache": PROMPT_CACHE}
+    rec = simulate(workload(tmp_path, [0.0, 5.0], {"budget": PREFIX_BUDGET}, engine, output=1))
+    # The first prefills all 2100 tokens: 10 + 210 ms; the second only the 100 after the cached 2000: 10 + 10 ms.
+    ttft = np.asarray(rec.first_token) - np.asarray(rec.arrival)
+    assert ttft == pytest.approx([0.22, 0.02])
+
+
+def test_prompt_cache_needs_a_cacheable_prefix(tmp_path):
+    with pytest.raises(ValueError, match="prompt_cache: needs pipeline.budget with a cacheable_prefix"):
+        workload(tmp_path, [0.0], {}, {**API, "prompt_cache": PROMPT_CACHE})

@@ -138,6 +138,21 @@ class Queue(Block):
     hold_back: Optional[HoldBack] = Field(None, description="Hold low-priority work back while busy.")
 
 
+class PromptCache(Block):
+    """Prompt (prefix) caching: a prompt's cacheable prefix (the budget's `cacheable_prefix` sections) seen
+    within `ttl_s` is not computed again. An API bills cached tokens at `read_price_multiplier` of the input
+    price and newly written ones at `write_price_multiplier`; a self-hosted engine skips their prefill.
+    """
+
+    min_tokens: int = Field(1024, ge=0, description="Prefixes shorter than this are never cached (providers' minimum).")
+    scope: Literal["user", "class"] = Field(
+        "user", description="Who shares a prefix: each user (it holds their memory) or the whole class (system only)."
+    )
+    ttl_s: float = Field(300.0, gt=0, description="An entry lives this long after its last use.")
+    read_price_multiplier: float = Field(0.5, ge=0, description="API: price of a cached input token, times the input price.")
+    write_price_multiplier: float = Field(1.0, ge=0, description="API: price of a newly cached input token, times it.")
+
+
 class Connections(Block):
     """A client connection pool: the first request on each new connection pays a handshake."""
 
@@ -176,6 +191,7 @@ class SelfHosted(Block):
         None, description="Plain service time per request instead of the engine: each of max_batch slots serves one request."
     )
     queue: Queue = Field(default_factory=Queue, description="Queue discipline, capacity, hold-back.")
+    prompt_cache: Optional[PromptCache] = Field(None, description="Prefix cache: cached prompt tokens skip prefill.")
     cold_start_s: float = Field(0.0, ge=0, description="Model load time before a new replica serves (at start too, unless --warm).")
     autoscale: Optional[Autoscale] = Field(None, description="Add and remove replicas with the load.")
     connections: Optional[Connections] = Field(None, description="Client connection pool to the replicas.")
@@ -210,6 +226,7 @@ class Api(Block):
     price_per_mtok_out: float = Field(0.0, ge=0, description="USD per million output tokens.")
     queue: Queue = Field(default_factory=Queue, description="Queue discipline, capacity, hold-back (on our side).")
     limits: Optional[ProviderLimits] = Field(None, description="The provider's RPM/TPM limits (429 with retry-after).")
+    prompt_cache: Optional[PromptCache] = Field(None, description="The provider's prompt caching and its prices.")
     connections: Optional[Connections] = Field(None, description="Client connection pool to the provider.")
 
     @model_validator(mode="after")
@@ -262,6 +279,11 @@ class Workload(Block):
                     raise ValueError(
                         f"traffic.classes.{cls_name}.endpoint: unknown model {endpoint!r} (known: {', '.join(names)})"
                     )
+        budget = self.pipeline.budget if self.pipeline is not None else None
+        for name, model in self.models.items():
+            if model.prompt_cache is not None and (budget is None or not budget.cacheable_prefix):
+                raise ValueError(f"models.{name}.prompt_cache: needs pipeline.budget with a cacheable_prefix "
+                                 "(the prompt sections that repeat)")
         router = self.pipeline.router if self.pipeline is not None else None
         if router is not None:
             for tier in router.tiers:

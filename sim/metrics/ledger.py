@@ -18,6 +18,24 @@ from sim.model.offered import full_batch
 from .recorder import COMPLETED, Recorder
 
 
+def cache_columns(calls: Recorder) -> tuple[np.ndarray, np.ndarray]:
+    """Per call: prompt tokens read from a prompt cache, and written to it (zeros without caches)."""
+    n = len(calls.arrival)
+    read, written = np.zeros(n), np.zeros(n)
+    for c, (r, w) in (calls.cached_tokens or {}).items():
+        read[c], written[c] = r, w
+    return read, written
+
+
+def api_usd(model: Api, prompt: np.ndarray, output: np.ndarray, read: np.ndarray, written: np.ndarray) -> np.ndarray:
+    """Dollars of API calls: input at its price, cached reads and cache writes at their multipliers, output."""
+    cache = model.prompt_cache
+    plain = prompt - read - written
+    tokens_in = (plain + read * cache.read_price_multiplier + written * cache.write_price_multiplier
+                 if cache is not None else prompt)
+    return (tokens_in * model.price_per_mtok_in + output * model.price_per_mtok_out) / 1e6
+
+
 def ledger(rec: Recorder, workload: Workload) -> pd.DataFrame:
     """One row per model call of the run (a request answered without a call has none)."""
     calls = rec.calls if rec.calls is not None else rec
@@ -28,11 +46,12 @@ def ledger(rec: Recorder, workload: Workload) -> pd.DataFrame:
     output = np.asarray(calls.output, dtype=float)
     completed = np.asarray(calls.outcome) == COMPLETED
     usd = np.zeros(n)
+    read, written = cache_columns(calls)
     held = rec.samples[-1][1] if rec.samples else {}
     for k, (name, model) in enumerate(workload.models.items()):
         mine = (endpoint == k) & completed
         if isinstance(model, Api):
-            usd[mine] = (prompt[mine] * model.price_per_mtok_in + output[mine] * model.price_per_mtok_out) / 1e6
+            usd[mine] = api_usd(model, prompt[mine], output[mine], read[mine], written[mine])
             continue
         work = _work(calls, model, workload, name, mine, prompt, output)
         bill = model.gpu_hourly_usd * held.get(name, (0, 0, 0, 0))[3] / 3600.0
@@ -47,6 +66,8 @@ def ledger(rec: Recorder, workload: Workload) -> pd.DataFrame:
         "endpoint": pd.Categorical.from_codes(endpoint, calls.endpoint_names),
         "arrival_s": np.asarray(calls.arrival, dtype=float),
         "tokens_in": prompt.astype(np.int64),
+        "tokens_in_cached": read.astype(np.int64),
+        "tokens_in_cache_written": written.astype(np.int64),
         "tokens_out": np.where(completed, output, 0).astype(np.int64),
         "usd": usd,
     })
@@ -57,5 +78,6 @@ def _work(calls: Recorder, model, workload: Workload, name: str, mine: np.ndarra
     if model.engine is None:  # plain service time: the time it held its slot
         return (np.asarray(calls.end, dtype=float) - np.asarray(calls.admit, dtype=float))[mine]
     st = model.engine.step_time
-    return st.per_prefill_token_s * prompt[mine] + output[mine] * (
+    prefilled = np.maximum(prompt - cache_columns(calls)[0], 1)  # cached prefix tokens are not computed
+    return st.per_prefill_token_s * prefilled[mine] + output[mine] * (
         st.per_decode_seq_s + st.base_s / full_batch(workload, name))

@@ -68,6 +68,7 @@ class Recorder:
         self.stage_log: Optional[list] = None    # (request, gate, cache, evaluation, post, retrieval) s per request
         self.validation_retries: Optional[dict] = None  # request -> structured-output retries (those retried)
         self.retrieval_stats: Optional[dict] = None     # the retrieval stage's counters over the whole run
+        self.cached_tokens: Optional[dict] = None       # on calls with prompt caches: call -> (read, written)
         # Sampled by the monitor: each endpoint's cumulative (busy, area, work, held) counters,
         # and its (replicas serving, replicas held, requests waiting) gauges.
         self.samples: list[tuple[float, dict[str, tuple[float, float, float, float]]]] = []

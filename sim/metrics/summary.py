@@ -13,7 +13,7 @@ import pandas as pd
 
 from sim.config.schema import Api, Workload
 
-from .ledger import ledger
+from .ledger import api_usd, cache_columns, ledger
 from .recorder import COMPLETED, EXPIRED, QUEUE_FULL, RATE_LIMITED, REJECTED, Recorder
 from .stats import mser5, t_interval
 
@@ -41,6 +41,8 @@ def metric_names(workload: Workload) -> list[str]:
     names += [f"stage_{s}_{stat}" for s in stages for stat in ("mean_s", "share", "share_p95")]
     if pipeline is not None:
         names += ["model_calls_per_request", "validation_retries_per_request"]
+        if any(getattr(m, "prompt_cache", None) is not None for m in workload.models.values()):
+            names.append("prompt_cached_share")
         if pipeline.output_cache is not None:
             names += ["cache_bypass_share_output", "cache_hit_rate_output", "cache_stale_hit_rate_output"]
         if pipeline.router is not None:
@@ -199,6 +201,9 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
         out["quality_good_share"] = float(rows[:, 0].mean()) if len(rows) else math.nan
         out["hops_mean"] = float(rows[:, 1].mean()) if len(rows) else math.nan
         out["escalation_rate"] = float((rows[:, 1] > 1).mean()) if len(rows) else math.nan
+    if rec.calls.cached_tokens is not None:  # share of the calls' prompt tokens read from prompt caches
+        read = cache_columns(rec.calls)[0][arrived[parent]].sum()
+        out["prompt_cached_share"] = float(read / max(np.asarray(rec.calls.prompt)[arrived[parent]].sum(), 1))
     if rec.validation_retries is not None:
         retried = sum(n for i, n in rec.validation_retries.items() if arrived[i])
         out["validation_retries_per_request"] = retried / max(float(arrived.sum()), 1.0)
@@ -359,11 +364,12 @@ def _costs(rec: Recorder, workload: Workload, window: float, done: np.ndarray, p
         done = done[parent] & (np.asarray(calls.outcome) == COMPLETED)
         prompt, output = np.asarray(calls.prompt, dtype=float), np.asarray(calls.output, dtype=float)
     endpoint = np.asarray(calls.endpoint)
+    read, written = cache_columns(calls)
     total = 0.0
     for k, (name, model) in enumerate(workload.models.items()):
         if isinstance(model, Api):
             mine = done & (endpoint == k)
-            total += (prompt[mine].sum() * model.price_per_mtok_in + output[mine].sum() * model.price_per_mtok_out) / 1e6
+            total += float(api_usd(model, prompt[mine], output[mine], read[mine], written[mine]).sum())
         else:
             total += model.gpu_hourly_usd * counters[name][3] / 3600.0
     completed = throughput * window

@@ -120,8 +120,12 @@ class EngineReplica:
         self._join_now(event.value, self.env.now)
 
     def _join_now(self, i: int, now: float) -> None:
-        """Request i's prompt enters the batch: the engine plans its next step with it."""
-        self.prefilling.append([i, self.rec.prompt[i]])
+        """Request i's prompt enters the batch (less what its prefix cache holds): the engine plans its next step."""
+        cached = self.rec.cached_tokens
+        prompt = self.rec.prompt[i]
+        if cached is not None and i in cached:
+            prompt = max(1, prompt - cached[i][0])  # the last token is always computed: it yields the first output
+        self.prefilling.append([i, prompt])
         phase = self.phase
         if phase == IDLE:
             # Start at the end of this instant, so requests arriving together share the first step.

@@ -19,6 +19,7 @@ from sim.metrics.recorder import COMPLETED, REJECTED, Recorder
 from .budget import TokenBudget
 from .caches import HIT, STALE_HIT, Cache
 from .events import call_later
+from .prompt_cache import PrefixCache
 from .retrieval import Retrieval
 from .streams import BlockSampler, Streams
 
@@ -53,6 +54,11 @@ class Lifecycle:
                 self.cache.prefill_top()
         self.post = (BlockSampler(spec.post_processing_s.sample, streams.rng("pipeline.post_processing"))
                      if spec.post_processing_s is not None else None)
+        self.prompt_caches = [PrefixCache(m.prompt_cache) if m.prompt_cache is not None else None
+                              for m in workload.models.values()]
+        self.prefix: dict[int, int] = {}  # request -> its cacheable prefix tokens (with prompt caches)
+        if any(self.prompt_caches):
+            calls.cached_tokens = {}
         self.router = Routing(spec, workload, streams) if spec.router is not None else None
         self.retrieval = (Retrieval(env, spec.retrieval, streams, warm=workload.simulation.warm)
                           if spec.retrieval is not None else None)
@@ -88,6 +94,8 @@ class Lifecycle:
                 self._end(i, REJECTED)
                 return
             rec.prompt[i] = result.prompt_tokens
+            if self.calls.cached_tokens is not None:
+                self.prefix[i] = result.prefix_tokens
             if rec.output[i] > result.output_budget_tokens:  # the answer cannot outgrow what the window leaves
                 rec.output[i] = max(1, result.output_budget_tokens)
         if self.cache is not None:
@@ -139,6 +147,10 @@ class Lifecycle:
             prompt += tier * self.router.extra_context  # each escalation (a tier up) retrieves more context
         c = self.calls.new(rec.cls[i], endpoint, self.env.now, prompt, rec.output[i], rec.user[i], rec.feature[i])
         self.parent.append(i)
+        cache = self.prompt_caches[endpoint]
+        if cache is not None:
+            key = rec.user[i] if cache.spec.scope == "user" else -1 - rec.cls[i]  # users are >= 0, classes < 0
+            self.calls.cached_tokens[c] = cache.use(key, self.prefix.get(i, 0), self.env.now)
         self.endpoints[endpoint].submit(c)
 
     # --- the way out ----------------------------------------------------------------
@@ -224,6 +236,7 @@ class Lifecycle:
 
     def _end(self, i: int, outcome: int) -> None:
         rec = self.rec
+        self.prefix.pop(i, None)
         rec.outcome[i] = outcome
         rec.end[i] = self.env.now
         if not self.streaming or i in self.retries:  # nothing shows before the whole (validated) answer
