@@ -19,7 +19,7 @@ import pytest
 
 from sim.cli import main
 from sim.report.figures import (
-    FIGURES, FigureSet, config_label, make_figures, pareto_frontier, plot_latency, prepare_points, short_names,
+    FIGURES, OPTIONAL, FigureSet, config_label, make_figures, pareto_frontier, plot_latency, prepare_points, short_names,
 )
 from sim.report.review import answer, build_report, fmt_latency, fmt_usd, load_sweep, render_markdown, write_report
 
@@ -43,6 +43,8 @@ WORKLOAD = {
                            "engine": {"max_batch_tokens": 8192}, "service_time": None}},
     "slo": {"ttft_s": 1.0, "e2e_s": 10.0},
 }
+
+ALWAYS = [f for f in FIGURES if f[0] not in OPTIONAL]  # drawn for every sweep; the rest need their metric
 
 
 def experiment(**changes) -> dict:
@@ -210,7 +212,7 @@ def test_number_formats():
 
 
 def test_every_figure_is_written_as_png_and_svg(sweep_dir, report):
-    for name, _, _ in FIGURES:
+    for name, _, _ in ALWAYS:
         png, svg = sweep_dir / "figures" / f"{name}.png", sweep_dir / "figures" / f"{name}.svg"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
         assert "<svg" in svg.read_text()[:2000] and svg.stat().st_size > 10_000, name
@@ -240,7 +242,7 @@ def test_figures_without_a_load_axis_use_the_first_axis(tmp_path):
 def test_figures_are_skipped_with_a_reason_when_nothing_ran(tmp_path):
     results = results_frame().assign(status="failed")
     made = make_figures(prepare_points(results, experiment()), experiment(), tmp_path)
-    assert not made.made and len(made.skipped) == len(FIGURES)
+    assert not made.made and len(made.skipped) == len(ALWAYS)
     assert all("no point" in why or "no " in why for why in made.skipped.values())
 
 
@@ -291,7 +293,7 @@ def test_html_is_self_contained_and_embeds_every_figure(sweep_dir, report):
     assert "<link" not in page and "<script" not in page
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     assert "http://" not in text and "https://" not in text and "url(" not in text
-    for name, title, _ in FIGURES:
+    for name, title, _ in ALWAYS:
         data = base64.b64encode((sweep_dir / "figures" / f"{name}.png").read_bytes()).decode()
         assert data in page, name
         assert f"](figures/{name}.png)" in md and f"### {title}" in md
@@ -370,3 +372,19 @@ def test_crossings_by_hand():
     # a - b = [2, 1, -1, -3]: one sign change between x=2 and x=3, halfway.
     assert crossings([1, 2, 3, 4], [3, 3, 3, 3], [1, 2, 4, 6]) == [2.5]
     assert crossings([1, 2], [1, 1], [2, 2]) == []
+
+
+def test_cost_vs_quality_is_drawn_only_for_routed_sweeps(tmp_path):
+    from sim.report.figures import make_figures, plot_cost_quality
+
+    experiment = {"name": "q", "axes": {"pipeline.router.policy": ["fixed", "threshold"]}, "variants": {},
+                  "load_axis": "traffic.rate_scale", "slo": {}}
+    points = pd.DataFrame({"point": [0, 1], "variant": ["base", "base"], "config": ["base", "base"],
+                           "pipeline.router.policy": ["fixed", "threshold"], "offered_load_rps": [5.0, 5.0],
+                           "cost_per_1k_usd": [4.6, 5.8], "quality_good_share": [0.78, 0.80],
+                           "cost_per_hour_usd": [10.0, 12.0], "e2e_p95_s": [8.0, 8.5]})
+    paths = plot_cost_quality(points, experiment, tmp_path)
+    assert all(p.stat().st_size > 5_000 for p in paths)
+    names = [f.name for f in make_figures(points.drop(columns="quality_good_share"), experiment, tmp_path).made]
+    assert "cost_vs_quality" not in names
+    assert "cost_vs_quality" in [f.name for f in make_figures(points, experiment, tmp_path).made]

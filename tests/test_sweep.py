@@ -215,3 +215,11 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
     lines.update("base: replicas=4", False)
     assert log.text.splitlines()[0].startswith("points 1/2 ok: base: replicas=2 [elapsed")
     assert "points 2/2 FAILED: base: replicas=4" in log.text
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_experiment_loads_and_expands(path):
+    exp = load_experiment(path)
+    points = exp.points()
+    assert points and len({p.key for p in points}) == len(points)
+    exp.workload(points[-1].overrides)  # its last point validates too

@@ -472,6 +472,34 @@ def plot_cost_latency(points: pd.DataFrame, experiment: dict, out_dir: Path) -> 
         return _save(fig, out_dir, "cost_vs_latency")
 
 
+def plot_cost_quality(points: pd.DataFrame, experiment: dict, out_dir: Path) -> list[Path]:
+    """Cost per 1k requests against the share of good answers, with the Pareto frontier (cheaper and better)."""
+    if points.empty or not _has(points, "quality_good_share") or not _has(points, "cost_per_1k_usd"):
+        raise SkipFigure("the results have no quality_good_share (no router) or cost_per_1k_usd")
+    colours = _colours(points)
+    x_col = x_column(points, experiment)
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(8, 5.2), layout="constrained")
+        for config, df in points.groupby("config", sort=False):
+            ax.errorbar(df["quality_good_share"], df["cost_per_1k_usd"], xerr=_xerr(df, "quality_good_share"),
+                        fmt="o", color=colours[config], markersize=5, alpha=0.8, elinewidth=0.8, capsize=2,
+                        label=config)
+        # Better is cheaper and of higher quality: the frontier of (cost, 1 - quality), both minimised.
+        front = points.iloc[pareto_frontier(points["cost_per_1k_usd"].to_numpy(float),
+                                            1.0 - points["quality_good_share"].to_numpy(float))]
+        front = front.sort_values("quality_good_share")
+        ax.plot(front["quality_good_share"], front["cost_per_1k_usd"], color="black", linewidth=1.2, marker="o",
+                markersize=10, markerfacecolor="none", label="Pareto frontier")
+        if x_col is not None:
+            for _, row in front.iterrows():
+                ax.annotate(_point_note(row, x_col), (row["quality_good_share"], row["cost_per_1k_usd"]),
+                            fontsize=7, xytext=(6, 4), textcoords="offset points")
+        ax.set(title=_title(experiment, "cost vs answer quality (lower right is better)"),
+               xlabel="good answers (share)", ylabel="cost per 1k requests (USD)")
+        ax.legend(fontsize=8)
+        return _save(fig, out_dir, "cost_vs_quality")
+
+
 def _xerr(df: pd.DataFrame, metric: str) -> Optional[np.ndarray]:
     low, high = f"{metric}_ci95_low", f"{metric}_ci95_high"
     if not _has(df, low):
@@ -526,7 +554,10 @@ FIGURES = (
      "Every point of the sweep; the black line joins the Pareto frontier (no point is both cheaper and faster)."),
     ("utilisation_vs_load", "Utilisation and batch size vs offered load",
      "Share of capacity in use and the mean number of requests running on a busy replica."),
+    ("cost_vs_quality", "Cost vs answer quality",
+     "Every point of the sweep; the black line joins the Pareto frontier (no point is both cheaper and better)."),
 )
+OPTIONAL = {"cost_vs_quality": "quality_good_share"}  # drawn only when the sweep has this metric
 
 
 def make_figures(points: pd.DataFrame, experiment: dict, out_dir: Path,
@@ -538,9 +569,12 @@ def make_figures(points: pd.DataFrame, experiment: dict, out_dir: Path,
         "cost_per_1k_vs_load": lambda: plot_cost_per_1k(points, experiment, out_dir),
         "cost_vs_latency": lambda: plot_cost_latency(points, experiment, out_dir),
         "utilisation_vs_load": lambda: plot_utilisation(points, experiment, out_dir),
+        "cost_vs_quality": lambda: plot_cost_quality(points, experiment, out_dir),
     }
     out = FigureSet()
     for name, title, caption in FIGURES:
+        if name in OPTIONAL and OPTIONAL[name] not in points.columns:
+            continue
         try:
             out.made.append(Figure(name, title, caption, draw[name]()))
         except SkipFigure as why:
