@@ -48,14 +48,16 @@ def offered_utilisation(workload: Workload) -> dict[str, float]:
     classes = workload.traffic.classes
     passed, provider = rates_past_limits(
         workload, {n: open_loop_rate(c) * workload.traffic.rate_scale for n, c in classes.items()}, _tokens)
+    prompt = _budget_prompt(workload)  # both sample 100k draws: once, not per class
     result = {}
     for name, model in workload.models.items():
+        batch = full_batch(workload, name)
         load = 0.0
         for cname, cls in classes.items():
             share = cls.endpoint_mix().get(name, 0.0)
             rate = passed[cname] * share * provider[name]
             if rate > 0:
-                load += rate * _work_per_request(model, cls, full_batch(workload, name), _budget_prompt(workload))
+                load += rate * _work_per_request(model, cls, batch, prompt)
         result[name] = load / _servers(model)
     return result
 

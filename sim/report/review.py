@@ -180,13 +180,15 @@ def _target_text(experiment: dict, capacity: dict) -> str:
     return f"{capacity.get('load_axis', load_axis(experiment))}={target:g}"
 
 
-def _at_search_ceiling(config: dict, experiment: dict) -> bool:
+def _at_search_ceiling(config: dict) -> bool:
     """Whether the SLO held even at the search's highest load, so the true maximum is higher."""
-    if "at_least" in config:
-        return bool(config["at_least"])
-    search = experiment.get("capacity") or {}
-    high, tol = search.get("high"), search.get("tolerance", 0.02)
-    return high is not None and float(config["max_load"]) >= high * (1 - tol)
+    return bool(config.get("at_least"))  # the sweep writes it on every finished search
+
+
+def _max_load_value(config: dict) -> str:
+    """A config's max load for people: in req/s when known, else in load-axis units."""
+    rps = config.get("max_load_rps")
+    return fmt_rps(rps) if rps is not None else f"load {config['max_load']:g}"
 
 
 def _max_load_text(config: dict, experiment: dict) -> str:
@@ -195,9 +197,9 @@ def _max_load_text(config: dict, experiment: dict) -> str:
     if config.get("max_load") is None:
         return "fails the SLO even at the lowest load tried"
     rps = config.get("max_load_rps")
-    text = fmt_rps(rps) if rps is not None else f"load {config['max_load']:g}"
+    text = _max_load_value(config)
     ratio = _times_base(rps, experiment) if rps is not None else f"{config['max_load']:g}x"
-    at_least = "at least " if _at_search_ceiling(config, experiment) else ""
+    at_least = "at least " if _at_search_ceiling(config) else ""
     return f"{at_least}{text} ({ratio} today's load)" if ratio != "–" else at_least + text
 
 
@@ -404,14 +406,12 @@ def _max_load_cell(config: dict, experiment: dict) -> str:
         return "search failed"
     if config.get("max_load") is None:
         return "fails at the lowest load"
-    rps = config.get("max_load_rps")
-    text = fmt_rps(rps) if rps is not None else f"load {config['max_load']:g}"
-    return ("≥ " if _at_search_ceiling(config, experiment) else "") + text
+    return ("≥ " if _at_search_ceiling(config) else "") + _max_load_value(config)
 
 
 def _unlimited(config: dict, experiment: dict) -> str:
     ok = config.get("max_load") is not None and not config.get("error")
-    return "nothing up to the search's highest load" if ok and _at_search_ceiling(config, experiment) else "–"
+    return "nothing up to the search's highest load" if ok and _at_search_ceiling(config) else "–"
 
 
 def capacity_table(sweep: Sweep) -> Optional[Table]:
