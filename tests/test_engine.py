@@ -86,3 +86,77 @@ def test_identical_steps_are_jumped_over_in_one_event():
     busy, area, work, held = replica.counters(rec.end[0])
     assert busy == pytest.approx(rec.end[0]) and area == pytest.approx(rec.end[0]) and held == rec.end[0]
     assert work == pytest.approx(10 * 0.0001 + 999 * (0.001 + 0.01 / 4), rel=1e-12)
+
+
+def cancel_at(env, endpoint, t, i):
+    """Cancel request i at time t (as a time limit would)."""
+    from sim.metrics.recorder import TIMED_OUT
+
+    call_later(env, t, lambda e: endpoint.cancel(i, TIMED_OUT))
+
+
+def replay_with_cancels(requests, cancels, max_batch=1, kv_cache_tokens=1000):
+    env = simpy.Environment()
+    rec = Recorder(["c"], ["m"])
+    endpoint = Endpoint(env, "m", 0, rec)
+    engine = Engine(max_batch_tokens=100, kv_cache_tokens=kv_cache_tokens, step_time=COEFFS)
+    endpoint.servers = [EngineReplica(env, endpoint, 0, max_batch, engine, rec, None)]
+    for t, prompt, output in requests:
+        call_later(env, t, lambda e, p=prompt, o=output: endpoint.submit(rec.new(0, 0, env.now, p, o)))
+    for t, i in cancels:
+        cancel_at(env, endpoint, t, i)
+    env.run()
+    return rec, endpoint.servers[0]
+
+
+def test_a_cancelled_sequence_leaves_the_batch_at_the_end_of_the_step_in_progress():
+    from sim.metrics.recorder import TIMED_OUT
+
+    # R0 (10 + 100 tokens) alone: first token at 0.011, then decode steps of 11 ms. Cancelled at 0.05,
+    # within its 4th decode step (0.044..0.055): 1 + 3 tokens made; it leaves at 0.055, where R1
+    # (waiting: max_batch 1) is admitted: 11 ms prefill, one 11 ms decode step, done at 0.077.
+    rec, replica = replay_with_cancels([(0.0, 10, 100), (0.02, 10, 2)], [(0.05, 0)])
+    assert rec.outcome == [TIMED_OUT, COMPLETED]
+    assert rec.end == pytest.approx([0.05, 0.077], abs=1e-12)
+    assert rec.admit[1] == pytest.approx(0.055, abs=1e-12)
+    assert rec.generated == {0: 4}
+    assert replica.load == 0 and replica.kv_used == 0 and not replica.decoding and not replica.prefilling
+
+
+def test_a_cancel_during_a_long_prefill_cuts_it_after_the_step_in_progress():
+    from sim.metrics.recorder import TIMED_OUT
+
+    # R0's 250-token prompt takes two full-budget prefill steps of 20 ms (then a third); cancelled at
+    # 0.01, it leaves at 0.02 with no token made. R1 (10 + 1) then runs alone: 11 ms, done at 0.031.
+    rec, replica = replay_with_cancels([(0.0, 250, 5), (0.0, 10, 1)], [(0.01, 0)])
+    assert rec.outcome == [TIMED_OUT, COMPLETED]
+    assert rec.admit[1] == pytest.approx(0.02, abs=1e-12) and rec.end[1] == pytest.approx(0.031, abs=1e-12)
+    assert rec.generated == {0: 0} and rec.first_token[0] != rec.first_token[0]  # NaN: no token shown
+    assert replica.load == 0 and replica.kv_used == 0
+
+
+def test_a_cancelled_request_leaves_the_queue_and_the_next_one_moves_up():
+    from sim.metrics.recorder import TIMED_OUT
+
+    # max_batch 1: R0 runs 0..0.022 (10 + 2 tokens); R1 waits and is cancelled at 0.01; R2 starts at 0.022.
+    rec, replica = replay_with_cancels([(0.0, 10, 2), (0.001, 10, 1), (0.002, 10, 1)], [(0.01, 1)])
+    assert rec.outcome == [COMPLETED, TIMED_OUT, COMPLETED]
+    assert rec.admit[2] == pytest.approx(0.022, abs=1e-12) and rec.end[2] == pytest.approx(0.033, abs=1e-12)
+    assert rec.generated == {1: 0} and replica.endpoint.waiting == 0
+
+
+def test_a_cancelled_decode_that_would_have_ended_in_that_very_step_is_not_reported():
+    from sim.metrics.recorder import TIMED_OUT
+
+    # R0 (10 + 2): its last token is due at 0.022; cancelled at 0.015 it is not reported as completed.
+    done = []
+    env = simpy.Environment()
+    rec = Recorder(["c"], ["m"])
+    endpoint = Endpoint(env, "m", 0, rec)
+    endpoint.on_done = done.append
+    endpoint.servers = [EngineReplica(env, endpoint, 0, 4, Engine(max_batch_tokens=100, step_time=COEFFS), rec, None)]
+    call_later(env, 0.0, lambda e: endpoint.submit(rec.new(0, 0, env.now, 10, 2)))
+    cancel_at(env, endpoint, 0.015, 0)
+    env.run()
+    assert done == [] and rec.outcome == [TIMED_OUT] and rec.generated == {0: 1}
+    assert endpoint.servers[0].load == 0

@@ -71,7 +71,7 @@ def test_every_system_prompt_token_is_paid_on_every_call():
     # every call's prompt grows by exactly 100 (nothing is trimmed: the window is large).
     base = ["pipeline.budget.context_window_tokens=200000", "models.llama8b={kind: api, concurrency: 512, "
             "service_time: 1, price_per_mtok_in: 1.0, price_per_mtok_out: 0}", "simulation.duration_s=300",
-            "pipeline.router=null", "pipeline.escalation=null"]
+            "pipeline.router=null", "pipeline.escalation=null", "pipeline.guardrails=null"]
     a = sim.run(ROOT / "workloads/rag-support.yaml", replications=1, overrides=base)
     b = sim.run(ROOT / "workloads/rag-support.yaml", replications=1,
                 overrides=base + ["pipeline.budget.sections.system.tokens=900"])
@@ -281,3 +281,21 @@ def test_a_self_hosted_prefix_cache_skips_prefill(tmp_path):
 def test_prompt_cache_needs_a_cacheable_prefix(tmp_path):
     with pytest.raises(ValueError, match="prompt_cache: needs pipeline.budget with a cacheable_prefix"):
         workload(tmp_path, [0.0], {}, {**API, "prompt_cache": PROMPT_CACHE})
+
+
+def test_offered_utilisation_follows_the_router_and_escalation():
+    # The threshold router with escalation spreads calls over both tiers; the offered utilisation
+    # (computed from the config) must predict the calls each tier gets in the run.
+    from sim.model.offered import offered_utilisation, routed_calls
+
+    spec = routed({"policy": "threshold", "thresholds": [0.6], "estimate_noise_sd": 0.2},
+                  {"max_hops": 2, "detect_bad": 0.8, "false_alarm": 0.1})
+    predicted = routed_calls(spec)["q"]
+    result = sim.run(spec, replications=1)
+    arrived = len(result.requests)
+    per_tier = result.ledger.groupby("endpoint", observed=False).size() / arrived
+    for tier in ("weak", "strong"):
+        p = predicted[tier][0][0]
+        assert abs(per_tier[tier] - p) <= 4 * (p * (1 - p) / arrived) ** 0.5, tier
+    offered = offered_utilisation(spec)
+    assert offered["strong"] == pytest.approx(50 * predicted["strong"][0][0] * 0.01 / 1000)

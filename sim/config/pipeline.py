@@ -4,6 +4,7 @@
       budget: {...}          # prompt sections trimmed to the context window (sim.config.budget)
       output_cache: {...}    # answers reused for repeated deterministic questions (sim.config.caches)
       post_processing_s: 0.02
+      guardrails: {...}      # time limits, retries, caps and fallbacks (Guardrails below)
 
 Every block is optional; without a `pipeline` a request is one model call, exactly as before.
 """
@@ -14,6 +15,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from .base import Block
+from .limits import Retry
 from .budget import Budget
 from .caches import OutputCacheSpec
 from .distributions import Distribution
@@ -77,6 +79,63 @@ class Output(Block):
         "retried as a non-streaming call, up to max_validation_retries."
     )
     max_validation_retries: int = Field(2, ge=0, description="Validation retries per request at most.")
+    cancel_share: float = Field(
+        0.0, ge=0, le=1, description="Share of streamed answers the user stops reading part-way (decode stops "
+        "there; the tokens never generated are not billed). Only with streaming."
+    )
+    cancel_read_share: Distribution = Field(
+        default_factory=lambda: {"kind": "uniform", "low": 0.0, "high": 1.0}, validate_default=True,
+        description="For an answer the user cancels: the share of it read first (clipped to 0..1; at least a token).",
+    )
+
+
+FALLBACKS = ("smaller_model", "reduced_context", "partial_answer", "try_later")
+
+
+class Guardrails(Block):
+    """Limits on a request's time, tokens, model calls and tool calls; what happens when a call fails.
+
+    A model call fails when it times out (`call_timeout_s`), finds its queue full, expires, is too long or
+    is rate-limited for good. It is retried (`retry`: exponential backoff with jitter) while attempts, time
+    and the caps allow; then the `fallbacks` are tried in the order listed: `smaller_model` (one call to
+    `fallback_model`, default the router's tier below), `reduced_context` (one call with the prompt beyond
+    its cacheable prefix cut to `reduced_context_share`), `partial_answer` (only if some answer exists:
+    what streamed of the last call, or the answer an escalation was improving; the request ends `partial`),
+    `try_later` (the user is told to try again later: outcome `try_later`). With none left the request ends
+    as the call did. At `max_time_s` after arrival whatever runs is cancelled (a model call leaves its batch
+    and frees its place) and only partial_answer and try_later remain.
+    """
+
+    max_time_s: Optional[float] = Field(None, gt=0, description="Per request, from arrival: the deadline.")
+    call_timeout_s: Optional[float] = Field(None, gt=0, description="Per model call, from its send: the timeout.")
+    max_hops: Optional[int] = Field(
+        None, ge=1, description="Model calls per request at most: escalations, validation retries, retries and "
+        "fallbacks included. A further call is not made (an answer in hand stands)."
+    )
+    max_tokens: Optional[int] = Field(
+        None, ge=1, description="Prompt + output tokens over all of a request's model calls; a call that would "
+        "pass it is not made."
+    )
+    max_tool_calls: Optional[int] = Field(
+        None, ge=0, description="Retrieval hops and tool calls per request at most: stages that would pass it "
+        "are skipped."
+    )
+    retry: Retry = Field(
+        default_factory=lambda: Retry(max_attempts=1), description="Retries of a failed call (max_attempts 1: none)."
+    )
+    fallbacks: list[Literal["smaller_model", "reduced_context", "partial_answer", "try_later"]] = Field(
+        default_factory=list, description="Tried in this order once retries are spent."
+    )
+    fallback_model: Optional[str] = Field(None, description="Endpoint of smaller_model (default: the tier below).")
+    reduced_context_share: float = Field(
+        0.5, ge=0, le=1, description="reduced_context keeps this share of the prompt beyond its cacheable prefix."
+    )
+
+    @model_validator(mode="after")
+    def _no_repeats(self) -> "Guardrails":
+        if len(set(self.fallbacks)) != len(self.fallbacks):
+            raise ValueError("fallbacks: each at most once")
+        return self
 
 
 class Pipeline(Block):
@@ -90,10 +149,14 @@ class Pipeline(Block):
     router: Optional[Router] = Field(None, description="Model routing across tiers, with answer quality.")
     escalation: Optional[Escalation] = Field(None, description="Adaptive escalation to stronger tiers (needs a router).")
     post_processing_s: Optional[Distribution] = Field(None, description="Time after the answer (formatting, filters).")
-    output: Output = Field(default_factory=Output, description="Streaming and structured-output validation.")
+    output: Output = Field(default_factory=Output, description="Streaming, user cancels, structured-output validation.")
+    guardrails: Optional[Guardrails] = Field(None, description="Time limits, retries, caps and fallbacks.")
 
     @model_validator(mode="after")
     def _escalation_needs_router(self) -> "Pipeline":
         if self.escalation is not None and self.router is None:
             raise ValueError("escalation: needs a router (its tiers are where escalation goes)")
+        g = self.guardrails
+        if g is not None and "smaller_model" in g.fallbacks and g.fallback_model is None and self.router is None:
+            raise ValueError("guardrails.fallbacks: smaller_model needs fallback_model (or a router's tiers)")
         return self

@@ -293,6 +293,10 @@ class Workload(Block):
                 if cls_name not in self.traffic.classes:
                     raise ValueError(f"pipeline.router: unknown class {cls_name!r} "
                                      f"(known: {', '.join(self.traffic.classes)})")
+        guard = self.pipeline.guardrails if self.pipeline is not None else None
+        if guard is not None and guard.fallback_model is not None and guard.fallback_model not in self.models:
+            raise ValueError(f"pipeline.guardrails.fallback_model: unknown model {guard.fallback_model!r} "
+                             f"(known: {', '.join(names)})")
         for k, limit in enumerate(self.rate_limits):
             for cls_name in limit.classes or []:
                 if cls_name not in self.traffic.classes:

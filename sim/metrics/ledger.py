@@ -6,6 +6,10 @@ run among its calls in proportion to the work each did: full-batch seconds,
 the same measure as utilisation (prompt tokens x per_prefill_token_s + output
 tokens x (per_decode_seq_s + base_s / full batch)), or the service time for a
 plain `service_time` endpoint. So every dollar of the run lands on some call.
+
+A call stopped half-way (a time limit, or the user cancelling the stream) is
+billed its prompt if it reached a server and the output tokens it made; a call
+that never ran (queue full, expired, refused) costs nothing.
 """
 from __future__ import annotations
 
@@ -15,7 +19,22 @@ import pandas as pd
 from sim.config.schema import Api, Workload
 from sim.model.offered import full_batch
 
-from .recorder import COMPLETED, Recorder
+from .recorder import CANCELLED, COMPLETED, TIMED_OUT, Recorder
+
+
+def billed(calls: Recorder) -> tuple[np.ndarray, np.ndarray]:
+    """Per call: whether it is billed, and its output tokens billed (the tokens it made)."""
+    outcome = np.asarray(calls.outcome)
+    output = np.asarray(calls.output, dtype=float)
+    completed = outcome == COMPLETED
+    if not calls.generated:
+        return completed, np.where(completed, output, 0.0)
+    admit, end = np.asarray(calls.admit, dtype=float), np.asarray(calls.end, dtype=float)
+    stopped = np.isin(outcome, (TIMED_OUT, CANCELLED)) & (admit <= end)  # NaN admit: it never reached a server
+    made = np.zeros(len(output))
+    for c, tokens in calls.generated.items():
+        made[c] = tokens
+    return completed | stopped, np.where(completed, output, made)
 
 
 def cache_columns(calls: Recorder) -> tuple[np.ndarray, np.ndarray]:
@@ -43,13 +62,12 @@ def ledger(rec: Recorder, workload: Workload) -> pd.DataFrame:
     parent = np.asarray(calls.parent if calls.parent is not None else range(n), dtype=np.int64)
     endpoint = np.asarray(calls.endpoint, dtype=np.int64)
     prompt = np.asarray(calls.prompt, dtype=float)
-    output = np.asarray(calls.output, dtype=float)
-    completed = np.asarray(calls.outcome) == COMPLETED
+    paid, output = billed(calls)
     usd = np.zeros(n)
     read, written = cache_columns(calls)
     held = rec.samples[-1][1] if rec.samples else {}
     for k, (name, model) in enumerate(workload.models.items()):
-        mine = (endpoint == k) & completed
+        mine = (endpoint == k) & paid
         if isinstance(model, Api):
             usd[mine] = api_usd(model, prompt[mine], output[mine], read[mine], written[mine])
             continue
@@ -65,10 +83,10 @@ def ledger(rec: Recorder, workload: Workload) -> pd.DataFrame:
         "feature": pd.Categorical.from_codes(features, calls.feature_names),
         "endpoint": pd.Categorical.from_codes(endpoint, calls.endpoint_names),
         "arrival_s": np.asarray(calls.arrival, dtype=float),
-        "tokens_in": prompt.astype(np.int64),
-        "tokens_in_cached": read.astype(np.int64),
-        "tokens_in_cache_written": written.astype(np.int64),
-        "tokens_out": np.where(completed, output, 0).astype(np.int64),
+        "tokens_in": np.where(paid, prompt, 0).astype(np.int64),
+        "tokens_in_cached": np.where(paid, read, 0).astype(np.int64),
+        "tokens_in_cache_written": np.where(paid, written, 0).astype(np.int64),
+        "tokens_out": output.astype(np.int64),
         "usd": usd,
     })
 

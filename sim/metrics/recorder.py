@@ -13,10 +13,16 @@ import pandas as pd
 
 NAN = math.nan
 
-COMPLETED, REJECTED, RATE_LIMITED, QUEUE_FULL, EXPIRED = 0, 1, 2, 3, 4
-OUTCOMES = ("completed", "rejected", "rate_limited", "queue_full", "expired")
+COMPLETED, REJECTED, RATE_LIMITED, QUEUE_FULL, EXPIRED, TIMED_OUT, CANCELLED, PARTIAL, TRY_LATER = range(9)
+OUTCOMES = ("completed", "rejected", "rate_limited", "queue_full", "expired", "timed_out", "cancelled", "partial",
+            "try_later")
 # rejected: never fits (longer than the KV cache); rate_limited: a 429 and the client gave up;
-# queue_full: no room to wait; expired: its deadline passed while it waited.
+# queue_full: no room to wait; expired: its deadline passed while it waited; with a pipeline's guardrails:
+# timed_out: stopped at a time limit (a call, or the request with no fallback left); cancelled: the user
+# stopped reading the stream (an answer, cut short by choice); partial: the time limit hit and the user got
+# what had streamed so far, flagged as uncertain; try_later: the user was told to try again later.
+ANSWERED = (COMPLETED, CANCELLED)
+"""Outcomes whose latency counts: the user got the answer (or read as much of it as they wanted)."""
 
 
 class Attempts(dict):
@@ -69,6 +75,8 @@ class Recorder:
         self.validation_retries: Optional[dict] = None  # request -> structured-output retries (those retried)
         self.retrieval_stats: Optional[dict] = None     # the retrieval stage's counters over the whole run
         self.cached_tokens: Optional[dict] = None       # on calls with prompt caches: call -> (read, written)
+        self.generated: dict[int, int] = {}             # stopped before the end (cancelled, timed out): tokens made
+        self.guard_log: Optional[list] = None           # (request, retries, call timeouts, fallback, limit) s
         # Sampled by the monitor: each endpoint's cumulative (busy, area, work, held) counters,
         # and its (replicas serving, replicas held, requests waiting) gauges.
         self.samples: list[tuple[float, dict[str, tuple[float, float, float, float]]]] = []

@@ -13,8 +13,9 @@ import pandas as pd
 
 from sim.config.schema import Api, Workload
 
-from .ledger import api_usd, cache_columns, ledger
-from .recorder import COMPLETED, EXPIRED, QUEUE_FULL, RATE_LIMITED, REJECTED, Recorder
+from .ledger import api_usd, billed, cache_columns, ledger
+from .recorder import (ANSWERED, CANCELLED, COMPLETED, EXPIRED, OUTCOMES, PARTIAL, QUEUE_FULL, RATE_LIMITED,
+                       REJECTED, TIMED_OUT, TRY_LATER, Recorder)
 from .stats import mser5, t_interval
 
 MEASURES = ("queue_wait", "ttft", "e2e")
@@ -40,7 +41,10 @@ def metric_names(workload: Workload) -> list[str]:
     stages = PIPELINE_STAGES if pipeline is not None else PLAIN_STAGES
     names += [f"stage_{s}_{stat}" for s in stages for stat in ("mean_s", "share", "share_p95")]
     if pipeline is not None:
+        names += ["requests_timed_out", "requests_cancelled", "requests_partial", "requests_try_later"]
         names += ["model_calls_per_request", "validation_retries_per_request"]
+        if pipeline.guardrails is not None:
+            names += GUARD_METRICS
         if any(getattr(m, "prompt_cache", None) is not None for m in workload.models.values()):
             names.append("prompt_cached_share")
         if pipeline.output_cache is not None:
@@ -73,7 +77,7 @@ def choose_warmup(rec: Recorder, workload: Workload) -> float:
         return float(warmup)
     arrival = np.asarray(rec.arrival)
     e2e = np.asarray(rec.end) - arrival
-    done = np.asarray(rec.outcome) == COMPLETED
+    done = np.isin(np.asarray(rec.outcome), ANSWERED)
     cut = mser5(e2e[done])
     if cut == 0:
         return 0.0
@@ -97,12 +101,13 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
     output = np.asarray(rec.output, dtype=float)
 
     arrived = arrival >= warmup_s
-    done = arrived & (outcome == COMPLETED)
-    finished_in_window = (outcome == COMPLETED) & (end >= warmup_s) & (end < duration)
+    answered = np.isin(outcome, ANSWERED)  # latency and throughput count answers, cut short by the user or not
+    done = arrived & answered
+    finished_in_window = answered & (end >= warmup_s) & (end < duration)
     m: dict[str, float] = {
         "warmup_s": warmup_s,
         "requests_arrived": float(arrived.sum()),
-        "requests_completed": float(done.sum()),
+        "requests_completed": float((arrived & (outcome == COMPLETED)).sum()),
         "requests_rejected": float((arrived & (outcome == REJECTED)).sum()),
         "requests_queue_full": float((arrived & (outcome == QUEUE_FULL)).sum()),
         "requests_expired": float((arrived & (outcome == EXPIRED)).sum()),
@@ -121,15 +126,15 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
     m["tokens_out_per_s"] = output[finished_in_window].sum() / window
     counters = _window_counters(rec, warmup_s, duration)
     m.update(_endpoint_stats(counters))
-    m.update(_costs(rec, workload, window, done, prompt, output, m["throughput_rps"], counters))
+    m.update(_costs(rec, workload, window, arrived, done, prompt, m["throughput_rps"], counters))
     for name, value in (offered or {}).items():
         m[f"offered_utilisation_{name}"] = value
-    m.update(_cold_and_warm(workload, arrival, first, end, outcome == COMPLETED))
+    m.update(_cold_and_warm(workload, arrival, first, end, answered))
     m.update(_rate_limited(rec, arrived, outcome))
     m.update(_per_class(rec, workload, arrived, done, finished_in_window, outcome, window,
                         {"queue_wait": admit - arrival, "ttft": first - arrival, "e2e": end - arrival}))
     m.update(stage_profile(rec, done))
-    m.update(_pipeline_stats(rec, arrived))
+    m.update(_pipeline_stats(rec, arrived, outcome))
     m.update(_feature_costs(rec, workload, arrived, m["cost_total_usd"]))
     return m
 
@@ -137,16 +142,17 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
 # ------------------------------------------------------------------ pipeline and ledger
 
 PLAIN_STAGES = ("queue", "prefill", "decode")
-PIPELINE_STAGES = ("gate", "cache", "retrieval", "queue", "prefill", "decode", "evaluation", "post_processing")
+PIPELINE_STAGES = ("gate", "cache", "retrieval", "queue", "prefill", "decode", "evaluation", "post_processing",
+                   "retry")
 
 
 def stage_times(rec: Recorder) -> dict[str, np.ndarray]:
     """Seconds each request spent in each stage; per request they add up to its end-to-end latency.
 
     queue: arrival (or, with a pipeline, the call's start) to admission; prefill: admission to the first
-    token; decode: first to last token. With a pipeline a request's calls are summed (escalations), and
-    gate (rate limits and retries), cache lookup, retrieval, evaluation and post-processing come from
-    its stage log.
+    token; decode: first to last token. With a pipeline a request's calls are summed (escalations, retries;
+    a call stopped early counts up to its stop), and gate (rate limits and their retries), cache lookup,
+    retrieval, evaluation, post-processing and retry (guardrail backoff) come from its stage log.
     """
     arrival, admit = np.asarray(rec.arrival, dtype=float), np.asarray(rec.admit, dtype=float)
     first, end = np.asarray(rec.first_token, dtype=float), np.asarray(rec.end, dtype=float)
@@ -154,15 +160,16 @@ def stage_times(rec: Recorder) -> dict[str, np.ndarray]:
         return {"queue": admit - arrival, "prefill": first - admit, "decode": end - first}
     calls, n = rec.calls, arrival.size
     parent = np.asarray(calls.parent, dtype=np.int64)
-    c_arrival, c_admit = np.asarray(calls.arrival, dtype=float), np.asarray(calls.admit, dtype=float)
-    c_first, c_end = np.asarray(calls.first_token, dtype=float), np.asarray(calls.end, dtype=float)
-    ok = np.asarray(calls.outcome) == COMPLETED
-    sums = lambda values: np.bincount(parent, weights=np.where(ok, values, 0.0), minlength=n)  # noqa: E731
-    times = {"queue": np.bincount(parent, weights=np.where(ok, c_admit - c_arrival, c_end - c_arrival), minlength=n),
-             "prefill": sums(c_first - c_admit), "decode": sums(c_end - c_first)}
-    log = np.asarray(rec.stage_log, dtype=float).reshape(-1, 6)
+    c_arrival, c_end = np.asarray(calls.arrival, dtype=float), np.asarray(calls.end, dtype=float)
+    # A call stopped before its admission or its first token spent the rest of its time where it was.
+    c_admit = np.fmin(np.asarray(calls.admit, dtype=float), c_end)
+    c_first = np.fmin(np.fmax(np.asarray(calls.first_token, dtype=float), c_admit), c_end)
+    c_admit, c_first = np.where(np.isnan(c_admit), c_end, c_admit), np.where(np.isnan(c_first), c_end, c_first)
+    sums = lambda values: np.bincount(parent, weights=values, minlength=n)  # noqa: E731
+    times = {"queue": sums(c_admit - c_arrival), "prefill": sums(c_first - c_admit), "decode": sums(c_end - c_first)}
+    log = np.asarray(rec.stage_log, dtype=float).reshape(-1, 7)
     index = log[:, 0].astype(np.int64)
-    for k, name in enumerate(("gate", "cache", "evaluation", "post_processing", "retrieval"), start=1):
+    for k, name in enumerate(("gate", "cache", "evaluation", "post_processing", "retrieval", "retry"), start=1):
         times[name] = np.zeros(n)
         times[name][index] = log[:, k]
     return {name: times[name] for name in PIPELINE_STAGES}
@@ -182,14 +189,22 @@ def stage_profile(rec: Recorder, done: np.ndarray) -> dict[str, float]:
     return out
 
 
-def _pipeline_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
-    """Model calls per request, output-cache hit rates, prompt budget truncation (requests after warm-up)."""
+GUARD_METRICS = ["guard_retries_per_request", "guard_call_timeouts_per_request", "fallback_smaller_model_share",
+                 "fallback_reduced_context_share", "guard_hop_limited_share", "guard_token_limited_share",
+                 "guard_tool_limited_share"]
+
+
+def _pipeline_stats(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> dict[str, float]:
+    """Outcomes, model calls per request, cache hit rates, quality, guardrails, budget truncation (after warm-up)."""
     if rec.calls is None:
         return {}
     from sim.model.caches import BYPASS, HIT, STALE_HIT
 
     parent = np.asarray(rec.calls.parent, dtype=np.int64)
-    out = {"model_calls_per_request": float(arrived[parent].sum() / max(arrived.sum(), 1))}
+    out = {f"requests_{OUTCOMES[code]}": float((arrived & (outcome == code)).sum())
+           for code in (TIMED_OUT, CANCELLED, PARTIAL, TRY_LATER)}
+    out["model_calls_per_request"] = float(arrived[parent].sum() / max(arrived.sum(), 1))
+    out.update(_guard_stats(rec, arrived))
     if rec.cache_code is not None:
         codes = np.asarray([c for i, c in rec.cache_code if arrived[i]], dtype=np.int64)
         looked = codes[codes != BYPASS]
@@ -211,6 +226,23 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
     if rec.budget is not None:
         truncated = np.asarray([r.truncated for i, r in rec.budget if arrived[i]], dtype=bool)
         out["budget_truncated_share"] = float(truncated.mean()) if truncated.size else math.nan
+    return out
+
+
+def _guard_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
+    """Per request after warm-up: guardrail retries and call timeouts, shares answered by each fallback call,
+    shares that met each cap."""
+    if rec.guard_log is None:
+        return {}
+    from sim.model.lifecycle import ANSWER_PATHS, LIMITS
+
+    log = np.asarray([row for row in rec.guard_log if arrived[row[0]]], dtype=np.int64).reshape(-1, 5)
+    n = max(float(arrived.sum()), 1.0)
+    out = {"guard_retries_per_request": log[:, 1].sum() / n, "guard_call_timeouts_per_request": log[:, 2].sum() / n}
+    for path in ("smaller_model", "reduced_context"):
+        out[f"fallback_{path}_share"] = float((log[:, 3] == ANSWER_PATHS.index(path)).sum() / n)
+    for limit, name in (("hops", "hop"), ("tokens", "token"), ("tool_calls", "tool")):
+        out[f"guard_{name}_limited_share"] = float((log[:, 4] == LIMITS.index(limit)).sum() / n)
     return out
 
 
@@ -355,14 +387,14 @@ def _endpoint_stats(counters: dict[str, tuple[float, float, float, float]]) -> d
     return out
 
 
-def _costs(rec: Recorder, workload: Workload, window: float, done: np.ndarray, prompt: np.ndarray,
-           output: np.ndarray, throughput: float, counters: dict) -> dict[str, float]:
+def _costs(rec: Recorder, workload: Workload, window: float, arrived: np.ndarray, done: np.ndarray,
+           prompt: np.ndarray, throughput: float, counters: dict) -> dict[str, float]:
     """Dollars over the window: replica-seconds held x hourly price for self-hosted, tokens for APIs."""
     calls = rec.calls if rec.calls is not None else rec  # with a pipeline, a request may make no call, or several
-    if rec.calls is not None:
-        parent = np.asarray(calls.parent, dtype=np.int64)
-        done = done[parent] & (np.asarray(calls.outcome) == COMPLETED)
-        prompt, output = np.asarray(calls.prompt, dtype=float), np.asarray(calls.output, dtype=float)
+    paid, output = billed(calls)
+    if rec.calls is not None:  # every call of a request arrived in the window, answered or not
+        done = arrived[np.asarray(calls.parent, dtype=np.int64)] & paid
+        prompt = np.asarray(calls.prompt, dtype=float)
     endpoint = np.asarray(calls.endpoint)
     read, written = cache_columns(calls)
     total = 0.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .recorder import COMPLETED, Recorder
+from .recorder import ANSWERED, Recorder
 
 
 def area_before(starts: np.ndarray, ends: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -38,7 +38,7 @@ def timeseries(rec: Recorder, interval: float, duration: float) -> pd.DataFrame:
     end = np.asarray(rec.end, dtype=float)
     first = np.asarray(rec.first_token, dtype=float)
     outcome = np.asarray(rec.outcome)
-    done = outcome == COMPLETED
+    done = np.isin(outcome, ANSWERED)
     left_queue = np.where(np.isnan(admit), end, admit)  # dropped or turned away: it left the queue at its end
     out = pd.DataFrame({"start_s": edges[:-1], "end_s": edges[1:]})
     out["arrivals"] = np.histogram(arrival, edges)[0]

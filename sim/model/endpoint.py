@@ -8,6 +8,7 @@ that keeps low-priority work from filling a busy endpoint.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from typing import Callable, Optional, Protocol
 
@@ -208,6 +209,39 @@ class Endpoint:
         if rec.outcome[i] < 0 and rec.admit[i] != rec.admit[i]:  # still waiting (admit is NaN)
             self.waiting -= 1
             self._finish(i, EXPIRED)
+
+    # --- cancellation -------------------------------------------------------------
+    def allow_cancel(self) -> None:
+        """Calls here may be cancelled: slot servers keep each running call's planned end (to count its tokens)."""
+        for server in self.servers:
+            if hasattr(server, "ends"):
+                server.ends = {}
+
+    def cancel(self, i: int, outcome: int) -> None:
+        """End request i now with `outcome`, wherever it is: a waiting request leaves the queue, a running one
+        its server (which frees its place). `on_done` is not called: the caller ends the request itself.
+
+        The tokens it made go to `recorder.generated` (what is billed of a call stopped half-way).
+        """
+        rec = self.recorder
+        if rec.outcome[i] >= 0:
+            return
+        now = self.env.now
+        rec.outcome[i] = outcome
+        rec.end[i] = now
+        self.pending.pop(i, None)
+        r = rec.replica[i]
+        if r < 0:
+            if rec.admit[i] != rec.admit[i]:  # waiting in the queue (else waiting to retry a provider's 429)
+                self.waiting -= 1
+                if not self.by_priority:
+                    self.fifo.remove(i)   # a priority heap drops it lazily (see _head)
+            rec.generated[i] = 0
+            return
+        server = next(s for s in self.servers + self.retired if s.index == r)
+        rec.generated[i] = server.cancel(i, now)
+        if rec.first_token[i] > now:  # an API's first token was due later: it never showed
+            rec.first_token[i] = math.nan
 
     # --- endings ----------------------------------------------------------------
     def _finish(self, i: int, outcome: int) -> None:

@@ -10,6 +10,11 @@ something changes: a prompt finishes (its first token), a sequence finishes (its
 last token), or a request joins an engine that was only decoding or idle. The
 result is exact, and costs a few events per request rather than one per token.
 
+A running request can be cancelled (its caller gave up: a time limit). As in
+vLLM, where an aborted request leaves at the next scheduler iteration, it stays
+in the step in progress and leaves the batch at that step's end, freeing its
+place and KV; the tokens it made until the cancel are what is billed.
+
 Time is kept in steps: `step` counts the steps completed so far, and a decoding
 sequence is stored in a heap by the step at whose end its last token appears.
 """
@@ -82,6 +87,7 @@ class EngineReplica:
         self.step_s = 0.0
         self.chunk = 0          # prefill tokens per step in this phase
         self.generation = 0     # bumped when a scheduled boundary is superseded
+        self.cancelled = 0      # cancelled sequences still in the batch (they leave at the next boundary)
         # Time-weighted counters.
         self._last = 0.0
         self._busy_time = 0.0
@@ -117,7 +123,10 @@ class EngineReplica:
             self._join_now(i, now)
 
     def _join(self, event) -> None:
-        self._join_now(event.value, self.env.now)
+        i = event.value
+        if self.rec.outcome[i] >= 0:  # cancelled during its handshake: its place was freed then
+            return
+        self._join_now(i, self.env.now)
 
     def _join_now(self, i: int, now: float) -> None:
         """Request i's prompt enters the batch (less what its prefix cache holds): the engine plans its next step."""
@@ -140,6 +149,53 @@ class EngineReplica:
         self._account(now)
         held = (self.retired if self.retired is not None else now) - self.created
         return self._busy_time, self._area, self._work, held
+
+    def cancel(self, i: int, now: float) -> int:
+        """Stop running request i (its outcome is already set by the caller); returns the tokens it made.
+
+        Its place and KV are freed at the end of the step in progress (at once while its handshake
+        runs); the stretch of identical steps in flight is cut there so that happens on time.
+        """
+        self._account(now)
+        if self.rec.admit[i] > now:  # still connecting: nothing computed yet
+            self._release(i)
+            self.endpoint.refill(self)
+            return 0
+        made = self._tokens_made(i, now)
+        self.cancelled += 1
+        if self.phase == DECODE or self.phase == PREFILL:
+            self._cut_after_current_step(now)
+        return made
+
+    def _tokens_made(self, i: int, now: float) -> int:
+        """Output tokens request i has produced by now (0 while its prompt is still being read)."""
+        if self.rec.first_token[i] != self.rec.first_token[i]:  # NaN: no first token yet
+            return 0
+        steps = self.step
+        if self.phase in (DECODE, PREFILL, MIXED) and self.step_s > 0:
+            steps += min(int((now - self.t0) / self.step_s), self.steps)
+        finish = next(f for f, j in self.decoding if j == i)
+        return self.rec.output[i] - (finish - steps)
+
+    def _purge(self) -> None:
+        """Cancelled sequences leave the batch (at a step boundary): their places and KV are free."""
+        outcome = self.rec.outcome
+        kept = deque()
+        for entry in self.prefilling:
+            if outcome[entry[0]] >= 0:
+                self._release(entry[0])
+            else:
+                kept.append(entry)
+        self.prefilling = kept
+        decoding = []
+        for entry in self.decoding:
+            if outcome[entry[1]] >= 0:
+                self._release(entry[1])
+            else:
+                decoding.append(entry)
+        heapq.heapify(decoding)
+        self.decoding = decoding
+        self.cancelled = 0
 
     # --- lifecycle ------------------------------------------------------------
     def _loaded(self, event) -> None:
@@ -172,7 +228,12 @@ class EngineReplica:
             call_later(self.env, max(0.0, self.t0 + self.steps * self.step_s - now), self._boundary, self.generation)
 
     def _wake(self, event) -> None:
-        self._start_phase(self.env.now)
+        now = self.env.now
+        if self.cancelled:  # a prompt cancelled the instant it joined
+            self._account(now)
+            self._purge()
+            self.endpoint.refill(self)
+        self._start_phase(now)
 
     def _start_phase(self, now: float) -> None:
         decoding = self.decoding
@@ -234,6 +295,8 @@ class EngineReplica:
         decoding = self.decoding
         while decoding and decoding[0][0] <= step:
             self._complete(heapq.heappop(decoding)[1], now)
+        if self.cancelled:
+            self._purge()
         self.endpoint.refill(self)
         self._start_phase(now)
 
@@ -250,6 +313,10 @@ class EngineReplica:
             left -= entry[1]
             prefilling.popleft()
             i = entry[0]
+            if rec.outcome[i] >= 0:  # cancelled: it leaves now, with no token shown
+                self.cancelled -= 1
+                self._release(i)
+                continue
             rec.first_token[i] = now
             remaining = rec.output[i] - 1
             if remaining > 0:
@@ -259,12 +326,20 @@ class EngineReplica:
 
     def _complete(self, i: int, now: float) -> None:
         rec = self.rec
+        if rec.outcome[i] >= 0:  # cancelled in its last step: its caller has moved on
+            self.cancelled -= 1
+            self._release(i)
+            return
         rec.end[i] = now
         rec.outcome[i] = COMPLETED
-        self.load -= 1
-        if self.kv_capacity is not None:
-            self.kv_used -= rec.prompt[i] + rec.output[i]
-        if self.load == 0 and not self.serving:  # drained: only a draining replica completes while not serving
-            self.retired = self.env.now
+        self._release(i)
         if self.endpoint.on_done is not None:
             self.endpoint.on_done(i)
+
+    def _release(self, i: int) -> None:
+        """Request i leaves the batch: its place and its KV are free."""
+        self.load -= 1
+        if self.kv_capacity is not None:
+            self.kv_used -= self.rec.prompt[i] + self.rec.output[i]
+        if self.load == 0 and not self.serving:  # drained: only a draining replica completes while not serving
+            self.retired = self.env.now

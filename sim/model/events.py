@@ -6,9 +6,10 @@ component a plain object with its state in attributes.
 """
 from __future__ import annotations
 
+import math
+from heapq import heappop, heappush
+from itertools import count
 from typing import Any, Callable
-
-from heapq import heappush
 
 import simpy
 from simpy.core import NORMAL
@@ -43,3 +44,46 @@ def call_later(env: simpy.Environment, delay: float, callback: Callback, value: 
     # What Environment.schedule does, without its call: this is the hottest line of a run.
     heappush(env._queue, (env._now + delay, NORMAL, next(env._eid), call))
     return call
+
+
+class Timeouts:
+    """Many time limits that rarely fire, on one scheduled event.
+
+    A callback per request for its time limit would cost an event even when the
+    request ended long before, as most do. Here each limit is an entry in a heap
+    of our own; the environment holds one wake-up, for the earliest limit whose
+    owner is still running (`alive(value)`): entries of owners that ended are
+    dropped as they reach the head. `fire(value)` runs exactly at the limit.
+    """
+
+    def __init__(self, env: simpy.Environment, alive: Callable[[Any], bool], fire: Callable[[Any], None]) -> None:
+        self.env = env
+        self.alive = alive
+        self.fire = fire
+        self._heap: list[tuple[float, int, Any]] = []
+        self._seq = count()
+        self._armed = math.inf  # when the wake-up in the environment's queue is due
+
+    def add(self, delay: float, value: Any) -> None:
+        """`fire(value)` after `delay` seconds, if `alive(value)` still holds then."""
+        t = self.env._now + delay
+        heappush(self._heap, (t, next(self._seq), value))
+        if t < self._armed:
+            self._arm(t)
+
+    def _arm(self, t: float) -> None:
+        self._armed = t
+        call_later(self.env, t - self.env._now, self._wake, t)
+
+    def _wake(self, event) -> None:
+        t = event.value
+        if t != self._armed:  # superseded by an earlier wake-up, which re-armed
+            return
+        self._armed = math.inf
+        heap, alive = self._heap, self.alive
+        while heap and (heap[0][0] <= t or not alive(heap[0][2])):
+            due, _, value = heappop(heap)
+            if due <= t and alive(value):
+                self.fire(value)
+        if heap and heap[0][0] < self._armed:
+            self._arm(heap[0][0])

@@ -1,33 +1,77 @@
-"""A request's life in an LLM application: budget, output cache, model call, post-processing.
+"""A request's life in an LLM application: budget, output cache, retrieval, model calls, guardrails, post-processing.
 
 Used when the workload has a `pipeline` block. The request (one row of the
 request recorder, what the user sees) and its model calls (rows of the calls
 recorder, what the endpoints serve) are then distinct: a request answered from
-the cache makes no call. Stages are callbacks, like the rest of the model, so a
-request costs a few events, not a process.
+the cache makes no call, an escalated or retried one makes several. Stages are
+callbacks, like the rest of the model, so a request costs a few events, not a
+process; its state travels with the callbacks in one `_Request`.
+
+With guardrails a request may be stopped at its time limit while a callback
+of it is still scheduled (retrieval, evaluation, a retry's backoff): every
+callback first checks that its request is still running.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import simpy
 
 from sim.config.pipeline import Pipeline
 from sim.config.schema import Workload
-from sim.metrics.recorder import COMPLETED, REJECTED, Recorder
+from sim.metrics.recorder import CANCELLED, COMPLETED, PARTIAL, REJECTED, TIMED_OUT, TRY_LATER, Recorder
 
 from .budget import TokenBudget
 from .caches import HIT, STALE_HIT, Cache
-from .events import call_later
+from .events import Timeouts, call_later
 from .prompt_cache import PrefixCache
+from .ratelimit import RetryPolicy, uniform_pm1
 from .retrieval import Retrieval
 from .streams import BlockSampler, Streams
 
 Submit = Callable[[int], None]
 
 
+# How a request's answer came about, when guardrails stepped in (its guard_log `fallback` field).
+ANSWER_PATHS = ("direct", "smaller_model", "reduced_context")
+# Why a further model call was not made (its guard_log `limit` field).
+LIMITS = ("none", "hops", "tokens", "tool_calls")
+
+
+class _Request:
+    """One request's state while it runs (the recorder holds what stays)."""
+
+    __slots__ = ("i", "started", "cache_s", "evaluation_s", "post_s", "retrieval_s", "retry_s", "hops", "tier",
+                 "difficulty", "cache_key", "prefix", "call", "tokens", "validations", "retries", "timeouts",
+                 "fallback", "path", "limit", "answered", "cancel_tokens", "endpoint", "reduced", "tools")
+
+    def __init__(self, i: int, now: float) -> None:
+        self.i = i
+        self.started = now
+        self.cache_s = self.evaluation_s = self.post_s = self.retrieval_s = self.retry_s = 0.0
+        self.hops = 0            # model calls made
+        self.tier = 0            # router tier of the current (or next) call
+        self.difficulty = -1.0   # drawn with the first routing decision
+        self.cache_key = -1      # output-cache key to store the answer under (-1: none)
+        self.prefix = 0          # cacheable prefix tokens of the prompt
+        self.call = -1           # the call in flight, if any
+        self.tokens = 0          # prompt + output tokens of the calls made
+        self.validations = 0     # structured-output retries
+        self.retries = 0         # guardrail retries of failed calls
+        self.timeouts = 0        # calls stopped by call_timeout_s
+        self.fallback = 0        # next fallback to try (index into guardrails.fallbacks)
+        self.path = 0            # ANSWER_PATHS index of the call being made
+        self.limit = 0           # LIMITS index of a call refused by a cap
+        self.answered = False    # some answer is in hand (an escalation may still be improving it)
+        self.cancel_tokens = 0   # > 0: the user stops reading after this many tokens
+        self.endpoint = -1       # a fallback's endpoint (-1: as routed)
+        self.reduced = False     # the reduced_context fallback is on
+        self.tools = 0           # retrieval hops and tool calls made
+
+
 class Lifecycle:
-    """Runs every request through the pipeline's stages and its model call."""
+    """Runs every request through the pipeline's stages, its model calls and its guardrails."""
 
     def __init__(self, env: simpy.Environment, workload: Workload, recorder: Recorder, calls: Recorder,
                  streams: Streams, endpoints: list, done: Submit) -> None:
@@ -39,7 +83,7 @@ class Lifecycle:
         self.done = done
         self.parent: list[int] = []          # per call: its request
         calls.parent = self.parent
-        self.cache_key: dict[int, int] = {}  # request -> output cache key, while its call runs
+        self.live: dict[int, _Request] = {}  # requests running, by index
         names = list(workload.traffic.classes)
         self.budgets: Optional[list[TokenBudget]] = (
             [TokenBudget(spec.budget, streams, name) for name in names] if spec.budget is not None else None)
@@ -56,7 +100,6 @@ class Lifecycle:
                      if spec.post_processing_s is not None else None)
         self.prompt_caches = [PrefixCache(m.prompt_cache) if m.prompt_cache is not None else None
                               for m in workload.models.values()]
-        self.prefix: dict[int, int] = {}  # request -> its cacheable prefix tokens (with prompt caches)
         if any(self.prompt_caches):
             calls.cached_tokens = {}
         self.router = Routing(spec, workload, streams) if spec.router is not None else None
@@ -67,183 +110,358 @@ class Lifecycle:
         self.validation = (BlockSampler(lambda rng, n: rng.random(n), streams.rng("pipeline.validation"))
                            if out.structured_failure_rate > 0 else None)
         self.failure_rate, self.max_retries = out.structured_failure_rate, out.max_validation_retries
-        self.retries: dict[int, int] = {}
-        recorder.validation_retries = self.retries
-        self.hops: dict[int, int] = {}      # request -> model calls made so far
-        self.tier: dict[int, int] = {}      # request -> tier of its current call
+        recorder.validation_retries = {}
+        self.cancel_share = out.cancel_share if out.streaming else 0.0
+        if self.cancel_share > 0:
+            self.cancel_draw = BlockSampler(lambda rng, n: rng.random(n), streams.rng("pipeline.cancel"))
+            self.read_share = BlockSampler(out.cancel_read_share.sample, streams.rng("pipeline.cancel.read"))
+        self.guard = spec.guardrails
+        if self.guard is not None:
+            g = self.guard
+            jitter = (BlockSampler(uniform_pm1, streams.rng("guardrails.retry"))
+                      if g.retry.jitter > 0 and g.retry.max_attempts > 1 else None)
+            self.retry_policy = RetryPolicy(g.retry, jitter)
+            self.fallback_endpoint = list(workload.models).index(g.fallback_model) if g.fallback_model else -1
+            recorder.guard_log = []
+            outcome, call_outcome = recorder.outcome, calls.outcome
+            self.deadlines = Timeouts(env, lambda r: outcome[r.i] < 0, self._deadline)
+            self.call_timeouts = Timeouts(env, lambda rc: call_outcome[rc[1]] < 0, self._call_timed_out)
+            for endpoint in endpoints:
+                endpoint.allow_cancel()
         recorder.quality = [] if self.router is not None else None
         recorder.cache_code = [] if self.cache is not None else None
         recorder.budget = [] if self.budgets is not None else None
-        # Stage times the calls table cannot tell: (request, gate, cache, evaluation, post-processing) seconds.
+        # Stage times the calls table cannot tell: (request, gate, cache, evaluation, post-processing,
+        # retrieval, retry) seconds.
         recorder.stage_log = []
-        self.started: dict[int, float] = {}
-        self.spent: dict[int, list[float]] = {}   # request -> [cache, evaluation, post-processing, retrieval] s
         for endpoint in endpoints:
             endpoint.on_done = self.call_done
 
     # --- the request's way in -----------------------------------------------------
     def start(self, i: int) -> None:
         """Request i passed the rate limits: build its prompt, look in the cache, else call the model."""
-        rec = self.rec
-        self.started[i] = self.env.now
-        self.spent[i] = [0.0, 0.0, 0.0, 0.0]
+        rec, now = self.rec, self.env.now
+        r = self.live[i] = _Request(i, now)
+        guard = self.guard
+        if guard is not None and guard.max_time_s is not None:
+            self.deadlines.add(max(0.0, rec.arrival[i] + guard.max_time_s - now), r)
+        if self.cancel_share > 0 and self.cancel_draw() < self.cancel_share:
+            read = min(1.0, max(0.0, self.read_share()))
+            r.cancel_tokens = max(1, math.ceil(read * rec.output[i]))
         if self.budgets is not None:
             result = self.budgets[rec.cls[i]].draw()
             rec.budget.append((i, result))
             if result.overflow:  # longer than the context window even trimmed: refused, as a provider would
-                self._end(i, REJECTED)
+                self._end(r, REJECTED)
                 return
             rec.prompt[i] = result.prompt_tokens
-            if self.calls.cached_tokens is not None:
-                self.prefix[i] = result.prefix_tokens
+            r.prefix = result.prefix_tokens
             if rec.output[i] > result.output_budget_tokens:  # the answer cannot outgrow what the window leaves
                 rec.output[i] = max(1, result.output_budget_tokens)
         if self.cache is not None:
             key = self.cache.draw_key()
-            code = self.cache.lookup(key, self.env.now)
+            code = self.cache.lookup(key, now)
             rec.cache_code.append((i, code))
             if code in (HIT, STALE_HIT):
-                wait = self.spent[i][0] = self.hit_latency()
-                call_later(self.env, wait, self._answered_from_cache, i)
+                r.cache_s = self.hit_latency()
+                call_later(self.env, r.cache_s, self._answered_from_cache, r)
                 return
             if key >= 0:  # a miss: the answer will be cached; the lookup itself took a moment
-                self.cache_key[i] = key
-                wait = self.spent[i][0] = self.miss_latency()
-                call_later(self.env, wait, self._looked_up, i)
+                r.cache_key = key
+                r.cache_s = self.miss_latency()
+                call_later(self.env, r.cache_s, self._looked_up, r)
                 return
-        self._prepare_call(i)
+        self._retrieve(r, False)
 
     def _looked_up(self, event) -> None:
-        self._prepare_call(event.value)
+        r = event.value
+        if self.rec.outcome[r.i] < 0:
+            self._retrieve(r, False)
 
-    def _prepare_call(self, i: int) -> None:
-        """Retrieve the context (if the pipeline retrieves), then call the model."""
-        if self.retrieval is not None:
-            self.retrieval.run(i, self._retrieved)
+    def _retrieve(self, r: _Request, more: bool) -> None:
+        """Retrieve the context (more of it for an escalation) if the pipeline retrieves, then call the model."""
+        retrieval = self.retrieval
+        if retrieval is None:
+            self._call(r)
+            return
+        plan = retrieval.escalation_plan if more else retrieval.plan
+        guard = self.guard
+        if guard is not None and guard.max_tool_calls is not None:
+            plan = within(plan, guard.max_tool_calls - r.tools)
+            if len(plan) < len(retrieval.escalation_plan if more else retrieval.plan):
+                r.limit = LIMITS.index("tool_calls")
+            if not plan:
+                self._call(r)
+                return
+            r.tools += sum(len(backends) for backends, _ in plan)
+        if more:
+            retrieval.retrieve_more(r.i, self._retrieved, plan)
         else:
-            self._call(i)
+            retrieval.run(r.i, self._retrieved, plan)
 
     def _retrieved(self, i: int) -> None:
+        r = self.live.get(i)
+        if r is None:  # stopped at its time limit meanwhile
+            return
         record = self.retrieval.records[-1]  # request i's, as the retrieval promises inside done
-        self.spent[i][3] += record[2] - record[1]
-        self._call(i)
+        r.retrieval_s += record[2] - record[1]
+        self._call(r)
 
-    def _escalated(self, event) -> None:
-        """Escalation: retrieve more (if the pipeline retrieves), then call the next tier."""
-        i = event.value
-        if self.retrieval is not None:
-            self.retrieval.retrieve_more(i, self._retrieved)
-        else:
-            self._call(i)
-
-    def _call(self, i: int) -> None:
-        rec = self.rec
-        endpoint, prompt = rec.endpoint[i], rec.prompt[i]
+    # --- model calls ------------------------------------------------------------------
+    def _next_call(self, r: _Request) -> tuple[int, int, int]:
+        """(endpoint, prompt tokens, output tokens) of the call the request would make now."""
+        rec, i = self.rec, r.i
+        endpoint, prompt, output = rec.endpoint[i], rec.prompt[i], rec.output[i]
+        if r.reduced:  # keep the stable prefix; cut what follows (retrieved context, history) to the share
+            prompt = r.prefix + max(1, round((prompt - r.prefix) * self.guard.reduced_context_share))
         if self.router is not None:
-            hop = self.hops.get(i, 0)
-            tier = self.tier[i] if hop else self.router.first_tier(i, rec.cls[i])
-            self.hops[i], self.tier[i] = hop + 1, tier
-            endpoint = rec.endpoint[i] = self.router.endpoints[tier]
-            prompt += tier * self.router.extra_context  # each escalation (a tier up) retrieves more context
-        c = self.calls.new(rec.cls[i], endpoint, self.env.now, prompt, rec.output[i], rec.user[i], rec.feature[i])
+            endpoint = self.router.endpoints[r.tier]
+            prompt += r.tier * self.router.extra_context  # each escalation (a tier up) retrieved more context
+        if r.endpoint >= 0:
+            endpoint = r.endpoint
+        if r.cancel_tokens:
+            output = min(output, r.cancel_tokens)
+        return endpoint, prompt, output
+
+    def _may_call(self, r: _Request) -> bool:
+        """Whether the guardrails' caps allow one more call now (a refusal is recorded in r.limit)."""
+        guard = self.guard
+        if guard is None:
+            return True
+        if guard.max_hops is not None and r.hops >= guard.max_hops:
+            r.limit = LIMITS.index("hops")
+            return False
+        if guard.max_tokens is not None:
+            _, prompt, output = self._next_call(r)
+            if r.tokens + prompt + output > guard.max_tokens:
+                r.limit = LIMITS.index("tokens")
+                return False
+        return True
+
+    def _call(self, r: _Request) -> None:
+        rec, i = self.rec, r.i
+        if r.difficulty < 0 and self.router is not None:
+            r.tier, r.difficulty = self.router.first_tier(rec.cls[i])
+        if r.hops == 0 and not self._may_call(r):  # the first call is over the caps already
+            self._fallback(r, REJECTED, deadline=False)
+            return
+        endpoint, prompt, output = self._next_call(r)
+        rec.endpoint[i] = endpoint
+        r.hops += 1
+        r.tokens += prompt + output
+        now = self.env.now
+        c = r.call = self.calls.new(rec.cls[i], endpoint, now, prompt, output, rec.user[i], rec.feature[i])
         self.parent.append(i)
         cache = self.prompt_caches[endpoint]
         if cache is not None:
             key = rec.user[i] if cache.spec.scope == "user" else -1 - rec.cls[i]  # users are >= 0, classes < 0
-            self.calls.cached_tokens[c] = cache.use(key, self.prefix.get(i, 0), self.env.now)
+            self.calls.cached_tokens[c] = cache.use(key, r.prefix, now)
+        if self.guard is not None and self.guard.call_timeout_s is not None:
+            self.call_timeouts.add(self.guard.call_timeout_s, (r, c))
         self.endpoints[endpoint].submit(c)
 
     # --- the way out ----------------------------------------------------------------
     def call_done(self, c: int) -> None:
-        """A model call ended: its request goes on (post-processing), or ends as the call did."""
+        """A model call ended: its request goes on (evaluation, post-processing), or its failure is handled."""
         i = self.parent[c]
+        r = self.live[i]
+        r.call = -1
         calls, rec = self.calls, self.rec
         rec.admit[i] = calls.admit[c]
         rec.replica[i] = calls.replica[c]
         if calls.outcome[c] != COMPLETED:
-            if self.router is not None:  # no answer to judge: forget the routing state
-                self.hops.pop(i, None)
-                self.tier.pop(i, None)
-                self.router.difficulty.pop(i, None)
-            self._end(i, calls.outcome[c])
+            self._failed(r, calls.outcome[c])
             return
         rec.first_token[i] = calls.first_token[c]
-        if self.validation is not None and self._invalid(i):
-            self._call(i)  # the answer failed validation: ask again, without streaming
+        if r.cancel_tokens:  # the user read what they wanted and stopped the stream there
+            calls.outcome[c] = CANCELLED
+            calls.generated[c] = rec.output[i] = calls.output[c]
+            self._end(r, CANCELLED)
             return
+        r.answered = True
+        if self.validation is not None and self._invalid(r) and self._may_call(r):
+            r.validations += 1
+            self._call(r)  # the answer failed validation: ask again, without streaming
+            return
+        wait = 0.0
         if self.router is not None:
-            wait, again = self._judge(i)
+            wait, again = self._judge(r)
             if again:
-                call_later(self.env, wait, self._escalated, i)
+                call_later(self.env, wait, self._escalated, r)
                 return
-            if wait > 0:
-                call_later(self.env, wait, self._judged, i)
-                return
-        self._answered(i)
-
-    def _invalid(self, i: int) -> bool:
-        """Whether the answer failed structured-output validation and is to be asked for again."""
-        if self.validation() >= self.failure_rate or self.retries.get(i, 0) >= self.max_retries:
-            return False
-        self.retries[i] = self.retries.get(i, 0) + 1
-        return True
-
-    def _judged(self, event) -> None:
-        self._answered(event.value)
-
-    def _answered(self, i: int) -> None:
-        """The final answer is in: cache it, post-process it, end."""
-        key = self.cache_key.pop(i, None)
-        if key is not None:
-            self.cache.insert(key, self.env.now)
         if self.post is not None:
-            wait = self.spent[i][2] = self.post()
-            call_later(self.env, wait, self._post_processed, i)
+            r.post_s = self.post()
+            wait += r.post_s
+        if wait > 0:  # evaluation and post-processing, one after the other: one wait
+            call_later(self.env, wait, self._finished, r)
         else:
-            self._end(i, COMPLETED)
+            self._finish(r)
 
-    def _judge(self, i: int) -> tuple[float, bool]:
+    def _invalid(self, r: _Request) -> bool:
+        """Whether the answer failed structured-output validation and may be asked for again."""
+        return self.validation() < self.failure_rate and r.validations < self.max_retries
+
+    def _judge(self, r: _Request) -> tuple[float, bool]:
         """Evaluate the answer (with escalation, every answer is judged, which takes time): (wait, escalate?).
 
-        A flagged answer goes to the next tier with more context; the final one's quality is recorded.
+        A flagged answer goes to the next tier with more context, if the guardrails allow the call; else
+        (and for the final answer) its quality is recorded.
         """
         router = self.router
-        good = router.good(i, self.tier[i])
+        good = r.difficulty < router.quality[r.tier]
         if router.escalation is None:
             wait, again = 0.0, False
         else:
             wait = router.evaluation()
-            self.spent[i][1] += wait
-            again = (self.tier[i] + 1 < min(router.escalation.max_hops, len(router.endpoints))
+            r.evaluation_s += wait
+            again = (r.path == 0 and r.tier + 1 < min(router.escalation.max_hops, len(router.endpoints))
                      and router.flagged(good))
         if again:
-            self.tier[i] += 1
-            return wait, True
-        self.rec.quality.append((i, good, self.hops.pop(i)))
-        del self.tier[i]
-        del router.difficulty[i]
+            r.tier += 1
+            if self._may_call(r):
+                return wait, True
+            r.tier -= 1
+        self.rec.quality.append((r.i, good, r.hops))
         return wait, False
 
+    def _escalated(self, event) -> None:
+        """Escalation: retrieve more (if the pipeline retrieves), then call the next tier."""
+        r = event.value
+        if self.rec.outcome[r.i] < 0:
+            self._retrieve(r, True)
+
+    def _finished(self, event) -> None:
+        r = event.value
+        if self.rec.outcome[r.i] < 0:
+            self._finish(r)
+
+    def _finish(self, r: _Request) -> None:
+        """The final answer is in and post-processed: cache it, end."""
+        if r.cache_key >= 0:
+            self.cache.insert(r.cache_key, self.env.now)
+        self._end(r, COMPLETED)
+
     def _answered_from_cache(self, event) -> None:
-        i = event.value
+        r = event.value
+        if self.rec.outcome[r.i] >= 0:
+            return
+        rec = self.rec
+        rec.admit[r.i] = rec.first_token[r.i] = self.env.now
+        self._end(r, COMPLETED)
+
+    # --- guardrails --------------------------------------------------------------------
+    def _failed(self, r: _Request, outcome: int) -> None:
+        """A call failed (timed out, queue full, expired, too long, rate-limited): retry, else fall back."""
+        guard = self.guard
+        if guard is None:
+            self._end(r, outcome)
+            return
+        if r.retries + 1 < self.retry_policy.max_attempts and self._may_call(r):
+            r.retries += 1
+            wait = self.retry_policy.wait(r.retries, None)
+            r.retry_s += wait
+            call_later(self.env, wait, self._retry, r)
+            return
+        self._fallback(r, outcome, deadline=False)
+
+    def _retry(self, event) -> None:
+        r = event.value
+        if self.rec.outcome[r.i] < 0:
+            self._call(r)
+
+    def _fallback(self, r: _Request, outcome: int, deadline: bool) -> None:
+        """Try the fallbacks in order from the next untried one; with none that applies, end with `outcome`.
+
+        At the deadline there is no time for another call: only partial_answer and try_later apply.
+        """
+        fallbacks = self.guard.fallbacks if self.guard is not None else ()
+        while r.fallback < len(fallbacks):
+            step = fallbacks[r.fallback]
+            r.fallback += 1
+            if step == "partial_answer":
+                if r.answered:
+                    self._end(r, PARTIAL)
+                    return
+            elif step == "try_later":
+                self._end(r, TRY_LATER)
+                return
+            elif not deadline and self._fall_back_call(r, step):
+                return
+        self._end(r, outcome)
+
+    def _fall_back_call(self, r: _Request, step: str) -> bool:
+        """Make the smaller_model or reduced_context call, if it applies and the caps allow it."""
+        before = (r.tier, r.endpoint, r.reduced)
+        if step == "smaller_model":
+            if self.router is not None:
+                if r.tier == 0:
+                    return False  # nothing smaller than the cheapest tier
+                r.tier -= 1
+            elif self.fallback_endpoint < 0 or self.fallback_endpoint == self.rec.endpoint[r.i]:
+                return False
+            else:
+                r.endpoint = self.fallback_endpoint
+        else:
+            r.reduced = True
+        if not self._may_call(r):
+            r.tier, r.endpoint, r.reduced = before
+            return False
+        r.path = ANSWER_PATHS.index(step)
+        self._call(r)
+        return True
+
+    def _call_timed_out(self, value: tuple[_Request, int]) -> None:
+        r, c = value
+        self._stop_call(r, c)
+        r.timeouts += 1
+        self._failed(r, TIMED_OUT)
+
+    def _deadline(self, r: _Request) -> None:
+        """The request's time is up: stop what runs; a partial answer or "try later" if listed, else timed out."""
+        if r.call >= 0:
+            self._stop_call(r, r.call)
+        self._fallback(r, TIMED_OUT, deadline=True)
+
+    def _stop_call(self, r: _Request, c: int) -> None:
+        """Cancel call c (its batch place or slot is freed); tokens it streamed count as a partial answer."""
+        calls = self.calls
+        self.endpoints[calls.endpoint[c]].cancel(c, TIMED_OUT)
+        r.call = -1
+        rec = self.rec
+        rec.admit[r.i] = calls.admit[c]
+        rec.replica[r.i] = calls.replica[c]
+        if calls.generated[c] > 0:
+            r.answered = True
+            rec.first_token[r.i] = calls.first_token[c]
+
+    def _end(self, r: _Request, outcome: int) -> None:
+        rec, i = self.rec, r.i
+        del self.live[i]
         now = self.env.now
-        rec = self.rec
-        rec.admit[i] = rec.first_token[i] = now
-        self._end(i, COMPLETED)
-
-    def _post_processed(self, event) -> None:
-        self._end(event.value, COMPLETED)
-
-    def _end(self, i: int, outcome: int) -> None:
-        rec = self.rec
-        self.prefix.pop(i, None)
         rec.outcome[i] = outcome
-        rec.end[i] = self.env.now
-        if not self.streaming or i in self.retries:  # nothing shows before the whole (validated) answer
-            rec.first_token[i] = rec.end[i] if outcome == COMPLETED else rec.first_token[i]
-        cache, evaluation, post, retrieval = self.spent.pop(i)
-        rec.stage_log.append((i, self.started.pop(i) - rec.arrival[i], cache, evaluation, post, retrieval))
+        rec.end[i] = now
+        if outcome == COMPLETED and (not self.streaming or r.validations):
+            rec.first_token[i] = now  # nothing shows before the whole (validated) answer
+        elif outcome == PARTIAL and rec.first_token[i] != rec.first_token[i]:
+            rec.first_token[i] = now  # the answer an escalation was improving shows now
+        rec.stage_log.append((i, r.started - rec.arrival[i], r.cache_s, r.evaluation_s, r.post_s, r.retrieval_s,
+                              r.retry_s))
+        if r.validations:
+            rec.validation_retries[i] = r.validations
+        if rec.guard_log is not None and (r.retries or r.timeouts or r.path or r.limit):
+            rec.guard_log.append((i, r.retries, r.timeouts, r.path, r.limit))
         self.done(i)
+
+
+def within(plan: tuple, hops: int) -> tuple:
+    """The first stages of a retrieval plan whose hops add up to at most `hops`."""
+    kept, used = [], 0
+    for stage in plan:
+        used += len(stage[0])
+        if used > hops:
+            break
+        kept.append(stage)
+    return tuple(kept)
 
 
 class Routing:
@@ -267,24 +485,19 @@ class Routing:
         self.evaluation = (BlockSampler(spec.escalation.evaluation_s.sample, streams.rng("escalation.evaluation"))
                            if spec.escalation is not None and spec.escalation.evaluation_s is not None
                            else (lambda: 0.0))
-        self.difficulty: dict[int, float] = {}
 
-    def first_tier(self, i: int, cls: int) -> int:
-        """The tier a request's first call goes to; draws its difficulty."""
+    def first_tier(self, cls: int) -> tuple[int, float]:
+        """(the tier a request's first call goes to, its difficulty). A tier answers well exactly the questions
+        easier than its quality share."""
         d = min(1.0, max(0.0, self.difficulty_draw[cls]()))
-        self.difficulty[i] = d
         spec = self.spec
         if spec.policy == "risk" and self.risky[cls]:
-            return len(self.endpoints) - 1
+            return len(self.endpoints) - 1, d
         if spec.policy == "complexity":
-            return sum(d > t for t in spec.thresholds)
+            return sum(d > t for t in spec.thresholds), d
         if spec.policy == "threshold":
-            return sum(d + self.noise() > t for t in spec.thresholds)
-        return spec.fixed_tier
-
-    def good(self, i: int, tier: int) -> bool:
-        """A tier answers well exactly the questions easier than its quality share."""
-        return self.difficulty[i] < self.quality[tier]
+            return sum(d + self.noise() > t for t in spec.thresholds), d
+        return spec.fixed_tier, d
 
     def flagged(self, good: bool) -> bool:
         """The evaluator's verdict: flags a bad answer with detect_bad, a good one with false_alarm."""

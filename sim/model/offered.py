@@ -3,6 +3,9 @@
 Offered utilisation = arrival rate x work per request / capacity. At or above 1
 an open system has no steady state: its queue grows for as long as it runs.
 Closed-loop classes are left out: a finite population cannot overload a server.
+With a pipeline every request counts as a model call (output-cache hits are not
+known before the run: the figure is the load before the cache); with a router,
+its calls are spread over the tiers as the policy and escalation send them.
 """
 from __future__ import annotations
 
@@ -49,17 +52,65 @@ def offered_utilisation(workload: Workload) -> dict[str, float]:
     passed, provider = rates_past_limits(
         workload, {n: open_loop_rate(c) * workload.traffic.rate_scale for n, c in classes.items()}, _tokens)
     prompt = _budget_prompt(workload)  # both sample 100k draws: once, not per class
+    routed = routed_calls(workload)
     result = {}
     for name, model in workload.models.items():
         batch = full_batch(workload, name)
         load = 0.0
         for cname, cls in classes.items():
-            share = cls.endpoint_mix().get(name, 0.0)
-            rate = passed[cname] * share * provider[name]
-            if rate > 0:
-                load += rate * _work_per_request(model, cls, batch, prompt)
+            # (calls per request, extra prompt tokens) of this class on this endpoint
+            calls = routed[cname].get(name, []) if routed else [(cls.endpoint_mix().get(name, 0.0), 0.0)]
+            for per_request, extra in calls:
+                rate = passed[cname] * per_request * provider[name]
+                if rate > 0:
+                    base = prompt if prompt is not None else (_tokens(cls.prompt_tokens) if extra else None)
+                    load += rate * _work_per_request(model, cls, batch, base + extra if extra else base)
         result[name] = load / _servers(model)
     return result
+
+
+def routed_calls(workload: Workload) -> Optional[dict[str, dict[str, list[tuple[float, float]]]]]:
+    """With a router: per class and endpoint, (model calls per request, extra prompt tokens) per tier.
+
+    The router's policy and the escalation's evaluator are drawn as the simulator draws them (difficulty,
+    the threshold router's noise, the evaluator's flags), from a fixed seed; None without a router.
+    """
+    pipeline = getattr(workload, "pipeline", None)
+    router = pipeline.router if pipeline is not None else None
+    if router is None:
+        return None
+    escalation = pipeline.escalation
+    tiers = len(router.tiers)
+    extra = escalation.extra_context_tokens if escalation is not None else 0
+    quality = np.asarray(router.quality)
+    out = {}
+    for cname in workload.traffic.classes:
+        rng = np.random.default_rng(0)
+        spec = router.difficulty.get(cname)
+        d = np.clip(spec.sample(rng, _DRAWS) if spec is not None else rng.uniform(0.0, 1.0, _DRAWS), 0.0, 1.0)
+        if router.policy == "risk" and cname in router.risky_classes:
+            tier = np.full(_DRAWS, tiers - 1)
+        elif router.policy == "complexity":
+            tier = (d[:, None] > np.asarray(router.thresholds)).sum(axis=1)
+        elif router.policy == "threshold":
+            estimate = d + rng.normal(0.0, router.estimate_noise_sd, _DRAWS)
+            tier = (estimate[:, None] > np.asarray(router.thresholds)).sum(axis=1)
+        else:
+            tier = np.full(_DRAWS, router.fixed_tier)
+        calls = np.bincount(tier, minlength=tiers).astype(float)
+        if escalation is not None:
+            last = min(escalation.max_hops, tiers)
+            active = np.ones(_DRAWS, dtype=bool)
+            for _ in range(tiers):
+                flagged = rng.random(_DRAWS) < np.where(d < quality[tier], escalation.false_alarm, escalation.detect_bad)
+                active &= (tier + 1 < last) & flagged
+                tier = tier + active
+                calls += np.bincount(tier[active], minlength=tiers)
+        per_endpoint: dict[str, list[tuple[float, float]]] = {}
+        for k, name in enumerate(router.tiers):
+            per_endpoint.setdefault(name, []).append((calls[k] / _DRAWS, float(k * extra)))
+        out[cname] = per_endpoint
+    return out
 
 
 def _budget_prompt(workload: Workload) -> Optional[float]:

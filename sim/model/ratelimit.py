@@ -302,7 +302,7 @@ class RetryPolicy:
         return base
 
 
-def _uniform_pm1(rng: np.random.Generator, n: int) -> np.ndarray:
+def uniform_pm1(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.uniform(-1.0, 1.0, n)
 
 
@@ -316,7 +316,7 @@ class Client:
         self.done = done
         self.policies: list[RetryPolicy] = []
         for name, cls in workload.traffic.classes.items():
-            jitter = (BlockSampler(_uniform_pm1, streams.rng(f"class.{name}.retry"))
+            jitter = (BlockSampler(uniform_pm1, streams.rng(f"class.{name}.retry"))
                       if cls.retry.jitter > 0 and cls.retry.max_attempts > 1 else None)
             self.policies.append(RetryPolicy(cls.retry, jitter))
         self.max_out = [cls.max_output_tokens for cls in workload.traffic.classes.values()]
@@ -440,6 +440,8 @@ class ProviderGate:
 
     def _retry(self, event) -> None:
         i = event.value
+        if self.client.rec.outcome[i] >= 0:  # cancelled while it waited (a time limit)
+            return
         self.client.rec.admit[i] = math.nan
         self.resend(i)
 

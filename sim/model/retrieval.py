@@ -285,9 +285,10 @@ class Retrieval:
         return tuple(plan)
 
     # --- the way in -------------------------------------------------------------------
-    def run(self, i: int, done: Done) -> None:
-        """Start request i's retrieval now (caches, embedding, every stage); `done(i)` when it is complete."""
-        job = _Job(i, done, self.plan, self.env._now, False)
+    def run(self, i: int, done: Done, plan: Optional[Plan] = None) -> None:
+        """Start request i's retrieval now (caches, embedding, then `plan`, default every stage); `done(i)` when
+        it is complete."""
+        job = _Job(i, done, self.plan if plan is None else plan, self.env._now, False)
         self.started += 1
         cache = self.cache
         if cache is not None:

@@ -34,6 +34,7 @@ class SlotServer:
         self.serving = True   # slots neither load nor drain
         self.retired = None
         self.provider_gate: Optional[Callable[[int], bool]] = None  # API rpm/tpm (ratelimit.ProviderGate)
+        self.ends: Optional[dict[int, float]] = None  # request -> planned end, kept where calls may be cancelled
         self._last = 0.0
         self._busy_time = 0.0
         self._area = 0.0
@@ -62,14 +63,33 @@ class SlotServer:
         rec.replica[i] = self.index
         service, ttft = self.endpoint.pending.pop(i)
         rec.first_token[i] = now + delay + ttft
+        if self.ends is not None:
+            self.ends[i] = now + delay + service
         call_later(self.env, delay + service, self._done, i)
+
+    def cancel(self, i: int, now: float) -> int:
+        """Stop running request i (its outcome is already set): its slot is free now; returns the tokens made.
+
+        Tokens stream evenly from the first token to the planned end (the output rate was drawn so).
+        """
+        self._account(now)
+        self.load -= 1
+        end, first, output = self.ends.pop(i), self.rec.first_token[i], self.rec.output[i]
+        made = 0 if now < first else output if end <= first else 1 + int((output - 1) * (now - first) / (end - first))
+        if self.endpoint.waiting:
+            self.endpoint.refill(self)
+        return made
 
     def _done(self, event) -> None:
         i = event.value
+        rec = self.rec
+        if rec.outcome[i] >= 0:  # cancelled: its slot was freed then
+            return
+        if self.ends is not None:
+            del self.ends[i]
         now = self.env.now
         self._account(now)
         self.load -= 1
-        rec = self.rec
         rec.end[i] = now
         rec.outcome[i] = COMPLETED
         endpoint = self.endpoint

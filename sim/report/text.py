@@ -11,8 +11,10 @@ from sim.metrics.summary import MEASURES, PERCENTILES
 
 
 # Requests that did not complete, by why; each shown when any did.
-LOST = (("requests_rejected", "too long"), ("requests_rate_limited", "rate-limited"),
-        ("requests_queue_full", "queue full"), ("requests_expired", "expired"))
+LOST = (("requests_cancelled", "cancelled by the user"), ("requests_partial", "partial answer"),
+        ("requests_try_later", "try later"), ("requests_timed_out", "timed out"), ("requests_rejected", "too long"),
+        ("requests_rate_limited", "rate-limited"), ("requests_queue_full", "queue full"),
+        ("requests_expired", "expired"))
 
 
 def _value(summary: dict, key: str, fmt: str) -> str:
@@ -70,8 +72,22 @@ def format_summary(result) -> str:
     if stages:
         lines.append("stages     " + "  ".join(f"{name} {share:.0%}" for name, share in stages if share >= 0.005)
                      + f"   of mean latency; bottleneck: {s.get('bottleneck_stage')}")
+    lines += _guard_lines(s)
     lines += _ledger_lines(result)
     return "\n".join(lines)
+
+
+def _guard_lines(s: dict) -> list[str]:
+    """What the guardrails did: retries, timeouts, answers from fallbacks, calls denied by a cap."""
+    if "guard_retries_per_request" not in s:
+        return []
+    parts = [f"retries {s['guard_retries_per_request']:.3f}/request",
+             f"call timeouts {s['guard_call_timeouts_per_request']:.3f}/request"]
+    parts += [f"{label} {s[key]:.1%}" for key, label in (
+        ("fallback_smaller_model_share", "answered by the smaller model"),
+        ("fallback_reduced_context_share", "with reduced context"), ("guard_hop_limited_share", "hop cap met"),
+        ("guard_token_limited_share", "token cap met"), ("guard_tool_limited_share", "tool cap met")) if s[key]]
+    return ["guardrails " + "   ".join(parts)]
 
 
 def _ledger_lines(result) -> list[str]:
