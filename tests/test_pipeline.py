@@ -231,6 +231,9 @@ def test_retrieval_runs_before_the_call_and_shows_as_a_stage(tmp_path):
     from sim.metrics.summary import stage_times
 
     assert stage_times(rec)["retrieval"] == pytest.approx([0.6])
+    # Nothing queued for the model: the request's queue wait is 0, not the 0.6 s before its call.
+    result = sim.run(workload(tmp_path, [0.0], {"retrieval": retrieval}, API), replications=1)
+    assert result.requests["queue_wait_s"].tolist() == [0.0] and result.summary["queue_wait_mean_s"] == 0.0
 
 
 def test_the_time_series_shows_the_cache_warming_up():

@@ -93,7 +93,6 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
     duration = workload.simulation.duration_s
     window = duration - warmup_s
     arrival = np.asarray(rec.arrival, dtype=float)
-    admit = np.asarray(rec.admit, dtype=float)
     first = np.asarray(rec.first_token, dtype=float)
     end = np.asarray(rec.end, dtype=float)
     outcome = np.asarray(rec.outcome)
@@ -120,7 +119,11 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
         if workload.slo.e2e_s is not None:
             ok &= (end - arrival) <= workload.slo.e2e_s
         m["goodput_rps"] = ok.sum() / window
-    for measure, values in (("queue_wait", admit - arrival), ("ttft", first - arrival), ("e2e", end - arrival)):
+    stages = stage_times(rec)
+    # With a pipeline a request's queue wait is its model calls' time in endpoint queues, not the time
+    # to its last call's admission (which holds retrieval, earlier calls, evaluation).
+    latencies = {"queue_wait": stages["queue"], "ttft": first - arrival, "e2e": end - arrival}
+    for measure, values in latencies.items():
         m.update(_latency_stats(measure, values[done]))
     m["tokens_in_per_s"] = prompt[finished_in_window].sum() / window
     m["tokens_out_per_s"] = output[finished_in_window].sum() / window
@@ -131,9 +134,8 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
         m[f"offered_utilisation_{name}"] = value
     m.update(_cold_and_warm(workload, arrival, first, end, answered))
     m.update(_rate_limited(rec, arrived, outcome))
-    m.update(_per_class(rec, workload, arrived, done, finished_in_window, outcome, window,
-                        {"queue_wait": admit - arrival, "ttft": first - arrival, "e2e": end - arrival}))
-    m.update(stage_profile(rec, done))
+    m.update(_per_class(rec, workload, arrived, done, finished_in_window, outcome, window, latencies))
+    m.update(stage_profile(rec, done, stages))
     m.update(_pipeline_stats(rec, arrived, outcome))
     m.update(_feature_costs(rec, workload, arrived, m["cost_total_usd"]))
     return m
@@ -175,14 +177,14 @@ def stage_times(rec: Recorder) -> dict[str, np.ndarray]:
     return {name: times[name] for name in PIPELINE_STAGES}
 
 
-def stage_profile(rec: Recorder, done: np.ndarray) -> dict[str, float]:
-    """Each stage's mean time and its share of the mean and of the slowest 5% (completed requests)."""
+def stage_profile(rec: Recorder, done: np.ndarray, stages: dict[str, np.ndarray]) -> dict[str, float]:
+    """Each stage's mean time and its share of the mean and of the slowest 5% (answered requests)."""
     if not done.any():
         return {}
     e2e = (np.asarray(rec.end, dtype=float) - np.asarray(rec.arrival, dtype=float))
     tail = done & (e2e >= np.percentile(e2e[done], 95))
     out = {}
-    for name, seconds in stage_times(rec).items():
+    for name, seconds in stages.items():
         out[f"stage_{name}_mean_s"] = float(seconds[done].mean())
         out[f"stage_{name}_share"] = float(seconds[done].mean() / e2e[done].mean())
         out[f"stage_{name}_share_p95"] = float(seconds[tail].mean() / e2e[tail].mean())

@@ -115,9 +115,12 @@ class Lifecycle:
         if self.cancel_share > 0:
             self.cancel_draw = BlockSampler(lambda rng, n: rng.random(n), streams.rng("pipeline.cancel"))
             self.read_share = BlockSampler(out.cancel_read_share.sample, streams.rng("pipeline.cancel.read"))
-        self.guard = spec.guardrails
-        if self.guard is not None:
-            g = self.guard
+        self.guard = g = spec.guardrails
+        # Read on every request: plain attributes (None: no such limit).
+        self.max_time = g.max_time_s if g is not None else None
+        self.call_timeout = g.call_timeout_s if g is not None else None
+        self.tool_cap = g.max_tool_calls if g is not None else None
+        if g is not None:
             jitter = (BlockSampler(uniform_pm1, streams.rng("guardrails.retry"))
                       if g.retry.jitter > 0 and g.retry.max_attempts > 1 else None)
             self.retry_policy = RetryPolicy(g.retry, jitter)
@@ -142,9 +145,8 @@ class Lifecycle:
         """Request i passed the rate limits: build its prompt, look in the cache, else call the model."""
         rec, now = self.rec, self.env.now
         r = self.live[i] = _Request(i, now)
-        guard = self.guard
-        if guard is not None and guard.max_time_s is not None:
-            self.deadlines.add(max(0.0, rec.arrival[i] + guard.max_time_s - now), r)
+        if self.max_time is not None:
+            self.deadlines.add(max(0.0, rec.arrival[i] + self.max_time - now), r)
         if self.cancel_share > 0 and self.cancel_draw() < self.cancel_share:
             read = min(1.0, max(0.0, self.read_share()))
             r.cancel_tokens = max(1, math.ceil(read * rec.output[i]))
@@ -185,9 +187,8 @@ class Lifecycle:
             self._call(r)
             return
         plan = retrieval.escalation_plan if more else retrieval.plan
-        guard = self.guard
-        if guard is not None and guard.max_tool_calls is not None:
-            plan = within(plan, guard.max_tool_calls - r.tools)
+        if self.tool_cap is not None:
+            plan = within(plan, self.tool_cap - r.tools)
             if len(plan) < len(retrieval.escalation_plan if more else retrieval.plan):
                 r.limit = LIMITS.index("tool_calls")
             if not plan:
@@ -256,8 +257,8 @@ class Lifecycle:
         if cache is not None:
             key = rec.user[i] if cache.spec.scope == "user" else -1 - rec.cls[i]  # users are >= 0, classes < 0
             self.calls.cached_tokens[c] = cache.use(key, r.prefix, now)
-        if self.guard is not None and self.guard.call_timeout_s is not None:
-            self.call_timeouts.add(self.guard.call_timeout_s, (r, c))
+        if self.call_timeout is not None:
+            self.call_timeouts.add(self.call_timeout, (r, c))
         self.endpoints[endpoint].submit(c)
 
     # --- the way out ----------------------------------------------------------------
@@ -469,7 +470,7 @@ class Routing:
 
     def __init__(self, spec: Pipeline, workload: Workload, streams: Streams) -> None:
         router = spec.router
-        self.spec = router
+        self.policy, self.fixed_tier, self.thresholds = router.policy, router.fixed_tier, tuple(router.thresholds)
         self.escalation = spec.escalation
         self.endpoints = [list(workload.models).index(t) for t in router.tiers]
         self.quality = router.quality
@@ -489,15 +490,18 @@ class Routing:
     def first_tier(self, cls: int) -> tuple[int, float]:
         """(the tier a request's first call goes to, its difficulty). A tier answers well exactly the questions
         easier than its quality share."""
-        d = min(1.0, max(0.0, self.difficulty_draw[cls]()))
-        spec = self.spec
-        if spec.policy == "risk" and self.risky[cls]:
+        d = self.difficulty_draw[cls]()
+        d = 0.0 if d < 0.0 else 1.0 if d > 1.0 else d
+        policy = self.policy
+        if policy == "fixed" or (policy == "risk" and not self.risky[cls]):
+            return self.fixed_tier, d
+        if policy == "risk":
             return len(self.endpoints) - 1, d
-        if spec.policy == "complexity":
-            return sum(d > t for t in spec.thresholds), d
-        if spec.policy == "threshold":
-            return sum(d + self.noise() > t for t in spec.thresholds), d
-        return spec.fixed_tier, d
+        estimate = d + self.noise() if policy == "threshold" else d
+        tier = 0
+        for t in self.thresholds:
+            tier += estimate > t
+        return tier, d
 
     def flagged(self, good: bool) -> bool:
         """The evaluator's verdict: flags a bad answer with detect_bad, a good one with false_alarm."""
