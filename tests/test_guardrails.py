@@ -203,3 +203,13 @@ def test_timeouts_fire_on_time_for_live_owners_with_few_events():
     env.run()
     assert fired == [(pytest.approx(k * 0.01 + 5.0), k) for k in range(0, 1000, 100)]
     assert len(wakes) <= 2 * len(fired) + 2  # not one per owner
+
+
+def test_a_first_token_timeout_spares_streams_that_started(tmp_path):
+    # One API slot: R0 streams from 0.2 s to 3.2 s and is left to finish; R1, queued behind it with no
+    # token at 1.1 s (1 s after its send), times out there and leaves the queue.
+    spec = workload(tmp_path, [(0.0, 10, 31), (0.1, 10, 11)], {"guardrails": {"first_token_timeout_s": 1.0}},
+                    {"m": STREAMING})
+    rec = simulate(spec)
+    assert [OUTCOMES[o] for o in rec.outcome] == ["completed", "timed_out"]
+    assert rec.end == pytest.approx([3.2, 1.1])

@@ -112,6 +112,13 @@ def test_rag_support_reports_every_pipeline_figure(capsys, tmp_path):
     assert {"cost_per_request_faq_usd", "cost_per_request_billing_usd"} <= set(summary)
     ledger = __import__("pandas").read_parquet(out / "ledger.parquet")
     assert np.isclose(ledger["usd"].sum() / 3, ledger[ledger["replication"] == 0]["usd"].sum(), rtol=0.05)
+    # Outcomes: 5% of streamed answers are cancelled by their users; the report tells how requests ended.
+    assert 0.02 < summary["requests_cancelled"] / summary["requests_arrived"] < 0.06
+    assert main(["report", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## How requests ended" in md and "| cancelled |" in md and "| completed |" in md
+    for name in ("stage_breakdown", "cost_by_feature", "timeseries_cache"):
+        assert f"figures/{name}.png" in md
 
 
 def test_without_a_pipeline_a_request_is_its_own_call():

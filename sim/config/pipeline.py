@@ -95,7 +95,7 @@ FALLBACKS = ("smaller_model", "reduced_context", "partial_answer", "try_later")
 class Guardrails(Block):
     """Limits on a request's time, tokens, model calls and tool calls; what happens when a call fails.
 
-    A model call fails when it times out (`call_timeout_s`), finds its queue full, expires, is too long or
+    A model call fails when it times out (`call_timeout_s`, `first_token_timeout_s`), finds its queue full, expires, is too long or
     is rate-limited for good. It is retried (`retry`: exponential backoff with jitter) while attempts, time
     and the caps allow; then the `fallbacks` are tried in the order listed: `smaller_model` (one call to
     `fallback_model`, default the router's tier below), `reduced_context` (one call with the prompt beyond
@@ -108,6 +108,10 @@ class Guardrails(Block):
 
     max_time_s: Optional[float] = Field(None, gt=0, description="Per request, from arrival: the deadline.")
     call_timeout_s: Optional[float] = Field(None, gt=0, description="Per model call, from its send: the timeout.")
+    first_token_timeout_s: Optional[float] = Field(
+        None, gt=0, description="Per model call: no first token this long after its send and it times out (a "
+        "stream that started is left to finish, as clients time out on a silent connection)."
+    )
     max_hops: Optional[int] = Field(
         None, ge=1, description="Model calls per request at most: escalations, validation retries, retries and "
         "fallbacks included. A further call is not made (an answer in hand stands)."

@@ -119,6 +119,7 @@ class Lifecycle:
         # Read on every request: plain attributes (None: no such limit).
         self.max_time = g.max_time_s if g is not None else None
         self.call_timeout = g.call_timeout_s if g is not None else None
+        self.first_token_timeout = g.first_token_timeout_s if g is not None else None
         self.tool_cap = g.max_tool_calls if g is not None else None
         if g is not None:
             jitter = (BlockSampler(uniform_pm1, streams.rng("guardrails.retry"))
@@ -129,6 +130,10 @@ class Lifecycle:
             outcome, call_outcome = recorder.outcome, calls.outcome
             self.deadlines = Timeouts(env, lambda r: outcome[r.i] < 0, self._deadline)
             self.call_timeouts = Timeouts(env, lambda rc: call_outcome[rc[1]] < 0, self._call_timed_out)
+            first, now = calls.first_token, lambda: env.now
+            # Silent: no token yet (an API's first token is known ahead: it may be due later).
+            self.silent_timeouts = Timeouts(env, lambda rc: call_outcome[rc[1]] < 0 and not first[rc[1]] <= now(),
+                                            self._call_timed_out)
             for endpoint in endpoints:
                 endpoint.allow_cancel()
         recorder.quality = [] if self.router is not None else None
@@ -259,6 +264,8 @@ class Lifecycle:
             self.calls.cached_tokens[c] = cache.use(key, r.prefix, now)
         if self.call_timeout is not None:
             self.call_timeouts.add(self.call_timeout, (r, c))
+        if self.first_token_timeout is not None:
+            self.silent_timeouts.add(self.first_token_timeout, (r, c))
         self.endpoints[endpoint].submit(c)
 
     # --- the way out ----------------------------------------------------------------

@@ -140,6 +140,23 @@ def _headline(summary: dict) -> str:
     return text
 
 
+def _outcomes_table(summary: dict) -> Table:
+    """How requests ended (per replication, after warm-up), with each outcome's share of arrivals."""
+    from sim.metrics.recorder import OUTCOMES
+
+    arrived = summary.get("requests_arrived") or 0
+    rows = []
+    for outcome in OUTCOMES:
+        count = summary.get(f"requests_{outcome}")
+        if count:
+            rows.append([outcome.replace("_", " "), f"{count:.0f}", f"{count / arrived:.2%}" if arrived else "-"])
+    for key in ("fallback_smaller_model_share", "fallback_reduced_context_share"):
+        if summary.get(key):
+            rows.append([f"answered by {key[len('fallback_'):-len('_share')].replace('_', ' ')} fallback",
+                         f"{summary[key] * arrived:.0f}", f"{summary[key]:.2%}"])
+    return Table(["outcome", "requests", "share of arrivals"], rows)
+
+
 def _metrics_table(summary: dict) -> Table:
     keys = [k for k in summary if not k.endswith(("_ci95_low", "_ci95_high")) and isinstance(summary[k], (int, float))
             and not isinstance(summary[k], bool)]
@@ -167,6 +184,7 @@ def write_run_report(directory: Path) -> tuple[Path, Path]:
     blocks = [Heading(1, f"Run report: {name}"), Para(_headline(summary), css="answer"),
               Bullets([f"{summary.get('replications')} replication(s) x {summary.get('duration_s')} s, "
                        f"seed {summary.get('seed')}, warm-up {summary.get('warmup_s')} s"]),
+              Heading(2, "How requests ended"), _outcomes_table(summary),
               Heading(2, "Figures")]
     for fig in figures:
         blocks += [Heading(3, fig.title), FigureBlock(fig)]
