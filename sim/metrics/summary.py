@@ -236,7 +236,7 @@ def _guard_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
     shares that met each cap."""
     if rec.guard_log is None:
         return {}
-    from sim.model.lifecycle import ANSWER_PATHS, LIMITS
+    from sim.model.guardrails import ANSWER_PATHS, LIMITS
 
     log = np.asarray([row for row in rec.guard_log if arrived[row[0]]], dtype=np.int64).reshape(-1, 5)
     n = max(float(arrived.sum()), 1.0)

@@ -24,19 +24,13 @@ from sim.metrics.recorder import CANCELLED, COMPLETED, PARTIAL, REJECTED, TIMED_
 
 from .budget import TokenBudget
 from .caches import HIT, STALE_HIT, Cache
-from .events import Timeouts, call_later
+from .events import call_later
+from .guardrails import ANSWER_PATHS, Guardrails
 from .prompt_cache import PrefixCache
-from .ratelimit import RetryPolicy, uniform_pm1
 from .retrieval import Retrieval
 from .streams import BlockSampler, Streams
 
 Submit = Callable[[int], None]
-
-
-# How a request's answer came about, when guardrails stepped in (its guard_log `fallback` field).
-ANSWER_PATHS = ("direct", "smaller_model", "reduced_context")
-# Why a further model call was not made (its guard_log `limit` field).
-LIMITS = ("none", "hops", "tokens", "tool_calls")
 
 
 class _Request:
@@ -115,25 +109,10 @@ class Lifecycle:
         if self.cancel_share > 0:
             self.cancel_draw = BlockSampler(lambda rng, n: rng.random(n), streams.rng("pipeline.cancel"))
             self.read_share = BlockSampler(out.cancel_read_share.sample, streams.rng("pipeline.cancel.read"))
-        self.guard = g = spec.guardrails
-        # Read on every request: plain attributes (None: no such limit).
-        self.max_time = g.max_time_s if g is not None else None
-        self.call_timeout = g.call_timeout_s if g is not None else None
-        self.first_token_timeout = g.first_token_timeout_s if g is not None else None
-        self.tool_cap = g.max_tool_calls if g is not None else None
-        if g is not None:
-            jitter = (BlockSampler(uniform_pm1, streams.rng("guardrails.retry"))
-                      if g.retry.jitter > 0 and g.retry.max_attempts > 1 else None)
-            self.retry_policy = RetryPolicy(g.retry, jitter)
-            self.fallback_endpoint = list(workload.models).index(g.fallback_model) if g.fallback_model else -1
-            recorder.guard_log = []
-            outcome, call_outcome = recorder.outcome, calls.outcome
-            self.deadlines = Timeouts(env, lambda r: outcome[r.i] < 0, self._deadline)
-            self.call_timeouts = Timeouts(env, lambda rc: call_outcome[rc[1]] < 0, self._call_timed_out)
-            first, now = calls.first_token, lambda: env.now
-            # Silent: no token yet (an API's first token is known ahead: it may be due later).
-            self.silent_timeouts = Timeouts(env, lambda rc: call_outcome[rc[1]] < 0 and not first[rc[1]] <= now(),
-                                            self._call_timed_out)
+        self.guard: Optional[Guardrails] = None
+        if spec.guardrails is not None:
+            self.guard = Guardrails(env, spec.guardrails, list(workload.models), recorder, calls, streams,
+                                    self._deadline, self._call_timed_out)
             for endpoint in endpoints:
                 endpoint.allow_cancel()
         recorder.quality = [] if self.router is not None else None
@@ -150,8 +129,8 @@ class Lifecycle:
         """Request i passed the rate limits: build its prompt, look in the cache, else call the model."""
         rec, now = self.rec, self.env.now
         r = self.live[i] = _Request(i, now)
-        if self.max_time is not None:
-            self.deadlines.add(max(0.0, rec.arrival[i] + self.max_time - now), r)
+        if self.guard is not None:
+            self.guard.watch_request(r, rec.arrival[i])
         if self.cancel_share > 0 and self.cancel_draw() < self.cancel_share:
             read = min(1.0, max(0.0, self.read_share()))
             r.cancel_tokens = max(1, math.ceil(read * rec.output[i]))
@@ -192,14 +171,11 @@ class Lifecycle:
             self._call(r)
             return
         plan = retrieval.escalation_plan if more else retrieval.plan
-        if self.tool_cap is not None:
-            plan = within(plan, self.tool_cap - r.tools)
-            if len(plan) < len(retrieval.escalation_plan if more else retrieval.plan):
-                r.limit = LIMITS.index("tool_calls")
+        if self.guard is not None:
+            plan = self.guard.tool_plan(r, plan)
             if not plan:
                 self._call(r)
                 return
-            r.tools += sum(len(backends) for backends, _ in plan)
         if more:
             retrieval.retrieve_more(r.i, self._retrieved, plan)
         else:
@@ -219,7 +195,7 @@ class Lifecycle:
         rec, i = self.rec, r.i
         endpoint, prompt, output = rec.endpoint[i], rec.prompt[i], rec.output[i]
         if r.reduced:  # keep the stable prefix; cut what follows (retrieved context, history) to the share
-            prompt = r.prefix + max(1, round((prompt - r.prefix) * self.guard.reduced_context_share))
+            prompt = self.guard.reduced_prompt(prompt, r.prefix)
         if self.router is not None:
             endpoint = self.router.endpoints[r.tier]
             prompt += r.tier * self.router.extra_context  # each escalation (a tier up) retrieved more context
@@ -231,18 +207,7 @@ class Lifecycle:
 
     def _may_call(self, r: _Request) -> bool:
         """Whether the guardrails' caps allow one more call now (a refusal is recorded in r.limit)."""
-        guard = self.guard
-        if guard is None:
-            return True
-        if guard.max_hops is not None and r.hops >= guard.max_hops:
-            r.limit = LIMITS.index("hops")
-            return False
-        if guard.max_tokens is not None:
-            _, prompt, output = self._next_call(r)
-            if r.tokens + prompt + output > guard.max_tokens:
-                r.limit = LIMITS.index("tokens")
-                return False
-        return True
+        return self.guard is None or self.guard.allows(r, lambda: sum(self._next_call(r)[1:]))
 
     def _call(self, r: _Request) -> None:
         rec, i = self.rec, r.i
@@ -262,10 +227,8 @@ class Lifecycle:
         if cache is not None:
             key = rec.user[i] if cache.spec.scope == "user" else -1 - rec.cls[i]  # users are >= 0, classes < 0
             self.calls.cached_tokens[c] = cache.use(key, r.prefix, now)
-        if self.call_timeout is not None:
-            self.call_timeouts.add(self.call_timeout, (r, c))
-        if self.first_token_timeout is not None:
-            self.silent_timeouts.add(self.first_token_timeout, (r, c))
+        if self.guard is not None:
+            self.guard.watch_call(r, c)
         self.endpoints[endpoint].submit(c)
 
     # --- the way out ----------------------------------------------------------------
@@ -360,14 +323,11 @@ class Lifecycle:
     # --- guardrails --------------------------------------------------------------------
     def _failed(self, r: _Request, outcome: int) -> None:
         """A call failed (timed out, queue full, expired, too long, rate-limited): retry, else fall back."""
-        guard = self.guard
-        if guard is None:
+        if self.guard is None:
             self._end(r, outcome)
             return
-        if r.retries + 1 < self.retry_policy.max_attempts and self._may_call(r):
-            r.retries += 1
-            wait = self.retry_policy.wait(r.retries, None)
-            r.retry_s += wait
+        wait = self.guard.retry_wait(r) if self._may_call(r) else None
+        if wait is not None:
             call_later(self.env, wait, self._retry, r)
             return
         self._fallback(r, outcome, deadline=False)
@@ -405,10 +365,10 @@ class Lifecycle:
                 if r.tier == 0:
                     return False  # nothing smaller than the cheapest tier
                 r.tier -= 1
-            elif self.fallback_endpoint < 0 or self.fallback_endpoint == self.rec.endpoint[r.i]:
+            elif self.guard.fallback_endpoint in (-1, self.rec.endpoint[r.i]):
                 return False
             else:
-                r.endpoint = self.fallback_endpoint
+                r.endpoint = self.guard.fallback_endpoint
         else:
             r.reduced = True
         if not self._may_call(r):
@@ -456,20 +416,9 @@ class Lifecycle:
                               r.retry_s))
         if r.validations:
             rec.validation_retries[i] = r.validations
-        if rec.guard_log is not None and (r.retries or r.timeouts or r.path or r.limit):
-            rec.guard_log.append((i, r.retries, r.timeouts, r.path, r.limit))
+        if self.guard is not None:
+            Guardrails.log(rec, r)
         self.done(i)
-
-
-def within(plan: tuple, hops: int) -> tuple:
-    """The first stages of a retrieval plan whose hops add up to at most `hops`."""
-    kept, used = [], 0
-    for stage in plan:
-        used += len(stage[0])
-        if used > hops:
-            break
-        kept.append(stage)
-    return tuple(kept)
 
 
 class Routing:
