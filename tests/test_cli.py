@@ -16,7 +16,7 @@ from sim.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # Workloads that replay the shared traces need ../shared/data; a fresh clone has none.
-NEEDS_DATA = {"azure-conv-replay.yaml"}
+NEEDS_DATA = {"azure-conv-replay.yaml", "mooncake-replay.yaml"}
 WORKLOADS = [
     pytest.param(path, id=path.name, marks=pytest.mark.skipif(
         path.name in NEEDS_DATA and not SHARED_DATA.is_dir(), reason="needs ../shared/data (the trace it replays)"))

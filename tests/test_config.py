@@ -323,7 +323,8 @@ def test_apply_overrides_leaves_input_alone():
         ("models.llama8b.replicas=[1", "--set models.llama8b.replicas: cannot parse value '[1': "
          "expected ',' or ']', but got '<stream end>'"),
         ("models.llama8b.ttft_s.mean=1", "--set models.llama8b.ttft_s.mean: unknown key 'ttft_s' "
-         "(known: kind, replicas, max_batch, gpu_hourly_usd, engine, service_time, queue, prompt_cache, cold_start_s, autoscale, connections)"),
+         "(known: kind, replicas, max_batch, gpu_hourly_usd, engine, service_time, queue, prompt_cache, cold_start_s, autoscale, connections, "
+         "dispatch)"),
         ("models.llama8b.service_time.mean=1", "--set models.llama8b.service_time.mean: "
          "models.llama8b.service_time is 1.5 in the workload, not a mapping; "
          "set it whole, e.g. --set models.llama8b.service_time='{kind: ..., ...}' "

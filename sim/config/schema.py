@@ -101,6 +101,18 @@ class StepTime(Block):
     )
 
 
+class BlockPrefixCache(Block):
+    """Automatic prefix caching, as vLLM's: a replica keeps the KV of prompt blocks it has computed.
+
+    For traces that carry prompt block ids (Mooncake's hash_ids; equal ids are a shared prefix):
+    the leading blocks of a prompt found in the replica's cache are not prefilled again. The cache
+    holds `blocks` blocks, least recently used first out; a request's blocks enter it at admission.
+    """
+
+    blocks: int = Field(gt=0, description="Blocks the replica keeps (the KV it can spare for cached prefixes).")
+    block_tokens: int = Field(512, gt=0, description="Tokens per block (Mooncake: 512).")
+
+
 class Engine(Block):
     """An iteration-level engine with continuous batching and chunked prefill (as vLLM or SGLang)."""
 
@@ -109,6 +121,9 @@ class Engine(Block):
         None, gt=0, description="KV-cache capacity; a request is admitted only when prompt + output tokens fit."
     )
     step_time: StepTime
+    prefix_cache: Optional[BlockPrefixCache] = Field(
+        None, description="Automatic prefix caching of replayed prompts' block ids (Mooncake hash_ids), per replica."
+    )
 
 
 class HoldBack(Block):
@@ -195,6 +210,10 @@ class SelfHosted(Block):
     cold_start_s: float = Field(0.0, ge=0, description="Model load time before a new replica serves (at start too, unless --warm).")
     autoscale: Optional[Autoscale] = Field(None, description="Add and remove replicas with the load.")
     connections: Optional[Connections] = Field(None, description="Client connection pool to the replicas.")
+    dispatch: Literal["least_loaded", "prefix_affinity"] = Field(
+        "least_loaded", description="Which replica takes an arriving request: the least loaded, or (with "
+        "engine.prefix_cache) the one holding most of its prompt's leading blocks, then the least loaded."
+    )
 
     @model_validator(mode="after")
     def _one_service_model(self) -> "SelfHosted":
@@ -206,6 +225,8 @@ class SelfHosted(Block):
                 self.autoscale.min_replicas <= self.replicas <= self.autoscale.max_replicas):
             raise ValueError(f"replicas ({self.replicas}) must lie within autoscale's "
                              f"[{self.autoscale.min_replicas}, {self.autoscale.max_replicas}]")
+        if self.dispatch == "prefix_affinity" and (self.engine is None or self.engine.prefix_cache is None):
+            raise ValueError("dispatch: prefix_affinity needs engine.prefix_cache (the replicas' cached blocks)")
         if self.engine is not None and self.engine.max_batch_tokens < self.max_batch:
             raise ValueError(
                 f"engine.max_batch_tokens ({self.engine.max_batch_tokens}) must be at least max_batch ({self.max_batch}): "

@@ -40,13 +40,14 @@ def metric_names(workload: Workload) -> list[str]:
     pipeline = getattr(workload, "pipeline", None)
     stages = PIPELINE_STAGES if pipeline is not None else PLAIN_STAGES
     names += [f"stage_{s}_{stat}" for s in stages for stat in ("mean_s", "share", "share_p95")]
+    if any(getattr(m, "prompt_cache", None) is not None
+           or getattr(getattr(m, "engine", None), "prefix_cache", None) is not None for m in workload.models.values()):
+        names.append("prompt_cached_share")
     if pipeline is not None:
         names += ["requests_timed_out", "requests_cancelled", "requests_partial", "requests_try_later"]
         names += ["model_calls_per_request", "validation_retries_per_request"]
         if pipeline.guardrails is not None:
             names += GUARD_METRICS
-        if any(getattr(m, "prompt_cache", None) is not None for m in workload.models.values()):
-            names.append("prompt_cached_share")
         if pipeline.output_cache is not None:
             names += ["cache_bypass_share_output", "cache_hit_rate_output", "cache_stale_hit_rate_output"]
         if pipeline.router is not None:
@@ -137,6 +138,7 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
     m.update(_per_class(rec, workload, arrived, done, finished_in_window, outcome, window, latencies))
     m.update(stage_profile(rec, done, stages))
     m.update(_pipeline_stats(rec, arrived, outcome))
+    m.update(_prompt_cached_share(rec, arrived))
     m.update(_feature_costs(rec, workload, arrived, m["cost_total_usd"]))
     return m
 
@@ -218,9 +220,6 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> 
         out["quality_good_share"] = float(rows[:, 0].mean()) if len(rows) else math.nan
         out["hops_mean"] = float(rows[:, 1].mean()) if len(rows) else math.nan
         out["escalation_rate"] = float((rows[:, 1] > 1).mean()) if len(rows) else math.nan
-    if rec.calls.cached_tokens is not None:  # share of the calls' prompt tokens read from prompt caches
-        read = cache_columns(rec.calls)[0][arrived[parent]].sum()
-        out["prompt_cached_share"] = float(read / max(np.asarray(rec.calls.prompt)[arrived[parent]].sum(), 1))
     if rec.validation_retries is not None:
         retried = sum(n for i, n in rec.validation_retries.items() if arrived[i])
         out["validation_retries_per_request"] = retried / max(float(arrived.sum()), 1.0)
@@ -229,6 +228,16 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> 
         truncated = np.asarray([r.truncated for i, r in rec.budget if arrived[i]], dtype=bool)
         out["budget_truncated_share"] = float(truncated.mean()) if truncated.size else math.nan
     return out
+
+
+def _prompt_cached_share(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
+    """Share of the model calls' prompt tokens read from prompt or prefix caches (requests after warm-up)."""
+    calls = rec.calls if rec.calls is not None else rec
+    if calls.cached_tokens is None:
+        return {}
+    mine = arrived[np.asarray(calls.parent, dtype=np.int64)] if rec.calls is not None else arrived
+    read = cache_columns(calls)[0][mine].sum()
+    return {"prompt_cached_share": float(read / max(np.asarray(calls.prompt)[mine].sum(), 1))}
 
 
 def _guard_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:

@@ -71,6 +71,8 @@ class Endpoint:
         self._order = 0
         self.waiting = 0  # requests in the queue (dropped ones excluded)
         self.connections = connections
+        # preference(server, i): a score for sending i to server (higher first, then the least loaded).
+        self.preference: Optional[Callable[[Server, int], int]] = None
         # The common case (FIFO, no deadlines, hold-back or pool) takes a lean path per request.
         self.plain = not self.by_priority and self.deadlines is None and queue.hold_back is None and connections is None
         self.open = connections.pool_size if connections is not None and warm else 0  # connections opened
@@ -113,17 +115,28 @@ class Endpoint:
         head = self._head()
         return self.recorder.class_priority[self.recorder.cls[i]] < self.heap[0][0] if head is not None else True
 
+    def prefer(self, preference: Callable[[Server, int], int]) -> None:
+        """Dispatch by `preference(server, i)` (highest first), then least loaded."""
+        self.preference = preference
+        self.plain = False
+
     def _start_now(self, i: int) -> bool:
         if self._held_back(i) or self._pool_exhausted():
             return False
-        best = None
-        for server in self.servers:
-            if (best is None or server.load < best.load) and server.can_admit(i):
-                best = server
+        best = self._preferred(i) if self.preference is not None else None
+        if self.preference is None:
+            for server in self.servers:
+                if (best is None or server.load < best.load) and server.can_admit(i):
+                    best = server
         if best is None:
             return False
         self._dispatch(best, i)
         return True
+
+    def _preferred(self, i: int) -> Optional[Server]:
+        """The server that can take i now with the highest preference, then the least loaded, then the first."""
+        ranked = [(-self.preference(s, i), s.load, k) for k, s in enumerate(self.servers) if s.can_admit(i)]
+        return self.servers[min(ranked)[2]] if ranked else None
 
     # --- connections -------------------------------------------------------------
     def _pool_exhausted(self) -> bool:

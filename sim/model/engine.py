@@ -30,8 +30,10 @@ import simpy
 from sim.config.schema import Engine
 from sim.metrics.recorder import COMPLETED, Recorder
 
+from .block_cache import BlockCache
 from .endpoint import Endpoint
 from .events import call_later
+from .traces import prefix_blocks
 
 # Phases: what the stretch of identical steps in flight is doing.
 IDLE = 0
@@ -62,6 +64,7 @@ class EngineReplica:
         self.budget_tokens = engine.max_batch_tokens
         self.kv_capacity = engine.kv_cache_tokens
         self.fits = self._fits_kv if self.kv_capacity is not None else None  # see Server.fits
+        self.block_cache = BlockCache(engine.prefix_cache) if engine.prefix_cache is not None else None
         st = engine.step_time
         self.base_s = st.base_s
         self.decode_s = st.per_decode_seq_s
@@ -102,6 +105,11 @@ class EngineReplica:
     def _fits_kv(self, i: int) -> bool:
         return self._kv_need(i) <= self.kv_capacity
 
+    def cached_blocks(self, i: int) -> int:
+        """Leading blocks of request i's prompt in this replica's prefix cache (0 without block ids)."""
+        ids = prefix_blocks(self.rec, i)
+        return self.block_cache.leading_hits(ids.tolist()) if ids is not None else 0
+
     def can_admit(self, i: int) -> bool:
         if self.load >= self.max_batch or not self.serving:
             return False
@@ -130,8 +138,14 @@ class EngineReplica:
 
     def _join_now(self, i: int, now: float) -> None:
         """Request i's prompt enters the batch (less what its prefix cache holds): the engine plans its next step."""
-        cached = self.rec.cached_tokens
-        prompt = self.rec.prompt[i]
+        rec = self.rec
+        cached = rec.cached_tokens
+        prompt = rec.prompt[i]
+        if self.block_cache is not None:
+            ids = prefix_blocks(rec, i)
+            if ids is not None:
+                read = min(self.block_cache.admit(ids.tolist()) * self.block_cache.block_tokens, prompt - 1)
+                cached[i] = (read, prompt - read)
         if cached is not None and i in cached:
             prompt = max(1, prompt - cached[i][0])  # the last token is always computed: it yields the first output
         self.prefilling.append([i, prompt])

@@ -98,12 +98,16 @@ def build_endpoint(env: simpy.Environment, name: str, index: int, workload: Work
     if isinstance(model, SelfHosted):
         if model.engine is not None:
             batch = full_batch(workload, name)
+            if model.engine.prefix_cache is not None and recorder.cached_tokens is None:
+                recorder.cached_tokens = {}  # request -> (prefix tokens read from the cache, computed)
 
             def new_replica(cold_start_s: float = model.cold_start_s) -> EngineReplica:
                 r = len(endpoint.servers) + len(endpoint.retired)  # a new index (and noise stream) each time
                 return EngineReplica(env, endpoint, r, model.max_batch, model.engine, recorder,
                                      streams.rng(f"endpoint.{name}.replica{r}.noise"), batch, cold_start_s)
 
+            if model.dispatch == "prefix_affinity":
+                endpoint.prefer(lambda server, i: server.cached_blocks(i))
             initial_cold = 0.0 if workload.simulation.warm else model.cold_start_s
             for _ in range(model.replicas):
                 endpoint.servers.append(new_replica(initial_cold))
