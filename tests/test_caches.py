@@ -362,6 +362,32 @@ def test_unbounded_prefill_and_needed_streams():
     assert math.isnan(Cache(spec(keys={"universe": 5}), rng(0)).hit_rate)
 
 
+@pytest.mark.parametrize("fields", [
+    {"capacity": 30, "ttl_s": 5.0, "change_rate_per_s": 0.5},          # LRU with a TTL: two orders kept
+    {"capacity": 30, "eviction": "fifo", "change_rate_per_s": 0.5},
+    {"ttl_s": 5.0},                                                   # unbounded, no data changes
+])
+def test_prefill_top_is_the_insertions_one_by_one(fields):
+    # prefill_top builds an empty cache in one pass; it must hold what _put, key by key, would:
+    # the same entries in the same order, the same change draws, the same insertion order for expiry.
+    fast = Cache(spec(keys={"universe": 50}, **fields), rng(0), stale_rng=rng(1))
+    fast.prefill_top(2.0)
+    slow = Cache(spec(keys={"universe": 50}, **fields), rng(0), stale_rng=rng(1))
+    for key in range(len(fast) - 1, -1, -1):
+        slow._put(key, 2.0)
+    assert list(fast._entries.items()) == list(slow._entries.items())
+    assert (fast._born is None) == (slow._born is None)
+    if fast._born is not None:
+        assert list(fast._born.items()) == list(slow._born.items())
+    assert fast.inserts == 0  # not counted as insertions
+    if fields.get("change_rate_per_s"):
+        assert fast._change() == slow._change()  # the stale stream is at the same place
+    fast.prefill_top(3.0)  # a second fill, on a cache that holds keys, goes one by one
+    for key in range(len(slow) - 1, -1, -1):
+        slow._put(key, 3.0)
+    assert list(fast._entries.items()) == list(slow._entries.items())
+
+
 def test_reproducible_per_seed():
     out = OutputCacheSpec.model_validate({
         "capacity": 50, "ttl_s": 20.0, "keys": {"universe": 500, "zipf_s": 0.9},

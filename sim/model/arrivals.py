@@ -115,7 +115,7 @@ class PoissonSource:
             call_later(self.env, gap, self._arrive)
 
     def _arrive(self, event) -> None:
-        now = self.env.now
+        now = self.env._now
         gap = self.gap()
         if now + gap < self.until:
             call_later(self.env, gap, self._arrive)

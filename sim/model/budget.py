@@ -167,8 +167,11 @@ def _results(plan: _Plan, drawn: np.ndarray) -> list[BudgetResult]:
     out_budget = np.clip(room, 0, plan.reserve)
     overflow = room < plan.out_floor
     truncated = (sizes < drawn).any(axis=1)
-    return list(map(BudgetResult, map(tuple, drawn.tolist()), map(tuple, sizes.tolist()), prompt.tolist(),
-                    prefix.tolist(), out_budget.tolist(), truncated.tolist(), overflow.tolist()))
+    # One result per request: built in C from the columns (zip(*columns) makes each request's section
+    # tuple without a list per row; _make takes a row as it is, without parsing arguments).
+    rows = zip(zip(*drawn.T.tolist()), zip(*sizes.T.tolist()), prompt.tolist(), prefix.tolist(),
+               out_budget.tolist(), truncated.tolist(), overflow.tolist())
+    return list(map(BudgetResult._make, rows))
 
 
 def evaluate(sizes: Union[Mapping[str, int], Sequence[int]], spec: Budget) -> BudgetResult:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from functools import lru_cache
+from itertools import repeat
 from typing import Callable, Optional
 
 import numpy as np
@@ -47,10 +49,19 @@ def zipf_probabilities(universe: int, s: float) -> np.ndarray:
     return weights / weights.sum()
 
 
-def zipf_draw(universe: int, s: float) -> Callable[[np.random.Generator, int], np.ndarray]:
-    """Vectorised key draws (0-based ranks) by inverse transform on the cumulative probabilities."""
+@lru_cache(maxsize=8)
+def _zipf_cdf(universe: int, s: float) -> np.ndarray:
+    # Cached: every replication (and the output and embedding caches, which often share a law)
+    # would otherwise recompute the same array of `universe` powers. Read-only, as it is shared.
     cdf = np.cumsum(zipf_probabilities(universe, s))
     cdf[-1] = 1.0  # random() < 1, so the last key is the highest index searchsorted can return
+    cdf.flags.writeable = False
+    return cdf
+
+
+def zipf_draw(universe: int, s: float) -> Callable[[np.random.Generator, int], np.ndarray]:
+    """Vectorised key draws (0-based ranks) by inverse transform on the cumulative probabilities."""
+    cdf = _zipf_cdf(universe, s)
 
     def draw(rng: np.random.Generator, n: int) -> np.ndarray:
         return np.searchsorted(cdf, rng.random(n), side="right")
@@ -119,7 +130,8 @@ class Cache:
         if key < 0:
             return BYPASS
         self.lookups += 1
-        entry = self._entries.get(key)
+        entries = self._entries
+        entry = entries.get(key)
         if entry is None:
             self.misses += 1
             return MISS
@@ -130,7 +142,7 @@ class Cache:
             self.misses += 1
             return MISS
         if self._lru:
-            self._entries.move_to_end(key)
+            entries.move_to_end(key)
         self.hits += 1
         if now >= change_at:
             self.stale_hits += 1
@@ -160,8 +172,20 @@ class Cache:
         Not counted as insertions.
         """
         n = self.spec.keys.universe if self.capacity is None else min(self.capacity, self.spec.keys.universe)
-        for key in range(n - 1, -1, -1):
-            self._put(key, now)
+        keys = range(n - 1, -1, -1)
+        if self._entries:  # keys already held move or push others out: insert one by one
+            for key in keys:
+                self._put(key, now)
+            return
+        # An empty cache takes them all (n <= capacity) and nothing is expired at `now`: the entries
+        # _put would build, in the same order and with the same change draws, in one pass.
+        change = self._change
+        if change is None:  # every entry is (now, inf): one tuple serves them all
+            self._entries.update(zip(keys, repeat((now, math.inf))))
+        else:
+            self._entries.update((key, (now, now + change())) for key in keys)
+        if self._born is not None:
+            self._born.update(zip(keys, repeat(now)))
 
     def reset_counters(self) -> None:
         """Zero the counters (after a warm-up); the cache contents stay."""
@@ -195,28 +219,32 @@ class Cache:
     # ------------------------------------------------------------------ internals
 
     def _put(self, key: int, now: float) -> None:
-        entries = self._entries
+        entries, born = self._entries, self._born
         if self.ttl != math.inf:
             self._sweep(now)
         if key in entries:  # a second miss answered later: the newer answer replaces the entry
-            self._remove(key)
+            del entries[key]  # _remove(key), inlined: inserts are on every miss's path
+            if born is not None:
+                del born[key]
         elif self.capacity is not None and len(entries) >= self.capacity:
             old, _ = entries.popitem(last=False)
-            if self._born is not None:
-                del self._born[old]
+            if born is not None:
+                del born[old]
             self.evictions += 1
         change_at = now + self._change() if self._change is not None else math.inf
         entries[key] = (now, change_at)
-        if self._born is not None:
-            self._born[key] = now
+        if born is not None:
+            born[key] = now
 
     def _sweep(self, now: float) -> None:
         """Drop expired entries from the oldest end of the insertion order (amortised O(1))."""
-        order = self._born if self._born is not None else self._entries
+        by_born = self._born is not None
+        order = self._born if by_born else self._entries
+        ttl = self.ttl
         while order:
             key = next(iter(order))
-            born = order[key] if self._born is not None else self._entries[key][0]
-            if now - born < self.ttl:  # the very test lookup() applies
+            born = order[key] if by_born else order[key][0]
+            if now - born < ttl:  # the very test lookup() applies
                 return
             self._remove(key)
             self.expirations += 1

@@ -13,16 +13,25 @@ from sim.config.schema import PromptCache
 class PrefixCache:
     """The prompt cache of one endpoint."""
 
+    __slots__ = ("spec", "entries", "_min_tokens", "_ttl")
+
     def __init__(self, spec: PromptCache) -> None:
         self.spec = spec
         self.entries: dict[int, tuple[float, int]] = {}  # key -> (last use, cached tokens)
+        self._min_tokens, self._ttl = spec.min_tokens, spec.ttl_s  # read on every model call
 
     def use(self, key: int, prefix: int, now: float) -> tuple[int, int]:
         """A call with a `prefix`-token prefix under `key` now: (tokens read from the cache, tokens written)."""
-        if prefix < self.spec.min_tokens:
+        if prefix < self._min_tokens:
             return 0, 0
-        entry = self.entries.get(key)
-        cached = entry[1] if entry is not None and now - entry[0] <= self.spec.ttl_s else 0
-        read = min(cached, prefix)
-        self.entries[key] = (now, max(cached, prefix))
-        return read, prefix - read
+        entries = self.entries
+        entry = entries.get(key)
+        if entry is None or now - entry[0] > self._ttl:  # nothing cached, or expired: write it all
+            entries[key] = (now, prefix)
+            return 0, prefix
+        cached = entry[1]
+        if cached >= prefix:  # all of it cached: read it, and keep the longer prefix cached
+            entries[key] = (now, cached)
+            return prefix, 0
+        entries[key] = (now, prefix)  # a longer prefix than cached: read what is, write the rest
+        return cached, prefix - cached

@@ -52,7 +52,7 @@ retrieval cache hit) and whether it was an escalation (`retrieve_more`)."""
 class Backend:
     """A FIFO resource with `concurrency` slots; each hop holds one slot for its latency."""
 
-    __slots__ = ("env", "name", "concurrency", "_latency", "_on_done", "busy", "_waiting",
+    __slots__ = ("env", "name", "concurrency", "_latency", "_on_done", "_hop_end", "busy", "_waiting",
                  "hops", "wait_sum", "_area", "_last", "_since")
 
     def __init__(self, env: simpy.Environment, name: str, spec: BackendSpec, rng: np.random.Generator,
@@ -62,6 +62,7 @@ class Backend:
         self.concurrency = spec.concurrency
         self._latency = BlockSampler(spec.latency_s.sample, rng)
         self._on_done = on_done
+        self._hop_end = self._finish  # bound once: every hop schedules the same callback
         self.busy = 0
         self._waiting: deque[tuple[float, float, object]] = deque()  # (queued at, latency, value)
         self.reset_counters(env.now)
@@ -71,21 +72,25 @@ class Backend:
         latency = self._latency()
         env = self.env
         if self.busy < self.concurrency:
-            self._account(env._now)
+            now = env._now
+            self._area += self.busy * (now - self._last)  # _account(now), inlined: hops are the hot path
+            self._last = now
             self.busy += 1
             self.hops += 1
-            call_later(env, latency, self._finish, value)
+            call_later(env, latency, self._hop_end, value)
         else:
             self._waiting.append((env._now, latency, value))
 
     def _finish(self, event) -> None:
-        now = self.env._now
-        self._account(now)
+        env = self.env
+        now = env._now
+        self._area += self.busy * (now - self._last)  # _account(now), inlined
+        self._last = now
         if self._waiting:  # the slot passes straight to the next hop in line
             queued_at, latency, value = self._waiting.popleft()
             self.hops += 1
             self.wait_sum += now - queued_at
-            call_later(self.env, latency, self._finish, value)
+            call_later(env, latency, self._hop_end, value)
         else:
             self.busy -= 1
         self._on_done(event.value)
@@ -164,7 +169,8 @@ class EmbeddingService:
 
     def _start(self, batch: list) -> None:
         now = self.env._now
-        self._account(now)
+        self._area += self.busy * (now - self._last)  # _account(now), inlined
+        self._last = now
         self.busy += 1
         self.batches += 1
         self.queries += len(batch)
@@ -175,7 +181,9 @@ class EmbeddingService:
         call_later(self.env, service, self._finish, batch)
 
     def _finish(self, event) -> None:
-        self._account(self.env._now)
+        now = self.env._now
+        self._area += self.busy * (now - self._last)  # _account(now), inlined
+        self._last = now
         self.busy -= 1
         if self._waiting:
             self._start(self._waiting.popleft())
@@ -221,7 +229,7 @@ class _Job:
         self.plan = plan
         self.start = now
         self.stage = 0
-        self.stage_s: list[float] = []
+        self.stage_s: tuple[float, ...] = ()  # grows by one per stage run; few stages, so no list and copy
         self.emb_wait = self.emb_s = math.nan
         self.rcode = self.ecode = NOT_LOOKED_UP
         self.rkey = self.ekey = -1
@@ -345,24 +353,24 @@ class Retrieval:
 
     # --- stages -------------------------------------------------------------------------
     def _start_stage(self, job: _Job) -> None:
-        backends, _ = job.plan[job.stage]
+        s = job.stage
         job.stage_start = self.env._now
         job.got = 0
-        value = (job, job.stage)  # a late first_k hop knows its stage is over
-        for backend in backends:
+        value = (job, s)  # a late first_k hop knows its stage is over
+        for backend in job.plan[s][0]:
             backend.submit(value)
 
     def _hop_done(self, value) -> None:
         job, s = value
         if s != job.stage:
-            return
-        job.got += 1
+            return  # a first_k stage's late hop
+        got = job.got = job.got + 1
         plan = job.plan
-        if job.got < plan[s][1]:
+        if got < plan[s][1]:
             return
-        job.stage_s.append(self.env._now - job.stage_start)
-        job.stage = s + 1
-        if job.stage < len(plan):
+        job.stage_s += (self.env._now - job.stage_start,)
+        s = job.stage = s + 1
+        if s < len(plan):
             self._start_stage(job)
         else:
             self._finish(job)
@@ -374,7 +382,7 @@ class Retrieval:
         job.stage = len(job.plan)  # a cache hit ran no stage; late hops must still find the job over
         self.completed += 1
         self.records.append((job.i, job.start, now, job.emb_wait, job.emb_s, job.rcode, job.ecode,
-                             tuple(job.stage_s), job.escalation))
+                             job.stage_s, job.escalation))
         job.done(job.i)
 
     # --- reporting ------------------------------------------------------------------------
