@@ -68,10 +68,13 @@ class Recorder:
         # With a pipeline: the model calls (a Recorder of their own), and per-request stage records.
         self.calls: Optional["Recorder"] = None
         self.parent: Optional[list] = None       # on a calls recorder: each call's request
-        self.cache_code: Optional[list] = None   # (request, cache code) per output-cache lookup
-        self.budget: Optional[list] = None       # (request, budget result) per request
-        self.quality: Optional[list] = None      # (request, good answer, model calls) per routed request
-        self.stage_log: Optional[list] = None    # (request, gate, cache, evaluation, post, retrieval) s per request
+        # Per-request logs are flat lists of numbers, a row after another (see `rows`): a tuple per
+        # request would be one more object for the garbage collector to follow, a million a run.
+        self.cache_code: Optional[list] = None   # rows (request, cache code), one per output-cache lookup
+        self.budget: Optional[list] = None       # rows (request, truncated, drawn sizes..., sizes...)
+        self.budget_sections: tuple = ()        # the budget's section names, in row order
+        self.quality: Optional[list] = None      # rows (request, good answer, model calls), routed requests
+        self.stage_log: Optional[list] = None    # rows (request, gate, cache, evaluation, post, retrieval, retry) s
         self.validation_retries: Optional[dict] = None  # request -> structured-output retries (those retried)
         self.retrieval_stats: Optional[dict] = None     # the retrieval stage's counters over the whole run
         self.cached_tokens: Optional[dict] = None       # on calls with prompt caches: call -> (read, written)
@@ -98,6 +101,11 @@ class Recorder:
         self.user.append(user)
         self.feature.append(feature)
         return len(self.arrival) - 1
+
+    @staticmethod
+    def rows(log: list, width: int, dtype=float) -> np.ndarray:
+        """A flat per-request log as an array of rows."""
+        return np.asarray(log, dtype=dtype).reshape(-1, width)
 
     def frame(self) -> pd.DataFrame:
         """All requests as a DataFrame (times in seconds)."""

@@ -171,7 +171,7 @@ def stage_times(rec: Recorder) -> dict[str, np.ndarray]:
     c_admit, c_first = np.where(np.isnan(c_admit), c_end, c_admit), np.where(np.isnan(c_first), c_end, c_first)
     sums = lambda values: np.bincount(parent, weights=values, minlength=n)  # noqa: E731
     times = {"queue": sums(c_admit - c_arrival), "prefill": sums(c_first - c_admit), "decode": sums(c_end - c_first)}
-    log = np.asarray(rec.stage_log, dtype=float).reshape(-1, 7)
+    log = Recorder.rows(rec.stage_log, 7)
     index = log[:, 0].astype(np.int64)
     for k, name in enumerate(("gate", "cache", "evaluation", "post_processing", "retrieval", "retry"), start=1):
         times[name] = np.zeros(n)
@@ -210,13 +210,15 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> 
     out["model_calls_per_request"] = float(arrived[parent].sum() / max(arrived.sum(), 1))
     out.update(_guard_stats(rec, arrived))
     if rec.cache_code is not None:
-        codes = np.asarray([c for i, c in rec.cache_code if arrived[i]], dtype=np.int64)
+        log = Recorder.rows(rec.cache_code, 2, np.int64)
+        codes = log[arrived[log[:, 0]], 1]
         looked = codes[codes != BYPASS]
         out["cache_bypass_share_output"] = float((codes == BYPASS).mean()) if codes.size else math.nan
         out["cache_hit_rate_output"] = float(np.isin(looked, (HIT, STALE_HIT)).mean()) if looked.size else math.nan
         out["cache_stale_hit_rate_output"] = float((looked == STALE_HIT).mean()) if looked.size else math.nan
     if rec.quality is not None:
-        rows = np.asarray([(good, hops) for i, good, hops in rec.quality if arrived[i]], dtype=float).reshape(-1, 2)
+        rows = Recorder.rows(rec.quality, 3)
+        rows = rows[arrived[rows[:, 0].astype(np.int64)], 1:]
         out["quality_good_share"] = float(rows[:, 0].mean()) if len(rows) else math.nan
         out["hops_mean"] = float(rows[:, 1].mean()) if len(rows) else math.nan
         out["escalation_rate"] = float((rows[:, 1] > 1).mean()) if len(rows) else math.nan
@@ -225,7 +227,8 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> 
         out["validation_retries_per_request"] = retried / max(float(arrived.sum()), 1.0)
     out.update(_retrieval_stats(rec.retrieval_stats))
     if rec.budget is not None:
-        truncated = np.asarray([r.truncated for i, r in rec.budget if arrived[i]], dtype=bool)
+        log = Recorder.rows(rec.budget, 2 + 2 * len(rec.budget_sections), np.int64)
+        truncated = log[arrived[log[:, 0]], 1].astype(bool)
         out["budget_truncated_share"] = float(truncated.mean()) if truncated.size else math.nan
     return out
 

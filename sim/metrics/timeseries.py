@@ -59,7 +59,7 @@ def timeseries(rec: Recorder, interval: float, duration: float) -> pd.DataFrame:
 def _cache_hit_rate(rec: Recorder, arrival: np.ndarray, edges: np.ndarray) -> np.ndarray:
     from sim.model.caches import BYPASS, HIT, STALE_HIT
 
-    log = np.asarray(rec.cache_code, dtype=np.int64).reshape(-1, 2)
+    log = Recorder.rows(rec.cache_code, 2, np.int64)
     looked = log[log[:, 1] != BYPASS]
     when = arrival[looked[:, 0]]
     lookups = np.histogram(when, edges)[0]

@@ -6,10 +6,12 @@ component a plain object with its state in attributes.
 """
 from __future__ import annotations
 
+import gc
 import math
+from contextlib import contextmanager
 from heapq import heappop, heappush
 from itertools import count
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import simpy
 from simpy.core import NORMAL
@@ -44,6 +46,41 @@ def call_later(env: simpy.Environment, delay: float, callback: Callback, value: 
     # What Environment.schedule does, without its call: this is the hottest line of a run.
     heappush(env._queue, (env._now + delay, NORMAL, next(env._eid), call))
     return call
+
+
+def run(env: simpy.Environment) -> None:
+    """Run until nothing is left scheduled, as `env.run()` does, with the garbage collector paused.
+
+    A `Call` is dispatched here directly (its one callback, with the clock set to its time):
+    `Environment.step` would do the same with more bookkeeping, at a third of the cost of a
+    model event. Anything else scheduled (a SimPy event or process) goes through `step`.
+    """
+    queue, step = env._queue, env.step
+    with gc_paused():
+        while queue:
+            event = queue[0][3]
+            if type(event) is Call:
+                env._now = heappop(queue)[0]
+                event.callbacks[0](event)
+            else:
+                step()
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused, then resumed (if it ran before).
+
+    A run allocates millions of short-lived objects while its recorder's lists grow to
+    hundreds of thousands of live ones; the collector's passes over those cost 5-15% of
+    a run and find nothing (the model's objects form no cycles).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Timeouts:

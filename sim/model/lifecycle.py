@@ -118,6 +118,7 @@ class Lifecycle:
         recorder.quality = [] if self.router is not None else None
         recorder.cache_code = [] if self.cache is not None else None
         recorder.budget = [] if self.budgets is not None else None
+        recorder.budget_sections = self.budgets[0].section_names if self.budgets is not None else ()
         # Stage times the calls table cannot tell: (request, gate, cache, evaluation, post-processing,
         # retrieval, retry) seconds.
         recorder.stage_log = []
@@ -136,7 +137,10 @@ class Lifecycle:
             r.cancel_tokens = max(1, math.ceil(read * rec.output[i]))
         if self.budgets is not None:
             result = self.budgets[rec.cls[i]].draw()
-            rec.budget.append((i, result))
+            rec.budget.append(i)  # flat rows: no object per request for the collector to follow
+            rec.budget.append(result.truncated)
+            rec.budget += result.drawn
+            rec.budget += result.sizes
             if result.overflow:  # longer than the context window even trimmed: refused, as a provider would
                 self._end(r, REJECTED)
                 return
@@ -147,7 +151,7 @@ class Lifecycle:
         if self.cache is not None:
             key = self.cache.draw_key()
             code = self.cache.lookup(key, now)
-            rec.cache_code.append((i, code))
+            rec.cache_code += (i, code)
             if code in (HIT, STALE_HIT):
                 r.cache_s = self.hit_latency()
                 call_later(self.env, r.cache_s, self._answered_from_cache, r)
@@ -292,7 +296,7 @@ class Lifecycle:
             if self._may_call(r):
                 return wait, True
             r.tier -= 1
-        self.rec.quality.append((r.i, good, r.hops))
+        self.rec.quality += (r.i, good, r.hops)
         return wait, False
 
     def _escalated(self, event) -> None:
@@ -412,8 +416,8 @@ class Lifecycle:
             rec.first_token[i] = now  # nothing shows before the whole (validated) answer
         elif outcome == PARTIAL and rec.first_token[i] != rec.first_token[i]:
             rec.first_token[i] = now  # the answer an escalation was improving shows now
-        rec.stage_log.append((i, r.started - rec.arrival[i], r.cache_s, r.evaluation_s, r.post_s, r.retrieval_s,
-                              r.retry_s))
+        rec.stage_log += (i, r.started - rec.arrival[i], r.cache_s, r.evaluation_s, r.post_s, r.retrieval_s,
+                          r.retry_s)
         if r.validations:
             rec.validation_retries[i] = r.validations
         if self.guard is not None:

@@ -18,7 +18,7 @@ from .autoscaler import Autoscaler
 from .endpoint import Endpoint
 from .engine import EngineReplica
 from .offered import full_batch
-from .events import call_later
+from .events import call_later, run
 from .arrivals import RequestFactory, SourceContext, build_arrivals, user_count
 from .lifecycle import Lifecycle
 from .ratelimit import Client, attach_provider_limits, build_gate
@@ -69,7 +69,7 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
         for endpoint in endpoints:
             endpoint.on_done = done
     start_monitor(env, endpoints, recorder, sim)
-    env.run()
+    run(env)
     if workload.pipeline is not None and lifecycle.retrieval is not None:
         recorder.retrieval_stats = lifecycle.retrieval.stats(env.now)
     return recorder
@@ -139,10 +139,13 @@ def start_monitor(env: simpy.Environment, endpoints: list[Endpoint], recorder: R
     times = {min(k * step, sim.duration_s) for k in range(int(sim.duration_s // step) + 1)}
     times |= {sim.duration_s} | ({sim.warmup_s} if isinstance(sim.warmup_s, float) else set())
 
+    times = sorted(times)
+
     def sample(event) -> None:
-        now = env.now
+        now, k = env.now, event.value
         recorder.samples.append((now, {e.name: e.counters(now) for e in endpoints}))
         recorder.gauges.append((now, {e.name: e.gauges() for e in endpoints}))
+        if k + 1 < len(times):  # one sample scheduled at a time keeps the event queue short
+            call_later(env, times[k + 1] - now, sample, k + 1)
 
-    for t in sorted(times):
-        call_later(env, t, sample)
+    call_later(env, times[0], sample, 0)

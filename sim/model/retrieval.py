@@ -10,9 +10,10 @@ A request's way: retrieval cache lookup (hit: done after the hit latency) ->
 embedding cache lookup (hit: straight to the stages) -> the embedding service
 (joins the open batch; waits for the batch to be sent and for a worker) ->
 stages, one after another; a stage submits all its hops at once and is done when
-`need` of them have returned. Hops left over by `first_k` run on, holding their
-backend slot, but no longer concern the request. Every step is a `call_later`
-callback; `done(i)` is never called from inside `run` itself.
+`need` of them have returned (hop return times are known at submission, see
+`Backend`: a stage is one event). Hops left over by `first_k` run on, holding
+their backend slot, but no longer concern the request. Every step is a
+`call_later` callback; `done(i)` is never called from inside `run` itself.
 
 Random numbers, each from its own named stream: `retrieval.embedding.batch`
 (batch service times, one per batch, in the order batches start),
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from heapq import heapreplace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -50,72 +52,51 @@ retrieval cache hit) and whether it was an escalation (`retrieve_more`)."""
 
 
 class Backend:
-    """A FIFO resource with `concurrency` slots; each hop holds one slot for its latency."""
+    """A FIFO resource with `concurrency` slots; each hop holds one slot for its latency.
 
-    __slots__ = ("env", "name", "concurrency", "_latency", "_on_done", "_hop_end", "busy", "_waiting",
-                 "hops", "wait_sum", "_area", "_last", "_since")
+    A hop's latency is drawn when it is submitted, and slots serve FIFO, so the hop starts
+    when the earliest slot frees, not before its submission (the Kiefer-Wolfowitz recursion
+    for a multi-server FIFO queue): its return time is known at once. So a hop costs no event
+    of its own, and a slot's release none either; the stage waiting for its hops schedules
+    one event, for when it is done.
+    """
 
-    def __init__(self, env: simpy.Environment, name: str, spec: BackendSpec, rng: np.random.Generator,
-                 on_done: Callable[[object], None]) -> None:
-        self.env = env
+    __slots__ = ("name", "concurrency", "_latency", "_free", "hops", "wait_sum", "_busy", "_since")
+
+    def __init__(self, env: simpy.Environment, name: str, spec: BackendSpec, rng: np.random.Generator) -> None:
         self.name = name
         self.concurrency = spec.concurrency
         self._latency = BlockSampler(spec.latency_s.sample, rng)
-        self._on_done = on_done
-        self._hop_end = self._finish  # bound once: every hop schedules the same callback
-        self.busy = 0
-        self._waiting: deque[tuple[float, float, object]] = deque()  # (queued at, latency, value)
+        self._free = [env.now] * spec.concurrency  # heap: when each slot is free
         self.reset_counters(env.now)
 
-    def submit(self, value: object) -> None:
-        """Start a hop now if a slot is free, else queue it; `on_done(value)` when it returns."""
+    def submit(self, now: float) -> float:
+        """A hop submitted now: when it returns."""
         latency = self._latency()
-        env = self.env
-        if self.busy < self.concurrency:
-            now = env._now
-            self._area += self.busy * (now - self._last)  # _account(now), inlined: hops are the hot path
-            self._last = now
-            self.busy += 1
-            self.hops += 1
-            call_later(env, latency, self._hop_end, value)
-        else:
-            self._waiting.append((env._now, latency, value))
+        free = self._free
+        start = free[0] if free[0] > now else now
+        end = start + latency
+        heapreplace(free, end)
+        self.hops += 1
+        self.wait_sum += start - now
+        self._busy += latency
+        return end
 
-    def _finish(self, event) -> None:
-        env = self.env
-        now = env._now
-        self._area += self.busy * (now - self._last)  # _account(now), inlined
-        self._last = now
-        if self._waiting:  # the slot passes straight to the next hop in line
-            queued_at, latency, value = self._waiting.popleft()
-            self.hops += 1
-            self.wait_sum += now - queued_at
-            call_later(env, latency, self._hop_end, value)
-        else:
-            self.busy -= 1
-        self._on_done(event.value)
-
-    def _account(self, now: float) -> None:
-        self._area += self.busy * (now - self._last)
-        self._last = now
-
-    @property
-    def queued(self) -> int:
-        """Hops waiting for a slot."""
-        return len(self._waiting)
+    def _pending(self, now: float) -> float:
+        """Slot-seconds of hops submitted by now that lie after now (a slot's later hops follow back to back)."""
+        return sum(t - now for t in self._free if t > now)
 
     def utilisation(self, now: float) -> float:
         """Mean share of the slots busy since the last counter reset."""
-        self._account(now)
         span = now - self._since
-        return self._area / (self.concurrency * span) if span > 0 else math.nan
+        return (self._busy - self._pending(now)) / (self.concurrency * span) if span > 0 else math.nan
 
     def reset_counters(self, now: float) -> None:
         """Zero the hop counts, the waiting time and the utilisation (after a warm-up)."""
         self.hops = 0
         self.wait_sum = 0.0
-        self._area = 0.0
-        self._last = self._since = now
+        self._busy = self._pending(now)  # hops already running count from now on
+        self._since = now
 
 
 class EmbeddingService:
@@ -220,7 +201,7 @@ Plan = tuple[tuple[tuple[Backend, ...], int], ...]
 class _Job:
     """One retrieval in flight; carried by the callbacks, so no lookup by request index is needed."""
 
-    __slots__ = ("i", "done", "plan", "start", "stage", "stage_start", "got", "stage_s", "emb_join",
+    __slots__ = ("i", "done", "plan", "start", "stage", "stage_start", "stage_s", "emb_join",
                  "emb_wait", "emb_s", "rcode", "ecode", "rkey", "ekey", "escalation")
 
     def __init__(self, i: int, done: Done, plan: Plan, now: float, escalation: bool) -> None:
@@ -244,7 +225,7 @@ class Retrieval:
         self.env = env
         self.spec = spec
         self.backends: dict[str, Backend] = {
-            name: Backend(env, name, b, streams.rng(f"retrieval.backend.{name}"), self._hop_done)
+            name: Backend(env, name, b, streams.rng(f"retrieval.backend.{name}"))
             for name, b in spec.backends.items()
         }
         self.plan: Plan = self.compile(spec.stages)
@@ -353,24 +334,22 @@ class Retrieval:
 
     # --- stages -------------------------------------------------------------------------
     def _start_stage(self, job: _Job) -> None:
-        s = job.stage
-        job.stage_start = self.env._now
-        job.got = 0
-        value = (job, s)  # a late first_k hop knows its stage is over
-        for backend in job.plan[s][0]:
-            backend.submit(value)
+        """Submit the stage's hops at once; it is done when `need` of them have returned (one event)."""
+        now = self.env._now
+        job.stage_start = now
+        backends, need = job.plan[job.stage]
+        if len(backends) == 1:
+            done = backends[0].submit(now)
+        else:
+            returns = sorted([backend.submit(now) for backend in backends])
+            done = returns[need - 1]  # hops left over by first_k run on, holding their slots
+        call_later(self.env, done - now, self._stage_done, job)
 
-    def _hop_done(self, value) -> None:
-        job, s = value
-        if s != job.stage:
-            return  # a first_k stage's late hop
-        got = job.got = job.got + 1
-        plan = job.plan
-        if got < plan[s][1]:
-            return
+    def _stage_done(self, event) -> None:
+        job = event.value
         job.stage_s += (self.env._now - job.stage_start,)
-        s = job.stage = s + 1
-        if s < len(plan):
+        job.stage += 1
+        if job.stage < len(job.plan):
             self._start_stage(job)
         else:
             self._finish(job)
@@ -379,7 +358,6 @@ class Retrieval:
         now = self.env._now
         if job.rkey >= 0:
             self.cache.insert(job.rkey, now)
-        job.stage = len(job.plan)  # a cache hit ran no stage; late hops must still find the job over
         self.completed += 1
         self.records.append((job.i, job.start, now, job.emb_wait, job.emb_s, job.rcode, job.ecode,
                              job.stage_s, job.escalation))
