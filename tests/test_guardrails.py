@@ -213,3 +213,29 @@ def test_a_first_token_timeout_spares_streams_that_started(tmp_path):
     rec = simulate(spec)
     assert [OUTCOMES[o] for o in rec.outcome] == ["completed", "timed_out"]
     assert rec.end == pytest.approx([3.2, 1.1])
+
+
+def test_a_stream_that_started_still_meets_the_whole_call_limit(tmp_path):
+    # R0 streams from 0.2 s (past its 1 s first-token limit) but its 2 s whole-call limit stops it at 2.0.
+    guard = {"first_token_timeout_s": 1.0, "call_timeout_s": 2.0}
+    rec = simulate(workload(tmp_path, [(0.0, 10, 31)], {"guardrails": guard}, {"m": STREAMING}))
+    assert rec.outcome == [TIMED_OUT] and rec.end == pytest.approx([2.0])
+    # With a 5 s whole limit it finishes at 3.2.
+    rec = simulate(workload(tmp_path, [(0.0, 10, 31)], {"guardrails": {**guard, "call_timeout_s": 5.0}},
+                            {"m": STREAMING}))
+    assert rec.outcome == [COMPLETED] and rec.end == pytest.approx([3.2])
+
+
+def test_a_limit_earlier_than_those_queued_fires_first():
+    import simpy
+
+    from sim.model.events import Timeouts, call_later
+
+    env = simpy.Environment()
+    fired = []
+    timeouts = Timeouts(env, lambda k: True, lambda k: fired.append((env.now, k)))
+    call_later(env, 0.0, lambda e: timeouts.add(5.0, "a"))
+    call_later(env, 1.0, lambda e: timeouts.add(1.0, "b"))   # due at 2: before "a"
+    call_later(env, 1.5, lambda e: timeouts.add(3.5, "c"))   # due at 5: after "a" (ties keep their order)
+    env.run()
+    assert fired == [(2.0, "b"), (5.0, "a"), (5.0, "c")]

@@ -45,12 +45,12 @@ class Guardrails:
                   if spec.retry.jitter > 0 and spec.retry.max_attempts > 1 else None)
         self.retry = RetryPolicy(spec.retry, jitter)
         recorder.guard_log = []
-        outcome, call_outcome, first = recorder.outcome, calls.outcome, calls.first_token
+        outcome, call_outcome = recorder.outcome, calls.outcome
+        self.first_token = calls.first_token
+        self.on_call_timeout = on_call_timeout
         self.deadlines = Timeouts(env, lambda r: outcome[r.i] < 0, on_deadline)
-        self.call_timeouts = Timeouts(env, lambda rc: call_outcome[rc[1]] < 0, on_call_timeout)
-        # Silent: no token yet (an API's first token is known ahead of time: it may be due later).
-        self.silent_timeouts = Timeouts(env, lambda rc: call_outcome[rc[1]] < 0 and not first[rc[1]] <= env.now,
-                                        on_call_timeout)
+        # One entry per call: at its first-token limit, then (if it streams by then) at its whole limit.
+        self.call_timeouts = Timeouts(env, lambda rc: call_outcome[rc[1]] < 0, self._check_call)
 
     def watch_request(self, r, arrival: float) -> None:
         """Request r's time limit, counted from its arrival (a wait at the rate limits included)."""
@@ -59,11 +59,21 @@ class Guardrails:
 
     def watch_call(self, r, c: int) -> None:
         """Call c's timeouts, from its send now."""
-        spec = self.spec
-        if spec.call_timeout_s is not None:
-            self.call_timeouts.add(spec.call_timeout_s, (r, c))
-        if spec.first_token_timeout_s is not None:
-            self.silent_timeouts.add(spec.first_token_timeout_s, (r, c))
+        first, whole = self.spec.first_token_timeout_s, self.spec.call_timeout_s
+        if first is not None and (whole is None or first < whole):
+            self.call_timeouts.add(first, (r, c, True))
+        elif whole is not None:
+            self.call_timeouts.add(whole, (r, c, False))
+
+    def _check_call(self, value: tuple) -> None:
+        """A running call at its first-token limit (times out if silent) or at its whole limit (times out)."""
+        r, c, first_token_limit = value
+        if not first_token_limit or not self.first_token[c] <= self.env.now:  # silent: no token yet
+            self.on_call_timeout((r, c))  # (an API's first token is known ahead: it may be due later)
+            return
+        whole = self.spec.call_timeout_s
+        if whole is not None:  # streaming: its whole limit still holds
+            self.call_timeouts.add(whole - self.spec.first_token_timeout_s, (r, c, False))
 
     def allows(self, r, tokens: Callable[[], int]) -> bool:
         """Whether the caps allow r one more call of `tokens()` (prompt + output); a refusal is noted in r.limit."""

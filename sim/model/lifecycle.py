@@ -209,18 +209,22 @@ class Lifecycle:
             output = min(output, r.cancel_tokens)
         return endpoint, prompt, output
 
-    def _may_call(self, r: _Request) -> bool:
-        """Whether the guardrails' caps allow one more call now (a refusal is recorded in r.limit)."""
-        return self.guard is None or self.guard.allows(r, lambda: sum(self._next_call(r)[1:]))
+    def _may_call(self, r: _Request, call: Optional[tuple[int, int, int]] = None) -> bool:
+        """Whether the guardrails' caps allow one more call now (a refusal is recorded in r.limit);
+        `call`: the call's (endpoint, prompt, output) when already known."""
+        if self.guard is None:
+            return True
+        return self.guard.allows(r, lambda: sum((call or self._next_call(r))[1:]))
 
     def _call(self, r: _Request) -> None:
         rec, i = self.rec, r.i
         if r.difficulty < 0 and self.router is not None:
             r.tier, r.difficulty = self.router.first_tier(rec.cls[i])
-        if r.hops == 0 and not self._may_call(r):  # the first call is over the caps already
+        call = self._next_call(r)
+        if r.hops == 0 and not self._may_call(r, call):  # the first call is over the caps already
             self._fallback(r, REJECTED, deadline=False)
             return
-        endpoint, prompt, output = self._next_call(r)
+        endpoint, prompt, output = call
         rec.endpoint[i] = endpoint
         r.hops += 1
         r.tokens += prompt + output

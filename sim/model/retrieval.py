@@ -313,12 +313,19 @@ class Retrieval:
         if cache is not None:
             key = job.rkey if self._shared_key else cache.draw_key()
             code = job.ecode = cache.lookup(key, self.env._now)
+            # An in-process cache answers at once (latency 0): the request goes on without an event.
             if code == HIT or code == STALE_HIT:
-                call_later(self.env, self._ehit_s(), self._after_embedding_hit, job)
+                wait = self._ehit_s()
+                if wait > 0:
+                    call_later(self.env, wait, self._after_embedding_hit, job)
+                else:
+                    self._start_stage(job)
                 return
             job.ekey = key
-            call_later(self.env, self._emiss_s(), self._after_embedding_miss, job)
-            return
+            wait = self._emiss_s()
+            if wait > 0:
+                call_later(self.env, wait, self._after_embedding_miss, job)
+                return
         self.embedding.submit(job)
 
     def _after_embedding_hit(self, event) -> None:
