@@ -33,6 +33,7 @@ from sim.metrics.recorder import COMPLETED, Recorder
 from .block_cache import BlockCache
 from .endpoint import Endpoint
 from .events import call_later
+from .streams import BlockSampler
 from .traces import prefix_blocks
 
 # Phases: what the stretch of identical steps in flight is doing.
@@ -75,8 +76,7 @@ class EngineReplica:
         self._noise = None
         if st.noise_cv > 0 and noise_rng is not None:
             shape = 1.0 / (st.noise_cv * st.noise_cv)
-            self._noise = iter(())
-            self._noise_draw = lambda: noise_rng.gamma(shape, 1.0 / shape, 1024).tolist()
+            self._noise = BlockSampler(lambda rng, n: rng.gamma(shape, 1.0 / shape, n), noise_rng)
         self.rec = recorder
         self.decoding: list[tuple[int, int]] = []   # heap of (finish step, request)
         self.prefilling: deque[list[int]] = deque()  # [request, prompt tokens left], FIFO
@@ -117,7 +117,7 @@ class EngineReplica:
 
     def admit(self, i: int, delay: float = 0.0) -> None:
         """Take request i: its batch place and KV are held now; its prompt joins after `delay` (a handshake)."""
-        now = self.env.now
+        now = self.env._now
         self._account(now)
         rec = self.rec
         rec.admit[i] = now + delay
@@ -242,7 +242,7 @@ class EngineReplica:
             call_later(self.env, max(0.0, self.t0 + self.steps * self.step_s - now), self._boundary, self.generation)
 
     def _wake(self, event) -> None:
-        now = self.env.now
+        now = self.env._now
         if self.cancelled:  # a prompt cancelled the instant it joined
             self._account(now)
             self._purge()
@@ -279,7 +279,7 @@ class EngineReplica:
             return
         step_s = self.base_s + self.decode_s * n_decode + self.prefill_s * prefill
         if self._noise is not None:
-            step_s *= self._next_noise()
+            step_s *= self._noise()
         self.step_s = step_s
         work = self.prefill_s * prefill + self.decode_work_s * n_decode
         self._work_rate = work / step_s if step_s > 0 else 0.0
@@ -287,17 +287,10 @@ class EngineReplica:
         self.generation += 1
         call_later(self.env, self.steps * step_s, self._boundary, self.generation)
 
-    def _next_noise(self) -> float:
-        try:
-            return next(self._noise)
-        except StopIteration:
-            self._noise = iter(self._noise_draw())
-            return next(self._noise)
-
     def _boundary(self, event) -> None:
         if event.value != self.generation:
             return  # superseded by a cut
-        now = self.env.now
+        now = self.env._now
         self._account(now)
         phase, self.phase = self.phase, BOUNDARY
         step = self.step + self.steps

@@ -75,12 +75,12 @@ class Guardrails:
         if whole is not None:  # streaming: its whole limit still holds
             self.call_timeouts.add(whole - self.spec.first_token_timeout_s, (r, c, False))
 
-    def allows(self, r, tokens: Callable[[], int]) -> bool:
-        """Whether the caps allow r one more call of `tokens()` (prompt + output); a refusal is noted in r.limit."""
+    def allows(self, r, tokens: int) -> bool:
+        """Whether the caps allow r one more call of `tokens` (prompt + output); a refusal is noted in r.limit."""
         if self.max_hops is not None and r.hops >= self.max_hops:
             r.limit = LIMITS.index("hops")
             return False
-        if self.max_tokens is not None and r.tokens + tokens() > self.max_tokens:
+        if self.max_tokens is not None and r.tokens + tokens > self.max_tokens:
             r.limit = LIMITS.index("tokens")
             return False
         return True

@@ -34,34 +34,35 @@ Submit = Callable[[int], None]
 
 
 class _Request:
-    """One request's state while it runs (the recorder holds what stays)."""
+    """One request's state while it runs (the recorder holds what stays).
 
-    __slots__ = ("i", "started", "cache_s", "evaluation_s", "post_s", "retrieval_s", "retry_s", "hops", "tier",
-                 "difficulty", "cache_key", "prefix", "call", "tokens", "validations", "retries", "timeouts",
-                 "fallback", "path", "limit", "answered", "cancel_tokens", "endpoint", "reduced", "tools")
+    The defaults are class attributes: a request sets only what it changes, which makes
+    the object cheap to create (one per request) and its state easy to read here.
+    """
+
+    cache_s = evaluation_s = post_s = retrieval_s = retry_s = 0.0  # seconds in each stage
+    hops = 0            # model calls made
+    tier = 0            # router tier of the current (or next) call
+    difficulty = -1.0   # drawn with the first routing decision
+    cache_key = -1      # output-cache key to store the answer under (-1: none)
+    prefix = 0          # cacheable prefix tokens of the prompt
+    call = -1           # the call in flight, if any
+    tokens = 0          # prompt + output tokens of the calls made
+    validations = 0     # structured-output retries
+    retries = 0         # guardrail retries of failed calls
+    timeouts = 0        # calls stopped by a call time limit
+    fallback = 0        # next fallback to try (index into guardrails.fallbacks)
+    path = 0            # ANSWER_PATHS index of the call being made
+    limit = 0           # LIMITS index of a call refused by a cap
+    answered = False    # some answer is in hand (an escalation may still be improving it)
+    cancel_tokens = 0   # > 0: the user stops reading after this many tokens
+    endpoint = -1       # a fallback's endpoint (-1: as routed)
+    reduced = False     # the reduced_context fallback is on
+    tools = 0           # retrieval hops and tool calls made
 
     def __init__(self, i: int, now: float) -> None:
         self.i = i
         self.started = now
-        self.cache_s = self.evaluation_s = self.post_s = self.retrieval_s = self.retry_s = 0.0
-        self.hops = 0            # model calls made
-        self.tier = 0            # router tier of the current (or next) call
-        self.difficulty = -1.0   # drawn with the first routing decision
-        self.cache_key = -1      # output-cache key to store the answer under (-1: none)
-        self.prefix = 0          # cacheable prefix tokens of the prompt
-        self.call = -1           # the call in flight, if any
-        self.tokens = 0          # prompt + output tokens of the calls made
-        self.validations = 0     # structured-output retries
-        self.retries = 0         # guardrail retries of failed calls
-        self.timeouts = 0        # calls stopped by call_timeout_s
-        self.fallback = 0        # next fallback to try (index into guardrails.fallbacks)
-        self.path = 0            # ANSWER_PATHS index of the call being made
-        self.limit = 0           # LIMITS index of a call refused by a cap
-        self.answered = False    # some answer is in hand (an escalation may still be improving it)
-        self.cancel_tokens = 0   # > 0: the user stops reading after this many tokens
-        self.endpoint = -1       # a fallback's endpoint (-1: as routed)
-        self.reduced = False     # the reduced_context fallback is on
-        self.tools = 0           # retrieval hops and tool calls made
 
 
 class Lifecycle:
@@ -212,9 +213,14 @@ class Lifecycle:
     def _may_call(self, r: _Request, call: Optional[tuple[int, int, int]] = None) -> bool:
         """Whether the guardrails' caps allow one more call now (a refusal is recorded in r.limit);
         `call`: the call's (endpoint, prompt, output) when already known."""
-        if self.guard is None:
+        guard = self.guard
+        if guard is None:
             return True
-        return self.guard.allows(r, lambda: sum((call or self._next_call(r))[1:]))
+        tokens = 0
+        if guard.max_tokens is not None:
+            _, prompt, output = call or self._next_call(r)
+            tokens = prompt + output
+        return guard.allows(r, tokens)
 
     def _call(self, r: _Request) -> None:
         rec, i = self.rec, r.i
@@ -293,8 +299,7 @@ class Lifecycle:
         else:
             wait = router.evaluation()
             r.evaluation_s += wait
-            again = (r.path == 0 and r.tier + 1 < min(router.escalation.max_hops, len(router.endpoints))
-                     and router.flagged(good))
+            again = r.path == 0 and r.tier + 1 < router.tiers_tried and router.flagged(good)
         if again:
             r.tier += 1
             if self._may_call(r):
@@ -439,6 +444,8 @@ class Routing:
         self.endpoints = [list(workload.models).index(t) for t in router.tiers]
         self.quality = router.quality
         self.extra_context = spec.escalation.extra_context_tokens if spec.escalation is not None else 0
+        # Tiers a request may try at most: escalation stops at the strongest tier or at max_hops.
+        self.tiers_tried = min(spec.escalation.max_hops, len(self.endpoints)) if spec.escalation is not None else 1
         names = list(workload.traffic.classes)
         uniform = lambda rng, n: rng.uniform(0.0, 1.0, n)  # noqa: E731
         self.difficulty_draw = [

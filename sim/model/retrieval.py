@@ -345,11 +345,14 @@ class Retrieval:
         now = self.env._now
         job.stage_start = now
         backends, need = job.plan[job.stage]
-        if len(backends) == 1:
-            done = backends[0].submit(now)
-        else:
-            returns = sorted([backend.submit(now) for backend in backends])
-            done = returns[need - 1]  # hops left over by first_k run on, holding their slots
+        if need == len(backends):  # wait for all: the last return
+            done = now
+            for backend in backends:
+                back = backend.submit(now)
+                if back > done:
+                    done = back
+        else:  # first_k: the k-th return; the hops left over run on, holding their slots
+            done = sorted([backend.submit(now) for backend in backends])[need - 1]
         call_later(self.env, done - now, self._stage_done, job)
 
     def _stage_done(self, event) -> None:
