@@ -113,7 +113,8 @@ class EngineReplica:
     def can_admit(self, i: int) -> bool:
         if self.load >= self.max_batch or not self.serving:
             return False
-        return self.kv_capacity is None or self.kv_used + self._kv_need(i) <= self.kv_capacity
+        rec = self.rec  # _kv_need, inlined: asked for every admission
+        return self.kv_capacity is None or self.kv_used + rec.prompt[i] + rec.output[i] <= self.kv_capacity
 
     def admit(self, i: int, delay: float = 0.0) -> None:
         """Take request i: its batch place and KV are held now; its prompt joins after `delay` (a handshake)."""

@@ -26,7 +26,8 @@ class Call:
     stand-in halves the cost of scheduling, the hottest operation of a run.
     """
 
-    __slots__ = ("callbacks", "_ok", "_value")
+    __slots__ = ("callbacks", "_value")
+    _ok = True  # a Call never fails
 
     @property
     def value(self) -> Any:
@@ -41,7 +42,6 @@ def call_later(env: simpy.Environment, delay: float, callback: Callback, value: 
     """
     call = Call()
     call.callbacks = [callback]
-    call._ok = True
     call._value = value
     # What Environment.schedule does, without its call: this is the hottest line of a run.
     heappush(env._queue, (env._now + delay, NORMAL, next(env._eid), call))
