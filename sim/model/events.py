@@ -26,12 +26,8 @@ class Call:
     stand-in halves the cost of scheduling, the hottest operation of a run.
     """
 
-    __slots__ = ("callbacks", "_value")
+    __slots__ = ("callbacks", "value")  # a plain slot: read by every callback, a property would cost a frame
     _ok = True  # a Call never fails
-
-    @property
-    def value(self) -> Any:
-        return self._value
 
 
 def call_later(env: simpy.Environment, delay: float, callback: Callback, value: Any = None) -> Call:
@@ -42,7 +38,7 @@ def call_later(env: simpy.Environment, delay: float, callback: Callback, value: 
     """
     call = Call()
     call.callbacks = [callback]
-    call._value = value
+    call.value = value
     # What Environment.schedule does, without its call: this is the hottest line of a run.
     heappush(env._queue, (env._now + delay, NORMAL, next(env._eid), call))
     return call
