@@ -309,3 +309,15 @@ def test_offered_utilisation_follows_the_router_and_escalation():
         assert abs(per_tier[tier] - p) <= 4 * (p * (1 - p) / arrived) ** 0.5, tier
     offered = offered_utilisation(spec)
     assert offered["strong"] == pytest.approx(50 * predicted["strong"][0][0] * 0.01 / 1000)
+
+
+def test_the_requests_table_has_every_prompt_section_before_and_after_trimming():
+    result = sim.run(ROOT / "workloads/rag-support.yaml", replications=1, overrides=["simulation.duration_s=300"])
+    requests = result.requests
+    sections = ["system", "memory", "retrieved", "history", "question"]
+    trimmed = requests[[f"tokens_{s}" for s in sections]]
+    drawn = requests[[f"tokens_{s}_drawn" for s in sections]]
+    # The prompt is its sections after trimming; trimming never adds; the system prompt is never cut.
+    np.testing.assert_array_equal(trimmed.sum(axis=1), requests["prompt_tokens"])
+    assert (trimmed.to_numpy() <= drawn.to_numpy()).all() and (trimmed.to_numpy() < drawn.to_numpy()).any()
+    assert (requests["tokens_system"] == 800).all()

@@ -11,7 +11,7 @@ from sim.config.loader import load_workload
 from sim.config.schema import Workload
 from sim.model.offered import offered_load_rps, offered_utilisation
 from sim.metrics.ledger import ledger
-from sim.metrics.summary import aggregate, choose_warmup, stage_times, summarise
+from sim.metrics.summary import aggregate, budget_sections, choose_warmup, stage_times, summarise
 from sim.metrics.timeseries import timeseries
 from sim.model.pipeline import simulate
 
@@ -57,6 +57,7 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
             frame = rec.frame()
             if rec.calls is not None:  # as in the summary: the model calls' time in endpoint queues
                 frame["queue_wait_s"] = stage_times(rec)["queue"]
+                frame = frame.join(budget_sections(rec))
             frame.insert(0, "replication", r)
             frames.append(frame)
             series = timeseries(rec, sim.timeseries_interval_s, sim.duration_s)

@@ -233,6 +233,22 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> 
     return out
 
 
+def budget_sections(rec: Recorder) -> pd.DataFrame:
+    """Per request: each prompt section's tokens after trimming and as drawn (NaN where no budget was drawn)."""
+    names = rec.budget_sections
+    out = pd.DataFrame(index=pd.RangeIndex(len(rec.arrival)))
+    if rec.budget is None or not names:
+        return out
+    log = Recorder.rows(rec.budget, 2 + 2 * len(names), np.int64)
+    n = len(names)
+    for k, name in enumerate(names):
+        for column, offset in ((f"tokens_{name}", 2 + n + k), (f"tokens_{name}_drawn", 2 + k)):
+            values = np.full(len(out), np.nan)
+            values[log[:, 0]] = log[:, offset]
+            out[column] = values
+    return out
+
+
 def _prompt_cached_share(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
     """Share of the model calls' prompt tokens read from prompt or prefix caches (requests after warm-up)."""
     calls = rec.calls if rec.calls is not None else rec
