@@ -44,7 +44,7 @@ def metric_names(workload: Workload) -> list[str]:
            or getattr(getattr(m, "engine", None), "prefix_cache", None) is not None for m in workload.models.values()):
         names.append("prompt_cached_share")
     if pipeline is not None:
-        names += ["requests_timed_out", "requests_cancelled", "requests_partial", "requests_try_later"]
+        names += [f"requests_{OUTCOMES[code]}" for code in PIPELINE_OUTCOMES]
         names += ["model_calls_per_request", "validation_retries_per_request"]
         if pipeline.guardrails is not None:
             names += GUARD_METRICS
@@ -146,6 +146,7 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
 # ------------------------------------------------------------------ pipeline and ledger
 
 PLAIN_STAGES = ("queue", "prefill", "decode")
+PIPELINE_OUTCOMES = (TIMED_OUT, CANCELLED, PARTIAL, TRY_LATER)  # outcomes only a pipeline's requests can have
 PIPELINE_STAGES = ("gate", "cache", "retrieval", "queue", "prefill", "decode", "evaluation", "post_processing",
                    "retry")
 
@@ -205,8 +206,7 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> 
     from sim.model.caches import BYPASS, HIT, STALE_HIT
 
     parent = np.asarray(rec.calls.parent, dtype=np.int64)
-    out = {f"requests_{OUTCOMES[code]}": float((arrived & (outcome == code)).sum())
-           for code in (TIMED_OUT, CANCELLED, PARTIAL, TRY_LATER)}
+    out = {f"requests_{OUTCOMES[code]}": float((arrived & (outcome == code)).sum()) for code in PIPELINE_OUTCOMES}
     out["model_calls_per_request"] = float(arrived[parent].sum() / max(arrived.sum(), 1))
     out.update(_guard_stats(rec, arrived))
     if rec.cache_code is not None:

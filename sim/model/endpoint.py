@@ -123,8 +123,10 @@ class Endpoint:
     def _start_now(self, i: int) -> bool:
         if self._held_back(i) or self._pool_exhausted():
             return False
-        best = self._preferred(i) if self.preference is not None else None
-        if self.preference is None:
+        if self.preference is not None:
+            best = self._preferred(i)
+        else:
+            best = None
             for server in self.servers:
                 if (best is None or server.load < best.load) and server.can_admit(i):
                     best = server

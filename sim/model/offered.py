@@ -63,8 +63,7 @@ def offered_utilisation(workload: Workload) -> dict[str, float]:
             for per_request, extra in calls:
                 rate = passed[cname] * per_request * provider[name]
                 if rate > 0:
-                    base = prompt if prompt is not None else (_tokens(cls.prompt_tokens) if extra else None)
-                    load += rate * _work_per_request(model, cls, batch, base + extra if extra else base)
+                    load += rate * _work_per_request(model, cls, batch, prompt, extra)
         result[name] = load / _servers(model)
     return result
 
@@ -153,10 +152,11 @@ def _servers(model) -> int:
     return model.replicas * model.max_batch
 
 
-def _work_per_request(model, cls, batch: int, prompt_tokens: Optional[float] = None) -> float:
+def _work_per_request(model, cls, batch: int, prompt_tokens: Optional[float] = None, extra: float = 0.0) -> float:
     """Server-seconds one request needs; for the engine, at the full batch it can reach.
 
-    `prompt_tokens`: the mean prompt when a pipeline budget builds it (else the class's draws).
+    `prompt_tokens`: the mean prompt when a pipeline budget builds it (else the class's draws);
+    `extra`: prompt tokens an escalated call adds to it.
     """
     if model.service_time is not None:
         return model.service_time.mean
@@ -164,7 +164,7 @@ def _work_per_request(model, cls, batch: int, prompt_tokens: Optional[float] = N
     if isinstance(model, Api):
         inverse_speed = _mean(lambda rng, n: 1.0 / np.maximum(model.output_tokens_per_s.sample(rng, n), 1e-3))
         return model.ttft_s.mean + (out - 1) * inverse_speed
-    prompt = _tokens(cls.prompt_tokens) if prompt_tokens is None else prompt_tokens
+    prompt = (_tokens(cls.prompt_tokens) if prompt_tokens is None else prompt_tokens) + extra
     st = model.engine.step_time
     # A full batch shares each step's base cost; prefill and per-sequence costs are per token.
     return st.per_prefill_token_s * prompt + out * (st.per_decode_seq_s + st.base_s / batch)
