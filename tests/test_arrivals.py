@@ -27,7 +27,11 @@ from sim.config.arrivals import DiurnalArrivals, MmppArrivals, ScheduleArrivals,
 from sim.config.loader import ConfigError, load_workload
 from sim.config.schema import RequestClass, Workload
 from sim.metrics.recorder import COMPLETED, REJECTED, Recorder
-from sim.model.arrivals import (
+from sim.model.events import call_later
+from sim.model.offered import offered_load_rps
+from sim.model.pipeline import simulate
+from sim.model.streams import BlockSampler, Streams, token_draw
+from sim.model.traffic.arrivals import (
     GammaTimes,
     RequestFactory,
     SourceContext,
@@ -36,10 +40,6 @@ from sim.model.arrivals import (
     mmpp_times,
     schedule_times,
 )
-from sim.model.events import call_later
-from sim.model.offered import offered_load_rps
-from sim.model.pipeline import simulate
-from sim.model.streams import BlockSampler, Streams, token_draw
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "traces"

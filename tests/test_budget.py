@@ -1,4 +1,4 @@
-"""Token budget: prompt sections trimmed to the context window (sim.config.budget, sim.model.budget).
+"""Token budget: prompt sections trimmed to the context window (sim.config.budget, sim.model.application.budget).
 
 Trimming examples are computed by hand in the comments; a property test checks
 the vectorised policy against a slow reference that removes one token (or one
@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from sim.config.budget import Budget
 from sim.config.loader import ConfigError, load_yaml_with_lines, validate_model
-from sim.model.budget import BudgetResult, TokenBudget, evaluate, mean_prompt_tokens, trim, trim_block
+from sim.model.application.budget import BudgetResult, TokenBudget, evaluate, mean_prompt_tokens, trim, trim_block
 from sim.model.streams import Streams
 
 # The sketch of the issue. Window 8192, reserve 1024: the prompt limit is 7168.

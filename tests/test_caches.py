@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import yaml
 from pydantic import ValidationError
+from test_theory import check, wide_interval
 
 from sim.config.caches import CacheSpec, OutputCacheSpec
 from sim.config.distributions import Constant, Exponential
-from sim.model.caches import BYPASS, HIT, MISS, STALE_HIT, Cache
+from sim.model.application.caches import BYPASS, HIT, MISS, STALE_HIT, Cache
 from sim.model.streams import Streams
-from test_theory import check, wide_interval
 
 
 def zipf(universe: int, s: float) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from sim.config.distributions import Distribution, Z95
+from sim.config.distributions import Z95, Distribution
 
 parse = TypeAdapter(Distribution).validate_python
 N = 200_000

@@ -6,9 +6,9 @@ import simpy
 
 from sim.config.schema import Engine
 from sim.metrics.recorder import COMPLETED, REJECTED, Recorder
-from sim.model.endpoint import Endpoint
-from sim.model.engine import EngineReplica
 from sim.model.events import call_later
+from sim.model.serving.endpoint import Endpoint
+from sim.model.serving.engine import EngineReplica
 
 # Step time = 10 ms + 1 ms per decoding sequence + 0.1 ms per prefill token.
 COEFFS = {"base_s": 0.01, "per_decode_seq_s": 0.001, "per_prefill_token_s": 0.0001}

@@ -100,7 +100,7 @@ def test_caps_stop_further_calls_and_the_answer_in_hand_stands(tmp_path, cap, ca
     rec = simulate(workload(tmp_path, [(0.0, 10, 10)], pipeline, {"m": PLAIN}))
     assert len(rec.calls.arrival) == calls and rec.outcome == [COMPLETED] and rec.end == pytest.approx([calls])
     limit = "hops" if "max_hops" in cap else "tokens"
-    from sim.model.guardrails import LIMITS
+    from sim.model.application.guardrails import LIMITS
 
     assert rec.guard_log == [(0, 0, 0, 0, LIMITS.index(limit))]
 

@@ -8,8 +8,8 @@ import pytest
 
 import sim
 from sim.config.schema import BlockPrefixCache, Workload
-from sim.model.block_cache import BlockCache
 from sim.model.pipeline import simulate
+from sim.model.serving.block_cache import BlockCache
 
 ROOT = Path(__file__).resolve().parent.parent
 MOONCAKE = ROOT.parent / "shared" / "data" / "mooncake_conversation_trace.jsonl"

@@ -16,12 +16,11 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 import pytest
+from test_theory import check, queue_workload, wide_interval
 
 from sim.config.schema import Workload
 from sim.experiments.run import run
 from sim.model.pipeline import simulate
-
-from test_theory import check, queue_workload, wide_interval
 
 EXPONENTIAL = {"kind": "exponential", "mean": 1.0}
 

@@ -22,8 +22,8 @@ from sim.config.schema import Workload
 from sim.experiments.compare import compare
 from sim.metrics.recorder import Recorder
 from sim.model.offered import offered_utilisation
-from sim.model.ratelimit import RetryPolicy, build_gate
 from sim.model.streams import Streams
+from sim.model.traffic.ratelimit import RetryPolicy, build_gate
 
 ROOT = Path(__file__).resolve().parent.parent
 EPS = 1e-9

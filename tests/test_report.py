@@ -19,7 +19,15 @@ import pytest
 
 from sim.cli import main
 from sim.report.figures import (
-    FIGURES, OPTIONAL, FigureSet, config_label, make_figures, pareto_frontier, plot_latency, prepare_points, short_names,
+    FIGURES,
+    OPTIONAL,
+    FigureSet,
+    config_label,
+    make_figures,
+    pareto_frontier,
+    plot_latency,
+    prepare_points,
+    short_names,
 )
 from sim.report.review import answer, build_report, fmt_latency, fmt_usd, load_sweep, render_markdown, write_report
 

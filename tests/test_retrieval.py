@@ -10,13 +10,13 @@ import pytest
 import simpy
 import yaml
 from pydantic import ValidationError
+from test_theory import check
 
 from sim.config.retrieval import RetrievalSpec, StageSpec
-from sim.model.caches import HIT, MISS
+from sim.model.application.caches import HIT, MISS
+from sim.model.application.retrieval import NOT_LOOKED_UP, Retrieval
 from sim.model.events import call_later
-from sim.model.retrieval import NOT_LOOKED_UP, Retrieval
 from sim.model.streams import Streams
-from test_theory import check
 
 
 def spec(text: str) -> RetrievalSpec:

@@ -18,15 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from test_arrivals import request_class, run_source
 
 from sim.cli import main
 from sim.config.loader import ConfigError, load_workload
 from sim.config.schema import Workload
 from sim.experiments.fit import fit_traffic
 from sim.model.pipeline import simulate
-from sim.model.traces import prefix_blocks
-
-from test_arrivals import request_class, run_source
+from sim.model.traffic.traces import prefix_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "traces"

@@ -11,7 +11,7 @@
         question:  {tokens: {kind: lognormal, median: 60, p95: 300}, priority: 0, min_tokens: all}
       cacheable_prefix: [system, memory]
 
-The trimming policy (implemented by `sim.model.budget.trim`), per request:
+The trimming policy (implemented by `sim.model.application.budget.trim`), per request:
 
 1. Draw every section's size (rounded, at least 0).
 2. Cap: a section longer than its `max_tokens` is cut to it.

@@ -7,7 +7,7 @@ prefix block ids. Readers use the csv and json modules and numpy only.
 
 These readers live in `sim.config` rather than `sim.model` because the workload
 schema loads traces while it validates, and config imports nothing else of `sim`;
-`sim.model.traces` replays what they return.
+`sim.model.traffic.traces` replays what they return.
 """
 from __future__ import annotations
 

@@ -203,7 +203,7 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> 
     """Outcomes, model calls per request, cache hit rates, quality, guardrails, budget truncation (after warm-up)."""
     if rec.calls is None:
         return {}
-    from sim.model.caches import BYPASS, HIT, STALE_HIT
+    from sim.model.application.caches import BYPASS, HIT, STALE_HIT
 
     parent = np.asarray(rec.calls.parent, dtype=np.int64)
     out = {f"requests_{OUTCOMES[code]}": float((arrived & (outcome == code)).sum()) for code in PIPELINE_OUTCOMES}
@@ -264,7 +264,7 @@ def _guard_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
     shares that met each cap."""
     if rec.guard_log is None:
         return {}
-    from sim.model.guardrails import ANSWER_PATHS, LIMITS
+    from sim.model.application.guardrails import ANSWER_PATHS, LIMITS
 
     log = np.asarray([row for row in rec.guard_log if arrived[row[0]]], dtype=np.int64).reshape(-1, 5)
     n = max(float(arrived.sum()), 1.0)

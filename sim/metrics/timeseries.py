@@ -57,7 +57,7 @@ def timeseries(rec: Recorder, interval: float, duration: float) -> pd.DataFrame:
 
 
 def _cache_hit_rate(rec: Recorder, arrival: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    from sim.model.caches import BYPASS, HIT, STALE_HIT
+    from sim.model.application.caches import BYPASS, HIT, STALE_HIT
 
     log = Recorder.rows(rec.cache_code, 2, np.int64)
     looked = log[log[:, 1] != BYPASS]

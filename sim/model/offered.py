@@ -14,8 +14,7 @@ from typing import Optional
 import numpy as np
 
 from sim.config.schema import Api, ClosedLoopArrivals, Workload
-
-from .ratelimit import rates_past_limits
+from sim.model.traffic.ratelimit import rates_past_limits
 
 _DRAWS = 100_000
 
@@ -117,7 +116,7 @@ def _budget_prompt(workload: Workload) -> Optional[float]:
     pipeline = getattr(workload, "pipeline", None)
     if pipeline is None or pipeline.budget is None:
         return None
-    from .budget import mean_prompt_tokens
+    from sim.model.application.budget import mean_prompt_tokens
 
     return mean_prompt_tokens(pipeline.budget)
 

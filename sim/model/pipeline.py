@@ -12,18 +12,18 @@ import simpy
 
 from sim.config.schema import Api, SelfHosted, Workload
 from sim.metrics.recorder import Recorder
+from sim.model.application.lifecycle import Lifecycle
+from sim.model.serving.api import streaming_draws
+from sim.model.serving.autoscaler import Autoscaler
+from sim.model.serving.endpoint import Endpoint
+from sim.model.serving.engine import EngineReplica
+from sim.model.serving.slots import SlotServer, plain_draws
+from sim.model.traffic.arrivals import RequestFactory, SourceContext, build_arrivals, user_count
+from sim.model.traffic.ratelimit import Client, attach_provider_limits, build_gate
 
-from .api import streaming_draws
-from .autoscaler import Autoscaler
-from .endpoint import Endpoint
-from .engine import EngineReplica
-from .offered import full_batch
 from .events import call_later, run
-from .arrivals import RequestFactory, SourceContext, build_arrivals, user_count
-from .lifecycle import Lifecycle
-from .ratelimit import Client, attach_provider_limits, build_gate
+from .offered import full_batch
 from .streams import BlockSampler, Streams
-from .slots import SlotServer, plain_draws
 
 
 def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = None) -> Recorder:

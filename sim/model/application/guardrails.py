@@ -1,6 +1,6 @@
 """Guardrails: a request's time limit, its calls' timeouts, caps on calls, tokens and tool calls, retries.
 
-The lifecycle (sim.model.lifecycle) runs the request and asks this component:
+The lifecycle (sim.model.application.lifecycle) runs the request and asks this component:
 may it make one more call (`allows`), how much of a retrieval plan it may run
 (`tool_plan`), how long to back off before a retry (`retry_wait`). Time limits
 fire the lifecycle's handlers; they are kept on `Timeouts`, so a limit costs
@@ -18,10 +18,9 @@ import simpy
 
 from sim.config.pipeline import Guardrails as GuardrailsSpec
 from sim.metrics.recorder import Recorder
-
-from .events import Timeouts
-from .ratelimit import RetryPolicy, uniform_pm1
-from .streams import BlockSampler, Streams
+from sim.model.events import Timeouts
+from sim.model.streams import BlockSampler, Streams
+from sim.model.traffic.ratelimit import RetryPolicy, uniform_pm1
 
 ANSWER_PATHS = ("direct", "smaller_model", "reduced_context")
 """How the call in flight came about: the normal way, or as a fallback (the guard_log `path` field)."""

@@ -29,12 +29,12 @@ import simpy
 
 from sim.config.schema import Engine
 from sim.metrics.recorder import COMPLETED, Recorder
+from sim.model.events import call_later
+from sim.model.streams import BlockSampler
+from sim.model.traffic.traces import prefix_blocks
 
 from .block_cache import BlockCache
 from .endpoint import Endpoint
-from .events import call_later
-from .streams import BlockSampler
-from .traces import prefix_blocks
 
 # Phases: what the stretch of identical steps in flight is doing.
 IDLE = 0

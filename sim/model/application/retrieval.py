@@ -32,10 +32,10 @@ import numpy as np
 import simpy
 
 from sim.config.retrieval import BackendSpec, EmbeddingSpec, RetrievalSpec, StageSpec
+from sim.model.events import call_later
+from sim.model.streams import BlockSampler, Streams
 
 from .caches import HIT, STALE_HIT, Cache
-from .events import call_later
-from .streams import BlockSampler, Streams
 
 Done = Callable[[int], None]
 

@@ -48,8 +48,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence, Union, overload
 import numpy as np
 
 from sim.config.budget import Budget
-
-from .streams import BLOCK, Streams
+from sim.model.streams import BLOCK, Streams
 
 
 class BudgetResult(NamedTuple):

@@ -16,8 +16,7 @@ import simpy
 
 from sim.config.schema import Connections, Queue
 from sim.metrics.recorder import EXPIRED, QUEUE_FULL, REJECTED, Recorder
-
-from .events import call_later
+from sim.model.events import call_later
 
 
 class Server(Protocol):

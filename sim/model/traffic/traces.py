@@ -14,9 +14,9 @@ import simpy
 
 from sim.config.traces import FORMATS, Trace, TraceError, read_trace  # noqa: F401 - re-exported
 from sim.metrics.recorder import Recorder
+from sim.model.events import call_later
 
 from .arrivals import delay_to
-from .events import call_later
 
 if TYPE_CHECKING:
     from .arrivals import RequestFactory, Submit

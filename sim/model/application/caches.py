@@ -36,8 +36,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from sim.config.caches import CacheSpec
-
-from .streams import BlockSampler
+from sim.model.streams import BlockSampler
 
 MISS, HIT, STALE_HIT, BYPASS = 0, 1, 2, 3
 CODE_NAMES = ("miss", "hit", "stale_hit", "bypass")  # indexed by code

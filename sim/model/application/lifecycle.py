@@ -21,14 +21,14 @@ import simpy
 from sim.config.pipeline import Pipeline
 from sim.config.schema import Workload
 from sim.metrics.recorder import CANCELLED, COMPLETED, PARTIAL, REJECTED, TIMED_OUT, TRY_LATER, Recorder
+from sim.model.events import call_later
+from sim.model.serving.prompt_cache import PrefixCache
+from sim.model.streams import BlockSampler, Streams
 
 from .budget import TokenBudget
 from .caches import HIT, STALE_HIT, Cache
-from .events import call_later
 from .guardrails import ANSWER_PATHS, Guardrails
-from .prompt_cache import PrefixCache
 from .retrieval import Retrieval
-from .streams import BlockSampler, Streams
 
 Submit = Callable[[int], None]
 

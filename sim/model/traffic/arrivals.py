@@ -29,9 +29,8 @@ from sim.config.arrivals import (
 )
 from sim.config.schema import RequestClass
 from sim.metrics.recorder import COMPLETED, Recorder
-
-from .events import call_later
-from .streams import BlockSampler, Streams, token_draw
+from sim.model.events import call_later
+from sim.model.streams import BlockSampler, Streams, token_draw
 
 Submit = Callable[[int], None]
 DoneHook = Optional[Callable[[int], None]]

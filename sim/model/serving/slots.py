@@ -12,10 +12,10 @@ from typing import Callable, Optional
 import simpy
 
 from sim.metrics.recorder import COMPLETED, Recorder
+from sim.model.events import call_later
+from sim.model.streams import BlockSampler
 
 from .endpoint import Endpoint
-from .events import call_later
-from .streams import BlockSampler
 
 
 class SlotServer:

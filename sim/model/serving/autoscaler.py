@@ -15,10 +15,10 @@ from typing import Callable
 import simpy
 
 from sim.config.schema import Autoscale
+from sim.model.events import call_later
 
 from .endpoint import Endpoint
 from .engine import EngineReplica
-from .events import call_later
 
 
 class Autoscaler:

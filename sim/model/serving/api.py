@@ -4,8 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from sim.metrics.recorder import Recorder
-
-from .streams import BlockSampler
+from sim.model.streams import BlockSampler
 
 MIN_TOKENS_PER_S = 1e-3  # a draw of 0 tokens/s would never finish
 

@@ -47,9 +47,8 @@ import simpy
 from sim.config.limits import ProviderLimits, Retry, TokenBucket, WindowLimit
 from sim.config.schema import Api, Workload
 from sim.metrics.recorder import RATE_LIMITED, Recorder
-
-from .events import call_later
-from .streams import BlockSampler, Streams
+from sim.model.events import call_later
+from sim.model.streams import BlockSampler, Streams
 
 Submit = Callable[[int], None]
 INF = math.inf
