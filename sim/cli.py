@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sim.config.loader import ConfigError, load_workload
+from sim.report.text import json_safe
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_POINTS_FAILED = 0, 1, 2, 3
 
@@ -98,6 +99,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", metavar="KEY=NAME,...",
                    help="csv columns, e.g. time=ts,prompt_tokens=in,output_tokens=out,time_unit=ms")
     p.add_argument("--json", action="store_true", help="print the fit as one JSON object")
+
+    p = sub.add_parser("calibrate", help="fit an engine block to your server's step logs, request logs or vLLM "
+                                         "benchmark results")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="step logs (CSV: step duration, decoding sequences, prefill tokens), request logs (CSV or "
+                        "JSONL: arrival, prompt and output tokens, TTFT, end-to-end) or `vllm bench serve "
+                        "--save-result --save-detailed` JSON; several at once are fitted together")
+    p.add_argument("--out", type=Path, help="write the engine block here (default: standard output)")
+    p.add_argument("--json", action="store_true", help="print the fit, its intervals and the check as one JSON object")
+    p.add_argument("--columns", metavar="KEY=NAME,...",
+                   help="column names where they differ from the usual ones, e.g. duration=step_ms,decode=bs")
+    p.add_argument("--max-batch-tokens", type=_positive_int,
+                   help="the server's per-step token budget (default: the fullest logged step, else 8192)")
+    p.add_argument("--kv-cache-tokens", type=_positive_int, help="the server's KV-cache capacity in tokens")
+    p.add_argument("--max-batch", type=_positive_int, default=256,
+                   help="the server's running sequences at most, for replays (default 256)")
+    p.add_argument("--replications", type=_positive_int, default=10, help="replications of each replay (default 10)")
+    p.add_argument("--seed", type=_seed, default=1, help="root seed of the replays and the bootstrap")
+    p.add_argument("--no-check", action="store_true", help="skip replaying the request logs (the in-sample check)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    p = sub.add_parser("catalog", help="list the GPU and model catalog; --explain derives step-time coefficients")
+    p.add_argument("--explain", nargs="+", metavar="GPU MODEL [TP]",
+                   help="derive a replica's coefficients with the arithmetic: catalog GPU, catalog model "
+                        "(or a config.json), tensor parallelism (default 1)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp8"), help="weight format (default: the model's own)")
+    p.add_argument("--kv-dtype", choices=("auto", "bf16", "fp16", "fp8"), default="auto", help="KV cache format")
+    p.add_argument("--max-batch", type=_positive_int, default=256, help="running sequences at most (max_batch)")
+    p.add_argument("--context", type=_positive_int, default=1024,
+                   help="context tokens per sequence for the predicted decode speeds (default 1024)")
+    p.add_argument("--json", action="store_true", help="print as one JSON object")
     return parser
 
 
@@ -123,6 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = args.overrides + (["simulation.warm=true"] if args.warm else [])
     result = run(args.workload, seed=args.seed, replications=args.replications, overrides=overrides)
+    _print_warnings(result.warnings)
     if args.out is not None:
         write_outputs(result, args.out)
     if args.json:
@@ -169,8 +202,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_warnings(warnings: Sequence[str]) -> None:
+    """Warnings go to standard error, one line each, so --json output stays clean."""
+    for line in warnings:
+        print(f"llmsim: warning: {line}", file=sys.stderr)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    from sim.experiments.run import workload_warnings
+
     workload = load_workload(args.workload, args.overrides)
+    _print_warnings(workload_warnings(workload))
     classes, models = len(workload.traffic.classes), len(workload.models)
     print(f"{args.workload}: ok ({classes} request class{'es' if classes != 1 else ''}, "
           f"{models} model endpoint{'s' if models != 1 else ''})")
@@ -222,8 +264,64 @@ def cmd_fit_traffic(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from sim.experiments.calibration import LogError, calibrate
+
+    columns = None
+    if args.columns:
+        pairs = [item.partition("=") for item in args.columns.split(",") if item.strip()]
+        bad = [key for key, eq, value in pairs if not eq or not key.strip() or not value.strip()]
+        if bad:
+            raise ConfigError([f"--columns: expected KEY=NAME, got {bad[0]!r}"])
+        columns = {key.strip(): value.strip() for key, _, value in pairs}
+    say = None if args.quiet else (lambda text: print(f"llmsim calibrate: {text}", file=sys.stderr))
+    try:
+        result = calibrate(args.files, columns=columns, max_batch_tokens=args.max_batch_tokens,
+                           kv_cache_tokens=args.kv_cache_tokens, max_batch=args.max_batch,
+                           replications=args.replications, seed=args.seed, check=not args.no_check, progress=say)
+    except (LogError, ValueError) as err:
+        raise ConfigError([f"llmsim calibrate: {err}"]) from None
+    if args.json:
+        print(json.dumps(json_safe(result.to_json())))
+        return EXIT_OK
+    text = result.to_yaml()
+    if args.out is None:
+        print(text, end="")
+        return EXIT_OK
+    try:
+        args.out.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"--out {args.out}: cannot write: {err.strerror or err}"]) from None
+    print("\n".join(result.report()))
+    print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from sim.catalog import CatalogError, derive, gpu, model
+    from sim.catalog.tables import catalog_json, catalog_text, roofline_json
+
+    if not args.explain:
+        print(json.dumps(catalog_json()) if args.json else catalog_text())
+        return EXIT_OK
+    if len(args.explain) not in (2, 3) or (len(args.explain) == 3 and not args.explain[2].isdigit()):
+        raise ConfigError([f"llmsim catalog: --explain takes GPU MODEL [TP], got {' '.join(args.explain)!r}"])
+    tensor_parallel = int(args.explain[2]) if len(args.explain) == 3 else 1
+    try:
+        roofline = derive(gpu(args.explain[0]), model(args.explain[1]), tensor_parallel, args.dtype, args.kv_dtype,
+                          max_batch=args.max_batch)
+    except (CatalogError, ValueError) as err:
+        raise ConfigError([f"llmsim catalog: {err}"]) from None
+    if args.json:
+        print(json.dumps(roofline_json(roofline, args.context)))
+    else:
+        print("\n".join(roofline.explain(args.context)))
+    return EXIT_OK
+
+
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "schema": cmd_schema, "bench": cmd_bench,
-            "compare": cmd_compare, "report": cmd_report, "fit-traffic": cmd_fit_traffic}
+            "compare": cmd_compare, "report": cmd_report, "fit-traffic": cmd_fit_traffic,
+            "catalog": cmd_catalog, "calibrate": cmd_calibrate}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,7 +23,7 @@ import pytest
 import simpy
 import yaml
 
-from sim.config.arrivals import DiurnalArrivals, MmppArrivals, ScheduleArrivals, SessionArrivals
+from sim.config.arrivals import MmppArrivals, SessionArrivals
 from sim.config.loader import ConfigError, load_workload
 from sim.config.schema import RequestClass, Workload
 from sim.metrics.recorder import COMPLETED, REJECTED, Recorder

@@ -48,14 +48,15 @@ def test_every_summary_key_is_documented_in_the_readme(capsys):
         for key in summary:
             generic = re.sub(r"_ci95_(low|high)$", "", key)
             generic = re.sub(r"^(utilisation|batch_mean|offered_utilisation)_.+$", r"\1_<endpoint>", generic)
-            generic = re.sub(r"^(queue_wait|ttft|e2e)_(mean|p50|p90|p95|p99|p999)_s$", r"<measure>_\2_s", generic)
+            generic = re.sub(r"^(queue_wait|ttft|e2e|tpot)_(mean|p50|p90|p95|p99|p999)_s$", r"<measure>_\2_s",
+                             generic)
             generic = re.sub(r"^(cold|warm)_(ttft|e2e)_(mean|p50|p95|p99)_s$", r"<window>_<measure>_\3_s", generic)
             generic = re.sub(r"^(cold|warm)_requests$", "<window>_requests", generic)
             generic = re.sub(r"^cost_per_request_(?!usd$).+_usd$", "cost_per_request_<feature>_usd", generic)
             generic = re.sub(r"^stage_[a-z_]+?_(mean_s|share|share_p95)$", r"stage_<stage>_\1", generic)
             generic = re.sub(r"^backend_.+_(utilisation|wait_mean_s)$", r"backend_<name>_\1", generic)
-            generic = re.sub(r"^(queue_wait|ttft|e2e)_(mean|p50|p90|p95|p99|p999)_.+_s$", r"<measure>_<stat>_<class>_s",
-                             generic)  # per class, with several classes
+            generic = re.sub(r"^(queue_wait|ttft|e2e|tpot)_(mean|p50|p90|p95|p99|p999)_.+_s$",
+                             r"<measure>_<stat>_<class>_s", generic)  # per class, with several classes
             generic = re.sub(r"^throughput_.+_rps$", "throughput_<class>_rps", generic)
             generic = re.sub(r"^rate_limited_share_.+$", "rate_limited_share_<class>", generic)
             assert generic in documented, f"{key} ({path.name}) is not in the README's output table"

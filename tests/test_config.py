@@ -226,7 +226,8 @@ def test_missing_kind(tmp_path):
 
 def test_missing_required_key_uses_parent_line(tmp_path):
     path = write(tmp_path, VALID.replace("      prompt_tokens: {kind: lognormal, mean: 800, p95: 2000}\n", ""))
-    assert errors(path) == [f"{path}:7: traffic.classes.chat.prompt_tokens: required key is missing"]
+    assert errors(path) == [f"{path}:7: traffic.classes.chat.prompt_tokens: required key is missing "
+                            "(only a trace replay may leave it out)"]
 
 
 def test_plain_union_gives_one_line(tmp_path):

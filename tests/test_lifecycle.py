@@ -236,7 +236,8 @@ def test_timeseries_counts_and_time_averages_by_hand(tmp_path):
     times = [0, 1, 2, 3, 9, 15, 25, 27]
     workload = Workload.model_validate({
         "simulation": {"duration_s": 35, "timeseries_interval_s": 10},
-        "traffic": {"classes": {"jobs": {"arrival": trace_arrival(tmp_path, "jobs", times),
+        # end_s: the replay (and the measuring window) lasts the whole run, not up to the last arrival.
+        "traffic": {"classes": {"jobs": {"arrival": trace_arrival(tmp_path, "jobs", times, end_s=35),
                                          "prompt_tokens": 1, "output_tokens": 1}}},
         "models": {"server": {"kind": "self_hosted", "replicas": 1, "max_batch": 1, "queue": {"capacity": 2},
                               "service_time": {"kind": "constant", "value": 4.0}}},

@@ -29,7 +29,7 @@ from sim.report.figures import (
     prepare_points,
     short_names,
 )
-from sim.report.review import answer, build_report, fmt_latency, fmt_usd, load_sweep, render_markdown, write_report
+from sim.report.review import answer, build_report, fmt_latency, fmt_usd, load_sweep, render_markdown
 
 BASE_RPS = 5.5
 REPLICAS, LOADS = (1, 2), (0.5, 1.0, 1.5, 2.0)
@@ -396,3 +396,19 @@ def test_cost_vs_quality_is_drawn_only_for_routed_sweeps(tmp_path):
     names = [f.name for f in make_figures(points.drop(columns="quality_good_share"), experiment, tmp_path).made]
     assert "cost_vs_quality" not in names
     assert "cost_vs_quality" in [f.name for f in make_figures(points, experiment, tmp_path).made]
+
+
+def test_latency_figure_adds_tpot_when_the_slo_bounds_it(tmp_path):
+    from sim.report.review import slo_text
+
+    slo = {"ttft_p95_s": {"max": 1.0, "min": None}, "tpot_p95_s": {"max": 0.05, "min": None}}
+    results = results_frame()
+    for stat, factor in (("p50", 1.0), ("p95", 1.5), ("p99", 2.0)):
+        results[f"tpot_{stat}_s"] = 0.01 * factor * (1 + results["traffic.rate_scale"])
+    points = prepare_points(results, experiment(slo=slo))
+    _, svg = plot_latency(points, experiment(slo=slo), tmp_path)
+    text = svg.read_text()
+    assert ">time per output token</text>" in text and ">SLO tpot_p95_s ≤ 0.05 s</text>" in text
+    _, svg = plot_latency(points, experiment(), tmp_path)  # no TPOT SLO: TTFT and e2e only
+    assert ">time per output token</text>" not in svg.read_text()
+    assert slo_text("tpot_p95_s", slo["tpot_p95_s"]) == "`tpot_p95_s` ≤ 0.05 s"

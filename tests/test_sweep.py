@@ -1,7 +1,6 @@
 """Sweeps: experiment files, expansion, the result store, resume, executors, capacity search."""
 from __future__ import annotations
 
-import math
 import signal
 import subprocess
 import sys

@@ -15,15 +15,21 @@ import pickle
 import re
 from pathlib import Path
 
+from typing import Optional
+
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from test_arrivals import request_class, run_source
 
+import sim
 from sim.cli import main
 from sim.config.loader import ConfigError, load_workload
 from sim.config.schema import Workload
 from sim.experiments.fit import fit_traffic
+from sim.experiments.run import workload_warnings
+from sim.model.offered import offered_utilisation
 from sim.model.pipeline import simulate
 from sim.model.traffic.traces import prefix_blocks
 
@@ -308,3 +314,183 @@ def test_mooncake_prefix_blocks_repeat_as_documented():
         total += len(blocks)
         seen.update(blocks)
     assert repeats / total == pytest.approx(0.366, abs=0.001)  # shared/data/README.md: 36.6%
+
+
+# ----------------------------------------------- ids, tokens, long traces, the window
+
+
+def trace_workload(tmp_path: Path, arrival: dict, *, duration: float = 100.0, warmup: float = 0.0,
+                   extra_classes: Optional[dict] = None, tokens: bool = False, rate_scale: float = 1.0,
+                   **model) -> Workload:
+    """One trace class (tokens from the trace unless `tokens`) on a plain service-time endpoint."""
+    cls = {"arrival": arrival, **({"prompt_tokens": 100, "output_tokens": 10} if tokens else {})}
+    return Workload.model_validate({
+        "simulation": {"duration_s": duration, "warmup_s": warmup},
+        "traffic": {"rate_scale": rate_scale, "classes": {"chat": cls, **(extra_classes or {})}},
+        "models": {"m": {"kind": "self_hosted", "replicas": 1, "max_batch": 8, "service_time": 0.5, **model}},
+    }, context={"base_dir": str(FIXTURES if "/" not in arrival["path"] else tmp_path)})
+
+
+ID_TRACE = "ts,req,in,out\n3,c-3,30,3\n1,a-1,10,1\n2,b-2,20,2\n2,b-2b,25,2\n"
+ID_COLUMNS = {"time": "ts", "id": "req", "prompt_tokens": "in", "output_tokens": "out"}
+
+
+def test_id_column_passes_through_to_requests_parquet(tmp_path, capsys):
+    (tmp_path / "ids.csv").write_text(ID_TRACE)
+    arrival = {"kind": "trace", "format": "csv", "path": str(tmp_path / "ids.csv"), "columns": ID_COLUMNS}
+    poisson = {"arrival": {"kind": "poisson", "rate_rps": 0.5}, "prompt_tokens": 5, "output_tokens": 5}
+    result = sim.run(trace_workload(tmp_path, arrival, extra_classes={"other": poisson}))
+    requests = result.requests
+    replayed = requests[requests["class"] == "chat"]
+    # In time order (equal times keep file order), as text; other classes' requests have none.
+    assert replayed["trace_id"].tolist() == ["a-1", "b-2", "b-2b", "c-3"]
+    assert replayed["prompt_tokens"].tolist() == [10, 20, 25, 30]
+    others = requests[requests["class"] == "other"]
+    assert len(others) > 10 and others["trace_id"].isna().all()
+    assert str(requests["trace_id"].dtype) == "string"
+    # End to end: the column survives requests.parquet.
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump({"simulation": {"duration_s": 10}, "traffic": {"classes": {"chat": {
+        "arrival": {**arrival, "path": "ids.csv"}}}}, "models": {"m": {"kind": "self_hosted", "service_time": 0.1}}}))
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--json"]) == 0
+    capsys.readouterr()
+    written = pd.read_parquet(tmp_path / "out" / "requests.parquet")
+    assert written["trace_id"].tolist() == ["a-1", "b-2", "b-2b", "c-3"]
+    # Without an id column there is no trace_id column.
+    plain = {"kind": "trace", "format": "azure", "path": "azure_small.csv"}
+    assert "trace_id" not in sim.run(trace_workload(tmp_path, plain)).requests
+
+
+def test_a_missing_id_column_is_a_one_line_error(tmp_path):
+    (tmp_path / "ids.csv").write_text(ID_TRACE)
+    path = write_workload(tmp_path, "kind: trace\nformat: csv\npath: ids.csv\n"
+                          "columns: {time: ts, id: request, prompt_tokens: in, output_tokens: out}")
+    with pytest.raises(ConfigError) as err:
+        load_workload(path)
+    assert err.value.lines == [f"{path}:8: traffic.classes.c.arrival.columns: {tmp_path / 'ids.csv'}: "
+                               "no column 'request' (columns: ts, req, in, out)"]
+
+
+def test_token_distributions_of_a_trace_class_come_from_the_trace(tmp_path):
+    _, prompt, output = azure_expected(FIXTURES / "azure_small.csv")
+    arrival = {"kind": "trace", "format": "azure", "path": "azure_small.csv", "end_s": 7.0}  # the first 6 rows
+    cls = trace_workload(tmp_path, arrival).traffic.classes["chat"]
+    assert cls.prompt_tokens.mean == np.mean(prompt[:6]) and cls.output_tokens.mean == np.mean(output[:6])
+    # The offered load is what the same counts written out as an empirical distribution give.
+    explicit = Workload.model_validate({
+        "simulation": {"duration_s": 100},
+        "traffic": {"classes": {"chat": {"arrival": arrival,
+                                         "prompt_tokens": {"kind": "empirical", "values": prompt[:6]},
+                                         "output_tokens": {"kind": "empirical", "values": output[:6]}}}},
+        "models": {"m": {"kind": "self_hosted", "max_batch": 8, "engine": {
+            "max_batch_tokens": 2048, "kv_cache_tokens": 20000,
+            "step_time": {"base_s": 0.01, "per_decode_seq_s": 0.001, "per_prefill_token_s": 0.0001}}}},
+    }, context={"base_dir": str(FIXTURES)})
+    implicit = explicit.model_copy(deep=True)
+    for name in ("prompt_tokens", "output_tokens"):
+        setattr(implicit.traffic.classes["chat"], name, getattr(cls, name))
+    assert offered_utilisation(implicit) == offered_utilisation(explicit)
+    assert offered_utilisation(implicit)["m"] > 0
+    # Replayed as recorded, and the workload still pickles with its trace (sweeps ship it to workers).
+    workload = pickle.loads(pickle.dumps(trace_workload(tmp_path, arrival)))
+    assert workload.traffic.classes["chat"].prompt_tokens.mean == np.mean(prompt[:6])
+    assert simulate(workload).prompt == prompt[:6]
+
+
+def test_a_class_that_is_not_a_trace_still_needs_its_tokens(tmp_path, capsys):
+    path = tmp_path / "w.yaml"
+    path.write_text("traffic:\n  classes:\n    c:\n      arrival: {kind: poisson, rate_rps: 1}\n"
+                    "      prompt_tokens: 10\nmodels:\n  m: {kind: self_hosted, service_time: 1}\n")
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err == (f"{path}:3: traffic.classes.c.output_tokens: required key is missing "
+                                       "(only a trace replay may leave it out)\n")
+
+
+def test_a_trace_longer_than_the_run_warns_with_the_count_it_drops(tmp_path, capsys):
+    times, _, _ = azure_expected(FIXTURES / "azure_small.csv")
+    arrival = {"kind": "trace", "format": "azure", "path": "azure_small.csv"}
+    dropped = sum(t >= 10.0 for t in times)
+    line = (f"traffic.classes.chat.arrival: {dropped:,} of {len(times):,} trace arrivals fall after "
+            "duration_s=10 and are not replayed")
+    assert workload_warnings(trace_workload(tmp_path, arrival, duration=10.0)) == [line]
+    # rate_scale (and speed) bring more of the trace inside the run: at 2x, those after 20 trace seconds.
+    scaled = workload_warnings(trace_workload(tmp_path, arrival, duration=10.0, rate_scale=2.0))
+    assert scaled == [line.replace(f"{dropped:,} of", f"{sum(t >= 20.0 for t in times):,} of")]
+    assert workload_warnings(trace_workload(tmp_path, arrival, duration=40.0)) == []
+    # The CLI prints it on standard error, for run and validate; --json output stays clean.
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump({"simulation": {"duration_s": 10}, "traffic": {"classes": {"chat": {
+        "arrival": {**arrival, "path": str(FIXTURES / "azure_small.csv")}}}},
+        "models": {"m": {"kind": "self_hosted", "service_time": 0.1}}}))
+    assert main(["run", str(path), "--json", "--replications", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["requests_arrived"] == len(times) - dropped
+    assert err == f"llmsim: warning: {line}\n"
+    assert main(["validate", str(path)]) == 0
+    assert capsys.readouterr().err == f"llmsim: warning: {line}\n"
+
+
+def test_run_time_warnings_are_collected_once_in_order(tmp_path, monkeypatch):
+    import sim.experiments.run as run_module
+
+    real = run_module.simulate
+
+    def simulate_and_warn(workload, replication=0, seed=None):
+        rec = real(workload, replication=replication, seed=seed)
+        rec.warnings += ["replica 0 ran beyond its calibrated range", f"only in replication {replication}"]
+        return rec
+
+    monkeypatch.setattr(run_module, "simulate", simulate_and_warn)
+    arrival = {"kind": "trace", "format": "azure", "path": "azure_small.csv"}
+    result = sim.run(trace_workload(tmp_path, arrival, duration=10.0), replications=2)
+    assert result.warnings[1:] == ["replica 0 ran beyond its calibrated range", "only in replication 0",
+                                   "only in replication 1"]
+    assert result.warnings[0].startswith("traffic.classes.chat.arrival: ")
+
+
+@pytest.mark.parametrize("scaling", [{"speed": 2.0}, {"rate_scale": 2.0}])
+def test_a_faster_replay_is_measured_up_to_its_last_arrival(tmp_path, scaling):
+    times, _, _ = azure_expected(FIXTURES / "azure_small.csv")
+    speed = scaling.get("speed", 1.0)
+    arrival = {"kind": "trace", "format": "azure", "path": "azure_small.csv", "speed": speed}
+    warmup, end = 2.0, times[-1] / 2  # the trace spans T = 33.3 s; replayed twice as fast: T / 2
+    workload = trace_workload(tmp_path, arrival, duration=60.0, warmup=warmup,
+                              rate_scale=scaling.get("rate_scale", 1.0), gpu_hourly_usd=3.6)
+    assert workload.measure_end_s() == end
+    result = sim.run(workload)
+    s = result.summary
+    # Every request is served alone in 0.5 s; completions in [warm-up, T / 2) over T / 2 - warm-up.
+    done = sum(warmup <= t / 2 + 0.5 < end for t in times)
+    assert done == 5 and s["window_end_s"] == end
+    assert s["throughput_rps"] == done / (end - warmup)
+    # The replica is paid for the window only: $3.6/h over T / 2 - warm-up seconds.
+    assert s["cost_total_usd"] == pytest.approx(3.6 * (end - warmup) / 3600, rel=1e-12)
+    assert s["cost_per_hour_usd"] == pytest.approx(3.6, rel=1e-12)
+    # Busy slot-seconds over the window: the 0.5 s services inside it, over 8 slots held.
+    busy = sum(min(t / 2 + 0.5, end) - max(t / 2, warmup) for t in times if t / 2 + 0.5 > warmup and t / 2 < end)
+    assert s["utilisation_m"] == pytest.approx(busy / (8 * (end - warmup)), rel=1e-9)
+    # The time series still shows the whole run, up to duration_s (the replay's end, then nothing).
+    assert result.timeseries["end_s"].iloc[-1] == 60.0
+    assert result.timeseries.loc[result.timeseries["start_s"] >= end, "arrivals"].sum() == 0
+
+
+def test_the_window_stays_at_duration_with_a_class_that_is_not_a_trace(tmp_path):
+    arrival = {"kind": "trace", "format": "azure", "path": "azure_small.csv", "speed": 2.0}
+    poisson = {"arrival": {"kind": "poisson", "rate_rps": 0.1}, "prompt_tokens": 5, "output_tokens": 5}
+    assert trace_workload(tmp_path, arrival, duration=60.0, extra_classes={"p": poisson}).measure_end_s() == 60.0
+    # A window's end_s, not its last request, ends a replay; never past duration_s.
+    windowed = {**arrival, "end_s": 50.0}
+    assert trace_workload(tmp_path, windowed, duration=60.0).measure_end_s() == 25.0
+    assert trace_workload(tmp_path, windowed, duration=20.0).measure_end_s() == 20.0
+
+
+def test_a_warmup_past_the_replay_is_an_error(tmp_path):
+    (tmp_path / "t.csv").write_text("time,prompt_tokens,output_tokens\n0,10,2\n30,10,2\n")
+    path = tmp_path / "w.yaml"
+    path.write_text("simulation:\n  duration_s: 100\n  warmup_s: 20\ntraffic:\n  rate_scale: 2\n  classes:\n"
+                    "    c:\n      arrival: {kind: trace, format: csv, path: t.csv}\n"
+                    "models:\n  m: {kind: self_hosted, service_time: 1}\n")
+    with pytest.raises(ConfigError) as err:
+        load_workload(path)
+    assert err.value.lines == [f"{path}:3: simulation.warmup_s: 20 must be less than 15, where the trace replays "
+                               "end (after speed and rate_scale): nothing would be measured"]

@@ -265,6 +265,9 @@ class TraceColumns(Block):
     prompt_tokens: str = Field("prompt_tokens", description="Prompt tokens column.")
     output_tokens: str = Field("output_tokens", description="Output tokens column.")
     time_unit: Literal["s", "ms"] = Field("s", description="Unit of the time column.")
+    id: Optional[str] = Field(
+        None, description="Request id column (optional): passed through to requests.parquet as trace_id."
+    )
 
 
 class TraceArrivals(Block):
@@ -325,6 +328,14 @@ class TraceArrivals(Block):
     def mean_rate_rps(self) -> float:
         """Requests replayed / replayed duration (at speed, rate_scale 1)."""
         return len(self.replay) / self._span(self.replay)
+
+    def replayed_end_s(self, rate_scale: float = 1.0) -> float:
+        """When the replay ends in simulated time: the window's end if given, else its last request."""
+        return self._span(self.replay) / rate_scale
+
+    def arrivals_after(self, until_s: float, rate_scale: float = 1.0) -> int:
+        """Requests of the window that would arrive at or after `until_s` (duration_s): never replayed."""
+        return len(self.replay) - self.replay.count_before(until_s, rate_scale)
 
 
 Arrivals = Annotated[

@@ -528,7 +528,9 @@ def _value_issue(message: str, where: _Located, data: Any) -> _Issue:
     node = _get(data, where.path)
     if sep and head and not re.search(r"\s", head) and isinstance(node, Mapping):
         first = _longest_key(node, head.split("."), 0)
-        if first is not None:
+        model = _model_at(where.slot, node)
+        # A field the data leaves out (a key required only in some cases) is named where it belongs too.
+        if first is not None or (model is not None and _field_for_key(model, head) is not None):
             return _Issue(_resolve_dotted(head, data, where.path), rest)
     return _Issue(where.path, message)
 

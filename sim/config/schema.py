@@ -9,9 +9,9 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from .arrivals import Arrivals, ClosedLoopArrivals, PoissonArrivals  # noqa: F401 - re-exported
+from .arrivals import Arrivals, ClosedLoopArrivals, PoissonArrivals, TraceArrivals  # noqa: F401 - re-exported
 from .base import Block
-from .distributions import Distribution
+from .distributions import Distribution, Empirical
 from .limits import RateLimit, Retry
 from .pipeline import Pipeline
 from .serving import (  # noqa: F401 - re-exported
@@ -53,8 +53,14 @@ class RequestClass(Block):
     """One kind of request: how it arrives, how long its prompt and answer are, where it goes."""
 
     arrival: Arrivals = Field(description="Arrival process (its `kind` picks one; see the README).")
-    prompt_tokens: Distribution = Field(description="Prompt length in tokens (rounded, at least 1).")
-    output_tokens: Distribution = Field(description="Answer length in tokens (rounded, at least 1).")
+    prompt_tokens: Optional[Distribution] = Field(
+        None, description="Prompt length in tokens (rounded, at least 1). Required but for a trace replay, "
+        "which takes them from its trace."
+    )
+    output_tokens: Optional[Distribution] = Field(
+        None, description="Answer length in tokens (rounded, at least 1). Required but for a trace replay, "
+        "which takes them from its trace."
+    )
     max_output_tokens: Optional[int] = Field(
         None, gt=0, description="The request's max_tokens: answers are cut there; token rate limits count it."
     )
@@ -78,12 +84,34 @@ class RequestClass(Block):
                 raise ValueError(f"{label}: weights must be non-negative with a positive sum")
         return self
 
+    @model_validator(mode="after")
+    def _tokens_or_trace(self) -> "RequestClass":
+        for name in ("prompt_tokens", "output_tokens"):
+            if getattr(self, name) is not None:
+                continue
+            if not isinstance(self.arrival, TraceArrivals):
+                raise ValueError(f"{name}: required key is missing (only a trace replay may leave it out)")
+            replay = self.arrival.replay
+            setattr(self, name, trace_tokens(replay.prompt if name == "prompt_tokens" else replay.output))
+        return self
+
     def endpoint_mix(self) -> dict[str, float]:
         """{endpoint: share} with shares summing to 1 (after endpoint resolution)."""
         if isinstance(self.endpoint, dict):
             total = sum(self.endpoint.values())
             return {name: w / total for name, w in self.endpoint.items()}
         return {self.endpoint: 1.0}
+
+
+def trace_tokens(counts) -> Empirical:
+    """The empirical distribution of a replayed trace's token counts (what its replay sends).
+
+    Built without validation and without `values`, so the arrays are not copied into a list
+    (nor into a dump of the workload) for a trace of millions of rows.
+    """
+    spec = Empirical.model_construct(kind="empirical", values=None, csv=None, column=None)
+    spec._data = counts.astype(float)
+    return spec
 
 
 class Traffic(Block):
@@ -98,6 +126,10 @@ class Slo(Block):
 
     ttft_s: Optional[float] = Field(None, gt=0, description="Time to first token at most.")
     e2e_s: Optional[float] = Field(None, gt=0, description="End-to-end latency at most.")
+    tpot_s: Optional[float] = Field(
+        None, gt=0, description="Time per output token after the first, (e2e - ttft) / (output - 1), at most "
+        "(a one-token answer has none and passes)."
+    )
 
 
 class Workload(Block):
@@ -114,6 +146,27 @@ class Workload(Block):
     pipeline: Optional[Pipeline] = Field(
         None, description="The application's stages around the model call: prompt budget, output cache, post-processing."
     )
+
+    def measure_end_s(self) -> float:
+        """End of the measuring window: where arrivals end.
+
+        That is duration_s, unless every class replays a trace that ends earlier (a window's end_s, or
+        its last request, after speed and rate_scale): then the last replay's end. Measuring up to
+        duration_s there would spread the same requests over idle time.
+        """
+        duration = self.simulation.duration_s
+        arrivals = [cls.arrival for cls in self.traffic.classes.values()]
+        if not all(isinstance(a, TraceArrivals) for a in arrivals):
+            return duration
+        return min(duration, max(a.replayed_end_s(self.traffic.rate_scale) for a in arrivals))
+
+    @model_validator(mode="after")
+    def _window_after_warmup(self) -> "Workload":
+        warmup, end = self.simulation.warmup_s, self.measure_end_s()
+        if isinstance(warmup, float) and warmup >= end:
+            raise ValueError(f"simulation.warmup_s: {warmup:g} must be less than {end:g}, where the trace "
+                             "replays end (after speed and rate_scale): nothing would be measured")
+        return self
 
     @model_validator(mode="after")
     def _resolve_endpoints(self) -> "Workload":

@@ -4,23 +4,82 @@ Each block forbids unknown keys; help text lives on the fields (`llmsim schema`)
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, ValidatorFunctionWrapHandler, model_validator
+
+from sim.catalog import Roofline
 
 from .base import Block
 from .distributions import Distribution
 from .limits import ProviderLimits
+from .roofline import Dtype, KvDtype, RooflineEfficiency, with_roofline
+
+
+class SlowEpisodes(Block):
+    """Stretches of time in which a replica runs slower (host contention, clocks, a noisy neighbour).
+
+    A two-state Markov process in wall-clock time: normal for an exponential time of mean
+    `mean_interval_s`, then slow for an exponential time of mean `mean_duration_s`, and so on.
+    While slow, every step takes `multiplier` times as long.
+    """
+
+    multiplier: float = Field(gt=0, description="Step time while slow, times the normal step time (> 1: slower).")
+    mean_duration_s: float = Field(gt=0, description="Mean length of a slow episode, in seconds.")
+    mean_interval_s: float = Field(gt=0, description="Mean time between episodes (normal stretches), in seconds.")
+
+    def capacity_factor(self) -> float:
+        """Long-run work done per second of wall time, relative to always normal."""
+        slow = self.mean_duration_s / (self.mean_duration_s + self.mean_interval_s)
+        return (1.0 - slow) + slow / self.multiplier
+
+
+class Stall(Block):
+    """A pause at a fixed time: the replica makes no progress for `duration_s` from `at_s`.
+
+    The step in progress then takes that much longer. Servers stall now and then (a first-time
+    compilation, garbage collection, a deploy); `llmsim calibrate` replays a measured run with
+    the stalls its step log showed.
+    """
+
+    at_s: float = Field(ge=0, description="When the stall starts (seconds of simulated time).")
+    duration_s: float = Field(gt=0, description="How long the replica makes no progress.")
+
+
+class CalibratedRange(Block):
+    """Where calibrated coefficients were measured; a run beyond it gets a warning (`llmsim calibrate` writes it)."""
+
+    source: str = Field("", description="What the coefficients were fitted on (files, host, engine).")
+    decode_seqs_max: Optional[int] = Field(None, ge=0, description="Most sequences decoding in one measured step.")
+    prefill_tokens_max: Optional[int] = Field(None, ge=0, description="Most prompt tokens prefilled in one measured step.")
+    kv_tokens_max: Optional[int] = Field(None, ge=0, description="Most context tokens read by one measured step.")
 
 
 class StepTime(Block):
-    """Time of one engine step = base_s + per_decode_seq_s * decoding + per_prefill_token_s * prefill tokens."""
+    """Time of one engine step (seconds).
+
+    step = base_s + per_decode_seq_s x decoding sequences + per_kv_token_s x their context tokens
+         + per_prefill_token_s x prompt tokens prefilled + per_prefill_attention_s x prefill attention pairs,
+    where a decoding sequence's context is its prompt plus the tokens it has produced, and a prompt chunk of
+    c tokens after p tokens already in the cache has c x (p + (c + 1) / 2) attention pairs (a whole prompt of
+    P tokens: P (P + 1) / 2, however it is chunked). Then every step is multiplied by its own noise.
+    """
 
     base_s: float = Field(ge=0, description="Fixed cost of a step (weights read, scheduling, launch).")
     per_decode_seq_s: float = Field(ge=0, description="Extra time per sequence decoding in the step.")
     per_prefill_token_s: float = Field(ge=0, description="Extra time per prompt token prefilled in the step.")
+    per_kv_token_s: float = Field(
+        0.0, ge=0, description="Extra time per context token (KV cache entry) read by the decoding sequences.")
+    per_prefill_attention_s: float = Field(
+        0.0, ge=0, description="Extra time per (prompt token, context token) pair of prefill attention.")
     noise_cv: float = Field(
-        0.0, ge=0, description="Multiplicative gamma noise (mean 1, this cv) drawn once per stretch of identical steps."
+        0.0, ge=0, description="Step noise: every step is multiplied by its own gamma draw (mean 1, this cv). "
+        "(Before llmsim 0.2 one draw covered a whole stretch of identical steps.)"
+    )
+    slow_episodes: Optional[SlowEpisodes] = Field(None, description="Slow stretches of wall time (see SlowEpisodes).")
+    stalls: list[Stall] = Field(default_factory=list, description="Pauses at fixed times, on every replica (see Stall).")
+    calibrated: Optional[CalibratedRange] = Field(
+        None, description="Where the coefficients were measured (a run beyond it warns); written by llmsim calibrate."
     )
 
 
@@ -37,16 +96,68 @@ class BlockPrefixCache(Block):
 
 
 class Engine(Block):
-    """An iteration-level engine with continuous batching and chunked prefill (as vLLM or SGLang)."""
+    """An iteration-level engine with continuous batching and chunked prefill (as vLLM or SGLang).
+
+    Its step-time coefficients are typed in (`step_time`), or derived from a catalog GPU and
+    model (`gpu`, `model`: the roofline of sim/catalog/roofline.py), which also gives
+    `kv_cache_tokens` and the GPU's price; any step_time field or kv_cache_tokens given
+    overrides the derived one.
+    """
 
     max_batch_tokens: int = Field(8192, gt=0, description="Token budget of one step: one per decoding sequence, the rest for prompt chunks.")
     kv_cache_tokens: Optional[int] = Field(
-        None, gt=0, description="KV-cache capacity; a request is admitted only when prompt + output tokens fit."
+        None, gt=0, description="KV-cache capacity; a request is admitted only when prompt + output tokens fit. "
+        "Derived from the GPU's memory with gpu and model."
     )
-    step_time: StepTime
+    step_time: Optional[StepTime] = Field(
+        None, description="Step time coefficients (required unless gpu and model are given: then any field given "
+        "overrides the derived one)."
+    )
+    gpu: Optional[str] = Field(None, description="Catalog GPU of the replica, e.g. h100-sxm (llmsim catalog lists them).")
+    model: Optional[str] = Field(
+        None, description="Catalog model, e.g. llama-3.1-8b, or a path to a Hugging Face config.json (relative to the workload)."
+    )
+    tensor_parallel: int = Field(
+        1, ge=1, description="GPUs per replica (tensor parallelism): the replica's cost is gpu_hourly_usd times this."
+    )
+    dtype: Optional[Dtype] = Field(None, description="Weight format with gpu and model: bf16, fp16, fp8 (default: the model's own).")
+    kv_dtype: KvDtype = Field("auto", description="KV cache format with gpu and model: auto (BF16), bf16, fp16, fp8.")
+    efficiency: Optional[RooflineEfficiency] = Field(
+        None, description="The roofline's efficiency factors (each defaults to the catalog's; see llmsim catalog --explain)."
+    )
     prefix_cache: Optional[BlockPrefixCache] = Field(
         None, description="Automatic prefix caching of replayed prompts' block ids (Mooncake hash_ids), per replica."
     )
+    _roofline: Optional[Roofline] = PrivateAttr(None)
+    _typed: tuple[str, ...] = PrivateAttr(())  # step_time coefficients typed over the derived ones
+
+    @model_validator(mode="after")
+    def _coefficients_given(self) -> "Engine":
+        if (self.gpu is None) != (self.model is None):
+            missing = "model" if self.model is None else "gpu"
+            raise ValueError(f"{missing}: required with {'gpu' if missing == 'model' else 'model'} "
+                             "(the roofline needs both a catalog GPU and a model)")
+        if self.gpu is None:
+            unused = [k for k in ("dtype", "efficiency") if getattr(self, k) is not None]
+            unused += ["kv_dtype"] if self.kv_dtype != "auto" else []
+            if unused:
+                raise ValueError(f"{unused[0]}: only used with gpu and model (the roofline)")
+        if self.step_time is None:
+            raise ValueError("step_time: required key is missing")  # as pydantic says it (gpu + model derive it)
+        return self
+
+    @property
+    def roofline(self) -> Optional[Roofline]:
+        """The roofline the coefficients came from (None when they were typed in)."""
+        return self._roofline
+
+    def coefficients_source(self) -> str:
+        """Where the step-time coefficients came from, for reports (they belong to one host and setup)."""
+        if self._roofline is not None:
+            return self._roofline.describe() + (f" ({', '.join(self._typed)} typed in)" if self._typed else "")
+        if self.step_time.calibrated is not None:
+            return f"calibrated: {self.step_time.calibrated.source or 'llmsim calibrate'}"
+        return "typed in (step_time)"
 
 
 class HoldBack(Block):
@@ -123,7 +234,10 @@ class SelfHosted(Block):
     kind: Literal["self_hosted"]
     replicas: int = Field(1, gt=0, description="Number of replicas at the start (one model copy each).")
     max_batch: int = Field(256, gt=0, description="Maximum running sequences per replica.")
-    gpu_hourly_usd: float = Field(0.0, ge=0, description="Price of one replica per hour (billed per second held).")
+    gpu_hourly_usd: float = Field(
+        0.0, ge=0, description="Price of one GPU per hour (billed per second held); a replica costs this times its "
+        "GPUs (engine.tensor_parallel). Default with engine.gpu: the catalog's price of that GPU, else 0."
+    )
     engine: Optional[Engine] = Field(None, description="Iteration-level engine (give this or service_time).")
     service_time: Optional[Distribution] = Field(
         None, description="Plain service time per request instead of the engine: each of max_batch slots serves one request."
@@ -137,6 +251,27 @@ class SelfHosted(Block):
         "least_loaded", description="Which replica takes an arriving request: the least loaded, or (with "
         "engine.prefix_cache) the one holding most of its prompt's leading blocks, then the least loaded."
     )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _roofline_defaults(cls, data: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> "SelfHosted":
+        """Derive the engine's coefficients from the catalog before validating (see sim/config/roofline.py)."""
+        derived = with_roofline(data, cls.model_fields["max_batch"].default, info.context)
+        replica = handler(derived.data)
+        if derived.roofline is not None and replica.engine is not None:
+            replica.engine._roofline = derived.roofline
+            replica.engine._typed = derived.typed
+        return replica
+
+    @property
+    def gpus_per_replica(self) -> int:
+        """GPUs one replica holds: its engine's tensor parallelism (1 for a plain service time)."""
+        return self.engine.tensor_parallel if self.engine is not None else 1
+
+    @property
+    def replica_hourly_usd(self) -> float:
+        """Price of one replica per hour: gpu_hourly_usd for each of its GPUs."""
+        return self.gpu_hourly_usd * self.gpus_per_replica
 
     @model_validator(mode="after")
     def _one_service_model(self) -> "SelfHosted":

@@ -37,6 +37,7 @@ class Trace:
     `block_offsets` / `block_ids` hold Mooncake's `hash_ids` in CSR form: row k's
     ids are `block_ids[block_offsets[k]:block_offsets[k + 1]]` (None when the
     trace has none). Equal ids are equal 512-token prompt prefix blocks.
+    `request_ids` are the rows' own ids as strings (a csv trace's `id` column; None without).
     """
 
     times: np.ndarray
@@ -44,6 +45,7 @@ class Trace:
     output: np.ndarray
     block_offsets: Optional[np.ndarray] = None
     block_ids: Optional[np.ndarray] = None
+    request_ids: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.times.size)
@@ -53,6 +55,11 @@ class Trace:
         if self.block_offsets is None:
             return None
         return self.block_ids[self.block_offsets[k]:self.block_offsets[k + 1]]
+
+    def count_before(self, until: float, rate_scale: float = 1.0) -> int:
+        """Rows arriving before `until` when replayed with times divided by rate_scale (as the replay cuts)."""
+        times = self.times if rate_scale == 1 else self.times / rate_scale
+        return int(np.searchsorted(times, until, side="left"))
 
     def window(self, start_s: float = 0.0, end_s: Optional[float] = None, speed: float = 1.0) -> "Trace":
         """Rows with start_s <= time < end_s, shifted so that start_s is 0, then compressed `speed` times."""
@@ -68,15 +75,18 @@ class Trace:
         offsets = ids = None
         if self.block_offsets is not None:
             offsets, ids = _take_blocks(self.block_offsets, self.block_ids, rows)
-        return Trace(_frozen(times), _frozen(self.prompt[rows]), _frozen(self.output[rows]), offsets, ids)
+        request_ids = None if self.request_ids is None else _frozen(self.request_ids[rows])
+        return Trace(_frozen(times), _frozen(self.prompt[rows]), _frozen(self.output[rows]), offsets, ids,
+                     request_ids)
 
 
 def read_trace(path: str | Path, fmt: str, columns: Optional[dict[str, str]] = None) -> Trace:
     """Read a trace file of format `fmt` (azure, mooncake or csv).
 
     For csv, `columns` maps time, prompt_tokens and output_tokens to column names
-    and may give time_unit (s or ms). Token counts are rounded and at least 1 (as
-    drawn ones are). Raises TraceError with a one-line message.
+    and may give time_unit (s or ms) and id (a column of request ids, kept as text).
+    Token counts are rounded and at least 1 (as drawn ones are). Raises TraceError
+    with a one-line message.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -119,14 +129,18 @@ def _read_csv(path: Path, columns: dict[str, str]) -> Trace:
     unit = columns.get("time_unit", "s")
     if unit not in TIME_UNITS:
         raise TraceError(f"unknown time_unit {unit!r} (known: {', '.join(TIME_UNITS)})")
+    id_column = columns.get("id")
     header, rows = _csv_rows(path)
-    idx = _column_indexes(path, header, names)
+    idx = _column_indexes(path, header, names + ((id_column,) if id_column else ()))
     times = _numbers(path, rows, idx[0], header)
     # Shift first, then convert: epoch milliseconds are exact integers, their differences too,
     # and dividing (not multiplying by 1e-3) rounds 400 ms to the double nearest 0.4 s.
     times = (times - times.min()) / TIME_UNITS[unit] if times.size else times
+    ids = None
+    if id_column:
+        ids = np.array([r[idx[3]].strip() if idx[3] < len(r) else "" for r in rows], dtype=object)
     return _build(path, times, _numbers(path, rows, idx[1], header),
-                  _numbers(path, rows, idx[2], header))
+                  _numbers(path, rows, idx[2], header), request_ids=ids)
 
 
 def _read_mooncake(path: Path) -> Trace:
@@ -162,7 +176,8 @@ def _read_mooncake(path: Path) -> Trace:
 
 
 def _build(path: Path, times: np.ndarray, prompt: np.ndarray, output: np.ndarray,
-           offsets: Optional[np.ndarray] = None, ids: Optional[np.ndarray] = None) -> Trace:
+           offsets: Optional[np.ndarray] = None, ids: Optional[np.ndarray] = None,
+           request_ids: Optional[np.ndarray] = None) -> Trace:
     """Check values, sort by time (stable, so equal times keep file order), round tokens."""
     if times.size == 0:
         raise TraceError(f"{path}: the trace has no rows")
@@ -177,8 +192,11 @@ def _build(path: Path, times: np.ndarray, prompt: np.ndarray, output: np.ndarray
         times, tokens = times[order], [v[order] for v in tokens]
         if offsets is not None:
             offsets, ids = _take_blocks(offsets, ids, order)
+        if request_ids is not None:
+            request_ids = request_ids[order]
     return Trace(_frozen(times), _frozen(tokens[0]), _frozen(tokens[1]),
-                 None if offsets is None else _frozen(offsets), None if ids is None else _frozen(ids))
+                 None if offsets is None else _frozen(offsets), None if ids is None else _frozen(ids),
+                 None if request_ids is None else _frozen(request_ids))
 
 
 def _take_blocks(offsets: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -38,7 +38,7 @@ HEADLINE = (
 # Which way is better, for the per-metric verdict: +1 higher, -1 lower, 0 neither.
 _BETTER = {"throughput_rps": 1, "goodput_rps": 1}
 # Per-class metrics of the summary: e2e_p99_chat_s; throughput_chat_rps, rate_limited_share_chat.
-_CLASS_LATENCY = re.compile(r"^(queue_wait|ttft|e2e)_(mean|p\d+)_(.+)_s$")
+_CLASS_LATENCY = re.compile(r"^(queue_wait|ttft|e2e|tpot)_(mean|p\d+)_(.+)_s$")
 _CLASS_SHARE = re.compile(r"^throughput_(.+)_rps$|^rate_limited_share_(.+)$")
 
 COLUMNS = ("a", "b", "diff", "diff_ci95_low", "diff_ci95_high",
@@ -267,7 +267,7 @@ def _label(metric: str) -> str:
         throughput, limited = share.groups()
         return f"{throughput} throughput" if throughput else f"{limited} rate-limited share"
     measure, stat, _ = metric.rsplit("_", 2)
-    return f"{stat} {'TTFT' if measure == 'ttft' else measure.replace('_', ' ')}"
+    return f"{stat} {measure.upper() if measure in ('ttft', 'tpot') else measure.replace('_', ' ')}"
 
 
 def _decimals(magnitude: float, significant: int, least: int = 0) -> int:

@@ -1,14 +1,14 @@
 """Run a workload: its replications, their summaries and the intervals across them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import pandas as pd
 
 from sim.config.loader import load_workload
-from sim.config.schema import Workload
+from sim.config.schema import TraceArrivals, Workload
 from sim.model.offered import offered_load_rps, offered_utilisation
 from sim.metrics.ledger import ledger
 from sim.metrics.summary import aggregate, budget_sections, choose_warmup, stage_times, summarise
@@ -26,6 +26,27 @@ class RunResult:
     requests: pd.DataFrame
     timeseries: pd.DataFrame
     ledger: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)
+    """What the user should know about the run (one line each): the workload's static checks, then
+    what the replications found (each line once, in order)."""
+
+
+def workload_warnings(workload: Workload) -> list[str]:
+    """Problems a workload has that are not errors (one line each, the config path first).
+
+    A trace replay whose requests run past duration_s: those are never sent, and the user
+    may not know the run is shorter than the trace.
+    """
+    out = []
+    duration, scale = workload.simulation.duration_s, workload.traffic.rate_scale
+    for name, cls in workload.traffic.classes.items():
+        arrival = cls.arrival
+        if isinstance(arrival, TraceArrivals):
+            dropped = arrival.arrivals_after(duration, scale)
+            if dropped:
+                out.append(f"traffic.classes.{name}.arrival: {dropped:,} of {len(arrival.replay):,} trace arrivals "
+                           f"fall after duration_s={duration:g} and are not replayed")
+    return out
 
 
 def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
@@ -49,8 +70,10 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
     offered = offered_utilisation(workload)
     load = offered_load_rps(workload)
     rows, frames, series_frames, ledgers = [], [], [], []
+    warnings = workload_warnings(workload)
     for r in range(replications):
         rec = simulate(workload, replication=r, seed=seed)
+        warnings += rec.warnings
         warmup = choose_warmup(rec, workload)
         rows.append({"replication": r, "offered_load_rps": load, **summarise(rec, workload, warmup, offered)})
         if keep_requests:
@@ -72,6 +95,7 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
         "seed": seed,
         "replications": replications,
         "duration_s": sim.duration_s,
+        "window_end_s": workload.measure_end_s(),
         "unstable": any(u >= 1.0 for u in offered.values()),
         **aggregate(per_rep),
     }
@@ -81,4 +105,4 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
     requests = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     series = pd.concat(series_frames, ignore_index=True) if series_frames else pd.DataFrame()
     book = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame()
-    return RunResult(workload, summary, per_rep, requests, series, book)
+    return RunResult(workload, summary, per_rep, requests, series, book, list(dict.fromkeys(warnings)))

@@ -72,7 +72,7 @@ def ledger(rec: Recorder, workload: Workload) -> pd.DataFrame:
             usd[mine] = api_usd(model, prompt[mine], output[mine], read[mine], written[mine])
             continue
         work = _work(calls, model, workload, name, mine, prompt, output)
-        bill = model.gpu_hourly_usd * held.get(name, (0, 0, 0, 0))[3] / 3600.0
+        bill = model.replica_hourly_usd * held.get(name, (0, 0, 0, 0))[3] / 3600.0  # per GPU x GPUs per replica
         if work.sum() > 0:
             usd[mine] = bill * work / work.sum()
     features = np.asarray(calls.feature, dtype=np.int64)
@@ -97,5 +97,9 @@ def _work(calls: Recorder, model, workload: Workload, name: str, mine: np.ndarra
         return (np.asarray(calls.end, dtype=float) - np.asarray(calls.admit, dtype=float))[mine]
     st = model.engine.step_time
     prefilled = np.maximum(prompt - cache_columns(calls)[0], 1)  # cached prefix tokens are not computed
-    return st.per_prefill_token_s * prefilled[mine] + output[mine] * (
-        st.per_decode_seq_s + st.base_s / full_batch(workload, name))
+    prompt, prefilled, output = prompt[mine], prefilled[mine], output[mine]
+    work = st.per_prefill_token_s * prefilled + output * (st.per_decode_seq_s + st.base_s / full_batch(workload, name))
+    # Decode step j reads prompt + j context tokens; the prefilled tokens attend to the cached ones and each other.
+    work += st.per_kv_token_s * np.maximum(output - 1, 0) * (prompt + output / 2)
+    work += st.per_prefill_attention_s * prefilled * (prompt - prefilled + (prefilled + 1) / 2)
+    return work

@@ -25,6 +25,21 @@ ANSWERED = (COMPLETED, CANCELLED)
 """Outcomes whose latency counts: the user got the answer (or read as much of it as they wanted)."""
 
 
+def time_per_output_token(first: np.ndarray, end: np.ndarray, output: np.ndarray,
+                          outcome: np.ndarray) -> np.ndarray:
+    """Per request: TPOT = (e2e - ttft) / (output tokens - 1), the mean gap between its streamed tokens.
+
+    NaN where there is none: not answered, one output token (no gap), or nothing streamed (the whole
+    answer at once: a plain `service_time` endpoint, a pipeline without streaming), so that TPOT
+    statistics describe streams and never average in zeros.
+    """
+    output = np.asarray(output, dtype=float)
+    streamed = np.isin(outcome, ANSWERED) & (output > 1) & (end > first)
+    tpot = np.full(output.shape, np.nan)
+    tpot[streamed] = (end[streamed] - first[streamed]) / (output[streamed] - 1.0)
+    return tpot
+
+
 class Attempts(dict):
     """Attempts per request, stored only for requests that were retried: every other made one.
 
@@ -65,6 +80,10 @@ class Recorder:
         self.feature: list[int] = []
         self.attempts = Attempts()       # 1 + retries after a 429
         self.prefix_blocks: Optional[list] = None  # per request: prompt prefix block ids (Mooncake replays)
+        self.trace_id: Optional[list] = None       # per request: its row id in a replayed trace (traces with ids)
+        # Things a run found that the user should know (e.g. a replica driven beyond its calibrated
+        # range); one line each, shown by `llmsim run` as warnings. Append each once per replication.
+        self.warnings: list[str] = []
         # With a pipeline: the model calls (a Recorder of their own), and per-request stage records.
         self.calls: Optional["Recorder"] = None
         self.parent: Optional[list] = None       # on a calls recorder: each call's request
@@ -115,7 +134,8 @@ class Recorder:
         end = np.asarray(self.end, dtype=float)
         outcome = np.asarray(self.outcome, dtype=np.int64)
         cls = np.asarray(self.cls, dtype=np.int64)
-        return pd.DataFrame(
+        output = np.asarray(self.output, dtype=np.int64)
+        frame = pd.DataFrame(
             {
                 "request": np.arange(arrival.size),
                 "class": pd.Categorical.from_codes(cls, self.class_names),
@@ -131,9 +151,14 @@ class Recorder:
                 "queue_wait_s": admit - arrival,
                 "ttft_s": first - arrival,
                 "e2e_s": end - arrival,
+                "tpot_s": time_per_output_token(first, end, output, outcome),
                 "prompt_tokens": np.asarray(self.prompt, dtype=np.int64),
-                "output_tokens": np.asarray(self.output, dtype=np.int64),
+                "output_tokens": output,
                 "attempts": self.attempts.column(arrival.size),
                 "outcome": pd.Categorical.from_codes(outcome, OUTCOMES),
             }
         )
+        if self.trace_id is not None:  # requests not replayed from a trace with ids have none
+            ids = self.trace_id + [None] * (arrival.size - len(self.trace_id))
+            frame["trace_id"] = pd.array(ids, dtype="string")
+        return frame

@@ -11,14 +11,14 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from sim.config.schema import Api, Workload
+from sim.config.schema import Api, SelfHosted, Workload
 
 from .ledger import api_usd, billed, cache_columns, ledger
 from .recorder import (ANSWERED, CANCELLED, COMPLETED, EXPIRED, OUTCOMES, PARTIAL, QUEUE_FULL, RATE_LIMITED,
-                       REJECTED, TIMED_OUT, TRY_LATER, Recorder)
+                       REJECTED, TIMED_OUT, TRY_LATER, Recorder, time_per_output_token)
 from .stats import mser5, t_interval
 
-MEASURES = ("queue_wait", "ttft", "e2e")
+MEASURES = ("queue_wait", "ttft", "e2e", "tpot")
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0), ("p999", 99.9))
 
 
@@ -30,7 +30,9 @@ def metric_names(workload: Workload) -> list[str]:
         names.append("goodput_rps")
     for measure in MEASURES:
         names += [f"{measure}_{stat}_s" for stat in ("mean",) + tuple(p for p, _ in PERCENTILES)]
-    names += ["tokens_in_per_s", "tokens_out_per_s"]
+    names += ["tokens_in_per_s", "tokens_out_per_s", "itl_mean_s", "tokens_out_per_s_per_user"]
+    if engine_endpoints(workload):
+        names.append("tokens_out_per_s_per_gpu")
     for name in workload.models:
         names += [f"utilisation_{name}", f"batch_mean_{name}"]
     names += ["cost_total_usd", "cost_per_hour_usd", "cost_per_request_usd", "cost_per_1k_usd"]
@@ -90,8 +92,8 @@ def choose_warmup(rec: Recorder, workload: Workload) -> float:
 
 def summarise(rec: Recorder, workload: Workload, warmup_s: float,
               offered: Optional[dict[str, float]] = None) -> dict[str, float]:
-    """The flat metrics of one replication over the window [warmup_s, duration_s)."""
-    duration = workload.simulation.duration_s
+    """The flat metrics of one replication over the window [warmup_s, end of arrivals) (see measure_end_s)."""
+    duration = workload.measure_end_s()
     window = duration - warmup_s
     arrival = np.asarray(rec.arrival, dtype=float)
     first = np.asarray(rec.first_token, dtype=float)
@@ -104,6 +106,7 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
     answered = np.isin(outcome, ANSWERED)  # latency and throughput count answers, cut short by the user or not
     done = arrived & answered
     finished_in_window = answered & (end >= warmup_s) & (end < duration)
+    tpot = time_per_output_token(first, end, output, outcome)  # NaN where a request has none
     m: dict[str, float] = {
         "warmup_s": warmup_s,
         "requests_arrived": float(arrived.sum()),
@@ -119,16 +122,20 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
             ok &= (first - arrival) <= workload.slo.ttft_s
         if workload.slo.e2e_s is not None:
             ok &= (end - arrival) <= workload.slo.e2e_s
+        if workload.slo.tpot_s is not None:  # a one-token answer has no TPOT, so nothing to miss
+            ok &= ~(tpot > workload.slo.tpot_s)
         m["goodput_rps"] = ok.sum() / window
     stages = stage_times(rec)
     # With a pipeline a request's queue wait is its model calls' time in endpoint queues, not the time
     # to its last call's admission (which holds retrieval, earlier calls, evaluation).
-    latencies = {"queue_wait": stages["queue"], "ttft": first - arrival, "e2e": end - arrival}
+    latencies = {"queue_wait": stages["queue"], "ttft": first - arrival, "e2e": end - arrival, "tpot": tpot}
     for measure, values in latencies.items():
         m.update(_latency_stats(measure, values[done]))
     m["tokens_in_per_s"] = prompt[finished_in_window].sum() / window
     m["tokens_out_per_s"] = output[finished_in_window].sum() / window
+    m.update(_streaming(tpot[done], (end - first)[done], output[done]))
     counters = _window_counters(rec, warmup_s, duration)
+    m.update(_tokens_per_gpu(rec, workload, counters, warmup_s, duration))
     m.update(_endpoint_stats(counters))
     m.update(_costs(rec, workload, window, arrived, done, prompt, m["throughput_rps"], counters))
     for name, value in (offered or {}).items():
@@ -386,6 +393,8 @@ def _cold_and_warm(workload: Workload, arrival: np.ndarray, first: np.ndarray, e
 
 
 def _latency_stats(measure: str, values: np.ndarray) -> dict[str, float]:
+    """Mean and percentiles; NaN values are requests the measure does not apply to (TPOT of one token)."""
+    values = values[~np.isnan(values)]
     if values.size == 0:
         return {f"{measure}_{stat}_s": math.nan for stat in ("mean",) + tuple(p for p, _ in PERCENTILES)}
     out = {f"{measure}_mean_s": float(values.mean())}
@@ -393,6 +402,45 @@ def _latency_stats(measure: str, values: np.ndarray) -> dict[str, float]:
     for (stat, _), q in zip(PERCENTILES, qs):
         out[f"{measure}_{stat}_s"] = float(q)
     return out
+
+
+def _streaming(tpot: np.ndarray, decode: np.ndarray, output: np.ndarray) -> dict[str, float]:
+    """ITL and the streaming speed a user sees, over the answered requests that streamed (a TPOT).
+
+    itl_mean_s weighs every token gap alike (all gaps over all gaps' time); its percentiles would need
+    each token's time, which the engine's skip-ahead never materialises. tokens_out_per_s_per_user is the
+    mean over requests of 1 / TPOT, the speed each reader sees.
+    """
+    streamed = ~np.isnan(tpot)
+    if not streamed.any():
+        return {"itl_mean_s": math.nan, "tokens_out_per_s_per_user": math.nan}
+    return {"itl_mean_s": float(decode[streamed].sum() / (output[streamed] - 1.0).sum()),
+            "tokens_out_per_s_per_user": float((1.0 / tpot[streamed]).mean())}
+
+
+def engine_endpoints(workload: Workload) -> list[str]:
+    """Names of the self-hosted endpoints served by an iteration-level engine (those that hold GPUs)."""
+    return [name for name, model in workload.models.items()
+            if isinstance(model, SelfHosted) and getattr(model, "engine", None) is not None]
+
+
+def _tokens_per_gpu(rec: Recorder, workload: Workload, counters: dict, start: float,
+                    stop: float) -> dict[str, float]:
+    """Output tokens the engines made in the window per GPU-second they held (tokens/s per mean GPU held).
+
+    The tokens are those of engine calls ending in the window (a call stopped half-way counts what it
+    made); the GPU-seconds are the replica-seconds held over the window times GPUs per replica.
+    """
+    engines = engine_endpoints(workload)
+    if not engines:
+        return {}
+    gpu_seconds = sum(counters[name][3] * getattr(workload.models[name], "gpus_per_replica", 1) for name in engines)
+    calls = rec.calls if rec.calls is not None else rec
+    paid, made = billed(calls)
+    index = [k for k, name in enumerate(workload.models) if name in engines]
+    end = np.asarray(calls.end, dtype=float)
+    mine = paid & np.isin(np.asarray(calls.endpoint), index) & (end >= start) & (end < stop)
+    return {"tokens_out_per_s_per_gpu": float(made[mine].sum() / gpu_seconds) if gpu_seconds > 0 else math.nan}
 
 
 def _counters_at(rec: Recorder, t: float) -> dict[str, tuple[float, float, float, float]]:
@@ -433,7 +481,7 @@ def _costs(rec: Recorder, workload: Workload, window: float, arrived: np.ndarray
             mine = done & (endpoint == k)
             total += float(api_usd(model, prompt[mine], output[mine], read[mine], written[mine]).sum())
         else:
-            total += model.gpu_hourly_usd * counters[name][3] / 3600.0
+            total += model.replica_hourly_usd * counters[name][3] / 3600.0  # per GPU x GPUs per replica
     completed = throughput * window
     per_request = total / completed if completed else math.nan
     return {

@@ -164,6 +164,25 @@ def _work_per_request(model, cls, batch: int, prompt_tokens: Optional[float] = N
         inverse_speed = _mean(lambda rng, n: 1.0 / np.maximum(model.output_tokens_per_s.sample(rng, n), 1e-3))
         return model.ttft_s.mean + (out - 1) * inverse_speed
     prompt = (_tokens(cls.prompt_tokens) if prompt_tokens is None else prompt_tokens) + extra
-    st = model.engine.step_time
-    # A full batch shares each step's base cost; prefill and per-sequence costs are per token.
-    return st.per_prefill_token_s * prompt + out * (st.per_decode_seq_s + st.base_s / batch)
+    return engine_work(model.engine.step_time, batch, prompt, out, _squares(cls.prompt_tokens, prompt),
+                       _squares(cls.output_tokens, out))
+
+
+def engine_work(st, batch: int, prompt: float, output: float, prompt_sq: float, output_sq: float) -> float:
+    """Full-batch seconds of engine work for a request of mean `prompt` and `output` tokens.
+
+    `prompt_sq`, `output_sq`: the means of their squares (prompt and output drawn independently, as the
+    simulator draws them). A full batch shares each step's base cost; prefill and per-sequence costs are
+    per token; decode step j (1 .. output - 1) reads prompt + j context tokens, and a prompt of P tokens
+    has P (P + 1) / 2 attention pairs. Slow episodes leave less capacity: the work counts for more.
+    """
+    work = st.per_prefill_token_s * prompt + output * (st.per_decode_seq_s + st.base_s / batch)
+    work += st.per_kv_token_s * ((output - 1) * prompt + (output_sq - output) / 2)
+    work += st.per_prefill_attention_s * (prompt_sq + prompt) / 2
+    return work / st.slow_episodes.capacity_factor() if st.slow_episodes is not None else work
+
+
+def _squares(spec, mean: float) -> float:
+    """Mean square of a token count as the simulator draws it, shifted to the given mean (a budget's prompt)."""
+    draws = np.maximum(np.rint(spec.sample(np.random.default_rng(0), _DRAWS)), 1)
+    return float(np.var(draws)) + mean * mean

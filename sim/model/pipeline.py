@@ -18,7 +18,7 @@ from sim.model.serving.autoscaler import Autoscaler
 from sim.model.serving.endpoint import Endpoint
 from sim.model.serving.engine import EngineReplica
 from sim.model.serving.slots import SlotServer, plain_draws
-from sim.model.traffic.arrivals import RequestFactory, SourceContext, build_arrivals, user_count
+from sim.model.traffic.arrivals import RequestFactory, SourceContext, build_arrivals, delay_to, user_count
 from sim.model.traffic.ratelimit import Client, attach_provider_limits, build_gate
 
 from .events import call_later, run
@@ -68,11 +68,31 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     if workload.pipeline is None and any(hook is not None for hook in hooks):  # open-loop-only runs skip the call
         for endpoint in endpoints:
             endpoint.on_done = done
-    start_monitor(env, endpoints, recorder, sim)
+    start_monitor(env, endpoints, recorder, sim, workload.measure_end_s())
     run(env)
     if workload.pipeline is not None and lifecycle.retrieval is not None:
         recorder.retrieval_stats = lifecycle.retrieval.stats(env.now)
+    for endpoint in endpoints:
+        recorder.warnings += beyond_calibration(endpoint, workload.models[endpoint.name])
     return recorder
+
+
+def beyond_calibration(endpoint: Endpoint, model) -> list[str]:
+    """Warnings for replicas driven past the batch sizes and token counts their coefficients were measured on."""
+    engine = getattr(model, "engine", None)
+    calibrated = engine.step_time.calibrated if engine is not None else None
+    if calibrated is None:
+        return []
+    peak = [max(getattr(s, "peak", (0, 0, 0))[k] for s in endpoint.servers + endpoint.retired) for k in range(3)]
+    out = []
+    for value, limit, what in zip(peak, (calibrated.decode_seqs_max, calibrated.prefill_tokens_max,
+                                         calibrated.kv_tokens_max),
+                                  ("sequences decoding", "prompt tokens prefilled", "context tokens read")):
+        if limit is not None and value > limit:
+            out.append(f"models.{endpoint.name}: a replica reached {value:,} {what} in one step, beyond the "
+                       f"{limit:,} its step times were calibrated on ({calibrated.source or 'llmsim calibrate'}): "
+                       "the coefficients are extrapolated there")
+    return out
 
 
 def _router(endpoints: list[Endpoint], rec: Recorder) -> Callable[[int], None]:
@@ -104,7 +124,8 @@ def build_endpoint(env: simpy.Environment, name: str, index: int, workload: Work
             def new_replica(cold_start_s: float = model.cold_start_s) -> EngineReplica:
                 r = len(endpoint.servers) + len(endpoint.retired)  # a new index (and noise stream) each time
                 return EngineReplica(env, endpoint, r, model.max_batch, model.engine, recorder,
-                                     streams.rng(f"endpoint.{name}.replica{r}.noise"), batch, cold_start_s)
+                                     streams.rng(f"endpoint.{name}.replica{r}.noise"), batch, cold_start_s,
+                                     streams.rng(f"endpoint.{name}.replica{r}.episodes"))
 
             if model.dispatch == "prefix_affinity":
                 endpoint.prefer(lambda server, i: server.cached_blocks(i))
@@ -130,14 +151,17 @@ def build_endpoint(env: simpy.Environment, name: str, index: int, workload: Work
     return endpoint
 
 
-def start_monitor(env: simpy.Environment, endpoints: list[Endpoint], recorder: Recorder, sim) -> None:
-    """Sample every endpoint's counters and gauges every timeseries interval, at the warm-up and at the end.
+def start_monitor(env: simpy.Environment, endpoints: list[Endpoint], recorder: Recorder, sim,
+                  measure_end_s: Optional[float] = None) -> None:
+    """Sample every endpoint's counters and gauges every timeseries interval, at the warm-up, at the end
+    of the measuring window (`Workload.measure_end_s`, duration_s by default) and at duration_s.
 
     The samples give utilisation and cost over any window between them, and the time series.
     """
     step = sim.timeseries_interval_s
+    end = sim.duration_s if measure_end_s is None else measure_end_s
     times = {min(k * step, sim.duration_s) for k in range(int(sim.duration_s // step) + 1)}
-    times |= {sim.duration_s} | ({sim.warmup_s} if isinstance(sim.warmup_s, float) else set())
+    times |= {sim.duration_s, end} | ({sim.warmup_s} if isinstance(sim.warmup_s, float) else set())
 
     times = sorted(times)
 
@@ -146,6 +170,7 @@ def start_monitor(env: simpy.Environment, endpoints: list[Endpoint], recorder: R
         recorder.samples.append((now, {e.name: e.counters(now) for e in endpoints}))
         recorder.gauges.append((now, {e.name: e.gauges() for e in endpoints}))
         if k + 1 < len(times):  # one sample scheduled at a time keeps the event queue short
-            call_later(env, times[k + 1] - now, sample, k + 1)
+            # Exactly at the planned time: the summary looks up the samples at the window's edges.
+            call_later(env, delay_to(now, times[k + 1]), sample, k + 1)
 
     call_later(env, times[0], sample, 0)

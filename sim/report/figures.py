@@ -271,7 +271,7 @@ def _load_plot_x(points: pd.DataFrame, experiment: dict) -> str:
 
 
 def slo_lines(experiment: dict, measure: str) -> list[tuple[str, str, float]]:
-    """(metric, "max" or "min", bound) of every SLO on a latency measure ("ttft", "e2e")."""
+    """(metric, "max" or "min", bound) of every SLO on a latency measure ("ttft", "e2e", "tpot")."""
     out = []
     for metric, bound in (experiment.get("slo") or {}).items():
         if metric.startswith(f"{measure}_") and metric.endswith("_s"):
@@ -310,10 +310,13 @@ def _capacity_markers(ax, capacity: Optional[dict], experiment: dict, colours: d
 
 def plot_latency(points: pd.DataFrame, experiment: dict, out_dir: Path,
                  capacity: Optional[dict] = None) -> list[Path]:
-    """TTFT and end-to-end latency percentiles against load, SLO lines and capacity markers."""
+    """TTFT and end-to-end latency percentiles against load (and TPOT when an SLO bounds it), SLO lines
+    and capacity markers."""
     x = _load_plot_x(points, experiment)
-    panels = [(m, label) for m, label in (("ttft", "time to first token"), ("e2e", "end-to-end latency"))
-              if _latency_stats(experiment, m, points)]
+    measures = [("ttft", "time to first token"), ("e2e", "end-to-end latency")]
+    if slo_lines(experiment, "tpot"):  # the token pace gets a panel when the SLO cares about it
+        measures.append(("tpot", "time per output token"))
+    panels = [(m, label) for m, label in measures if _latency_stats(experiment, m, points)]
     if not panels:
         raise SkipFigure("the results have no TTFT or end-to-end percentiles")
     colours = _colours(points, [capacity_label(c, experiment) for c in (capacity or {}).get("configs", [])])

@@ -33,9 +33,12 @@ def format_summary(result) -> str:
     s = result.summary
     w = result.workload
     name = s["workload"] or "workload"
+    window_end = s.get("window_end_s", s["duration_s"])
     lines = [
         f"{name}: {s['replications']} replication(s) x {s['duration_s']:g} s, seed {s['seed']}, "
-        f"warm-up {s['warmup_s']:.0f} s" + (" (95% intervals as ±)" if s["replications"] > 1 else ""),
+        f"warm-up {s['warmup_s']:.0f} s"
+        + (f", measured to {window_end:g} s (the replays' end)" if window_end < s["duration_s"] else "")
+        + (" (95% intervals as ±)" if s["replications"] > 1 else ""),
     ]
     if s["unstable"]:
         offered = ", ".join(f"{k.removeprefix('offered_utilisation_')} {v:.2f}" for k, v in s.items()
@@ -49,11 +52,13 @@ def format_summary(result) -> str:
         f"throughput {_value(s, 'throughput_rps', '.3f')} req/s"
         + (f"   goodput {_value(s, 'goodput_rps', '.3f')} req/s" if "goodput_rps" in s else "")
         + f"   tokens in {_value(s, 'tokens_in_per_s', '.0f')}/s  out {_value(s, 'tokens_out_per_s', '.0f')}/s",
+        *_streaming_line(s),
         "",
         "latency (s)  " + "".join(f"{stat:>16}" for stat in ("mean",) + tuple(p for p, _ in PERCENTILES)),
     ]
     for measure in MEASURES:
-        cells = "".join(f"{_value(s, f'{measure}_{stat}_s', '.3f'):>16}"
+        digits = ".4f" if measure == "tpot" else ".3f"  # token gaps are milliseconds
+        cells = "".join(f"{_value(s, f'{measure}_{stat}_s', digits):>16}"
                         for stat in ("mean",) + tuple(p for p, _ in PERCENTILES))
         lines.append(f"{measure:<13}{cells}")
     lines += ["", f"{'endpoint':<20}{'kind':<13}{'servers':>8}{'utilisation':>18}{'offered':>10}{'batch mean':>16}"]
@@ -75,6 +80,17 @@ def format_summary(result) -> str:
     lines += _guard_lines(s)
     lines += _ledger_lines(result)
     return "\n".join(lines)
+
+
+def _streaming_line(s: dict) -> list[str]:
+    """Output tokens/s as one reader sees them and per GPU held, and the mean inter-token latency."""
+    per_user = s.get("tokens_out_per_s_per_user", math.nan)
+    if math.isnan(per_user):
+        return []  # nothing streamed (plain service-time endpoints)
+    per_gpu = (f"   per GPU {_value(s, 'tokens_out_per_s_per_gpu', '.0f')}/s"
+               if "tokens_out_per_s_per_gpu" in s else "")
+    return [f"streaming  tokens out per user {_value(s, 'tokens_out_per_s_per_user', '.1f')}/s{per_gpu}"
+            f"   inter-token latency {_value(s, 'itl_mean_s', '.4f')} s (mean)"]
 
 
 def _guard_lines(s: dict) -> list[str]:

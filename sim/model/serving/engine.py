@@ -2,10 +2,14 @@
 
 Each step decodes one token for every decoding sequence and spends the rest of
 the step's token budget on prompt chunks of admitted requests, first come first
-served. Step time = base + per_decode_seq * decoding + per_prefill_token * prefill.
+served. Step time = base + per_decode_seq * decoding + per_kv_token * their context
++ per_prefill_token * prefill + per_prefill_attention * prefill attention pairs
+(see `StepTime`), times per-step noise and slow episodes (`step_clock`).
 
-While the batch does not change, consecutive steps are identical, so the replica
-jumps over a whole stretch of them in one event ("phase") and only wakes when
+While the batch does not change, consecutive steps differ only by a context that
+grows one token per decoding sequence per step (and a prompt chunk that moves along
+its prompt), so their nominal times grow linearly and a whole stretch of them sums
+in closed form: the replica jumps over it in one event ("phase") and only wakes when
 something changes: a prompt finishes (its first token), a sequence finishes (its
 last token), or a request joins an engine that was only decoding or idle. The
 result is exact, and costs a few events per request rather than one per token.
@@ -16,7 +20,9 @@ in the step in progress and leaves the batch at that step's end, freeing its
 place and KV; the tokens it made until the cancel are what is billed.
 
 Time is kept in steps: `step` counts the steps completed so far, and a decoding
-sequence is stored in a heap by the step at whose end its last token appears.
+sequence is stored in a heap by the step at whose end its last token appears. Its
+context before the step after step t is prompt + output - finish + t, so the sum
+over the batch is `context_base` + decoding x t, kept as sequences come and go.
 """
 from __future__ import annotations
 
@@ -30,11 +36,11 @@ import simpy
 from sim.config.schema import Engine
 from sim.metrics.recorder import COMPLETED, Recorder
 from sim.model.events import call_later
-from sim.model.streams import BlockSampler
 from sim.model.traffic.traces import prefix_blocks
 
 from .block_cache import BlockCache
 from .endpoint import Endpoint
+from .step_clock import MAX_STRETCH, StepClock
 
 # Phases: what the stretch of identical steps in flight is doing.
 IDLE = 0
@@ -49,7 +55,8 @@ class EngineReplica:
 
     def __init__(self, env: simpy.Environment, endpoint: Endpoint, index: int, max_batch: int,
                  engine: Engine, recorder: Recorder, noise_rng: Optional[np.random.Generator],
-                 full_batch: Optional[int] = None, cold_start_s: float = 0.0) -> None:
+                 full_batch: Optional[int] = None, cold_start_s: float = 0.0,
+                 episode_rng: Optional[np.random.Generator] = None) -> None:
         self.env = env
         self.endpoint = endpoint
         self.index = index
@@ -70,24 +77,38 @@ class EngineReplica:
         self.base_s = st.base_s
         self.decode_s = st.per_decode_seq_s
         self.prefill_s = st.per_prefill_token_s
-        # Work is counted in seconds of a full-batch engine (see `utilisation` in the README):
-        # a decoding sequence costs its own time plus its share of a full step's base.
-        self.decode_work_s = st.per_decode_seq_s + st.base_s / (full_batch or max_batch)
-        self._noise = None
-        if st.noise_cv > 0 and noise_rng is not None:
-            shape = 1.0 / (st.noise_cv * st.noise_cv)
-            self._noise = BlockSampler(lambda rng, n: rng.gamma(shape, 1.0 / shape, n), noise_rng)
+        self.kv_s = st.per_kv_token_s
+        self.attention_s = st.per_prefill_attention_s
+        # Work is counted in seconds of a full-batch engine at normal speed (see `utilisation` in the
+        # README): a decoding sequence costs its own time plus its share of a full step's base; slow
+        # episodes shrink what the replica can do, so its work counts for more.
+        self.base_share_s = st.base_s / (full_batch or max_batch)
+        self.decode_work_s = st.per_decode_seq_s + self.base_share_s
+        self.work_scale = 1.0 / st.slow_episodes.capacity_factor() if st.slow_episodes is not None else 1.0
+        self.clock = StepClock(st, noise_rng, episode_rng)
+        calibrated = st.calibrated
+        self.track_peak = calibrated is not None and any(
+            v is not None for v in (calibrated.decode_seqs_max, calibrated.prefill_tokens_max, calibrated.kv_tokens_max))
+        # Identical steps of fixed length between batch changes (no context terms, noise, episodes or
+        # range check): the lean path most workloads take, with arithmetic kept to the bare minimum.
+        uniform = not self.kv_s and not self.attention_s and not self.track_peak
+        self.simple = uniform and self.clock.noise is None and self.clock.episodes is None
+        self.noisy = uniform and self.clock.noise is not None and self.clock.episodes is None
+        self.track_context = bool(self.kv_s) or self.track_peak  # keep context_base (else it stays 0)
+        self.noise = self.clock.noise
+        self.peak = [0, 0, 0]   # most decoding sequences, prefill tokens and context tokens in one step
         self.rec = recorder
         self.decoding: list[tuple[int, int]] = []   # heap of (finish step, request)
+        self.context_base = 0                        # sum of prompt + output - finish over `decoding`
         self.prefilling: deque[list[int]] = deque()  # [request, prompt tokens left], FIFO
         self.load = 0                                # running sequences
         self.kv_used = 0
         self.step = 0
-        # The phase in flight: `steps` identical steps of `step_s` each from `t0`.
+        # The phase in flight: `steps` steps from `t0`, the k-th of nominal time s0 + growth x k.
         self.phase = IDLE
         self.t0 = 0.0
         self.steps = 0
-        self.step_s = 0.0
+        self.s0 = 0.0           # nominal time of its first step
         self.chunk = 0          # prefill tokens per step in this phase
         self.generation = 0     # bumped when a scheduled boundary is superseded
         self.cancelled = 0      # cancelled sequences still in the batch (they leave at the next boundary)
@@ -187,8 +208,8 @@ class EngineReplica:
         if self.rec.first_token[i] != self.rec.first_token[i]:  # NaN: no first token yet
             return 0
         steps = self.step
-        if self.phase in (DECODE, PREFILL, MIXED) and self.step_s > 0:
-            steps += min(int((now - self.t0) / self.step_s), self.steps)
+        if self.phase in (DECODE, PREFILL, MIXED):
+            steps += self._done_by(now)
         finish = next(f for f, j in self.decoding if j == i)
         return self.rec.output[i] - (finish - steps)
 
@@ -206,11 +227,18 @@ class EngineReplica:
         for entry in self.decoding:
             if outcome[entry[1]] >= 0:
                 self._release(entry[1])
+                if self.track_context:
+                    self.context_base -= self._context_offset(entry)
             else:
                 decoding.append(entry)
         heapq.heapify(decoding)
         self.decoding = decoding
         self.cancelled = 0
+
+    def _context_offset(self, entry: tuple[int, int]) -> int:
+        """A decoding sequence's context before the step after step t is this + t."""
+        i = entry[1]
+        return self.rec.prompt[i] + self.rec.output[i] - entry[0]
 
     # --- lifecycle ------------------------------------------------------------
     def _loaded(self, event) -> None:
@@ -234,13 +262,32 @@ class EngineReplica:
             self._work += self._work_rate * elapsed
         self._last = now
 
+    def _done_by(self, now: float) -> int:
+        """Steps of the phase in flight completed by `now`."""
+        if self.simple:
+            return min(int((now - self.t0) / self.s0), self.steps) if self.s0 > 0 else self.steps
+        if self.noisy:
+            return self.clock.done_noisy(now - self.t0, self.steps, self.s0)
+        return self.clock.done_by(now - self.t0)
+
     def _cut_after_current_step(self, now: float) -> None:
         """End the decode-only phase at the end of the step in progress, so the new prompt joins the next one."""
-        done = int((now - self.t0) / self.step_s) if self.step_s > 0 else self.steps - 1
+        if self.simple:
+            done = int((now - self.t0) / self.s0) if self.s0 > 0 else self.steps - 1
+        elif self.noisy:
+            done = self.clock.done_noisy(now - self.t0, self.steps, self.s0)
+        else:
+            done = self.clock.done_by(now - self.t0)
         if done + 1 < self.steps:
             self.steps = done + 1
             self.generation += 1
-            call_later(self.env, max(0.0, self.t0 + self.steps * self.step_s - now), self._boundary, self.generation)
+            if self.simple:
+                end = self.steps * self.s0
+            elif self.noisy:
+                end = self.clock.end_noisy(self.steps, self.s0)
+            else:
+                end = self.clock.end_of(self.steps)
+            call_later(self.env, max(0.0, self.t0 + end - now), self._boundary, self.generation)
 
     def _wake(self, event) -> None:
         now = self.env._now
@@ -278,15 +325,80 @@ class EngineReplica:
             self.phase = IDLE
             self._work_rate = 0.0
             return
-        step_s = self.base_s + self.decode_s * n_decode + self.prefill_s * prefill
-        if self._noise is not None:
-            step_s *= self._noise()
-        self.step_s = step_s
-        work = self.prefill_s * prefill + self.decode_work_s * n_decode
-        self._work_rate = work / step_s if step_s > 0 else 0.0
+        s0 = self.base_s + self.decode_s * n_decode + self.prefill_s * prefill
+        if self.simple:
+            self.s0 = s0
+            self._work_rate = (self.prefill_s * prefill + self.decode_work_s * n_decode) / s0 if s0 > 0 else 0.0
+            duration = self.steps * s0
+        elif self.noisy:  # StepClock.plan for steps of one nominal length with noise, inlined (it is common)
+            self.s0 = s0
+            steps = self.steps
+            if steps > MAX_STRETCH:
+                steps = self.steps = MAX_STRETCH  # the noise block's reach; the boundary plans the rest
+            noise, clock = self.noise, self.clock
+            at = clock.position - noise.first
+            if at + steps >= len(noise.cum):
+                at = noise.window(clock.position, steps)
+            clock.at = at
+            cum = noise.cum
+            duration = s0 * (cum[at + steps] - cum[at])
+            work = (self.prefill_s * prefill + self.decode_work_s * n_decode) * steps
+            self._work_rate = work / duration if duration > 0 else 0.0
+        else:
+            duration = self._plan(now, s0, n_decode, prefill)
         self.t0 = now
         self.generation += 1
-        call_later(self.env, self.steps * step_s, self._boundary, self.generation)
+        call_later(self.env, duration, self._boundary, self.generation)
+
+    def _plan(self, now: float, s0: float, n_decode: int, prefill: int) -> float:
+        """The phase's duration with the context terms, noise and slow episodes; sets its work rate."""
+        growth = 0.0
+        if self.kv_s:  # every decoding sequence's context grows by a token a step
+            s0 += self.kv_s * (self.context_base + n_decode * self.step)
+            growth = self.kv_s * n_decode
+        if self.attention_s and prefill:
+            pairs, pairs_growth = self._attention_pairs(prefill)
+            s0 += self.attention_s * pairs
+            growth += self.attention_s * pairs_growth
+        if self.steps > MAX_STRETCH:
+            self.steps = MAX_STRETCH  # the noise block's reach; the boundary plans the rest
+        steps = self.steps
+        self.s0 = s0
+        if self.track_peak:
+            self._track_peak(n_decode, prefill, steps)
+        # Work in full-batch seconds: a step's nominal time less its base, plus the decoding
+        # sequences' shares of a full batch's base.
+        work = (s0 - self.base_s + self.base_share_s * n_decode) * steps + growth * (steps * (steps - 1) / 2)
+        duration = self.clock.plan(now, steps, s0, growth)
+        self._work_rate = work * self.work_scale / duration if duration > 0 else 0.0
+        return duration
+
+    def _attention_pairs(self, prefill: int) -> tuple[float, float]:
+        """Prefill attention pairs of the phase's first step, and their growth per step.
+
+        A chunk of c tokens after p already in the cache attends to c x (p + (c + 1) / 2) pairs;
+        in a PREFILL phase the head's chunk moves along its prompt, so that grows by c^2 a step.
+        """
+        prompt, pairs = self.rec.prompt, 0.0
+        if self.phase == PREFILL:
+            i, left = self.prefilling[0]
+            return prefill * (prompt[i] - left + (prefill + 1) / 2), float(prefill * prefill)
+        room = prefill
+        for i, left in self.prefilling:
+            chunk = min(left, room)
+            pairs += chunk * (prompt[i] - left + (chunk + 1) / 2)
+            room -= chunk
+            if room <= 0:
+                break
+        return pairs, 0.0
+
+    def _track_peak(self, n_decode: int, prefill: int, steps: int) -> None:
+        """The most decoding sequences, prefill tokens and context tokens of any step (calibrated-range check)."""
+        peak = self.peak
+        peak[0] = max(peak[0], n_decode)
+        peak[1] = max(peak[1], prefill)
+        if n_decode:
+            peak[2] = max(peak[2], self.context_base + n_decode * (self.step + steps - 1))
 
     def _boundary(self, event) -> None:
         if event.value != self.generation:
@@ -296,13 +408,22 @@ class EngineReplica:
         phase, self.phase = self.phase, BOUNDARY
         step = self.step + self.steps
         self.step = step
+        if not self.simple:
+            self.clock.position += self.steps  # the noise of the steps done is spent
         if phase == PREFILL:
             self.prefilling[0][1] -= self.steps * self.chunk
         elif phase == MIXED:
             self._finish_prompts(now, step)
         decoding = self.decoding
-        while decoding and decoding[0][0] <= step:
-            self._complete(heapq.heappop(decoding)[1], now)
+        if self.track_context:
+            rec = self.rec
+            while decoding and decoding[0][0] <= step:
+                finish, i = heapq.heappop(decoding)
+                self.context_base -= rec.prompt[i] + rec.output[i] - finish
+                self._complete(i, now)
+        else:
+            while decoding and decoding[0][0] <= step:
+                self._complete(heapq.heappop(decoding)[1], now)
         if self.cancelled:
             self._purge()
         self.endpoint.refill(self)
@@ -329,6 +450,8 @@ class EngineReplica:
             remaining = rec.output[i] - 1
             if remaining > 0:
                 heapq.heappush(self.decoding, (step + remaining, i))
+                if self.track_context:
+                    self.context_base += rec.prompt[i] + 1 - step
             else:
                 self._complete(i, now)
 

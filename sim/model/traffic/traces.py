@@ -3,7 +3,8 @@
 The trace itself is read and windowed when the workload validates
 (`sim.config.traces`, re-exported here); this module turns it into arrivals.
 Mooncake traces carry each prompt's 512-token prefix block ids; the replay keeps
-them per request (`prefix_blocks`) for a prefix cache to look up.
+them per request (`prefix_blocks`) for a prefix cache to look up. A trace with
+request ids keeps each request's id (`Recorder.trace_id`, requests.parquet's trace_id).
 """
 from __future__ import annotations
 
@@ -52,11 +53,18 @@ class TraceSource:
         self.output: list[int] = replay.output[:n].tolist()
         self.replay = replay if replay.block_offsets is not None else None
         self.blocks: Optional[list] = None
+        recorder = make.recorder
         if self.replay is not None:
-            recorder = make.recorder
             if getattr(recorder, PREFIX_BLOCKS, None) is None:
                 setattr(recorder, PREFIX_BLOCKS, [])
             self.blocks = getattr(recorder, PREFIX_BLOCKS)
+        # Ids only when the trace has them: other replays pay nothing per request.
+        self.ids: Optional[list] = replay.request_ids[:n].tolist() if replay.request_ids is not None else None
+        self.id_table: Optional[list] = None
+        if self.ids is not None:
+            if recorder.trace_id is None:
+                recorder.trace_id = []
+            self.id_table = recorder.trace_id
 
     def start(self) -> None:
         if self.times:
@@ -72,4 +80,9 @@ class TraceSource:
             if len(blocks) <= i:
                 blocks.extend([None] * (i + 1 - len(blocks)))
             blocks[i] = self.replay.blocks(k)
+        if self.id_table is not None:
+            table = self.id_table
+            if len(table) <= i:
+                table.extend([None] * (i + 1 - len(table)))
+            table[i] = self.ids[k]
         self.submit(i)
