@@ -145,7 +145,7 @@ def _benchmark_class(log: RequestLog) -> tuple[dict, float]:
 # ----------------------------------------------------------------- fitting on request logs
 
 def fit_requests(replays: list[Replay], start: dict, replications: int = 3, seed: int = 1,
-                 max_evaluations: int = 160) -> tuple[dict, float, int]:
+                 rounds: int = 3, evaluations_per_round: int = 120) -> tuple[dict, float, int]:
     """Step-time coefficients and noise whose replays reproduce the logs' quantiles best.
 
     Returns (step_time, loss, evaluations); the loss is the mean squared log-ratio of simulated
@@ -168,11 +168,16 @@ def fit_requests(replays: list[Replay], start: dict, replications: int = 3, seed
                     count += 1
         return total / max(count, 1)
 
-    x0 = np.log([max(start[n], 1e-9) for n in names])
-    result = minimize(loss, x0, method="Nelder-Mead",
-                      options={"maxfev": max_evaluations, "xatol": 0.01, "fatol": 1e-6,
-                               "initial_simplex": _simplex(x0)})
-    return dict(zip(names, np.exp(result.x).tolist())), float(result.fun), evaluations
+    x = np.log([max(start[n], 1e-9) for n in names])
+    best = math.inf
+    for _ in range(rounds):  # a fresh simplex around the best point so far: Nelder-Mead stalls otherwise
+        result = minimize(loss, x, method="Nelder-Mead",
+                          options={"maxfev": evaluations_per_round, "xatol": 0.01, "fatol": 1e-7,
+                                   "initial_simplex": _simplex(x)})
+        if result.fun >= best * (1 - 1e-3):
+            break
+        x, best = result.x, float(result.fun)
+    return dict(zip(names, np.exp(x).tolist())), best, evaluations
 
 
 def _simplex(x0: np.ndarray) -> np.ndarray:
@@ -194,6 +199,8 @@ def first_guess(logs: list[RequestLog]) -> dict:
         if log.arrival is not None and log.finished.sum() > 1:
             span = np.ptp(log.arrival) + np.nanmax(log.e2e)
             batch.append(np.nansum(log.e2e) / max(span, 1e-9))
+        elif log.max_concurrency:
+            batch.append(log.max_concurrency)
     batch_mean = max(float(np.mean(batch)) if batch else 1.0, 1.0)
     return {"base_s": 0.7 * tpot, "per_decode_seq_s": 0.3 * tpot / batch_mean,
             "per_prefill_token_s": max(ttft - tpot, 0.1 * tpot) / max(prompt, 1.0), "noise_cv": 0.1}
