@@ -47,7 +47,7 @@ def test_every_summary_key_is_documented_in_the_readme(capsys):
         summary = run_json(capsys, path, "--set", "simulation.duration_s=300", "--set", "simulation.warmup_s=0")
         for key in summary:
             generic = re.sub(r"_ci95_(low|high)$", "", key)
-            generic = re.sub(r"^(utilisation|batch_mean|offered_utilisation)_.+$", r"\1_<endpoint>", generic)
+            generic = re.sub(r"^(utilisation|batch_mean|offered_utilisation|step_times)_.+$", r"\1_<endpoint>", generic)
             generic = re.sub(r"^(queue_wait|ttft|e2e|tpot)_(mean|p50|p90|p95|p99|p999)_s$", r"<measure>_\2_s",
                              generic)
             generic = re.sub(r"^(cold|warm)_(ttft|e2e)_(mean|p50|p95|p99)_s$", r"<window>_<measure>_\3_s", generic)

@@ -39,10 +39,10 @@ def test_more_replicas_lower_p99_latency_and_cost_more(more_replicas):
     p99 = table.loc["e2e_p99_s"]
     assert p99["significant"] and p99["diff_ci95_low"] <= p99["diff"] <= p99["diff_ci95_high"] < 0
     assert p99["verdict"] == "B lower (better)"
-    # Replica-hours are not random: 3 x $3/h against 2 x $3/h in every replication.
+    # Replica-hours are not random: 3 x $2.99/h (the catalog's H100) against 2 x $2.99/h in every replication.
     hour = table.loc["cost_per_hour_usd"]
-    assert (hour["a"], hour["b"], hour["diff"]) == (6.0, 9.0, 3.0)
-    assert hour["diff_ci95_low"] == hour["diff_ci95_high"] == 3.0
+    assert (hour["a"], hour["b"], hour["diff"]) == pytest.approx((5.98, 8.97, 2.99), abs=1e-12)
+    assert hour["diff_ci95_low"] == pytest.approx(2.99, abs=1e-12) == hour["diff_ci95_high"]
     assert hour["rel_ci95_low"] == pytest.approx(0.5) and hour["rel_ci95_high"] == pytest.approx(0.5)
     assert "p99 e2e -" in more_replicas.verdict and "cost/hour +50%" in more_replicas.verdict
 
@@ -84,7 +84,7 @@ def test_cli_table_and_summary(capsys, three_replicas):
     lines = out.splitlines()
     assert lines[0] == f"A  {CHAT}" and lines[1] == f"B  {three_replicas}"
     row = next(line for line in lines if line.startswith("cost_per_hour_usd"))
-    assert row.split() == ["cost_per_hour_usd", "$6.00", "$9.00", "+$3.00", "[+$3.00,", "+$3.00]", "+50%",
+    assert row.split() == ["cost_per_hour_usd", "$5.98", "$8.97", "+$2.99", "[+$2.99,", "+$2.99]", "+50%",
                            "B", "higher", "(worse)"]
     ttft = next(line for line in lines if line.startswith("ttft_p50_s"))
     assert ttft.count(" ms") == 3  # medians of ~50 ms and their difference in milliseconds

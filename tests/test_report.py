@@ -270,7 +270,8 @@ def test_report_describes_what_was_simulated(report):
     md, _ = report
     section = md.split("## What was simulated")[1].split("## Capacity")[0]
     for text in ("chat-selfhosted", "Poisson, 5.50 req/s", "lognormal median 1020, p95 4083 tokens",
-                 "2 replica(s) x max batch 256", "$3.00/h per replica", "Seed 1, 3 replication(s) per point",
+                 "2 replica(s) x max batch 256", "$3.00/h per GPU", "step times: typed in",
+                 "Seed 1, 3 replication(s) per point",
                  "600 s of arrivals", "warm-up 60 s", "`models.llama8b.replicas`: 1, 2",
                  "`traffic.rate_scale`: 0.5, 1, 1.5, 2", "`ttft_p95_s` ≤ 1 s", "8 points"):
         assert text in section, text

@@ -217,5 +217,6 @@ def test_offered_utilisation_counts_the_context_terms_and_slow_episodes():
     assert low <= offered <= high
     # Each term moves it: without them the same traffic offers clearly less.
     plain = sim.run(root / "workloads/chat-selfhosted.yaml", replications=1, overrides=[
-        "traffic.rate_scale=3", "simulation.duration_s=200", f"{st}.per_decode_seq_s=0.00002"]).summary
+        "traffic.rate_scale=3", "simulation.duration_s=200", f"{st}.per_decode_seq_s=0.00002",
+        f"{st}.per_kv_token_s=0", f"{st}.per_prefill_attention_s=0"]).summary
     assert offered > 1.2 * plain["offered_utilisation_llama8b"]

@@ -31,6 +31,12 @@ class RunResult:
     what the replications found (each line once, in order)."""
 
 
+def step_time_sources(workload: Workload) -> dict[str, str]:
+    """Where each engine endpoint's step-time coefficients come from (they hold for one host and setup)."""
+    return {name: model.engine.coefficients_source() for name, model in workload.models.items()
+            if getattr(model, "engine", None) is not None}
+
+
 def workload_warnings(workload: Workload) -> list[str]:
     """Problems a workload has that are not errors (one line each, the config path first).
 
@@ -102,6 +108,7 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
     shares = {k[len("stage_"):-len("_share")]: v for k, v in summary.items() if k.startswith("stage_") and k.endswith("_share")}
     if shares:  # the stage to fix first: the largest share of mean latency
         summary["bottleneck_stage"] = max(shares, key=shares.get)
+    summary.update({f"step_times_{name}": source for name, source in step_time_sources(workload).items()})
     requests = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     series = pd.concat(series_frames, ignore_index=True) if series_frames else pd.DataFrame()
     book = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame()

@@ -22,7 +22,7 @@ from sim.metrics.summary import metric_names
 from .capacity import CapacityTask, cheapest, search_capacity
 from .executors import run_tasks
 from .progress import Progress
-from .run import run
+from .run import run, step_time_sources
 from .spec import LoadedExperiment, Point, axis_values, load_experiment, override, point_key
 from .store import ResultStore, read_json, write_json
 
@@ -200,6 +200,7 @@ def _describe(exp: LoadedExperiment, base) -> dict[str, Any]:
         "slo": {m: b.model_dump() for m, b in spec.slo.items()},
         "capacity": spec.capacity.model_dump() if spec.capacity else None,
         "workload": base.model_dump(mode="json", by_alias=True),
+        "step_times": step_time_sources(base),
         "warmup_s": base.simulation.warmup_s,
         "duration_s": base.simulation.duration_s,
         "started": _now(),

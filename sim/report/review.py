@@ -350,15 +350,18 @@ def _describe_class(name: str, c: dict, scale: float) -> str:
             f"output {_describe_distribution(c.get('output_tokens'), ' tokens')}{endpoint}")
 
 
-def _describe_model(name: str, m: dict) -> str:
+def _describe_model(name: str, m: dict, step_times: Optional[str] = None) -> str:
     if m.get("kind") == "api":
         return (f"model `{name}`: API, concurrency {m.get('concurrency')}, "
                 f"{fmt_usd(m.get('price_per_mtok_in', 0))} / {fmt_usd(m.get('price_per_mtok_out', 0))} "
                 "per million tokens in / out")
-    how = ("iteration-level engine" if m.get("engine")
+    engine = m.get("engine") or {}
+    gpus = int(engine.get("tensor_parallel") or 1)
+    how = (f"iteration-level engine, step times: {step_times or 'typed in'}" if engine
            else f"service time {_describe_distribution(m.get('service_time'), ' s')}")
+    price = fmt_usd(m.get("gpu_hourly_usd", 0)) + "/h per GPU" + (f" x {gpus} GPUs per replica" if gpus > 1 else "")
     return (f"model `{name}`: self-hosted, {m.get('replicas')} replica(s) x max batch {m.get('max_batch')}, "
-            f"{fmt_usd(m.get('gpu_hourly_usd', 0))}/h per replica, {how}")
+            f"{price}, {how}")
 
 
 def _describe_axis(values: Any) -> str:
@@ -379,7 +382,8 @@ def simulated(sweep: Sweep) -> list[str]:
     items += [_describe_class(n, c, scale) for n, c in (traffic.get("classes") or {}).items()]
     if _base_rps(exp) is not None:
         items.append(f"Today's load (load 1): {fmt_rps(_base_rps(exp))} offered")
-    items += [_describe_model(n, m) for n, m in (workload.get("models") or {}).items()]
+    items += [_describe_model(n, m, (exp.get("step_times") or {}).get(n))
+              for n, m in (workload.get("models") or {}).items()]
     warmup = exp.get("warmup_s")
     items.append(f"Seed {exp.get('seed')}, {exp.get('replications')} replication(s) per point, "
                  f"{format_value(exp.get('duration_s'))} s of arrivals each, warm-up "

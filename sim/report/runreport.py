@@ -183,7 +183,9 @@ def write_run_report(directory: Path) -> tuple[Path, Path]:
     figures += summary_figures(summary, directory / "figures", name)
     blocks = [Heading(1, f"Run report: {name}"), Para(_headline(summary), css="answer"),
               Bullets([f"{summary.get('replications')} replication(s) x {summary.get('duration_s')} s, "
-                       f"seed {summary.get('seed')}, warm-up {summary.get('warmup_s')} s"]),
+                       f"seed {summary.get('seed')}, warm-up {summary.get('warmup_s')} s"]
+                      + [f"Step times of `{key.removeprefix('step_times_')}`: {value}" for key, value in summary.items()
+                         if key.startswith("step_times_")]),
               Heading(2, "How requests ended"), _outcomes_table(summary),
               Heading(2, "Figures")]
     for fig in figures:

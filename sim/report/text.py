@@ -68,6 +68,8 @@ def format_summary(result) -> str:
             f"{ep:<20}{model.kind:<13}{servers:>8}{_value(s, f'utilisation_{ep}', '.3f'):>18}"
             f"{s[f'offered_utilisation_{ep}']:>10.3f}{_value(s, f'batch_mean_{ep}', '.2f'):>16}"
         )
+    # Step-time coefficients hold for one host and engine setup: say which.
+    lines += [f"step times {key.removeprefix('step_times_')}: {s[key]}" for key in s if key.startswith("step_times_")]
     lines += [
         "",
         f"cost       total ${_value(s, 'cost_total_usd', '.2f')}   per hour ${_value(s, 'cost_per_hour_usd', '.2f')}   "

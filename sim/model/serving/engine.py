@@ -27,6 +27,7 @@ over the batch is `context_base` + decoding x t, kept as sequences come and go.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from typing import Optional
 
@@ -91,11 +92,11 @@ class EngineReplica:
             v is not None for v in (calibrated.decode_seqs_max, calibrated.prefill_tokens_max, calibrated.kv_tokens_max))
         # Identical steps of fixed length between batch changes (no context terms, noise, episodes or
         # range check): the lean path most workloads take, with arithmetic kept to the bare minimum.
-        uniform = not self.kv_s and not self.attention_s and not self.track_peak
-        self.simple = uniform and self.clock.noise is None and self.clock.episodes is None
-        self.noisy = uniform and self.clock.noise is not None and self.clock.episodes is None
+        self.noise = self.clock.noise   # per-step noise (None: off)
+        self.slow = self.clock.episodes  # slow episodes and stalls (None: none)
+        self.simple = (not self.kv_s and not self.attention_s and not self.track_peak and self.noise is None
+                       and self.slow is None)
         self.track_context = bool(self.kv_s) or self.track_peak  # keep context_base (else it stays 0)
-        self.noise = self.clock.noise
         self.peak = [0, 0, 0]   # most decoding sequences, prefill tokens and context tokens in one step
         self.rec = recorder
         self.decoding: list[tuple[int, int]] = []   # heap of (finish step, request)
@@ -109,6 +110,7 @@ class EngineReplica:
         self.t0 = 0.0
         self.steps = 0
         self.s0 = 0.0           # nominal time of its first step
+        self.growth = 0.0       # how much longer each next step is (context terms)
         self.chunk = 0          # prefill tokens per step in this phase
         self.generation = 0     # bumped when a scheduled boundary is superseded
         self.cancelled = 0      # cancelled sequences still in the batch (they leave at the next boundary)
@@ -264,29 +266,33 @@ class EngineReplica:
 
     def _done_by(self, now: float) -> int:
         """Steps of the phase in flight completed by `now`."""
-        if self.simple:
-            return min(int((now - self.t0) / self.s0), self.steps) if self.s0 > 0 else self.steps
-        if self.noisy:
-            return self.clock.done_noisy(now - self.t0, self.steps, self.s0)
-        return self.clock.done_by(now - self.t0)
+        elapsed = now - self.t0
+        if self.slow is None and self.noise is None:
+            s0, d = self.s0, self.growth
+            if d == 0:
+                return min(int(elapsed / s0), self.steps) if s0 > 0 else self.steps
+            # The largest m with s0 m + d m (m - 1) / 2 <= elapsed: the quadratic's root, then rounding.
+            b = s0 - d / 2
+            m = min(int((math.sqrt(b * b + 2 * d * elapsed) - b) / d), self.steps)
+            if m > 0 and s0 * m + d * (m * (m - 1) / 2) > elapsed:
+                m -= 1
+            return m
+        if self.slow is None and self.growth == 0:
+            return self.clock.done_noisy(elapsed, self.steps, self.s0)
+        return self.clock.done_by(self.t0, elapsed, self.steps, self.s0, self.growth)
 
     def _cut_after_current_step(self, now: float) -> None:
         """End the decode-only phase at the end of the step in progress, so the new prompt joins the next one."""
-        if self.simple:
+        if self.simple:  # the lean path: identical steps of s0
             done = int((now - self.t0) / self.s0) if self.s0 > 0 else self.steps - 1
-        elif self.noisy:
-            done = self.clock.done_noisy(now - self.t0, self.steps, self.s0)
+            end = (done + 1) * self.s0
+        elif self.steps > 1:
+            done, end = self.clock.cut(self.t0, now - self.t0, self.steps, self.s0, self.growth)
         else:
-            done = self.clock.done_by(now - self.t0)
+            return
         if done + 1 < self.steps:
             self.steps = done + 1
             self.generation += 1
-            if self.simple:
-                end = self.steps * self.s0
-            elif self.noisy:
-                end = self.clock.end_noisy(self.steps, self.s0)
-            else:
-                end = self.clock.end_of(self.steps)
             call_later(self.env, max(0.0, self.t0 + end - now), self._boundary, self.generation)
 
     def _wake(self, event) -> None:
@@ -326,71 +332,75 @@ class EngineReplica:
             self._work_rate = 0.0
             return
         s0 = self.base_s + self.decode_s * n_decode + self.prefill_s * prefill
+        steps = self.steps
         if self.simple:
             self.s0 = s0
             self._work_rate = (self.prefill_s * prefill + self.decode_work_s * n_decode) / s0 if s0 > 0 else 0.0
-            duration = self.steps * s0
-        elif self.noisy:  # StepClock.plan for steps of one nominal length with noise, inlined (it is common)
-            self.s0 = s0
-            steps = self.steps
+            duration = steps * s0
+        else:
+            # Context terms, noise, slow time: the phase's steps grow by `growth` each; without slow time,
+            # StepClock.start's arithmetic is done here (this runs for every phase: a call costs).
+            growth = 0.0
+            kv_s = self.kv_s
+            if kv_s:  # every decoding sequence's context grows by a token a step
+                s0 += kv_s * (self.context_base + n_decode * self.step)
+                growth = kv_s * n_decode
+            if prefill and self.attention_s:
+                s0, growth = self._with_attention(s0, growth, prefill)
             if steps > MAX_STRETCH:
                 steps = self.steps = MAX_STRETCH  # the noise block's reach; the boundary plans the rest
-            noise, clock = self.noise, self.clock
-            at = clock.position - noise.first
-            if at + steps >= len(noise.cum):
-                at = noise.window(clock.position, steps)
-            clock.at = at
-            cum = noise.cum
-            duration = s0 * (cum[at + steps] - cum[at])
-            work = (self.prefill_s * prefill + self.decode_work_s * n_decode) * steps
-            self._work_rate = work / duration if duration > 0 else 0.0
-        else:
-            duration = self._plan(now, s0, n_decode, prefill)
+            self.s0 = s0
+            self.growth = growth
+            if self.track_peak:
+                self._track_peak(n_decode, prefill, steps)
+            grown = growth * (steps * (steps - 1) / 2) if growth else 0.0
+            noise = self.noise
+            if self.slow is not None:
+                duration = self.clock.start(now, steps, s0, growth)
+            elif noise is None:
+                duration = s0 * steps + grown
+            else:
+                clock = self.clock
+                at = clock.position - noise.first
+                if at + steps >= len(noise.cum):
+                    at = noise.window(clock.position, steps)
+                clock.at = at
+                cum = noise.cum
+                g = cum[at + steps] - cum[at]
+                duration = s0 * g + growth * (noise.wcum[at + steps] - noise.wcum[at] - at * g) if growth else s0 * g
+            # Work in full-batch seconds: a step's nominal time less its base, plus the decoding
+            # sequences' shares of a full batch's base.
+            work = (s0 - self.base_s + self.base_share_s * n_decode) * steps + grown
+            self._work_rate = work * self.work_scale / duration if duration > 0 else 0.0
         self.t0 = now
         self.generation += 1
         call_later(self.env, duration, self._boundary, self.generation)
 
-    def _plan(self, now: float, s0: float, n_decode: int, prefill: int) -> float:
-        """The phase's duration with the context terms, noise and slow episodes; sets its work rate."""
-        growth = 0.0
-        if self.kv_s:  # every decoding sequence's context grows by a token a step
-            s0 += self.kv_s * (self.context_base + n_decode * self.step)
-            growth = self.kv_s * n_decode
-        if self.attention_s and prefill:
-            pairs, pairs_growth = self._attention_pairs(prefill)
-            s0 += self.attention_s * pairs
-            growth += self.attention_s * pairs_growth
-        if self.steps > MAX_STRETCH:
-            self.steps = MAX_STRETCH  # the noise block's reach; the boundary plans the rest
-        steps = self.steps
-        self.s0 = s0
-        if self.track_peak:
-            self._track_peak(n_decode, prefill, steps)
-        # Work in full-batch seconds: a step's nominal time less its base, plus the decoding
-        # sequences' shares of a full batch's base.
-        work = (s0 - self.base_s + self.base_share_s * n_decode) * steps + growth * (steps * (steps - 1) / 2)
-        duration = self.clock.plan(now, steps, s0, growth)
-        self._work_rate = work * self.work_scale / duration if duration > 0 else 0.0
-        return duration
+    def _with_attention(self, s0: float, growth: float, prefill: int) -> tuple[float, float]:
+        """The phase's first step and growth with prefill attention: a chunk of c tokens after p already in
+        the cache attends to c x (p + (c + 1) / 2) pairs; a PREFILL phase's chunk moves along its prompt,
+        c^2 more pairs each step."""
+        head = self.prefilling[0]
+        if self.phase == PREFILL or head[1] >= prefill:  # one chunk, of the head prompt
+            s0 += self.attention_s * prefill * (self.rec.prompt[head[0]] - head[1] + (prefill + 1) / 2)
+            if self.phase == PREFILL:
+                growth += self.attention_s * prefill * prefill
+            return s0, growth
+        return s0 + self.attention_s * self._attention_pairs(prefill), growth
 
-    def _attention_pairs(self, prefill: int) -> tuple[float, float]:
-        """Prefill attention pairs of the phase's first step, and their growth per step.
+    def _attention_pairs(self, prefill: int) -> float:
+        """Prefill attention pairs of a step whose `prefill` tokens span several prompts (FIFO).
 
-        A chunk of c tokens after p already in the cache attends to c x (p + (c + 1) / 2) pairs;
-        in a PREFILL phase the head's chunk moves along its prompt, so that grows by c^2 a step.
+        A chunk of c tokens after p already in the cache attends to c x (p + (c + 1) / 2) pairs.
         """
-        prompt, pairs = self.rec.prompt, 0.0
-        if self.phase == PREFILL:
-            i, left = self.prefilling[0]
-            return prefill * (prompt[i] - left + (prefill + 1) / 2), float(prefill * prefill)
-        room = prefill
+        prompt, pairs, room = self.rec.prompt, 0.0, prefill
         for i, left in self.prefilling:
             chunk = min(left, room)
             pairs += chunk * (prompt[i] - left + (chunk + 1) / 2)
             room -= chunk
             if room <= 0:
                 break
-        return pairs, 0.0
+        return pairs
 
     def _track_peak(self, n_decode: int, prefill: int, steps: int) -> None:
         """The most decoding sequences, prefill tokens and context tokens of any step (calibrated-range check)."""
@@ -404,11 +414,16 @@ class EngineReplica:
         if event.value != self.generation:
             return  # superseded by a cut
         now = self.env._now
-        self._account(now)
+        if self.load:  # _account(now), inlined: once per phase
+            elapsed = now - self._last
+            self._busy_time += elapsed
+            self._area += self.load * elapsed
+            self._work += self._work_rate * elapsed
+        self._last = now
         phase, self.phase = self.phase, BOUNDARY
         step = self.step + self.steps
         self.step = step
-        if not self.simple:
+        if self.noise is not None:
             self.clock.position += self.steps  # the noise of the steps done is spent
         if phase == PREFILL:
             self.prefilling[0][1] -= self.steps * self.chunk
@@ -426,7 +441,8 @@ class EngineReplica:
                 self._complete(heapq.heappop(decoding)[1], now)
         if self.cancelled:
             self._purge()
-        self.endpoint.refill(self)
+        if self.endpoint.waiting:
+            self.endpoint.refill(self)
         self._start_phase(now)
 
     def _finish_prompts(self, now: float, step: int) -> None:

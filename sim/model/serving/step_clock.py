@@ -165,8 +165,10 @@ def _merged(stalls: Sequence[Stall]) -> list[tuple[float, float]]:
 class StepClock:
     """Durations of one replica's stretches of steps, with its noise and slow episodes.
 
-    `plan` starts a stretch; `done_by` and `end_of` read it. Before the next `plan`, the
-    engine adds the steps that happened (all, or fewer when it was cut) to `position`.
+    A stretch is n steps, the k-th of nominal time s0 + d x k, from `position` (the steps
+    of the replica's life before it, which index the noise). The engine keeps n, s0 and d
+    and passes them in; it calls `start` when a stretch begins, and adds the steps that
+    happened (all, or fewer when it was cut) to `position` before the next one.
     """
 
     def __init__(self, st: StepTime, noise_rng: Optional[np.random.Generator],
@@ -175,34 +177,76 @@ class StepClock:
         self.noise = StepNoise(st.noise_cv, noise_rng, grows) if st.noise_cv > 0 and noise_rng is not None else None
         self.episodes = (SlowTime(st.slow_episodes, episode_rng, st.stalls)
                          if (st.slow_episodes is not None and episode_rng is not None) or st.stalls else None)
-        self.position = 0   # steps of the replica's life before the current stretch (the noise index)
-        self.t0 = 0.0
-        self.n = 0
-        self.s0 = 0.0
-        self.d = 0.0
+        self.position = 0
         self.at = 0         # the stretch's first step within the noise block
 
-    def plan(self, t0: float, n: int, s0: float, d: float) -> float:
-        """Start a stretch of n steps (nominal s0 + d x k) at t0; returns its wall duration."""
-        self.t0 = t0
-        self.n = n
-        self.s0 = s0
-        self.d = d
+    def start(self, t0: float, n: int, s0: float, d: float) -> float:
+        """Begin a stretch at t0; returns its wall duration."""
         noise = self.noise
-        if noise is None:
-            work = s0 * n if d == 0 else s0 * n + d * (n * (n - 1) / 2)
-        else:  # the work of _work(n), inlined: this runs once per phase
+        if noise is not None:
             at = self.position - noise.first
-            if at + n >= len(noise.cum):
-                at = noise.window(self.position, n)
-            self.at = at
-            cum = noise.cum
-            g = cum[at + n] - cum[at]
-            work = s0 * g if d == 0 else s0 * g + d * (noise.wcum[at + n] - noise.wcum[at] - at * g)
+            self.at = at if at + n < len(noise.cum) else noise.window(self.position, n)
+        work = self.work(n, s0, d)
         if self.episodes is None:
             return work
         self.episodes.forget_before(t0)
         return self.episodes.wall(t0, work)
+
+    def work(self, m: int, s0: float, d: float) -> float:
+        """Noisy nominal time of the stretch's first m steps (before any slow episode or stall)."""
+        noise = self.noise
+        if noise is None:
+            return s0 * m if d == 0 else s0 * m + d * (m * (m - 1) / 2)
+        a, b = self.at, self.at + m
+        g = noise.cum[b] - noise.cum[a]
+        if d == 0:
+            return s0 * g
+        # sum over k < m of (s0 + d k) g[a + k], with k = i - a
+        return s0 * g + d * (noise.wcum[b] - noise.wcum[a] - a * g)
+
+    def end_of(self, t0: float, m: int, s0: float, d: float) -> float:
+        """Wall time from the stretch's start to the end of its m-th step."""
+        work = self.work(m, s0, d)
+        return self.episodes.wall(t0, work) if self.episodes is not None else work
+
+    def done_by(self, t0: float, elapsed: float, n: int, s0: float, d: float) -> int:
+        """Steps of the stretch completed `elapsed` seconds after its start t0 (at most n)."""
+        work = self.episodes.work(t0, elapsed) if self.episodes is not None else elapsed
+        if s0 <= 0:
+            return n
+        noise = self.noise
+        if noise is None:
+            m = min(int(work / s0), n)
+        else:  # ignoring the growth gives an upper bound: the steps are at least s0 x g long
+            a, cum = self.at, noise.cum
+            m = min(bisect_right(cum, cum[a] + work / s0, a, a + n + 1) - 1 - a, n)
+            if d == 0 and self.episodes is None:
+                return m  # exact already (up to rounding, which the boundary's max(0, ...) absorbs)
+        # m is an upper bound (steps only grow); the growth term may take it a step or two back. (Rounding
+        # may leave it one short when `elapsed` falls exactly on a step's end: the cut then lands there.)
+        while m > 0 and self.work(m, s0, d) > work:
+            m -= 1
+        return m
+
+    def cut(self, t0: float, elapsed: float, n: int, s0: float, d: float) -> tuple[int, float]:
+        """(steps done by `elapsed`, time from t0 to the end of the step then in progress), in one call.
+
+        What a cut needs (`done_by`, then `end_of` one step further), with the common case (noise,
+        no slow time) worked out inline: a cut comes with most arrivals.
+        """
+        noise = self.noise
+        if noise is None or self.episodes is not None or s0 <= 0:
+            m = min(self.done_by(t0, elapsed, n, s0, d), n - 1)
+            return m, self.end_of(t0, m + 1, s0, d)
+        a, cum = self.at, noise.cum
+        m = min(bisect_right(cum, cum[a] + elapsed / s0, a, a + n + 1) - 1 - a, n - 1)
+        if d == 0:
+            return m, s0 * (cum[a + m + 1] - cum[a])
+        wcum = noise.wcum
+        while m > 0 and s0 * (cum[a + m] - cum[a]) + d * (wcum[a + m] - wcum[a] - a * (cum[a + m] - cum[a])) > elapsed:
+            m -= 1
+        g = cum[a + m + 1] - cum[a]
+        return m, s0 * g + d * (wcum[a + m + 1] - wcum[a] - a * g)
 
     def done_noisy(self, elapsed: float, n: int, s0: float) -> int:
         """`done_by` for n steps of nominal s0 each, noise on, no slow episodes (the engine plans those itself)."""
@@ -211,44 +255,6 @@ class StepClock:
         return min(bisect_right(cum, cum[a] + elapsed / s0, a, a + n + 1) - 1 - a, n) if s0 > 0 else n
 
     def end_noisy(self, m: int, s0: float) -> float:
-        """`end_of` for n steps of nominal s0 each, noise on, no slow episodes."""
+        """`end_of` for steps of nominal s0 each, noise on, no slow episodes."""
         cum = self.noise.cum
         return s0 * (cum[self.at + m] - cum[self.at])
-
-    def _work(self, m: int) -> float:
-        """Noisy nominal time of the stretch's first m steps (before any slow episode)."""
-        noise = self.noise
-        if noise is None:
-            return self.s0 * m if self.d == 0 else self.s0 * m + self.d * (m * (m - 1) / 2)
-        a, b = self.at, self.at + m
-        g = noise.cum[b] - noise.cum[a]
-        if self.d == 0:
-            return self.s0 * g
-        # sum over k < m of (s0 + d k) g[a + k], with k = i - a
-        return self.s0 * g + self.d * (noise.wcum[b] - noise.wcum[a] - a * g)
-
-    def end_of(self, m: int) -> float:
-        """Wall time from the stretch's start to the end of its m-th step."""
-        work = self._work(m)
-        return self.episodes.wall(self.t0, work) if self.episodes is not None else work
-
-    def done_by(self, elapsed: float) -> int:
-        """Steps of the stretch completed `elapsed` seconds after its start (at most n)."""
-        work = self.episodes.work(self.t0, elapsed) if self.episodes is not None else elapsed
-        if self.s0 <= 0 and self.d <= 0:
-            return self.n
-        noise = self.noise
-        if noise is None:
-            m = min(int(work / self.s0), self.n) if self.s0 > 0 else self.n
-        else:  # ignoring the growth gives an upper bound: the steps are at least s0 x g long
-            a = self.at
-            m = min(bisect_right(noise.cum, noise.cum[a] + work / self.s0, a, a + self.n + 1) - 1 - a, self.n) \
-                if self.s0 > 0 else self.n
-            if self.d == 0 and self.episodes is None:
-                return m  # exact already (up to rounding, which the boundary's max(0, ...) absorbs)
-        while m > 0 and self._work(m) > work:  # the growth term (and rounding) may take a step back
-            m -= 1
-        while m < self.n and self._work(m + 1) <= work:
-            m += 1
-        return m
-
