@@ -335,15 +335,6 @@ def test_a_config_json_path_is_read_relative_to_the_workload(tmp_path):
     assert w.models["m"].engine.roofline.model.experts == 8
 
 
-def test_the_readme_catalog_example_validates():
-    readme = (ROOT / "README.md").read_text()
-    example = next(b for b in re.findall(r"^```yaml\n(.*?)^```", readme, re.S | re.M) if "gpu: h100-sxm" in b)
-    data = workload({})
-    data["models"] = yaml.safe_load(example)["models"]
-    m = Workload.model_validate(data).models["llama70b"]
-    assert m.gpus_per_replica == 4 and m.engine.step_time.noise_cv == 0.05
-
-
 # --------------------------------------------------------------------------- CLI
 
 

@@ -9,6 +9,7 @@ TPOT and end-to-end quantiles are compared (the in-sample check).
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -50,7 +51,9 @@ class Calibration:
     def to_yaml(self) -> str:
         """The engine block as YAML, with what it rests on as comments above it."""
         lines = [f"# llmsim calibrate {' '.join(Path(f).name for f in self.files)}"]
-        lines += [f"# {line}" if line else "#" for line in self.report()]
+        for line in self.report():  # paragraphs wrapped; the check's table lines kept as they are
+            wrapped = textwrap.wrap(line, 100, subsequent_indent="  ") if not line.startswith(" ") else [line]
+            lines += [f"# {part}" for part in wrapped] or ["#"]
         body = yaml.safe_dump({"engine": _rounded(self.engine)}, sort_keys=False, width=110)
         return "\n".join(lines) + "\n" + body
 
@@ -59,8 +62,8 @@ class Calibration:
         lines = list(self.notes)
         fit = self.step_fit
         if fit is not None:
-            lines.append("95% intervals (moving-block bootstrap over steps): " + ", ".join(
-                f"{k} [{_num(lo)}, {_num(hi)}]" for k, (lo, hi) in fit.intervals.items()))
+            lines.append("95% intervals (moving-block bootstrap over steps):")
+            lines += [f"  {k} [{_num(lo)}, {_num(hi)}]" for k, (lo, hi) in fit.intervals.items()]
             for row in fit.check:
                 lines.append(f"steps of {row['run']}: {row['steps']} measured mean {row['measured_mean_s'] * 1e3:.2f} ms, "
                              f"model {row['model_mean_s'] * 1e3:.2f} ms (noise and episodes included)")
@@ -138,7 +141,7 @@ def _fit_on_requests(result: Calibration, logs: list[RequestLog], max_batch: int
                      f"{len(logs)} log(s) by simulation: RMS log-error of TTFT, TPOT and e2e p50/p90/p99 "
                      f"{math.sqrt(loss):.1%} ({evaluations} candidate blocks tried).",
                      "No intervals: give a step log for coefficients with 95% intervals.",
-                     *_host_note()]
+                     _host_note()]
     return step_time
 
 
@@ -155,7 +158,7 @@ def _check(log: RequestLog, engine: dict, max_batch: int, replications: int, see
 
 def _step_notes(fit: StepFit, logs: list[StepLog]) -> list[str]:
     runs = ", ".join(f"{label} {n:,}" for label, n in fit.runs.items())
-    notes = [f"Fitted on {fit.steps:,} steps ({runs}) by non-negative least squares.", *_host_note()]
+    notes = [f"Fitted on {fit.steps:,} steps ({runs}) by non-negative least squares.", _host_note()]
     if fit.episodes is not None:
         e = fit.episodes
         notes.append(f"Slow episodes: x{e['multiplier']:.2f} for {e['mean_duration_s']:.2f} s about every "
@@ -173,9 +176,9 @@ def _step_notes(fit: StepFit, logs: list[StepLog]) -> list[str]:
     return notes
 
 
-def _host_note() -> list[str]:
-    return ["These coefficients belong to the measured host and engine configuration (GPU, model, engine and its",
-            "version, batch budget): they do not carry over to another one."]
+def _host_note() -> str:
+    return ("These coefficients belong to the measured host and engine configuration (GPU, model, engine and its "
+            "version, batch budget): they do not carry over to another one.")
 
 
 def _source(logs, what: str) -> str:

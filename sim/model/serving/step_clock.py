@@ -235,9 +235,18 @@ class StepClock:
         no slow time) worked out inline: a cut comes with most arrivals.
         """
         noise = self.noise
-        if noise is None or self.episodes is not None or s0 <= 0:
+        if self.episodes is not None or s0 <= 0:
             m = min(self.done_by(t0, elapsed, n, s0, d), n - 1)
             return m, self.end_of(t0, m + 1, s0, d)
+        if noise is None:  # the largest m with s0 m + d m (m - 1) / 2 <= elapsed: the quadratic's root
+            if d == 0:
+                m = min(int(elapsed / s0), n - 1)
+                return m, (m + 1) * s0
+            b = s0 - d / 2
+            m = min(int((math.sqrt(b * b + 2 * d * elapsed) - b) / d), n - 1)
+            if m > 0 and s0 * m + d * (m * (m - 1) / 2) > elapsed:
+                m -= 1
+            return m, s0 * (m + 1) + d * ((m + 1) * m / 2)
         a, cum = self.at, noise.cum
         m = min(bisect_right(cum, cum[a] + elapsed / s0, a, a + n + 1) - 1 - a, n - 1)
         if d == 0:
