@@ -434,7 +434,7 @@ def _tokens_per_gpu(rec: Recorder, workload: Workload, counters: dict, start: fl
     engines = engine_endpoints(workload)
     if not engines:
         return {}
-    gpu_seconds = sum(counters[name][3] * getattr(workload.models[name], "gpus_per_replica", 1) for name in engines)
+    gpu_seconds = sum(counters[name][3] * workload.models[name].gpus_per_replica for name in engines)
     calls = rec.calls if rec.calls is not None else rec
     paid, made = billed(calls)
     index = [k for k, name in enumerate(workload.models) if name in engines]

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import yaml
 
 from .logs import LogError, RequestLog, StepLog, read_logs
-from .replay import MEASURES, QUANTILES, fit_requests, first_guess, measured, prepare, quantiles
+from .replay import MEASURES, QUANTILES, first_guess, fit_requests, measured, prepare, quantiles
 from .steps import STALL_RATIO, StepFit, fit_steps
 
 __all__ = ["Calibration", "LogError", "calibrate"]
@@ -134,7 +134,7 @@ def _fit_on_requests(result: Calibration, logs: list[RequestLog], max_batch: int
                for log in logs]
     start = first_guess(logs)
     say(f"fitting on {len(logs)} request log(s) by simulation (a few hundred replays)")
-    step_time, loss, evaluations = fit_requests(replays, start, seed=seed)
+    step_time, loss, evaluations = fit_requests(replays, start, seed=seed, progress=say)
     step_time["calibrated"] = {"source": _source(logs, "request logs") + " (simulation-based fit)"}
     result.request_fit = {"loss": loss, "evaluations": evaluations, "start": start}
     result.notes += [f"Fitted on {sum(int(log.finished.sum()) for log in logs)} requests of "
@@ -169,7 +169,8 @@ def _step_notes(fit: StepFit, logs: list[StepLog]) -> list[str]:
                      + ".")
     if fit.stalls:
         total = sum(d for _, _, d, _ in fit.stalls)
-        shown = ", ".join(f"{run + ' ' if run else ''}at {t:.1f} s ({d:.2f} s)" for run, t, d, _ in fit.stalls[:6])
+        shown = ", ".join(f"{run + ' ' if run else ''}{f'at {t:.1f} s ' if math.isfinite(t) else ''}({d:.2f} s)"
+                          for run, t, d, _ in fit.stalls[:6])
         notes.append(f"{len(fit.stalls)} stall(s) over {STALL_RATIO:g}x the model left out of the fit "
                      f"({total:.2f} s in all): {shown}{' ...' if len(fit.stalls) > 6 else ''}; a replay of the same "
                      "run puts them back.")

@@ -17,7 +17,7 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from scipy.optimize import minimize
@@ -145,7 +145,8 @@ def _benchmark_class(log: RequestLog) -> tuple[dict, float]:
 # ----------------------------------------------------------------- fitting on request logs
 
 def fit_requests(replays: list[Replay], start: dict, replications: int = 3, seed: int = 1,
-                 rounds: int = 3, evaluations_per_round: int = 120) -> tuple[dict, float, int]:
+                 rounds: int = 3, evaluations_per_round: int = 120,
+                 progress: Optional[Callable[[str], None]] = None) -> tuple[dict, float, int]:
     """Step-time coefficients and noise whose replays reproduce the logs' quantiles best.
 
     Returns (step_time, loss, evaluations); the loss is the mean squared log-ratio of simulated
@@ -177,6 +178,8 @@ def fit_requests(replays: list[Replay], start: dict, replications: int = 3, seed
         if result.fun >= best * (1 - 1e-3):
             break
         x, best = result.x, float(result.fun)
+        if progress is not None:
+            progress(f"{evaluations} candidate blocks tried, RMS log-error {math.sqrt(best):.1%}")
     return dict(zip(names, np.exp(x).tolist())), best, evaluations
 
 

@@ -43,7 +43,7 @@ from .block_cache import BlockCache
 from .endpoint import Endpoint
 from .step_clock import MAX_STRETCH, StepClock
 
-# Phases: what the stretch of identical steps in flight is doing.
+# Phases: what the stretch of steps in flight is doing.
 IDLE = 0
 DECODE = 1      # decoding only: a new request changes the very next step
 PREFILL = 2     # the head prompt absorbs the whole prefill budget of every step
@@ -90,10 +90,10 @@ class EngineReplica:
         calibrated = st.calibrated
         self.track_peak = calibrated is not None and any(
             v is not None for v in (calibrated.decode_seqs_max, calibrated.prefill_tokens_max, calibrated.kv_tokens_max))
-        # Identical steps of fixed length between batch changes (no context terms, noise, episodes or
-        # range check): the lean path most workloads take, with arithmetic kept to the bare minimum.
         self.noise = self.clock.noise   # per-step noise (None: off)
         self.slow = self.clock.episodes  # slow episodes and stalls (None: none)
+        # Identical steps of fixed length between batch changes (no context terms, noise, slow time or
+        # range check): the lean path, with the arithmetic kept to the bare minimum.
         self.simple = (not self.kv_s and not self.attention_s and not self.track_peak and self.noise is None
                        and self.slow is None)
         self.track_context = bool(self.kv_s) or self.track_peak  # keep context_base (else it stays 0)

@@ -19,9 +19,9 @@ stretch's noisy nominal time maps to wall time through that schedule, and back.
 """
 from __future__ import annotations
 
+import math
 from array import array
 from bisect import bisect_right
-import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -262,8 +262,3 @@ class StepClock:
         a = self.at
         cum = self.noise.cum
         return min(bisect_right(cum, cum[a] + elapsed / s0, a, a + n + 1) - 1 - a, n) if s0 > 0 else n
-
-    def end_noisy(self, m: int, s0: float) -> float:
-        """`end_of` for steps of nominal s0 each, noise on, no slow episodes."""
-        cum = self.noise.cum
-        return s0 * (cum[self.at + m] - cum[self.at])
