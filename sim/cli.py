@@ -1,12 +1,16 @@
 """The `llmsim` command: a thin layer over plain Python functions.
 
 Exit codes: 0 ok, 2 bad input (one line per problem, no traceback), 1 internal error,
-3 a sweep finished but some of its points failed.
+3 a sweep finished but some of its points failed, 141 standard output closed early
+(`llmsim schema | head`: nothing is printed about it).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,6 +19,7 @@ from sim.config.loader import ConfigError, load_workload
 from sim.report.text import json_safe
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_POINTS_FAILED = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what the shell shows for a program whose reader stopped (`| head`)
 
 
 def _whole_number(minimum: int):
@@ -57,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write requests, replications, timeseries and ledger (.parquet) and summary.json here")
     p.add_argument("--warm", action="store_true",
                    help="start warm: replicas loaded, connections open (same as --set simulation.warm=true)")
+    p.add_argument("--force", action="store_true",
+                   help="run even when the work estimate is over the limit (see simulation.max_requests)")
 
     p = sub.add_parser("sweep", help="run an experiment: every point, saved as it finishes; capacity search")
     p.add_argument("experiment", help="experiment YAML file")
@@ -68,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="keep finished points in --out and run the rest")
     p.add_argument("--report", action="store_true", help="write report.md and report.html when done")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--force", action="store_true",
+                   help="run even when the work estimate is over the limit (see simulation.max_requests)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every point's values and estimate the work; run nothing, write nothing")
 
     p = sub.add_parser("report", help="write the capacity-review report and figures of a sweep folder")
     p.add_argument("dir", type=Path, metavar="DIR", help="folder written by llmsim sweep")
@@ -91,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a field in both workloads (repeatable)")
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    p.add_argument("--force", action="store_true", help="run even when the work estimate is over the limit")
 
     p = sub.add_parser("fit-traffic", help="fit an arrival process and token distributions to a request trace")
     p.add_argument("trace", metavar="TRACE", help="trace file (Azure CSV, Mooncake JSONL, or a CSV with --columns)")
@@ -134,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; its exit code (see the module docstring)."""
+    try:
+        code = _run_command(argv)
+        sys.stdout.flush()  # a reader gone away (`| head`) shows here rather than as noise at exit
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _run_command(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -143,21 +166,64 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("llmsim: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # an internal error: say so in one line, with where to look
-        print(f"llmsim: internal error: {type(err).__name__}: {err} (please report it with the workload)",
-              file=sys.stderr)
-        return EXIT_INTERNAL
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        if not _refused_by_the_system(err):
+            return _internal_error(err)
+        # A path the system refuses (no room, no permission, a name too long...) is the
+        # user's to fix; the commands check their own paths, this catches the rest.
+        where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+        print(f"{where}: {err.strerror}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as err:
+        return _internal_error(err)
+
+
+def _internal_error(err: BaseException) -> int:
+    """A bug in llmsim: say so in one line, with how to report it."""
+    what = re.sub(r"\s+", " ", str(err)).strip()
+    print(f"llmsim: internal error: {type(err).__name__}: {what} (a bug in llmsim: please report it with the "
+          "command line and the input files)", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+_SYSTEM_REFUSALS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                    errno.ENAMETOOLONG, errno.ELOOP, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _refused_by_the_system(err: OSError) -> bool:
+    """An OSError about a named path that the system refused for a reason the user can fix."""
+    return err.filename is not None and err.errno in _SYSTEM_REFUSALS and bool(err.strerror)
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null: the reader has gone, and Python's final flush must not fail again.
+
+    The way the Python documentation advises for SIGPIPE; under a test's captured
+    output there is no file descriptor to redirect, and nothing to do.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sim.experiments.run import run
     from sim.report.text import format_summary, json_safe, write_outputs
 
+    _check_out_folder(args.out)  # before the run: a bad --out should not cost the whole simulation
     overrides = args.overrides + (["simulation.warm=true"] if args.warm else [])
-    result = run(args.workload, seed=args.seed, replications=args.replications, overrides=overrides)
+    result = run(args.workload, seed=args.seed, replications=args.replications, overrides=overrides,
+                 force=args.force, progress=lambda line: print(f"llmsim run: {line}", file=sys.stderr, flush=True))
     _print_warnings(result.warnings)
     if args.out is not None:
-        write_outputs(result, args.out)
+        try:
+            write_outputs(result, args.out)
+        except OSError as err:  # the disk filled up, or the folder went away during the run
+            raise ConfigError([f"--out {args.out}: cannot write: {err.strerror or err}"]) from None
     if args.json:
         print(json.dumps(json_safe(result.summary)))
     else:
@@ -166,11 +232,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from sim.experiments.sweep import sweep
+    from sim.experiments.sweep import plan, sweep
 
+    if args.dry_run:
+        print(plan(args.experiment, force=args.force))
+        return EXIT_OK
     try:
         result = sweep(args.experiment, out=args.out, workers=args.workers, executor=args.executor,
-                       scheduler=args.scheduler, resume=args.resume, progress=not args.quiet)
+                       scheduler=args.scheduler, resume=args.resume, progress=not args.quiet, force=args.force)
     except KeyboardInterrupt:
         print("llmsim sweep: interrupted; every finished point is saved: "
               "run the same command with --resume to finish", file=sys.stderr)
@@ -191,15 +260,54 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sim.report.review import write_report
+    from sim.report.review import require_folder, write_report
     from sim.report.runreport import write_run_report
 
     folder = Path(args.dir)
+    require_folder(folder)
     # A sweep folder has results.parquet; a run folder (run --out) has a time series.
     writer = write_report if (folder / "results.parquet").is_file() else write_run_report
     for path in writer(folder):
         print(path)
     return EXIT_OK
+
+
+def _check_out_folder(out: Optional[Path]) -> None:
+    """Check that --out is, or can become, a folder we may write in; ConfigError in one line if not.
+
+    Checked before any work, so a mistyped --out does not cost a whole run; nothing
+    is created yet, so a run that fails validation leaves no empty folder behind.
+    """
+    if out is None:
+        return
+    try:
+        existing = out
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        is_folder = existing.is_dir()
+    except OSError as err:  # a name longer than the file system allows, say
+        raise ConfigError([f"--out {out}: {err.strerror or err}"]) from None
+    if not is_folder:
+        what = "a file is there" if existing == out else f"{existing} is a file, not a folder"
+        raise ConfigError([f"--out {out}: {what}; --out takes a folder"])
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError([f"--out {out}: cannot write in {existing}: permission denied"])
+
+
+def _check_out_file(out: Optional[Path]) -> None:
+    """Check that --out names a file we may write (its folder exists and is writable); ConfigError if not."""
+    if out is None:
+        return
+    try:
+        is_folder, folder_ok = out.is_dir(), out.parent.is_dir()
+    except OSError as err:  # a name longer than the file system allows, say
+        raise ConfigError([f"--out {out}: {err.strerror or err}"]) from None
+    if is_folder:
+        raise ConfigError([f"--out {out}: a folder is there; --out takes a file name"])
+    if not folder_ok:
+        raise ConfigError([f"--out {out}: no folder {out.parent}"])
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise ConfigError([f"--out {out}: cannot write there: permission denied"])
 
 
 def _print_warnings(warnings: Sequence[str]) -> None:
@@ -239,7 +347,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from sim.experiments.compare import compare, comparison_json, format_comparison
 
-    comparison = compare(args.a, args.b, seed=args.seed, replications=args.replications, overrides=args.overrides)
+    comparison = compare(args.a, args.b, seed=args.seed, replications=args.replications, overrides=args.overrides,
+                         force=args.force)
     print(json.dumps(comparison_json(comparison)) if args.json else format_comparison(comparison))
     return EXIT_OK
 
@@ -274,6 +383,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if bad:
             raise ConfigError([f"--columns: expected KEY=NAME, got {bad[0]!r}"])
         columns = {key.strip(): value.strip() for key, _, value in pairs}
+    _check_out_file(args.out)  # before the fit, which can take minutes
     say = None if args.quiet else (lambda text: print(f"llmsim calibrate: {text}", file=sys.stderr))
     try:
         result = calibrate(args.files, columns=columns, max_batch_tokens=args.max_batch_tokens,

@@ -39,7 +39,7 @@ README_COMMANDS = [c for c in commands(README) if c.split()[1] in ("catalog", "c
 def vllm_results(folder: Path) -> None:
     """run-4rps.json, run-8rps.json and run-16rps.json as `vllm bench serve --save-detailed` writes them."""
     for rate in (4, 8, 16):
-        workload = {"version": 1, "simulation": {"duration_s": 40, "seed": rate},
+        workload = {"version": 1, "simulation": {"duration_s": 15, "seed": rate},
                     "traffic": {"classes": {"c": {"arrival": {"kind": "poisson", "rate_rps": rate},
                                                   "prompt_tokens": 300, "output_tokens": 60}}},
                     "models": {"m": {"kind": "self_hosted", "engine": {"gpu": "h100-sxm", "model": "llama-3.1-8b"}}}}

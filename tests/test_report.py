@@ -263,7 +263,8 @@ def test_report_answers_the_capacity_question(report):
     assert "replicas=2: 11.3 req/s (2.05x today's load)" in answer
     assert "replicas=1: 5.22 req/s (0.95x today's load)" in answer
     assert "1.5x today's load, 8.25 req/s" in answer
-    assert "replicas=2 at $6.00/h ($0.202 per 1k requests)" in answer
+    # `$` is escaped in Markdown: two amounts on a line would otherwise render as math on GitHub.
+    assert r"replicas=2 at \$6.00/h (\$0.202 per 1k requests)" in answer
 
 
 def test_report_describes_what_was_simulated(report):
@@ -279,8 +280,8 @@ def test_report_describes_what_was_simulated(report):
 
 def test_report_has_the_capacity_table(report):
     md, _ = report
-    assert "| replicas=1 | 5.22 req/s | 0.95x | `ttft_p95_s` | llama8b 87% | $3.00 | $0.139 | no |" in md
-    assert "| replicas=2 | 11.3 req/s | 2.05x | `ttft_p95_s` | llama8b 93% | $6.00 | $0.202 | yes |" in md
+    assert r"| replicas=1 | 5.22 req/s | 0.95x | `ttft_p95_s` | llama8b 87% | \$3.00 | \$0.139 | no |" in md
+    assert r"| replicas=2 | 11.3 req/s | 2.05x | `ttft_p95_s` | llama8b 93% | \$6.00 | \$0.202 | yes |" in md
 
 
 def test_report_lists_the_caveats(report):
@@ -315,7 +316,7 @@ def test_report_without_capacity_or_slo_still_answers(tmp_path):
     assert "Highest load on the sweep's grid meeting the SLO" in md
     # replicas=2 at 2x (rho 0.92) misses the SLO; 1.5x meets it on its upper bound.
     assert "replicas=2: 8.25 req/s (1.50x)" in md
-    assert "| replicas=2 | 8.25 req/s (1.50x) | $6.00 |" in md
+    assert r"| replicas=2 | 8.25 req/s (1.50x) | \$6.00 |" in md
     folder = write_sweep(tmp_path / "t", experiment(capacity=None, slo={}), results_frame(), None)
     assert "sets no SLO" in answer(load_sweep(folder))
 

@@ -100,13 +100,23 @@ def test_sweep_writes_one_row_per_point_and_replication(tmp_path):
     assert frame["offered_load_rps"].tolist()[:2] == [0.25, 0.25]
 
 
-def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
-    path = write(tmp_path, GRID.replace("[1, 2]", "[0, 2]"))
+def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
+    import sim.experiments.sweep as sweep_module
+
+    def run_or_fail(workload, **kwargs):  # an error inside the run (bad values never get this far)
+        if workload.models["server"].replicas == 1:
+            raise RuntimeError("the engine gave up")
+        return real_run(workload, **kwargs)
+
+    real_run = sweep_module.run
+    monkeypatch.setattr(sweep_module, "run", run_or_fail)
+    path = write(tmp_path, GRID)
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--workers", "1", "--quiet"]) == 3
     frame = pd.read_parquet(tmp_path / "out" / "results.parquet")
     failed = frame[frame["status"] == "failed"]
     assert len(failed) == 3 and (failed["replication"] == -1).all()
-    assert failed["error"].str.contains("models.server.replicas: must be greater than 0").all()
+    assert (failed["models.server.replicas"] == 1).all()
+    assert failed["error"].eq("RuntimeError: the engine gave up").all()
     assert (frame["status"] == "ok").sum() == 3 * 2
     assert "3 point(s) failed" in capsys.readouterr().err
 
@@ -218,7 +228,10 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_experiment_loads_and_expands(path):
+    from sim.experiments.sweep import check_points
+
     exp = load_experiment(path)
     points = exp.points()
     assert points and len({p.key for p in points}) == len(points)
-    exp.workload(points[-1].overrides)  # its last point validates too
+    assert exp.count_points() == len(points)
+    check_points(exp)  # every point's values (and every capacity config's) validate

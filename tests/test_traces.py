@@ -435,8 +435,8 @@ def test_run_time_warnings_are_collected_once_in_order(tmp_path, monkeypatch):
 
     real = run_module.simulate
 
-    def simulate_and_warn(workload, replication=0, seed=None):
-        rec = real(workload, replication=replication, seed=seed)
+    def simulate_and_warn(workload, replication=0, seed=None, **progress):
+        rec = real(workload, replication=replication, seed=seed, **progress)
         rec.warnings += ["replica 0 ran beyond its calibrated range", f"only in replication {replication}"]
         return rec
 

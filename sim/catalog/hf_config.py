@@ -18,6 +18,7 @@ from typing import Any
 from .catalog import CatalogError, ModelShape
 
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+MAX_CONFIG_BYTES = 16 * 2**20  # far above any real config.json, far below trouble
 
 
 def read_hf_config(path: Path) -> ModelShape:
@@ -35,17 +36,30 @@ def read_hf_config(path: Path) -> ModelShape:
 
 def _load(path: Path) -> dict[str, Any]:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(_read_small(path))
     except FileNotFoundError:
         raise CatalogError(f"{path}: file not found") from None
     except OSError as err:
         raise CatalogError(f"{path}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise CatalogError(f"{path}: not a text file (a config.json is UTF-8 JSON)") from None
     except json.JSONDecodeError as err:
         raise CatalogError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
     if not isinstance(config, dict):
         raise CatalogError(f"{path}: expected a JSON object of config keys")
     # Multimodal repositories nest the language model's keys (e.g. Llama 4, Qwen2-VL's text_config).
     return config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+
+
+def _read_small(path: Path) -> str:
+    """The text of a regular file of at most MAX_CONFIG_BYTES: a device such as /dev/zero would never end."""
+    if path.exists() and not path.is_file():
+        raise CatalogError(f"{path}: not a regular file (a folder or a device)")
+    with path.open("rb") as fh:
+        raw = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise CatalogError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB; a model's config.json is a few KiB")
+    return raw.decode("utf-8")
 
 
 def _whole(config: dict[str, Any], key: str, default: Any = None) -> int:

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Optional, Union
 import numpy as np
 from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
-from .base import Block
+from .base import MAX_COUNT, MAX_MULTIPLIER, MAX_RATE_RPS, MAX_TOKENS, Block
 from .distributions import Distribution
 from .traces import Trace, TraceError, read_trace
 
@@ -23,7 +23,7 @@ class PoissonArrivals(Block):
     """Open loop: requests arrive as a Poisson process, whatever the system does."""
 
     kind: Literal["poisson"]
-    rate_rps: float = Field(gt=0, description="Mean arrival rate in requests per second.")
+    rate_rps: float = Field(gt=0, le=MAX_RATE_RPS, description="Mean arrival rate in requests per second (at most 1e9).")
 
     def mean_rate_rps(self) -> float:
         """Long-run mean arrival rate (every open-loop kind has one; offered load uses it)."""
@@ -34,7 +34,7 @@ class ClosedLoopArrivals(Block):
     """Closed loop: a fixed population, each user waits for its answer, thinks, asks again."""
 
     kind: Literal["closed"]
-    users: int = Field(gt=0, description="Number of users.")
+    users: int = Field(gt=0, le=MAX_COUNT, description="Number of users (at most 1,000,000: each is a process).")
     think_time_s: Distribution = Field(description="Time between an answer and the user's next request.")
 
 
@@ -46,7 +46,8 @@ class Spike(Block):
 
     start_s: float = Field(ge=0, description="Start of the spike (simulated seconds).")
     end_s: float = Field(gt=0, description="End of the spike (exclusive; must exceed start_s).")
-    multiplier: float = Field(ge=0, description="Factor on the rate inside [start_s, end_s): 3 = a 3x spike, 0 = silence.")
+    multiplier: float = Field(
+        ge=0, le=MAX_MULTIPLIER, description="Factor on the rate inside [start_s, end_s): 3 = a 3x spike, 0 = silence.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "Spike":
@@ -82,7 +83,7 @@ class ScheduleStep(Block):
     """One step of a schedule: `rate_rps` from the previous step's until_s (or 0) to this one's."""
 
     until_s: float = Field(gt=0, description="End of the step (seconds from the start; increasing).")
-    rate_rps: float = Field(ge=0, description="Arrival rate during the step (0: no arrivals).")
+    rate_rps: float = Field(ge=0, le=MAX_RATE_RPS, description="Arrival rate during the step (0: no arrivals).")
 
 
 class ScheduleArrivals(_TimeVarying):
@@ -145,8 +146,8 @@ class DiurnalArrivals(_TimeVarying):
     """
 
     kind: Literal["diurnal"]
-    trough_rps: float = Field(ge=0, description="Lowest rate (at peak_at_s + period_s / 2).")
-    peak_rps: float = Field(gt=0, description="Highest rate (at peak_at_s).")
+    trough_rps: float = Field(ge=0, le=MAX_RATE_RPS, description="Lowest rate (at peak_at_s + period_s / 2).")
+    peak_rps: float = Field(gt=0, le=MAX_RATE_RPS, description="Highest rate (at peak_at_s).")
     period_s: float = Field(86400.0, gt=0, description="Length of one cycle (a day by default).")
     peak_at_s: float = Field(0.0, description="When the rate peaks (seconds from the start, modulo period_s).")
 
@@ -194,8 +195,9 @@ class MmppArrivals(Block):
     """
 
     kind: Literal["mmpp"]
-    rate_on_rps: float = Field(gt=0, description="Arrival rate while on (in a burst).")
-    rate_off_rps: float = Field(0.0, ge=0, description="Arrival rate while off (0: silence between bursts).")
+    rate_on_rps: float = Field(gt=0, le=MAX_RATE_RPS, description="Arrival rate while on (in a burst).")
+    rate_off_rps: float = Field(
+        0.0, ge=0, le=MAX_RATE_RPS, description="Arrival rate while off (0: silence between bursts).")
     mean_on_s: float = Field(gt=0, description="Mean length of an on period.")
     mean_off_s: float = Field(gt=0, description="Mean length of an off period.")
 
@@ -213,8 +215,8 @@ class GammaArrivals(Block):
     """
 
     kind: Literal["gamma"]
-    rate_rps: float = Field(gt=0, description="Mean arrival rate (1 / mean gap).")
-    cv: float = Field(gt=0, description="Coefficient of variation of the gaps (sd / mean).")
+    rate_rps: float = Field(gt=0, le=MAX_RATE_RPS, description="Mean arrival rate (1 / mean gap).")
+    cv: float = Field(gt=0, le=100, description="Coefficient of variation of the gaps (sd / mean), at most 100.")
 
     def mean_rate_rps(self) -> float:
         """rate_rps."""
@@ -233,11 +235,12 @@ class SessionArrivals(Block):
     """
 
     kind: Literal["sessions"]
-    session_rate_rps: float = Field(gt=0, description="Rate at which new sessions start (Poisson).")
+    session_rate_rps: float = Field(gt=0, le=MAX_RATE_RPS, description="Rate at which new sessions start (Poisson).")
     turns: Distribution = Field(description="Turns per session (rounded, at least 1).")
     think_time_s: Distribution = Field(description="Time between an answer and the user's next turn.")
     max_context_tokens: Optional[int] = Field(
-        None, gt=0, description="Prompts are cut to this many tokens (oldest history dropped); default: no cap."
+        None, gt=0, le=MAX_TOKENS, description="Prompts are cut to this many tokens (oldest history dropped); "
+        "default: no cap."
     )
     _mean_turns: Optional[float] = PrivateAttr(None)
 

@@ -41,7 +41,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from .base import Block
+from .base import MAX_TOKENS, Block
 from .distributions import Distribution
 
 _SHARE = re.compile(r"^(\d+(?:\.\d+)?)%$")
@@ -105,6 +105,7 @@ class Section(Block):
     chunk_tokens: Optional[int] = Field(
         None,
         gt=0,
+        le=MAX_TOKENS,
         description="The section is a run of chunks of this size (the last possibly shorter) and is trimmed by "
         "whole chunks from the end, never mid-chunk (retrieved context).",
     )
@@ -120,7 +121,8 @@ class Budget(Block):
     down to min_output_tokens; beyond that the request is marked as overflowing.
     """
 
-    context_window_tokens: int = Field(gt=0, description="The model's context window: prompt + output.")
+    context_window_tokens: int = Field(
+        gt=0, le=MAX_TOKENS, description="The model's context window: prompt + output (at most 1e9 tokens).")
     output_reserve_tokens: int = Field(
         0, ge=0, description="Tokens kept free for the answer: the prompt may use the window minus this."
     )

@@ -19,14 +19,16 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from .base import Block
+from .base import MAX_POPULATION, Block
 from .distributions import Distribution
 
 
 class KeyPopularity(Block):
     """Which key a request asks for: Zipf over a finite universe (key k, 1-based, has probability ~ 1/k^s)."""
 
-    universe: int = Field(gt=0, description="Number of distinct keys (distinct questions, documents, queries).")
+    universe: int = Field(
+        gt=0, le=MAX_POPULATION, description="Number of distinct keys (distinct questions, documents, queries); at "
+        "most 100,000,000 (the model keeps a weight per key).")
     zipf_s: float = Field(
         0.0, ge=0, description="Zipf exponent: 0 makes every key equally likely; larger concentrates on the top keys."
     )

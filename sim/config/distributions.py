@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -22,13 +21,13 @@ from pydantic import (
     model_validator,
 )
 
+from .base import MAX_VALUE, Block
+
 Z95 = 1.6448536269514722  # standard normal 95th percentile
 
 
-class DistributionSpec(BaseModel):
-    """Base of every distribution: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class DistributionSpec(Block):
+    """Base of every distribution: unknown keys are errors, numbers are strict (see Block)."""
 
     @property
     def mean(self) -> float:  # pragma: no cover - every subclass overrides
@@ -42,7 +41,7 @@ class Constant(DistributionSpec):
     """Always the same value."""
 
     kind: Literal["constant"]
-    value: float = Field(ge=0, description="The value every draw returns.")
+    value: float = Field(ge=0, le=MAX_VALUE, description="The value every draw returns.")
 
     @property
     def mean(self) -> float:
@@ -56,7 +55,7 @@ class Exponential(DistributionSpec):
     """Exponential (memoryless) with the given mean."""
 
     kind: Literal["exponential"]
-    mean_value: float = Field(gt=0, alias="mean", description="Mean of the distribution.")
+    mean_value: float = Field(gt=0, le=MAX_VALUE, alias="mean", description="Mean of the distribution.")
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     @property
@@ -71,8 +70,8 @@ class Uniform(DistributionSpec):
     """Uniform on [low, high]."""
 
     kind: Literal["uniform"]
-    low: float = Field(ge=0, description="Lower bound.")
-    high: float = Field(ge=0, description="Upper bound (must exceed low).")
+    low: float = Field(ge=0, le=MAX_VALUE, description="Lower bound.")
+    high: float = Field(ge=0, le=MAX_VALUE, description="Upper bound (must exceed low).")
 
     @model_validator(mode="after")
     def _ordered(self) -> "Uniform":
@@ -92,8 +91,8 @@ class Normal(DistributionSpec):
     """Normal truncated at 0 (negative draws are redrawn, so the shape is kept)."""
 
     kind: Literal["normal"]
-    mean_value: float = Field(alias="mean", description="Mean before truncation.")
-    sd: float = Field(ge=0, description="Standard deviation before truncation.")
+    mean_value: float = Field(alias="mean", le=MAX_VALUE, description="Mean before truncation.")
+    sd: float = Field(ge=0, le=MAX_VALUE, description="Standard deviation before truncation.")
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
@@ -124,9 +123,9 @@ class Lognormal(DistributionSpec):
     """Lognormal, given by mean and p95, by median and p95, or by mu and sigma of log(x)."""
 
     kind: Literal["lognormal"]
-    mean_value: Optional[float] = Field(None, alias="mean", gt=0, description="Mean (with p95).")
-    median: Optional[float] = Field(None, gt=0, description="Median (with p95).")
-    p95: Optional[float] = Field(None, gt=0, description="95th percentile (with mean or median).")
+    mean_value: Optional[float] = Field(None, alias="mean", gt=0, le=MAX_VALUE, description="Mean (with p95).")
+    median: Optional[float] = Field(None, gt=0, le=MAX_VALUE, description="Median (with p95).")
+    p95: Optional[float] = Field(None, gt=0, le=MAX_VALUE, description="95th percentile (with mean or median).")
     mu: Optional[float] = Field(None, description="Mean of log(x) (with sigma).")
     sigma: Optional[float] = Field(None, ge=0, description="Standard deviation of log(x) (with mu).")
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
@@ -157,6 +156,14 @@ class Lognormal(DistributionSpec):
             return self
         raise ValueError("give either mean and p95, median and p95, or mu and sigma")
 
+    @model_validator(mode="after")
+    def _finite_mean(self) -> "Lognormal":
+        # Checked on log(mean), as mean itself overflows a float past sigma ~ 38.
+        if self.mu + self.sigma**2 / 2 > math.log(MAX_VALUE):
+            raise ValueError(f"the mean exp(mu + sigma^2 / 2) must be at most {MAX_VALUE:g} "
+                             f"(mu {self.mu:.4g}, sigma {self.sigma:.4g})")
+        return self
+
     @property
     def mean(self) -> float:
         return math.exp(self.mu + self.sigma**2 / 2)
@@ -169,8 +176,8 @@ class Gamma(DistributionSpec):
     """Gamma given by its mean and coefficient of variation (cv = sd / mean)."""
 
     kind: Literal["gamma"]
-    mean_value: float = Field(alias="mean", gt=0, description="Mean.")
-    cv: float = Field(gt=0, description="Coefficient of variation (sd / mean).")
+    mean_value: float = Field(alias="mean", gt=0, le=MAX_VALUE, description="Mean.")
+    cv: float = Field(gt=0, le=100, description="Coefficient of variation (sd / mean), at most 100.")
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     @property
@@ -205,8 +212,8 @@ class Empirical(DistributionSpec):
         arr = np.asarray(data, dtype=float)
         if arr.size == 0:
             raise ValueError("empirical distribution has no values")
-        if (arr < 0).any() or not np.isfinite(arr).all():
-            raise ValueError("empirical values must be finite and non-negative")
+        if (arr < 0).any() or not np.isfinite(arr).all() or (arr > MAX_VALUE).any():
+            raise ValueError(f"empirical values must be finite, non-negative and at most {MAX_VALUE:g}")
         self._data = arr
         return self
 
@@ -219,16 +226,29 @@ class Empirical(DistributionSpec):
 
 
 def _read_csv_column(path: Path, column: str) -> list[float]:
-    if not path.is_file():
-        raise ValueError(f"CSV file not found: {path}")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if column not in (reader.fieldnames or []):
-            raise ValueError(f"CSV file {path} has no column {column!r} (columns: {', '.join(reader.fieldnames or [])})")
-        try:
-            return [float(row[column]) for row in reader]
-        except ValueError as exc:
-            raise ValueError(f"CSV file {path}, column {column!r}: {exc}") from None
+    """The numbers in one column of a CSV file; errors name the row but never echo the file (see traces.excerpt)."""
+    from .traces import NOT_FOUND, describe_header, excerpt, file_problem
+
+    problem = file_problem(path)
+    if problem is not None:
+        raise ValueError(f"CSV file not found: {path}" if problem == NOT_FOUND else f"CSV file {path}: {problem}")
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            if column not in header:
+                raise ValueError(f"CSV file {path} has no column {column!r} ({describe_header(header)})")
+            values = []
+            for row in reader:
+                try:
+                    values.append(float(row[column]))
+                except (TypeError, ValueError):  # TypeError: the row is short of this column
+                    cell = excerpt(row[column]) if row[column] else "an empty cell"
+                    raise ValueError(f"CSV file {path}: row {reader.line_num}: column {column!r}: "
+                                     f"{cell} is not a number") from None
+            return values
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"CSV file {path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _number_is_constant(value: Any) -> Any:

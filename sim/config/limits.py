@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from .base import Block
+from .base import MAX_RATE_RPS, Block
 
 Scope = Literal["user", "class", "global"]
 Action = Literal["reject", "delay"]
@@ -27,7 +27,7 @@ class TokenBucket(_Limit):
     """Token bucket: `burst` tokens, refilled at `rate_rps`; a request takes one."""
 
     kind: Literal["token_bucket"]
-    rate_rps: float = Field(gt=0, description="Refill rate: the long-run admitted rate.")
+    rate_rps: float = Field(gt=0, le=MAX_RATE_RPS, description="Refill rate: the long-run admitted rate.")
     burst: float = Field(ge=1, description="Bucket size: the most requests admitted at once.")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 import types
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union, get_args, get_origin
@@ -23,14 +23,26 @@ from .schema import Workload
 Path_ = tuple[Any, ...]
 """A location in the data: mapping keys and list indexes, e.g. ('models', 'm', 'replicas')."""
 
-Lines = dict[Path_, int]
-"""1-based line of every mapping key and list item, by path; () is the top-level mapping."""
-
 M = TypeVar("M", bound=BaseModel)
+
+# Limits on what a config file may make the loader do. Without them a 1 KB file of nested
+# aliases (an "alias bomb") expands to 10^8 values, and /dev/zero as a workload never ends.
+MAX_FILE_BYTES = 10 * 1024 * 1024
+"""Largest config file read: a hand-written workload is a few KB; long data belongs in a CSV or trace file."""
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and lists, aliases expanded. Workloads nest about 8 levels; this keeps
+every recursive step (YAML composer, validation, copies) far below Python's recursion limit."""
+MAX_NODES = 100_000
+"""Most values (keys, scalars, lists and mappings) in a file with its aliases expanded. A workload has a
+few hundred; a day's schedule by the minute has 7,200. An 8-level alias bomb has 10^8 and is refused
+before anything is expanded; parsing and validating 100,000 takes a few seconds."""
 
 
 class ConfigError(Exception):
     """Bad configuration: one human-readable line per problem, no traceback needed."""
+
+    MAX_SHOWN = 20
+    """Problems printed at most; the rest are counted."""
 
     def __init__(self, lines: Sequence[str]) -> None:
         self.lines: list[str] = list(lines)
@@ -39,7 +51,11 @@ class ConfigError(Exception):
         super().__init__(self.lines)
 
     def __str__(self) -> str:
-        return "\n".join(self.lines)
+        """The lines, at most MAX_SHOWN of them: a file of garbage must not flood the terminal."""
+        if len(self.lines) <= self.MAX_SHOWN:
+            return "\n".join(self.lines)
+        more = len(self.lines) - self.MAX_SHOWN
+        return "\n".join(self.lines[: self.MAX_SHOWN] + [f"... and {more} more problem{'s' * (more > 1)}"])
 
 
 # --------------------------------------------------------------------------- YAML
@@ -52,7 +68,36 @@ class _Loader(yaml.SafeLoader):
     would be the string '1e-3'. Pydantic would coerce that for a float field,
     but not where a distribution is expected (a plain number there means a
     constant). YAML 1.2 and every human read it as a number.
+
+    It also refuses nesting deeper than MAX_DEPTH and more than MAX_NODES nodes
+    while composing, before the composer's recursion or memory can run away.
     """
+
+    _depth = 0
+    _composed = 0
+
+    def compose_node(self, parent: Optional[yaml.Node], index: Any) -> yaml.Node:
+        self._depth += 1
+        self._composed += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooBig(f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+            if self._composed > MAX_NODES:
+                raise _TooBig(_TOO_MANY, self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _TooBig(yaml.MarkedYAMLError):
+    """A file beyond MAX_DEPTH or MAX_NODES; a MarkedYAMLError, so every YAML caller reports it."""
+
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+_TOO_MANY = (f"more than {MAX_NODES:,} values, aliases counted as expanded (put long data in a CSV file "
+             "or a trace)")
 
 
 _Loader.add_implicit_resolver(
@@ -65,8 +110,13 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def parse_yaml_value(text: str) -> Any:
-    """Parse one YAML value (as given to --set) with the same rules as the files."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    """Parse one YAML value (as given to --set) with the same rules and limits as the files."""
+    loader = _Loader(text)
+    try:
+        node = _checked_node(loader)
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def load_yaml_with_lines(path: str | Path) -> tuple[dict[Any, Any], Lines]:
@@ -74,38 +124,39 @@ def load_yaml_with_lines(path: str | Path) -> tuple[dict[Any, Any], Lines]:
 
     Returns `(data, lines)` where `lines[('models', 'm', 'replicas')]` is the line
     of that key and `lines[()]` the line where the top-level mapping starts.
-    Raises ConfigError for a missing or unreadable file, a YAML syntax error, a
-    top level that is not a mapping, or a key given twice in one mapping.
+    Raises ConfigError for a missing, unreadable or oversized file, text that is
+    not UTF-8 or holds control characters, a YAML syntax error, a file beyond
+    MAX_DEPTH or MAX_NODES, a top level that is not a mapping, or a key given
+    twice in one mapping.
     """
     source = str(path)
+    text = _read_text(path, source)
+    loader: Optional[_Loader] = None
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([f"{source}: file not found"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{source}: cannot read: {getattr(exc, 'strerror', None) or exc}"]) from None
-
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
+        loader = _Loader(text)  # checks for control characters, so inside the try
+        node = _checked_node(loader)
         if node is None:
             raise ConfigError([f"{source}:1: the file is empty; expected a mapping of keys to values"])
-        lines: Lines = {(): node.start_mark.line + 1}
         duplicates: list[tuple[int, str]] = []
         _find_duplicates(loader, node, (), duplicates, source, set())
         if duplicates:
             raise ConfigError([msg for _, msg in sorted(duplicates)])
-        _walk_node(loader, node, (), lines, frozenset())
+        lines = Lines(node, _index_lines(loader, node, {}))
         data = loader.construct_document(node)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError([f"{source}:{line}: {yaml_problem(exc)}"]) from None
+    except _TooBig as exc:
+        raise ConfigError([f"{source}:{exc.problem_mark.line + 1}: {exc.problem}"]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}" if mark else source
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError([f"{where}: YAML syntax error: {problem}"]) from None
+        raise ConfigError([f"{where}: YAML syntax error: {yaml_problem(exc)}"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}: YAML syntax error: {exc}"]) from None
+        raise ConfigError([f"{source}: YAML syntax error: {yaml_problem(exc)}"]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
     if not isinstance(data, dict):
         what = _describe(data)
@@ -113,33 +164,147 @@ def load_yaml_with_lines(path: str | Path) -> tuple[dict[Any, Any], Lines]:
     return data, lines
 
 
-def _walk_node(
-    loader: _Loader,
-    node: yaml.Node,
-    path: Path_,
-    lines: Lines,
-    active: frozenset[int],
-) -> None:
-    """Record the line of every key and list item below `node`."""
-    if id(node) in active:  # a recursive alias: its lines are already known
-        return
-    active = active | {id(node)}
-    if isinstance(node, yaml.MappingNode):
-        # Expand `<<: *anchor` the way the constructor will (merged pairs first,
-        # own pairs last), then keep the last occurrence of each key, as a dict does.
-        loader.flatten_mapping(node)
-        seen: set[Any] = set()
-        for key_node, value_node in reversed(node.value):
-            key = _key_value(loader, key_node)
-            if key is _UNHASHABLE or key in seen:
-                continue
-            seen.add(key)
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            _walk_node(loader, value_node, path + (key,), lines, active)
-    elif isinstance(node, yaml.SequenceNode):
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong, in one line and without the position (callers say where)."""
+    if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):
+        return (f"control character U+{exc.character:04X} is not allowed "
+                "(YAML takes printable text, tabs and line breaks)")
+    if isinstance(exc, yaml.MarkedYAMLError):
+        return exc.problem or exc.context or "invalid YAML"
+    return str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+
+
+def _read_text(path: str | Path, source: str) -> str:
+    """The file's text; at most MAX_FILE_BYTES are read, so a device or a runaway file cannot hang us."""
+    try:
+        with open(path, "rb") as fh:
+            # In pieces: read(n) would set aside n bytes up front, for every file.
+            chunks: list[bytes] = []
+            size = 0
+            while size <= MAX_FILE_BYTES and (chunk := fh.read(1 << 16)):
+                chunks.append(chunk)
+                size += len(chunk)
+        raw = b"".join(chunks)
+    except FileNotFoundError:
+        raise ConfigError([f"{source}: file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError([f"{source}: larger than {MAX_FILE_BYTES // 2**20} MiB, the most a config file may be "
+                           "(put long data in a CSV file or a trace)"])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{source}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                           "save the file as UTF-8"]) from None
+
+
+def _checked_node(loader: _Loader) -> Optional[yaml.Node]:
+    """The document's node, refused (_TooBig) if its aliases expand beyond MAX_DEPTH or MAX_NODES."""
+    node = loader.get_single_node()
+    if node is not None:
+        _measure(node, 1, {})
+    return node
+
+
+def _measure(node: yaml.Node, depth: int, seen: dict[int, Optional[tuple[int, int]]]) -> tuple[int, int]:
+    """(nodes, levels) of `node` with aliases and merge keys expanded, each node measured once.
+
+    An alias is the very node its anchor composed, so `seen` (by identity) makes a repeated
+    alias cost one lookup: an alias bomb is measured in time linear in the file, never expanded.
+    Limits are checked on the node that uses an alias, so the error names the line it is used on.
+    """
+    if id(node) in seen:
+        known = seen[id(node)]
+        if known is None:  # still being measured: the alias sits inside its own anchor
+            raise _TooBig("an alias refers to a block that contains it (endless nesting)", node.start_mark)
+        return known
+    seen[id(node)] = None
+    count, height = 1, 0
+    for child, is_merge in _children(node):
+        c, h = _measure(child, depth + 1, seen)
+        # Merged pairs join this mapping: the merged mapping itself is not a value of the data.
+        count, height = count + c - is_merge, max(height, h - is_merge)
+        if count > MAX_NODES:
+            raise _TooBig(_TOO_MANY, node.start_mark)
+        if depth + height > MAX_DEPTH:
+            raise _TooBig(f"nested deeper than {MAX_DEPTH} levels once aliases are expanded", node.start_mark)
+    seen[id(node)] = (count, height + 1)
+    return count, height + 1
+
+
+def _children(node: yaml.Node) -> Iterator[tuple[yaml.Node, bool]]:
+    """(child, is_merged_mapping) of a node, as composed (merge keys not yet expanded)."""
+    if isinstance(node, yaml.SequenceNode):
+        yield from ((item, False) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if key_node.tag != _MERGE_TAG:
+                yield key_node, False
+                yield value_node, False
+            elif isinstance(value_node, yaml.SequenceNode):
+                yield from ((item, True) for item in value_node.value)
+            else:
+                yield value_node, True
+
+
+Entries = dict[Any, tuple[int, yaml.Node]]
+"""Key or list index -> (1-based line, value node), for one mapping or list node."""
+
+
+class Lines(Mapping[Path_, int]):
+    """1-based line of every mapping key and list item, by path; () is where the top level starts.
+
+    Looked up through the composed nodes, each indexed once: a path through an alias reads
+    the lines where its anchor wrote them, however often the alias is used.
+    """
+
+    def __init__(self, root: yaml.Node, entries: dict[int, Entries]) -> None:
+        self._root = root
+        self._entries = entries
+
+    def __getitem__(self, path: Path_) -> int:
+        line, node = self._root.start_mark.line + 1, self._root
+        for key in path:
+            try:
+                line, node = self._entries[id(node)][key]
+            except (KeyError, TypeError):  # no such key, a scalar, or an unhashable key
+                raise KeyError(path) from None
+        return line
+
+    def __iter__(self) -> Iterator[Path_]:
+        return self._paths(self._root, ())
+
+    def _paths(self, node: yaml.Node, path: Path_) -> Iterator[Path_]:
+        yield path
+        for key, (_, child) in self._entries.get(id(node), {}).items():
+            yield from self._paths(child, path + (key,))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _index_lines(loader: _Loader, node: yaml.Node, entries: dict[int, Entries]) -> dict[int, Entries]:
+    """Index every mapping and list node once: its keys (or indexes) with their lines and value nodes."""
+    if id(node) in entries or not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        return entries
+    own: Entries = {}
+    entries[id(node)] = own
+    if isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            lines[path + (index,)] = item.start_mark.line + 1
-            _walk_node(loader, item, path + (index,), lines, active)
+            own[index] = (item.start_mark.line + 1, item)
+            _index_lines(loader, item, entries)
+        return entries
+    # Expand `<<: *anchor` the way the constructor will (merged pairs first, own pairs
+    # last), then keep the last occurrence of each key, as a dict does.
+    loader.flatten_mapping(node)
+    for key_node, value_node in reversed(node.value):
+        key = _key_value(loader, key_node)
+        if key is not _UNHASHABLE and key not in own:
+            own[key] = (key_node.start_mark.line + 1, value_node)
+        _index_lines(loader, value_node, entries)
+    return entries
 
 
 _UNHASHABLE = object()

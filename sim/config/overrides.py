@@ -30,6 +30,7 @@ from .loader import (
     _tag_map,
     _union_members,
     parse_yaml_value,
+    yaml_problem,
 )
 
 
@@ -74,8 +75,7 @@ def _apply_one(data: dict[str, Any], raw_path: str, value_text: str, model_cls: 
     try:
         value = parse_yaml_value(value_text)
     except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise _Bad(f"cannot parse value {value_text!r}: {problem}") from None
+        raise _Bad(f"cannot parse value {value_text!r}: {yaml_problem(exc)}") from None
     parts = raw_path.split(".")
     if "" in parts:
         raise _Bad("empty key in path")

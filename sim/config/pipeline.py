@@ -14,11 +14,11 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from .base import Block
-from .limits import Retry
+from .base import MAX_TOKENS, Block
 from .budget import Budget
 from .caches import OutputCacheSpec
 from .distributions import Distribution
+from .limits import Retry
 from .retrieval import RetrievalSpec
 
 
@@ -63,10 +63,11 @@ class Router(Block):
 class Escalation(Block):
     """After each answer an evaluator judges it; a doubtful answer is retried with more context on the next tier."""
 
-    max_hops: int = Field(2, ge=1, description="Tiers a request may try at most (the first included).")
+    max_hops: int = Field(2, ge=1, le=100, description="Tiers a request may try at most (the first included).")
     detect_bad: float = Field(0.8, ge=0, le=1, description="Chance the evaluator flags a bad answer.")
     false_alarm: float = Field(0.05, ge=0, le=1, description="Chance it flags a good one.")
-    extra_context_tokens: int = Field(1000, ge=0, description="Prompt tokens each escalation adds (retrieve more, rerank).")
+    extra_context_tokens: int = Field(
+        1000, ge=0, le=MAX_TOKENS, description="Prompt tokens each escalation adds (retrieve more, rerank).")
     evaluation_s: Optional[Distribution] = Field(None, description="Time the evaluation takes after each answer.")
 
 
@@ -78,7 +79,7 @@ class Output(Block):
         0.0, ge=0, le=1, description="Share of answers failing structured-output (JSON) validation; each failure is "
         "retried as a non-streaming call, up to max_validation_retries."
     )
-    max_validation_retries: int = Field(2, ge=0, description="Validation retries per request at most.")
+    max_validation_retries: int = Field(2, ge=0, le=100, description="Validation retries per request at most.")
     cancel_share: float = Field(
         0.0, ge=0, le=1, description="Share of streamed answers the user stops reading part-way (decode stops "
         "there; the tokens never generated are not billed). Only with streaming."

@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from .base import Block
+from .base import MAX_COUNT, Block
 from .caches import CacheSpec
 from .distributions import Distribution
 
@@ -43,7 +43,8 @@ from .distributions import Distribution
 class EmbeddingSpec(Block):
     """An embedding service that batches queries: time per batch = batch_time_s + per_query_s * batch size."""
 
-    max_batch: int = Field(32, ge=1, description="Queries per batch at most; a full batch is sent at once.")
+    max_batch: int = Field(
+        32, ge=1, le=MAX_COUNT, description="Queries per batch at most; a full batch is sent at once.")
     max_wait_s: float = Field(
         0.01, ge=0, description="A batch is sent this long after its first query joined, if not full before."
     )
@@ -52,14 +53,15 @@ class EmbeddingSpec(Block):
         description="Service time of one batch (drawn once per batch), whatever its size.",
     )
     per_query_s: float = Field(0.0, ge=0, description="Service time added per query in the batch.")
-    workers: int = Field(1, ge=1, description="Batches served at once; sent batches wait FIFO for a worker.")
+    workers: int = Field(
+        1, ge=1, le=MAX_COUNT, description="Batches served at once; sent batches wait FIFO for a worker.")
     cache: Optional[CacheSpec] = Field(None, description="Embedding cache: a hit skips the embedding service.")
 
 
 class BackendSpec(Block):
     """A retrieval backend (vector DB, BM25 index, REST or SQL tool): a FIFO resource with a latency."""
 
-    concurrency: int = Field(ge=1, description="Hops served at once; more wait FIFO.")
+    concurrency: int = Field(ge=1, le=MAX_COUNT, description="Hops served at once (at most 1,000,000); more wait FIFO.")
     latency_s: Distribution = Field(description="Service time of one hop.")
 
 

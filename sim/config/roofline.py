@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from sim.catalog import DEFAULT_EFFICIENCY, CatalogError, Efficiency, Roofline, derive, gpu, model
 
@@ -60,8 +60,11 @@ class RooflineEfficiency(Block):
         return DEFAULT_EFFICIENCY.replace(**{k: v for k, v in self.model_dump().items() if v is not None})
 
 
-class _CatalogChoice(BaseModel):
-    """The catalog keys of a raw engine mapping, checked before deriving (Engine re-checks and reports them)."""
+class _CatalogChoice(Block):
+    """The catalog keys of a raw engine mapping, checked before deriving (Engine re-checks and reports them).
+
+    A Block, so `tensor_parallel: true` fails here too instead of deriving for 1 GPU.
+    """
 
     model_config = ConfigDict(extra="ignore")
     gpu: str

@@ -5,35 +5,76 @@ ignored setting. Help text lives on the fields and ends up in `llmsim schema`.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from .arrivals import Arrivals, ClosedLoopArrivals, PoissonArrivals, TraceArrivals  # noqa: F401 - re-exported
-from .base import Block
+from .arrivals import (  # noqa: F401 - re-exported
+    Arrivals,
+    ClosedLoopArrivals,
+    MmppArrivals,
+    PoissonArrivals,
+    ScheduleArrivals,
+    TraceArrivals,
+)
+from .base import MAX_DURATION_S, MAX_GRID_POINTS, MAX_MULTIPLIER, MAX_POPULATION, MAX_REPLICATIONS, MAX_TOKENS, Block
 from .distributions import Distribution, Empirical
 from .limits import RateLimit, Retry
 from .pipeline import Pipeline
 from .serving import (  # noqa: F401 - re-exported
-    Api, Autoscale, BlockPrefixCache, Connections, Endpoint, Engine, HoldBack, PromptCache, Queue, SelfHosted, StepTime,
+    Api,
+    Autoscale,
+    BlockPrefixCache,
+    Connections,
+    Endpoint,
+    Engine,
+    HoldBack,
+    PromptCache,
+    Queue,
+    SelfHosted,
+    StepTime,
 )
 
 
 class Simulation(Block):
     """How long to simulate and how often."""
 
-    duration_s: float = Field(3600.0, gt=0, description="Arrivals are generated in [0, duration_s); the system then drains.")
+    duration_s: float = Field(
+        3600.0, gt=0, le=MAX_DURATION_S, description="Arrivals are generated in [0, duration_s); the system then "
+        "drains. At most 1e10 s: up to there float64 time still resolves microseconds."
+    )
     warmup_s: Union[float, Literal["auto"]] = Field(
         0.0, description="Requests arriving before this are left out of the statistics; 'auto' picks it by MSER-5."
     )
     seed: int = Field(1, ge=0, description="Root seed; every random stream is spawned from it.")
-    replications: int = Field(1, ge=1, description="Independent replications; >= 2 gives 95% confidence intervals.")
-    timeseries_interval_s: float = Field(10.0, gt=0, description="Width of the time-series buckets in the output.")
+    replications: int = Field(
+        1, ge=1, le=MAX_REPLICATIONS, description="Independent replications; >= 2 gives 95% confidence intervals. "
+        "At most 10,000: intervals narrow as 1/sqrt(replications), so beyond that run longer instead."
+    )
+    timeseries_interval_s: float = Field(
+        10.0, gt=0, description="Width of the time-series buckets in the output; at most 10,000,000 buckets in "
+        "duration_s (the default widens to duration_s / 10,000,000 for runs over 3 years)."
+    )
     warm: bool = Field(False, description="Start warm: replicas loaded, connections open (the --warm flag).")
+    max_requests: Optional[float] = Field(
+        None, gt=0, description="Refuse to start a run (or a sweep) estimated above this many simulated requests "
+        "(default 1e8; the --force flag ignores it)."
+    )
     cold_window_s: Optional[float] = Field(
         None, gt=0, description="Report requests arriving before this as the cold window, the rest as warm "
         "(default: the longest cold start, when there is one)."
     )
+
+    @model_validator(mode="after")
+    def _bounded_buckets(self) -> "Simulation":
+        if self.duration_s / self.timeseries_interval_s <= MAX_GRID_POINTS:
+            return self
+        if "timeseries_interval_s" in self.model_fields_set:
+            raise ValueError(f"timeseries_interval_s: {self.timeseries_interval_s:g} s makes "
+                             f"{self.duration_s / self.timeseries_interval_s:.3g} buckets in duration_s; at most "
+                             f"{MAX_GRID_POINTS:,} (use at least {self.duration_s / MAX_GRID_POINTS:.3g} s)")
+        self.timeseries_interval_s = self.duration_s / MAX_GRID_POINTS  # the default, widened as documented
+        return self
 
     @model_validator(mode="after")
     def _warmup_inside(self) -> "Simulation":
@@ -45,7 +86,10 @@ class Simulation(Block):
 class Users(Block):
     """Distinct users of a class: each request is sent by one of them."""
 
-    count: int = Field(1, gt=0, description="Number of users (ids are unique across classes).")
+    count: int = Field(
+        1, gt=0, le=MAX_POPULATION, description="Number of users (ids are unique across classes); at most "
+        "100,000,000 (the model keeps a weight per user)."
+    )
     zipf_s: float = Field(0.0, ge=0, description="0: users equally active; s > 0: user k sends in proportion to 1/k^s.")
 
 
@@ -62,7 +106,8 @@ class RequestClass(Block):
         "which takes them from its trace."
     )
     max_output_tokens: Optional[int] = Field(
-        None, gt=0, description="The request's max_tokens: answers are cut there; token rate limits count it."
+        None, gt=0, le=MAX_TOKENS, description="The request's max_tokens: answers are cut there; token rate limits "
+        "count it."
     )
     endpoint: Optional[Union[str, dict[str, float]]] = Field(
         None, description="Model endpoint that serves it, or a mix {name: weight}; may be omitted when there is one."
@@ -117,7 +162,10 @@ def trace_tokens(counts) -> Empirical:
 class Traffic(Block):
     """The request classes and a global load knob."""
 
-    rate_scale: float = Field(1.0, gt=0, description="Multiplies every open-loop arrival rate ('what if 3x traffic').")
+    rate_scale: float = Field(
+        1.0, gt=0, le=MAX_MULTIPLIER, description="Multiplies every open-loop arrival rate ('what if 3x traffic'); "
+        "at most 1e6."
+    )
     classes: dict[str, RequestClass] = Field(min_length=1, description="Request classes by name.")
 
 
@@ -159,6 +207,15 @@ class Workload(Block):
         if not all(isinstance(a, TraceArrivals) for a in arrivals):
             return duration
         return min(duration, max(a.replayed_end_s(self.traffic.rate_scale) for a in arrivals))
+
+    @model_validator(mode="after")
+    def _bounded_grids(self) -> "Workload":
+        # A tiny interval would make the run walk billions of points before its first request.
+        for field, points, what in _grids(self):
+            if points > MAX_GRID_POINTS:
+                raise ValueError(f"{field}: {what} {points:.3g} times in duration_s "
+                                 f"({self.simulation.duration_s:g} s); at most {MAX_GRID_POINTS:,}")
+        return self
 
     @model_validator(mode="after")
     def _window_after_warmup(self) -> "Workload":
@@ -207,3 +264,25 @@ class Workload(Block):
                     raise ValueError(f"rate_limits.{k}.classes: unknown class {cls_name!r} "
                                      f"(known: {', '.join(self.traffic.classes)})")
         return self
+
+
+def _grids(workload: Workload) -> Iterator[tuple[str, float, str]]:
+    """(field, points in duration_s, what happens at each) of every process on a fixed or mean interval."""
+    duration = workload.simulation.duration_s
+    for name, model in workload.models.items():
+        if not isinstance(model, SelfHosted):
+            continue
+        if model.autoscale is not None:
+            yield f"models.{name}.autoscale.interval_s", duration / model.autoscale.interval_s, "the autoscaler looks"
+        episodes = model.engine.step_time.slow_episodes if model.engine is not None else None
+        if episodes is not None:
+            yield (f"models.{name}.engine.step_time.slow_episodes",
+                   duration / (episodes.mean_interval_s + episodes.mean_duration_s), "a slow episode starts")
+    for name, cls in workload.traffic.classes.items():
+        arrival = cls.arrival
+        if isinstance(arrival, ScheduleArrivals) and arrival.repeat:
+            yield (f"traffic.classes.{name}.arrival.steps",
+                   duration / arrival.steps[-1].until_s * len(arrival.steps), "the schedule's rate changes")
+        if isinstance(arrival, MmppArrivals):
+            yield (f"traffic.classes.{name}.arrival.mean_on_s",
+                   2 * duration / (arrival.mean_on_s + arrival.mean_off_s), "the rate switches")

@@ -10,7 +10,7 @@ from pydantic import Field, PrivateAttr, ValidationInfo, ValidatorFunctionWrapHa
 
 from sim.catalog import Roofline
 
-from .base import Block
+from .base import MAX_COUNT, MAX_DURATION_S, MAX_MULTIPLIER, MAX_PRICE_USD, MAX_TOKENS, Block
 from .distributions import Distribution
 from .limits import ProviderLimits
 from .roofline import Dtype, KvDtype, RooflineEfficiency, with_roofline
@@ -24,7 +24,9 @@ class SlowEpisodes(Block):
     While slow, every step takes `multiplier` times as long.
     """
 
-    multiplier: float = Field(gt=0, description="Step time while slow, times the normal step time (> 1: slower).")
+    multiplier: float = Field(
+        gt=0, le=MAX_MULTIPLIER, description="Step time while slow, times the normal step time (> 1: slower)."
+    )
     mean_duration_s: float = Field(gt=0, description="Mean length of a slow episode, in seconds.")
     mean_interval_s: float = Field(gt=0, description="Mean time between episodes (normal stretches), in seconds.")
 
@@ -42,8 +44,8 @@ class Stall(Block):
     the stalls its step log showed.
     """
 
-    at_s: float = Field(ge=0, description="When the stall starts (seconds of simulated time).")
-    duration_s: float = Field(gt=0, description="How long the replica makes no progress.")
+    at_s: float = Field(ge=0, le=MAX_DURATION_S, description="When the stall starts (seconds of simulated time).")
+    duration_s: float = Field(gt=0, le=MAX_DURATION_S, description="How long the replica makes no progress.")
 
 
 class CalibratedRange(Block):
@@ -53,6 +55,10 @@ class CalibratedRange(Block):
     decode_seqs_max: Optional[int] = Field(None, ge=0, description="Most sequences decoding in one measured step.")
     prefill_tokens_max: Optional[int] = Field(None, ge=0, description="Most prompt tokens prefilled in one measured step.")
     kv_tokens_max: Optional[int] = Field(None, ge=0, description="Most context tokens read by one measured step.")
+
+
+_STEP_S = 3600.0
+"""Largest step-time coefficient, seconds: keeps a step's time finite for any batch."""
 
 
 class StepTime(Block):
@@ -65,15 +71,18 @@ class StepTime(Block):
     P tokens: P (P + 1) / 2, however it is chunked). Then every step is multiplied by its own noise.
     """
 
-    base_s: float = Field(ge=0, description="Fixed cost of a step (weights read, scheduling, launch).")
-    per_decode_seq_s: float = Field(ge=0, description="Extra time per sequence decoding in the step.")
-    per_prefill_token_s: float = Field(ge=0, description="Extra time per prompt token prefilled in the step.")
+    # Each coefficient is at most an hour (_STEP_S): real ones are micro- to milliseconds.
+    base_s: float = Field(ge=0, le=_STEP_S, description="Fixed cost of a step (weights read, scheduling, launch).")
+    per_decode_seq_s: float = Field(ge=0, le=_STEP_S, description="Extra time per sequence decoding in the step.")
+    per_prefill_token_s: float = Field(
+        ge=0, le=_STEP_S, description="Extra time per prompt token prefilled in the step.")
     per_kv_token_s: float = Field(
-        0.0, ge=0, description="Extra time per context token (KV cache entry) read by the decoding sequences.")
+        0.0, ge=0, le=_STEP_S, description="Extra time per context token (KV cache entry) read by the decoding "
+        "sequences.")
     per_prefill_attention_s: float = Field(
-        0.0, ge=0, description="Extra time per (prompt token, context token) pair of prefill attention.")
+        0.0, ge=0, le=_STEP_S, description="Extra time per (prompt token, context token) pair of prefill attention.")
     noise_cv: float = Field(
-        0.0, ge=0, description="Step noise: every step is multiplied by its own gamma draw (mean 1, this cv). "
+        0.0, ge=0, le=100, description="Step noise: every step is multiplied by its own gamma draw (mean 1, this cv). "
         "(Before llmsim 0.2 one draw covered a whole stretch of identical steps.)"
     )
     slow_episodes: Optional[SlowEpisodes] = Field(None, description="Slow stretches of wall time (see SlowEpisodes).")
@@ -92,7 +101,7 @@ class BlockPrefixCache(Block):
     """
 
     blocks: int = Field(gt=0, description="Blocks the replica keeps (the KV it can spare for cached prefixes).")
-    block_tokens: int = Field(512, gt=0, description="Tokens per block (Mooncake: 512).")
+    block_tokens: int = Field(512, gt=0, le=MAX_TOKENS, description="Tokens per block (Mooncake: 512).")
 
 
 class Engine(Block):
@@ -104,9 +113,12 @@ class Engine(Block):
     overrides the derived one.
     """
 
-    max_batch_tokens: int = Field(8192, gt=0, description="Token budget of one step: one per decoding sequence, the rest for prompt chunks.")
+    max_batch_tokens: int = Field(
+        8192, gt=0, le=MAX_TOKENS, description="Token budget of one step: one per decoding sequence, the rest for "
+        "prompt chunks.")
     kv_cache_tokens: Optional[int] = Field(
-        None, gt=0, description="KV-cache capacity; a request is admitted only when prompt + output tokens fit. "
+        None, gt=0, le=MAX_TOKENS, description="KV-cache capacity; a request is admitted only when prompt + output "
+        "tokens fit. "
         "Derived from the GPU's memory with gpu and model."
     )
     step_time: Optional[StepTime] = Field(
@@ -118,7 +130,8 @@ class Engine(Block):
         None, description="Catalog model, e.g. llama-3.1-8b, or a path to a Hugging Face config.json (relative to the workload)."
     )
     tensor_parallel: int = Field(
-        1, ge=1, description="GPUs per replica (tensor parallelism): the replica's cost is gpu_hourly_usd times this."
+        1, ge=1, le=MAX_COUNT, description="GPUs per replica (tensor parallelism): the replica's cost is gpu_hourly_usd "
+        "times this."
     )
     dtype: Optional[Dtype] = Field(None, description="Weight format with gpu and model: bf16, fp16, fp8 (default: the model's own).")
     kv_dtype: KvDtype = Field("auto", description="KV cache format with gpu and model: auto (BF16), bf16, fp16, fp8.")
@@ -193,27 +206,30 @@ class PromptCache(Block):
     price and newly written ones at `write_price_multiplier`; a self-hosted engine skips their prefill.
     """
 
-    min_tokens: int = Field(1024, ge=0, description="Prefixes shorter than this are never cached (providers' minimum).")
+    min_tokens: int = Field(
+        1024, ge=0, le=MAX_TOKENS, description="Prefixes shorter than this are never cached (providers' minimum).")
     scope: Literal["user", "class"] = Field(
         "user", description="Who shares a prefix: each user (it holds their memory) or the whole class (system only)."
     )
     ttl_s: float = Field(300.0, gt=0, description="An entry lives this long after its last use.")
-    read_price_multiplier: float = Field(0.5, ge=0, description="API: price of a cached input token, times the input price.")
-    write_price_multiplier: float = Field(1.0, ge=0, description="API: price of a newly cached input token, times it.")
+    read_price_multiplier: float = Field(
+        0.5, ge=0, le=MAX_MULTIPLIER, description="API: price of a cached input token, times the input price.")
+    write_price_multiplier: float = Field(
+        1.0, ge=0, le=MAX_MULTIPLIER, description="API: price of a newly cached input token, times it.")
 
 
 class Connections(Block):
     """A client connection pool: the first request on each new connection pays a handshake."""
 
-    pool_size: int = Field(gt=0, description="Connections kept open at most.")
+    pool_size: int = Field(gt=0, le=MAX_COUNT, description="Connections kept open at most (at most 1,000,000).")
     handshake_s: float = Field(ge=0, description="Time to open one (TCP + TLS + auth).")
 
 
 class Autoscale(Block):
     """Replica autoscaling, as a Kubernetes HPA does: replicas = ceil(metric summed over replicas / target)."""
 
-    min_replicas: int = Field(1, ge=1, description="Never fewer replicas.")
-    max_replicas: int = Field(ge=1, description="Never more replicas.")
+    min_replicas: int = Field(1, ge=1, le=MAX_COUNT, description="Never fewer replicas.")
+    max_replicas: int = Field(ge=1, le=MAX_COUNT, description="Never more replicas (at most 1,000,000).")
     metric: Literal["utilisation", "queue_length", "in_flight"] = Field(
         "utilisation", description="utilisation (share of full-batch capacity), queue length or requests in flight, per replica."
     )
@@ -232,10 +248,13 @@ class SelfHosted(Block):
     """GPU replicas you run and pay for by the hour."""
 
     kind: Literal["self_hosted"]
-    replicas: int = Field(1, gt=0, description="Number of replicas at the start (one model copy each).")
-    max_batch: int = Field(256, gt=0, description="Maximum running sequences per replica.")
+    replicas: int = Field(
+        1, gt=0, le=MAX_COUNT, description="Number of replicas at the start (one model copy each; at most 1,000,000).")
+    max_batch: int = Field(
+        256, gt=0, le=MAX_COUNT, description="Maximum running sequences per replica (at most 1,000,000).")
     gpu_hourly_usd: float = Field(
-        0.0, ge=0, description="Price of one GPU per hour (billed per second held); a replica costs this times its "
+        0.0, ge=0, le=MAX_PRICE_USD, description="Price of one GPU per hour, at most 1e6 (billed per second "
+        "held); a replica costs this times its "
         "GPUs (engine.tensor_parallel). Default with engine.gpu: the catalog's price of that GPU, else 0."
     )
     engine: Optional[Engine] = Field(None, description="Iteration-level engine (give this or service_time).")
@@ -297,12 +316,15 @@ class Api(Block):
     """A hosted model behind an API: a black box with a concurrency limit and token prices."""
 
     kind: Literal["api"]
-    concurrency: int = Field(gt=0, description="Requests in flight at most; the rest wait in FIFO order.")
+    concurrency: int = Field(
+        gt=0, le=MAX_COUNT, description="Requests in flight at most (at most 1,000,000); the rest wait in FIFO order.")
     ttft_s: Optional[Distribution] = Field(None, description="Time to first token once a request is sent.")
     output_tokens_per_s: Optional[Distribution] = Field(None, description="Streaming speed after the first token.")
     service_time: Optional[Distribution] = Field(None, description="Plain service time instead of ttft_s + tokens / speed.")
-    price_per_mtok_in: float = Field(0.0, ge=0, description="USD per million prompt tokens.")
-    price_per_mtok_out: float = Field(0.0, ge=0, description="USD per million output tokens.")
+    price_per_mtok_in: float = Field(
+        0.0, ge=0, le=MAX_PRICE_USD, description="USD per million prompt tokens (at most 1e6).")
+    price_per_mtok_out: float = Field(
+        0.0, ge=0, le=MAX_PRICE_USD, description="USD per million output tokens (at most 1e6).")
     queue: Queue = Field(default_factory=Queue, description="Queue discipline, capacity, hold-back (on our side).")
     limits: Optional[ProviderLimits] = Field(None, description="The provider's RPM/TPM limits (429 with retry-after).")
     prompt_cache: Optional[PromptCache] = Field(None, description="The provider's prompt caching and its prices.")

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
+from .base import MAX_TOKENS
 
 FORMATS = ("azure", "mooncake", "csv")
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -89,8 +92,11 @@ def read_trace(path: str | Path, fmt: str, columns: Optional[dict[str, str]] = N
     with a one-line message.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem == NOT_FOUND:
         raise TraceError(f"trace file not found: {path.resolve()}")
+    if problem is not None:
+        raise TraceError(f"trace file {path.absolute()}: {problem}")
     stat = path.stat()
     key = tuple(sorted((columns or {}).items()))
     return _read_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size, fmt, key)
@@ -117,7 +123,7 @@ def _read_azure(path: Path) -> Trace:
         ns = np.array(stamps, dtype="datetime64[ns]").astype(np.int64)
     except ValueError:
         bad = _first_bad(stamps, lambda s: np.datetime64(s, "ns"))
-        raise TraceError(f"{path}: row {bad + 2}: TIMESTAMP {stamps[bad]!r} is not a date and time") from None
+        raise TraceError(f"{path}: row {bad + 2}: TIMESTAMP {excerpt(stamps[bad])} is not a date and time") from None
     # Integer nanoseconds first, so the difference is exact before it becomes seconds.
     seconds = (ns - ns.min()) / 1e9
     return _build(path, seconds, _numbers(path, rows, idx[1], header), _numbers(path, rows, idx[2], header))
@@ -135,7 +141,7 @@ def _read_csv(path: Path, columns: dict[str, str]) -> Trace:
     times = _numbers(path, rows, idx[0], header)
     # Shift first, then convert: epoch milliseconds are exact integers, their differences too,
     # and dividing (not multiplying by 1e-3) rounds 400 ms to the double nearest 0.4 s.
-    times = (times - times.min()) / TIME_UNITS[unit] if times.size else times
+    times = _since_first(times, TIME_UNITS[unit])
     ids = None
     if id_column:
         ids = np.array([r[idx[3]].strip() if idx[3] < len(r) else "" for r in rows], dtype=object)
@@ -167,7 +173,7 @@ def _read_mooncake(path: Path) -> Trace:
                 raise TraceError(f"{path}:{line_no}: expected an object with numbers for "
                                  f"{', '.join(MOONCAKE_KEYS)} and a list of ids for hash_ids") from None
     t = np.asarray(times, dtype=float)
-    t = (t - t.min()) / 1000.0 if t.size else t  # Mooncake timestamps are milliseconds
+    t = _since_first(t, 1000.0)  # Mooncake timestamps are milliseconds
     offsets = np.zeros(len(blocks) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in blocks], out=offsets[1:])
     ids = np.fromiter((b for row in blocks for b in row), dtype=np.int64, count=int(offsets[-1]))
@@ -185,6 +191,10 @@ def _build(path: Path, times: np.ndarray, prompt: np.ndarray, output: np.ndarray
         bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
         if bad.size:
             raise TraceError(f"{path}: row {bad[0] + 1}: {label} must be a finite number >= 0, got {values[bad[0]]}")
+        if label != "time" and np.any(values > MAX_TOKENS):  # beyond any model's context, and int64's range
+            bad = np.flatnonzero(values > MAX_TOKENS)
+            raise TraceError(f"{path}: row {bad[0] + 1}: {label} must be at most {MAX_TOKENS:,}, "
+                             f"got {values[bad[0]]:g}")
     order = np.argsort(times, kind="stable")
     sorted_already = bool(np.all(order == np.arange(order.size)))
     tokens = [np.maximum(np.rint(v), 1).astype(np.int64) for v in (prompt, output)]
@@ -197,6 +207,19 @@ def _build(path: Path, times: np.ndarray, prompt: np.ndarray, output: np.ndarray
     return Trace(_frozen(times), _frozen(tokens[0]), _frozen(tokens[1]),
                  None if offsets is None else _frozen(offsets), None if ids is None else _frozen(ids),
                  None if request_ids is None else _frozen(request_ids))
+
+
+def _since_first(times: np.ndarray, divisor: float) -> np.ndarray:
+    """Times since the earliest row, divided into seconds.
+
+    A row with no finite time, or times too far apart for a float, comes out
+    non-finite, and _build names its row; numpy is kept from warning about it on the way.
+    """
+    finite = times[np.isfinite(times)]
+    if not finite.size:
+        return times
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (times - finite.min()) / divisor
 
 
 def _take_blocks(offsets: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -233,7 +256,7 @@ def _csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
 def _column_indexes(path: Path, header: list[str], names: Sequence[str]) -> list[int]:
     missing = [n for n in names if n not in header]
     if missing:
-        raise TraceError(f"{path}: no column {missing[0]!r} (columns: {', '.join(header)})")
+        raise TraceError(f"{path}: no column {missing[0]!r} ({describe_header(header)})")
     return [header.index(n) for n in names]
 
 
@@ -244,7 +267,52 @@ def _numbers(path: Path, rows: list[list[str]], index: int, header: list[str]) -
     except ValueError:
         bad = _first_bad(cells, float)
         raise TraceError(f"{path}: row {bad + 2}: column {header[index]!r}: "
-                         f"{cells[bad]!r} is not a number") from None
+                         f"{excerpt(cells[bad])} is not a number") from None
+
+
+NOT_FOUND = "file not found"
+
+
+def file_problem(path: Path) -> Optional[str]:
+    """Why `path` cannot be read as a data file (missing, a folder or device, a name the system refuses), or None.
+
+    A device such as /dev/zero never ends, so only regular files are read.
+    """
+    try:
+        if path.is_file():
+            return None
+        return "not a regular file (a folder or a device)" if path.exists() else NOT_FOUND
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        return f"cannot read: {exc.strerror or exc}"
+
+
+EXCERPT_CHARS = 20
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """A short, printable, quoted excerpt of file content for an error message.
+
+    Error lines name the row and column; they never echo more than `limit`
+    characters of a file, and nothing unprintable (a binary file, terminal escapes).
+    """
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return repr(clean + ("..." if len(text) > limit else ""))
+
+
+_COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,39}")
+MAX_LISTED_COLUMNS = 20
+
+
+def describe_header(header: Sequence[str]) -> str:
+    """The columns a file has, for an error message: listed when they look like column names, else not at all.
+
+    A file of another kind (prose, a binary, a secret) has a first line that is not
+    a header; it is not echoed.
+    """
+    if not header or not all(_COLUMN_NAME.fullmatch(h) for h in header):
+        return "the first line is not a header of column names"
+    more = len(header) - MAX_LISTED_COLUMNS
+    return f"columns: {', '.join(header[:MAX_LISTED_COLUMNS])}" + (f" and {more} more" if more > 0 else "")
 
 
 def _first_bad(cells: Iterable[str], parse) -> int:

@@ -73,7 +73,7 @@ class Comparison:
 
 
 def compare(a: WorkloadLike, b: WorkloadLike, *, seed: Optional[int] = None,
-            replications: Optional[int] = None, overrides: Sequence[str] = ()) -> Comparison:
+            replications: Optional[int] = None, overrides: Sequence[str] = (), force: bool = False) -> Comparison:
     """Run workloads A and B on common random numbers and compare their headline metrics.
 
     `a` and `b` are workload files (or validated Workloads when there are no
@@ -81,13 +81,13 @@ def compare(a: WorkloadLike, b: WorkloadLike, *, seed: Optional[int] = None,
     and the same number of `replications` (default: the larger of the two
     workloads' `simulation.replications`, so neither gets fewer than it asks
     for). `overrides` (`--set` strings) apply to both. Raises ConfigError with
-    one line per problem in either file.
+    one line per problem in either file, or for work over the limits unless `force`.
     """
     wa, wb = _load_both(a, b, overrides)
     seed = wa.simulation.seed if seed is None else seed
     n = max(wa.simulation.replications, wb.simulation.replications) if replications is None else replications
-    ra = run(wa, seed=seed, replications=n)
-    rb = run(wb, seed=seed, replications=n)
+    ra = run(wa, seed=seed, replications=n, force=force)
+    rb = run(wb, seed=seed, replications=n, force=force)
     table = compare_replications(ra.replications, rb.replications, metrics_to_compare(ra, rb))
     return Comparison(_name(a), _name(b), seed, n, table, summary_line(table), ra, rb)
 

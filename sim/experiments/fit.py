@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from sim.config.traces import AZURE_COLUMNS, Trace, read_trace
+from sim.config.traces import AZURE_COLUMNS, Trace, file_problem, read_trace
 
 STEPS_S = (60, 300, 900, 3600)  # schedule step lengths tried, shortest first
 MAX_STEPS = 120                  # a schedule longer than this is no longer readable
@@ -32,6 +32,7 @@ DISPERSION_WINDOWS_S = (1, 10, 60)
 BURSTY_CV = 1.5                  # inter-arrival CV above this: not Poisson-like
 REGULAR_CV = 0.7                 # below this: markedly more regular than Poisson
 CLASS_NAME = "fitted"
+HEADER_CHARS = 64 * 1024         # format detection reads at most this much of the first line
 
 
 @dataclass
@@ -47,9 +48,12 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if path.suffix.lower() in (".jsonl", ".json"):
         return "mooncake"
+    if file_problem(path) is not None:
+        return "csv"  # read_trace reports the problem; a device such as /dev/zero is never opened
     try:
         with path.open(newline="", encoding="utf-8") as fh:
-            header = [h.strip() for h in next(csv.reader(fh), [])]
+            # One line, and not an endless one: a file without newlines is read no further than this.
+            header = [h.strip() for h in next(csv.reader([fh.readline(HEADER_CHARS)]), [])]
     except (OSError, UnicodeDecodeError, csv.Error):
         return "csv"  # read_trace reports the problem
     return "azure" if all(c in header for c in AZURE_COLUMNS) else "csv"

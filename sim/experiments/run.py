@@ -1,19 +1,22 @@
 """Run a workload: its replications, their summaries and the intervals across them."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import pandas as pd
 
 from sim.config.loader import load_workload
 from sim.config.schema import TraceArrivals, Workload
-from sim.model.offered import offered_load_rps, offered_utilisation
 from sim.metrics.ledger import ledger
 from sim.metrics.summary import aggregate, budget_sections, choose_warmup, stage_times, summarise
 from sim.metrics.timeseries import timeseries
+from sim.model.offered import offered_load_rps, offered_utilisation
 from sim.model.pipeline import simulate
+
+from .estimate import check_work, estimate_run
 
 
 @dataclass
@@ -29,6 +32,31 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     """What the user should know about the run (one line each): the workload's static checks, then
     what the replications found (each line once, in order)."""
+
+
+class Ticker:
+    """Progress lines for a long run: at most one every few seconds, with the share of simulated time done."""
+
+    EVERY_S = 5.0
+
+    def __init__(self, say: Callable[[str], None], replications: int) -> None:
+        self.say, self.replications = say, replications
+        self.start = self.last = time.monotonic()
+
+    @staticmethod
+    def ticks(requests: float) -> int:
+        """Ticks per replication: one every ~20,000 simulated requests (a fraction of a second)."""
+        return int(min(max(requests / 20_000, 20), 1_000_000))
+
+    def replication(self, r: int) -> Callable[[float], None]:
+        def tick(share: float) -> None:
+            now = time.monotonic()
+            if now - self.last >= self.EVERY_S or (share == 1.0 and r + 1 == self.replications):
+                self.last = now
+                done = f"{share:.0%}" if share >= 0.1 else f"{share:.2%}"
+                self.say(f"replication {r + 1}/{self.replications}: {done} of the simulated time, "
+                         f"{now - self.start:.0f} s so far")
+        return tick
 
 
 def step_time_sources(workload: Workload) -> dict[str, str]:
@@ -57,12 +85,15 @@ def workload_warnings(workload: Workload) -> list[str]:
 
 def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
         replications: Optional[int] = None, overrides: Sequence[str] = (),
-        keep_requests: bool = True) -> RunResult:
+        keep_requests: bool = True, force: bool = False,
+        progress: Optional[Callable[[str], None]] = None) -> RunResult:
     """Simulate a workload (a file path or a validated Workload) and summarise it.
 
     `seed` and `replications` override the workload's `simulation` block;
     `overrides` are `--set` style `path=value` strings (file paths only).
     `keep_requests=False` skips the per-request table and the time series (sweeps don't need them).
+    Work estimated above the limits (see sim.experiments.estimate) raises ConfigError unless `force`;
+    `progress(line)` hears about long work before and while it runs.
     """
     if not isinstance(workload, Workload):
         workload = load_workload(workload, overrides)
@@ -73,12 +104,18 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
     replications = sim.replications if replications is None else replications
     if replications < 1:
         raise ValueError("replications must be at least 1")
+    estimate = estimate_run(workload, replications, keep_requests)
+    notes = check_work(estimate, force, "this run", workload.simulation.max_requests)
+    ticker = Ticker(progress, replications) if progress is not None and notes else None
+    for line in notes if progress is not None else ():
+        progress(line)
     offered = offered_utilisation(workload)
     load = offered_load_rps(workload)
     rows, frames, series_frames, ledgers = [], [], [], []
     warnings = workload_warnings(workload)
     for r in range(replications):
-        rec = simulate(workload, replication=r, seed=seed)
+        rec = simulate(workload, replication=r, seed=seed, progress=ticker.replication(r) if ticker else None,
+                       ticks=ticker.ticks(estimate.peak_requests) if ticker else 20)
         warnings += rec.warnings
         warmup = choose_warmup(rec, workload)
         rows.append({"replication": r, "offered_load_rps": load, **summarise(rec, workload, warmup, offered)})

@@ -12,19 +12,25 @@ import itertools
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Iterator, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from sim.config.base import MAX_REPLICATIONS
+from sim.config.base import Block as ConfigBlock
 from sim.config.loader import ConfigError, load_yaml_with_lines, validate_model
 from sim.config.overrides import apply_overrides
 from sim.config.schema import Workload
 
 LOAD_AXIS = "traffic.rate_scale"
+MAX_NAME_BYTES = 255  # the longest file name most file systems take
 
 
-class Block(BaseModel):
+class Block(ConfigBlock):
+    """A block of an experiment file: a workload's rules (strict numbers, no unknown keys), and aliases
+    (`from`, `to`) by name too."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
 
@@ -43,10 +49,14 @@ class Span(Block):
         return self
 
     def values(self) -> list[float]:
+        return [self.value(k) for k in range(self.steps)]
+
+    def value(self, k: int) -> float:
+        """The k-th value (k in [0, steps))."""
         if self.scale == "log":
             a, b = math.log(self.start), math.log(self.stop)
-            return [round(math.exp(a + (b - a) * k / (self.steps - 1)), 12) for k in range(self.steps)]
-        return [round(self.start + (self.stop - self.start) * k / (self.steps - 1), 12) for k in range(self.steps)]
+            return round(math.exp(a + (b - a) * k / (self.steps - 1)), 12)
+        return round(self.start + (self.stop - self.start) * k / (self.steps - 1), 12)
 
 
 Axis = Union[list[Any], Span]
@@ -55,8 +65,8 @@ Axis = Union[list[Any], Span]
 class Bound(Block):
     """An SLO bound on a summary metric: at most `max` and/or at least `min`."""
 
-    max: Optional[float] = Field(None, description="The metric's upper 95% bound must be at most this.")
-    min: Optional[float] = Field(None, description="The metric's lower 95% bound must be at least this.")
+    max: Optional[float] = Field(None, gt=0, description="The metric's upper 95% bound must be at most this.")
+    min: Optional[float] = Field(None, ge=0, description="The metric's lower 95% bound must be at least this.")
 
     @model_validator(mode="after")
     def _some_bound(self) -> "Bound":
@@ -90,12 +100,26 @@ class Experiment(Block):
     variants: dict[str, Union[dict[str, Any], list[str]]] = Field(
         default_factory=dict, description="Named policies: {path: value} or a list of 'path=value' overrides each."
     )
-    replications: Optional[int] = Field(None, ge=1, description="Replications per point (default: the workload's).")
+    replications: Optional[int] = Field(None, ge=1, le=MAX_REPLICATIONS,
+                                        description="Replications per point (default: the workload's).")
     seed: Optional[int] = Field(None, ge=0, description="Root seed of every point (default: the workload's).")
     slo: dict[str, Bound] = Field(default_factory=dict, description="metric -> bound; a number means max.")
     load_axis: str = Field(LOAD_AXIS, description="The axis that is the offered load (x axis of load plots).")
     capacity: Optional[Capacity] = Field(None, description="Find each config's highest load meeting the SLO.")
     metrics: Optional[list[str]] = Field(None, description="Metrics to keep in results (default: all).")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_file_name(cls, name: Optional[str]) -> Optional[str]:
+        """The name becomes the folder reports/<name>/: it must not lead anywhere else."""
+        if name is None:
+            return name
+        plain = all(kind(name).name == name for kind in (PurePosixPath, PureWindowsPath))
+        if not name or not plain or name == ".." or "\0" in name:
+            raise ValueError(f"must be a plain file name (no '/', '\\', '..', drive or absolute path), got {name!r}")
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise ValueError(f"must be at most {MAX_NAME_BYTES} bytes long (it names a folder)")
+        return name
 
     @model_validator(mode="before")
     @classmethod
@@ -106,8 +130,11 @@ class Experiment(Block):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Experiment":
+        empty = [path for path, axis in self.axes.items() if axis_length(axis) == 0]
+        if empty:
+            raise ValueError(f"axes: {empty[0]} has no values; give at least one")
         if self.combine == "zip":
-            lengths = {path: len(axis_values(axis)) for path, axis in self.axes.items()}
+            lengths = {path: axis_length(axis) for path, axis in self.axes.items()}
             if len(set(lengths.values())) > 1:
                 raise ValueError(f"axes: zip needs axes of one length, got {lengths}")
         if self.capacity is not None and not self.slo:
@@ -118,6 +145,15 @@ class Experiment(Block):
 def axis_values(axis: Axis) -> list[Any]:
     """The values an axis takes, in order."""
     return axis.values() if isinstance(axis, Span) else list(axis)
+
+
+def axis_length(axis: Axis) -> int:
+    """How many values an axis takes, without listing them."""
+    return axis.steps if isinstance(axis, Span) else len(axis)
+
+
+def first_value(axis: Axis) -> Any:
+    return axis.value(0) if isinstance(axis, Span) else axis[0]
 
 
 def override(path: str, value: Any) -> str:
@@ -135,6 +171,51 @@ class Point:
     overrides: tuple[str, ...]
     key: str = field(default="")
 
+    def describe(self) -> str:
+        """'point 4 (variant fast, traffic.rate_scale=1.5)' for messages."""
+        values = "".join(f", {p}={json.dumps(v)}" for p, v in self.values.items())
+        return f"point {self.index} (variant {self.variant}{values})"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one override of a point comes from: for messages that blame the experiment file, not the workload."""
+
+    override: str
+    location: tuple[str, ...]  # key path in the experiment file (for its line number)
+    label: str                 # 'axes.models.x.replicas: value -2' or 'variants.fp8: models.x.replicas=-2'
+    path: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", self.override.partition("=")[0].strip())
+
+
+class Problems:
+    """Distinct error lines of bad points, shown up to a limit, then a count (a bad value repeats across a grid)."""
+
+    SHOWN = 8
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.lines: dict[str, None] = {}  # an ordered set
+        self.bad = 0
+
+    def add(self, lines: list[str]) -> None:
+        self.bad += 1
+        self.lines.update(dict.fromkeys(lines))
+
+    def raise_if_any(self, checked: int, what: str = "points") -> None:
+        """ConfigError with the first lines and, past the limit, how many more there are."""
+        if not self.bad:
+            return
+        lines = list(self.lines)
+        shown = lines[:self.SHOWN]
+        if len(lines) > self.SHOWN:
+            shown.append(f"{self.source}: ... and {len(lines) - self.SHOWN} more problems")
+        shown.append(f"{self.source}: {self.bad} of {checked} {what} have values the workload refuses; "
+                     "nothing was run")
+        raise ConfigError(shown)
+
 
 @dataclass
 class LoadedExperiment:
@@ -148,27 +229,86 @@ class LoadedExperiment:
     base_lines: dict
     seed: int
     replications: int
+    lines: dict = field(default_factory=dict)  # the experiment file's line numbers, for messages
 
     def points(self) -> list[Point]:
-        """Every point: variants x (grid or zip of the axes), in a stable order."""
+        """Every point as a list (see iter_points; a sweep never holds them all)."""
+        return list(self.iter_points())
+
+    def iter_points(self) -> Iterator[Point]:
+        """Every point: variants x (grid or zip of the axes), in a stable order, one at a time.
+
+        A generator, so a million-point axis costs nothing until its points are used.
+        """
         paths = list(self.spec.axes)
         columns = [axis_values(self.spec.axes[p]) for p in paths]
-        combos = list(zip(*columns)) if self.spec.combine == "zip" else list(itertools.product(*columns))
-        variants = self.variant_overrides() or {"base": []}
-        points = []
-        for variant, extra in variants.items():
+        index = 0
+        for variant, extra in (self.variant_overrides() or {"base": []}).items():
+            combos = zip(*columns) if self.spec.combine == "zip" else itertools.product(*columns)
             for combo in combos:
                 values = dict(zip(paths, combo))
                 overrides = tuple(extra) + tuple(override(p, v) for p, v in values.items())
-                points.append(Point(len(points), variant, values, overrides,
-                                    point_key(variant, overrides, self.seed, self.replications)))
-        return points
+                yield Point(index, variant, values, overrides,
+                            point_key(variant, overrides, self.seed, self.replications))
+                index += 1
+
+    def count_points(self) -> int:
+        """How many points iter_points yields, without making them."""
+        lengths = [axis_length(axis) for axis in self.spec.axes.values()]
+        combos = (min(lengths) if lengths else 1) if self.spec.combine == "zip" else math.prod(lengths)
+        return max(len(self.spec.variants), 1) * combos
 
     def variant_overrides(self) -> dict[str, list[str]]:
         out = {}
         for name, spec in self.spec.variants.items():
             out[name] = list(spec) if isinstance(spec, list) else [override(p, v) for p, v in spec.items()]
         return out
+
+    def sources(self, variant: str, values: dict[str, Any]) -> list[Source]:
+        """A point's overrides (variant's, then one per axis, as in Point.overrides), each with its origin."""
+        variant_overrides = self.variant_overrides().get(variant, [])
+        out = [Source(o, ("variants", variant), f"variants.{variant}: {_shorten(o)}") for o in variant_overrides]
+        out += [Source(override(p, v), ("axes", p), f"axes.{p}: value {json.dumps(v)}") for p, v in values.items()]
+        return out
+
+    def point_workload(self, point: Point) -> Workload:
+        """A point's validated workload; its ConfigError names the axis value or variant at fault."""
+        return self.checked_workload(self.sources(point.variant, point.values), point.describe())
+
+    def checked_workload(self, sources: list[Source], what: str) -> Workload:
+        """The workload with `sources` applied; a bad value is blamed on the line of the experiment that set it."""
+        try:
+            return self.workload(tuple(s.override for s in sources))
+        except ConfigError as err:
+            raise ConfigError([self._blame(sources, what, line) for line in err.lines]) from None
+
+    def _blame(self, sources: list[Source], what: str, line: str) -> str:
+        """'--set PATH: message' -> 'EXP:LINE: axes.PATH: value V: message'; other errors name the point."""
+        if line.startswith("--set "):
+            target, _, message = line.removeprefix("--set ").partition(": ")
+            for source in reversed(sources):  # a later override wins, so it is the one to blame
+                if target == source.path or target.startswith(source.path + "."):
+                    below = f"{target}: " if target != source.path else ""
+                    number = self.lines.get(source.location, self.lines.get(source.location[:1], 1))
+                    return f"{self.path}:{number}: {source.label}: {below}{message}"
+        return f"{self.path}: {what}: {line}"
+
+    def fingerprint(self, base: Workload) -> dict[str, Any]:
+        """What identifies the experiment's results: a hash of the whole, and one per part to say what differs.
+
+        `base` is self.workload() (the base with the experiment's seed and replications). Name,
+        description and the file's location are left out: renaming or moving changes no result.
+        """
+        spec = self.spec
+        parts: dict[str, Any] = {"axes": list(spec.axes), "variants": list(spec.variants)}
+        parts.update({f"axes.{p}": axis_values(a) for p, a in spec.axes.items()})
+        parts.update({f"variants.{n}": o for n, o in self.variant_overrides().items()})
+        parts.update(combine=spec.combine, load_axis=spec.load_axis, metrics=spec.metrics,
+                     slo={m: b.model_dump() for m, b in spec.slo.items()},
+                     capacity=spec.capacity.model_dump() if spec.capacity else None)
+        parts.update({f"workload.{k}": v for k, v in base.model_dump(mode="json", by_alias=True).items()})
+        hashes = {k: _digest(v)[:16] for k, v in parts.items()}
+        return {"sha256": _digest(hashes), "parts": hashes}
 
     def workload(self, overrides: tuple[str, ...] = ()) -> Workload:
         """The base workload with the experiment's seed and replications, then `overrides`, applied.
@@ -180,6 +320,17 @@ class LoadedExperiment:
         data = apply_overrides(self.base_data, settings + list(overrides), Workload)
         return validate_model(Workload, data, self.base_lines, str(self.base_path), self.base_path.parent,
                               overridden=[tuple(o.partition("=")[0].split(".")) for o in overrides])
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    """A long override (a whole block set at once) cut short for a message."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _digest(value: Any) -> str:
+    """sha256 of canonical JSON: equal data, equal digest, whatever the key order."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def point_key(variant: str, overrides: tuple[str, ...], seed: int, replications: int) -> str:
@@ -202,6 +353,7 @@ def load_experiment(path: Union[str, Path]) -> LoadedExperiment:
         spec, path, spec.name or path.stem, base_path, base_data, base_lines,
         spec.seed if spec.seed is not None else base.simulation.seed,
         spec.replications or base.simulation.replications,
+        lines,
     )
     _check_paths(loaded, lines)
     return loaded
@@ -211,7 +363,7 @@ def _check_paths(loaded: LoadedExperiment, lines: dict) -> None:
     """Every axis and variant path must exist in the workload schema: a typo is a file:line error."""
     errors = []
     spec = loaded.spec
-    where = [(("axes", p), [override(p, axis_values(a)[0])]) for p, a in spec.axes.items()]
+    where = [(("axes", p), [override(p, first_value(a))]) for p, a in spec.axes.items()]
     where += [(("variants", name), ov) for name, ov in loaded.variant_overrides().items()]
     if spec.capacity is not None:
         where.append((("load_axis",), [override(spec.load_axis, spec.capacity.target)]))

@@ -1,30 +1,37 @@
 """`llmsim sweep`: run every point of an experiment, save each as it finishes, then the capacity search.
 
 Output folder (default reports/<experiment name>/):
-  experiment.json   what was run (the resolved experiment and base workload)
+  experiment.json   what was run (the resolved experiment and base workload, and its fingerprint)
   results.parquet   one row per point and replication: axis values, seed, status, error, every metric
   capacity.json     with a `capacity:` block: each config's highest load meeting the SLO
+  .llmsim.lock      while a sweep writes there: its pid and host
+
+Every point's values are checked before the first point runs, and before the folder is touched.
 """
 from __future__ import annotations
 
 import datetime
+import math
+import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import pandas as pd
 
 from sim.config.loader import ConfigError
-from sim.model.offered import offered_load_rps
 from sim.metrics.summary import metric_names
+from sim.model.offered import offered_load_rps
 
 from .capacity import CapacityTask, cheapest, search_capacity
-from .executors import run_tasks
+from .estimate import WorkEstimate, check_work, estimate_run
+from .executors import run_tasks, stop_on_sigterm
 from .progress import Progress
 from .run import run, step_time_sources
-from .spec import LoadedExperiment, Point, axis_values, load_experiment, override, point_key
-from .store import ResultStore, read_json, write_json
+from .spec import LoadedExperiment, Point, Problems, Source, axis_values, load_experiment, override, point_key
+from .store import FolderLock, ResultStore, check_fingerprint, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ def run_point(task: PointTask) -> list[dict[str, Any]]:
     start = time.perf_counter()
     seed = task.workload.simulation.seed
     try:
-        result = run(task.workload, keep_requests=False)
+        result = run(task.workload, keep_requests=False, force=True)  # the sweep's estimate was checked
     except Exception as exc:  # recorded with its error; the sweep goes on
         return [_row(task.point, seed, -1, "failed", f"{type(exc).__name__}: {exc}", time.perf_counter() - start)]
     elapsed = (time.perf_counter() - start) / len(result.replications)
@@ -76,42 +83,57 @@ def _crashed_point(task: PointTask, error: BaseException) -> list[dict[str, Any]
 
 def sweep(experiment: Union[str, Path], *, out: Optional[Path] = None, workers: Optional[int] = None,
           executor: str = "local", scheduler: Optional[str] = None, resume: bool = False,
-          progress: bool = True) -> SweepResult:
-    """Run an experiment file's sweep (and capacity search); results are saved as each point finishes."""
+          progress: bool = True, force: bool = False) -> SweepResult:
+    """Run an experiment file's sweep (and capacity search); results are saved as each point finishes.
+
+    Bad input (the file, any point's values, a folder another sweep holds, --resume of another
+    experiment's results) raises ConfigError before anything runs, and so does work estimated over the
+    limits unless `force`. SIGTERM stops the sweep as Ctrl-C does (KeyboardInterrupt), with every
+    finished point saved.
+    """
     exp = load_experiment(experiment)
     out = Path(out) if out is not None else Path("reports") / exp.name
     base = exp.workload()
     _check_metric_names(exp, base)
+    check_points(exp, progress, force)
+    with stop_on_sigterm(), FolderLock(out) as lock:
+        if lock.note:
+            _note(lock.note)
+        return _sweep_in(exp, base, out, workers, executor, scheduler, resume, progress)
+
+
+def plan(experiment: Union[str, Path], force: bool = False) -> str:
+    """What a sweep of `experiment` would run, checked as `sweep` checks it, without running anything."""
+    exp = load_experiment(experiment)
+    _check_metric_names(exp, exp.workload())
+    work = check_points(exp, progress=False, force=force)
+    searches = f", and a capacity search of {len(capacity_tasks(exp))} config(s)" if exp.spec.capacity else ""
+    return (f"{exp.path}: {exp.count_points():,} points of {exp.replications} replication(s){searches}: "
+            f"{work.describe()}; every value checked, nothing run")
+
+
+def _sweep_in(exp: LoadedExperiment, base, out: Path, workers: Optional[int], executor: str,
+              scheduler: Optional[str], resume: bool, progress: bool) -> SweepResult:
+    """The sweep proper, in a folder this process holds the lock of."""
     store = ResultStore(out, list(exp.spec.axes))
-    if store.exists() and not resume:
-        raise ConfigError([f"{store.path}: results of an earlier sweep are here; "
-                           "add --resume to finish them, or choose another --out"])
-    done = store.resume() if resume else set()
-    description = _describe(exp, base)
+    description = {**_describe(exp, base), "fingerprint": exp.fingerprint(base)}
+    done = _resumed(store, description["fingerprint"], resume)
     write_json(out / "experiment.json", description)
 
-    tasks, failed = [], 0
-    for point in exp.points():
-        if point.key in done:
-            continue
-        try:
-            workload = exp.workload(point.overrides)
-        except ConfigError as err:  # an axis value the schema refuses: this point fails, the rest run
-            store.add([_row(point, exp.seed, -1, "failed", "; ".join(err.lines), 0.0)])
-            failed += 1
-            continue
-        keep = tuple(exp.spec.metrics) if exp.spec.metrics else None
-        tasks.append(PointTask(point, workload, keep))
-
-    bar = Progress(len(tasks), "points", enabled=progress)
+    keep = tuple(exp.spec.metrics) if exp.spec.metrics else None
+    total = sum(point.key not in done for point in exp.iter_points())
+    failed = 0
+    bar = Progress(total, "points", enabled=progress)
     try:
-        for task, rows in run_tasks(run_point, tasks, executor=executor, workers=workers, scheduler=scheduler,
-                                    on_crash=_crashed_point):
-            store.add(rows)
-            ok = rows[0]["status"] == "ok"
-            failed += not ok
-            label = _label(task.point.variant, task.point.values)
-            bar.update(label if ok else f"{label}: {rows[0]['error']}", ok)
+        results = run_tasks(run_point, _point_tasks(exp, done, keep), total=total, executor=executor,
+                            workers=workers, scheduler=scheduler, on_crash=_crashed_point)
+        with closing(results):  # stops the workers at once if this loop is left early (Ctrl-C, SIGTERM)
+            for task, rows in results:
+                store.add(rows)
+                ok = rows[0]["status"] == "ok"
+                failed += not ok
+                label = _label(task.point.variant, task.point.values)
+                bar.update(label if ok else f"{label}: {rows[0]['error']}", ok)
     finally:
         bar.close()
 
@@ -121,6 +143,92 @@ def sweep(experiment: Union[str, Path], *, out: Optional[Path] = None, workers: 
         failed += sum("error" in c for c in capacity["configs"])
     write_json(out / "experiment.json", {**description, "finished": _now()})
     return SweepResult(out, store.frame, capacity, failed)
+
+
+def _point_tasks(exp: LoadedExperiment, done: set[str], keep: Optional[tuple[str, ...]]) -> Iterator[PointTask]:
+    """The points still to run, each made as a worker is ready for it (a sweep never holds them all)."""
+    for point in exp.iter_points():
+        if point.key not in done:
+            yield PointTask(point, exp.workload(point.overrides), keep)
+
+
+SAY_CHECKING_ABOVE = 10_000  # points: checking more takes seconds, so say what is going on
+
+
+def check_points(exp: LoadedExperiment, progress: bool = False, force: bool = False) -> WorkEstimate:
+    """Validate every point's workload (and each capacity config's) before the first point runs, and
+    estimate the sweep's work: a bad axis value or variant is a ConfigError (exit 2) naming it, where it
+    would otherwise fail only when its point ran; so is work over the limits (unless `force`).
+
+    Half a millisecond a point (pydantic on the overridden workload): a few milliseconds for the
+    shipped experiments. Points are made one at a time, so even a huge sweep needs no memory here.
+    """
+    count = exp.count_points()
+    if progress and count > SAY_CHECKING_ABOVE:
+        print(f"llmsim sweep: checking the values of {count:,} points before the first runs", file=sys.stderr,
+              flush=True)
+    problems = Problems(exp.path)
+    checked, work, limit = 0, WorkEstimate(0, 0, 0, 0), None
+    for point in exp.iter_points():
+        checked += 1
+        try:
+            workload = exp.point_workload(point)
+        except ConfigError as err:
+            problems.add(err.lines)
+            continue
+        work = work + estimate_run(workload, keep_requests=False)
+        limit = workload.simulation.max_requests if limit is None else limit
+    problems.raise_if_any(checked)
+    if exp.spec.capacity is not None:
+        work = work + _check_capacity(exp)
+    for line in check_work(work, force, "this sweep", limit):
+        if progress:
+            print(f"llmsim sweep: {line}", file=sys.stderr, flush=True)
+    return work
+
+
+def _check_capacity(exp: LoadedExperiment) -> WorkEstimate:
+    """Validate each capacity config at the loads its search is sure to probe (low, high and target);
+    its work, counting each search's probes (a bisection to the tolerance) at the high load."""
+    spec, problems, checked, work = exp.spec.capacity, Problems(exp.path), 0, WorkEstimate(0, 0, 0, 0)
+    probes = 2 + math.ceil(math.log2(max(math.log(spec.high / spec.low) / math.log1p(spec.tolerance), 2)))
+    for task in capacity_tasks(exp):
+        for which in ("low", "high", "target"):
+            load = getattr(spec, which)
+            sources = exp.sources(task.variant, task.values)
+            sources.append(Source(override(exp.spec.load_axis, load), ("capacity", which),
+                                  f"capacity.{which}: value {load} of {exp.spec.load_axis}"))
+            checked += 1
+            try:
+                workload = exp.checked_workload(
+                    sources, f"capacity config (variant {task.variant}, {which} load {load})")
+            except ConfigError as err:
+                problems.add(err.lines)
+                continue
+            if which == "high":
+                one = estimate_run(workload, keep_requests=False)
+                work = work + WorkEstimate(one.requests * probes, one.peak_requests, one.memory_bytes,
+                                           one.seconds * probes)
+    problems.raise_if_any(checked, "capacity probes")
+    return work
+
+
+def _resumed(store: ResultStore, fingerprint: dict[str, Any], resume: bool) -> set[str]:
+    """The keys of the points already done; only with --resume, and only for the experiment that did them."""
+    if store.exists() and not resume:
+        raise ConfigError([f"{store.path}: results of an earlier sweep are here; "
+                           "add --resume to finish them, or choose another --out"])
+    if not resume or not store.exists():
+        return set()
+    note = check_fingerprint(store.folder, fingerprint)
+    if note:
+        _note(note)
+    return store.resume()
+
+
+def _note(text: str) -> None:
+    """Something the user should know that is not an error (a lock taken over, an unchecked resume)."""
+    print(f"llmsim sweep: note: {text}", file=sys.stderr, flush=True)
 
 
 def _capacity(exp: LoadedExperiment, out: Path, executor: str, workers: Optional[int],
@@ -137,13 +245,15 @@ def _capacity(exp: LoadedExperiment, out: Path, executor: str, workers: Optional
     doc = {"target": target, "load_axis": exp.spec.load_axis, "configs": configs, "cheapest_at_target": None}
     bar = Progress(len(tasks), "capacity", enabled=progress)
     try:
-        for task, record in run_tasks(search_capacity, tasks, executor=executor, workers=workers,
-                                      scheduler=scheduler, on_crash=_crashed_search):
-            doc["configs"].append(record)
-            doc["configs"].sort(key=lambda c: order.get(c["key"], len(order)))
-            doc["cheapest_at_target"] = cheapest(doc["configs"])
-            write_json(path, doc)
-            bar.update(_label(task.variant, task.values), "error" not in record)
+        results = run_tasks(search_capacity, tasks, executor=executor, workers=workers, scheduler=scheduler,
+                            on_crash=_crashed_search)
+        with closing(results):
+            for task, record in results:
+                doc["configs"].append(record)
+                doc["configs"].sort(key=lambda c: order.get(c["key"], len(order)))
+                doc["cheapest_at_target"] = cheapest(doc["configs"])
+                write_json(path, doc)
+                bar.update(_label(task.variant, task.values), "error" not in record)
     finally:
         bar.close()
     doc["cheapest_at_target"] = cheapest(doc["configs"])
@@ -155,7 +265,7 @@ def capacity_tasks(exp: LoadedExperiment) -> list[CapacityTask]:
     """One task per config: a variant and a combination of the axes other than the load axis."""
     tasks, seen = [], set()
     load_axis = exp.spec.load_axis
-    for point in exp.points():
+    for point in exp.iter_points():
         values = {p: v for p, v in point.values.items() if p != load_axis}
         variant_overrides = exp.variant_overrides().get(point.variant, [])
         overrides = tuple(variant_overrides) + tuple(override(p, v) for p, v in values.items())

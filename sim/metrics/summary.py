@@ -14,8 +14,21 @@ import pandas as pd
 from sim.config.schema import Api, SelfHosted, Workload
 
 from .ledger import api_usd, billed, cache_columns, ledger
-from .recorder import (ANSWERED, CANCELLED, COMPLETED, EXPIRED, OUTCOMES, PARTIAL, QUEUE_FULL, RATE_LIMITED,
-                       REJECTED, TIMED_OUT, TRY_LATER, Recorder, time_per_output_token)
+from .recorder import (
+    ANSWERED,
+    CANCELLED,
+    COMPLETED,
+    EXPIRED,
+    OUTCOMES,
+    PARTIAL,
+    QUEUE_FULL,
+    RATE_LIMITED,
+    REJECTED,
+    TIMED_OUT,
+    TRY_LATER,
+    Recorder,
+    time_per_output_token,
+)
 from .stats import mser5, t_interval
 
 MEASURES = ("queue_wait", "ttft", "e2e", "tpot")

@@ -26,8 +26,12 @@ from .offered import full_batch
 from .streams import BlockSampler, Streams
 
 
-def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = None) -> Recorder:
-    """Run one replication of `workload` and return its records."""
+def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = None,
+             progress: Optional[Callable[[float], None]] = None, ticks: int = 20) -> Recorder:
+    """Run one replication of `workload` and return its records.
+
+    `progress(share)` is called as the simulated clock passes each of `ticks` equal parts of duration_s.
+    """
     sim = workload.simulation
     streams = Streams(sim.seed if seed is None else seed, replication)
     env = simpy.Environment()
@@ -69,12 +73,25 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
         for endpoint in endpoints:
             endpoint.on_done = done
     start_monitor(env, endpoints, recorder, sim, workload.measure_end_s())
+    if progress is not None:
+        _schedule_ticks(env, sim.duration_s, ticks, progress)
     run(env)
     if workload.pipeline is not None and lifecycle.retrieval is not None:
         recorder.retrieval_stats = lifecycle.retrieval.stats(env.now)
     for endpoint in endpoints:
         recorder.warnings += beyond_calibration(endpoint, workload.models[endpoint.name])
     return recorder
+
+
+def _schedule_ticks(env: simpy.Environment, duration: float, ticks: int, progress: Callable[[float], None]) -> None:
+    """progress(k / ticks) at each k-th part of the duration, one tick scheduled at a time."""
+    def tick(event) -> None:
+        k = event.value
+        progress(k / ticks)
+        if k < ticks:
+            call_later(env, duration / ticks, tick, k + 1)
+
+    call_later(env, duration / ticks, tick, 1)
 
 
 def beyond_calibration(endpoint: Endpoint, model) -> list[str]:
@@ -158,19 +175,30 @@ def start_monitor(env: simpy.Environment, endpoints: list[Endpoint], recorder: R
 
     The samples give utilisation and cost over any window between them, and the time series.
     """
-    step = sim.timeseries_interval_s
-    end = sim.duration_s if measure_end_s is None else measure_end_s
-    times = {min(k * step, sim.duration_s) for k in range(int(sim.duration_s // step) + 1)}
-    times |= {sim.duration_s, end} | ({sim.warmup_s} if isinstance(sim.warmup_s, float) else set())
+    step, duration = sim.timeseries_interval_s, sim.duration_s
+    end = duration if measure_end_s is None else measure_end_s
+    # The grid k x step, merged with the window's edges; generated as the run goes (a long run at a
+    # fine interval has millions of samples: no list of them up front).
+    edges = sorted({duration, end} | ({sim.warmup_s} if isinstance(sim.warmup_s, float) else set()))
+    state = {"k": 0, "edge": 0}
 
-    times = sorted(times)
+    def next_time(after: float) -> Optional[float]:
+        k, e = state["k"], state["edge"]
+        while k * step <= after:
+            k += 1
+        while e < len(edges) and edges[e] <= after:
+            e += 1
+        state["k"], state["edge"] = k, e
+        t = min(k * step, edges[e]) if e < len(edges) else k * step
+        return t if t <= duration else None
 
     def sample(event) -> None:
-        now, k = env.now, event.value
+        now = env.now
         recorder.samples.append((now, {e.name: e.counters(now) for e in endpoints}))
         recorder.gauges.append((now, {e.name: e.gauges() for e in endpoints}))
-        if k + 1 < len(times):  # one sample scheduled at a time keeps the event queue short
+        t = next_time(event.value)
+        if t is not None:  # one sample scheduled at a time keeps the event queue short
             # Exactly at the planned time: the summary looks up the samples at the window's edges.
-            call_later(env, delay_to(now, times[k + 1]), sample, k + 1)
+            call_later(env, delay_to(now, t), sample, t)
 
-    call_later(env, times[0], sample, 0)
+    call_later(env, 0.0, sample, 0.0)

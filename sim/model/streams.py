@@ -15,6 +15,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from sim.config.base import MAX_TOKENS
+
 BLOCK = 2048  # draws per refill: large enough to amortise numpy's call overhead
 
 
@@ -56,6 +58,7 @@ def token_draw(spec) -> Callable[[np.random.Generator, int], np.ndarray]:
     """Integer token counts from a distribution spec: rounded, at least 1."""
 
     def draw(rng: np.random.Generator, n: int) -> np.ndarray:
-        return np.maximum(np.rint(spec.sample(rng, n)), 1).astype(np.int64)
+        # Clipped at MAX_TOKENS: a far tail of a wide distribution must not overflow int64.
+        return np.clip(np.rint(spec.sample(rng, n)), 1, MAX_TOKENS).astype(np.int64)
 
     return draw

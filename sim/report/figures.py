@@ -37,7 +37,10 @@ ENDPOINT_STYLES = ("-", "--", ":", "-.")
 # otherwise flatten everything else against zero.
 LOG_RATIO = 30.0
 
-_RC = {"svg.hashsalt": "llmsim", "svg.fonttype": "none", "font.size": 9, "axes.grid": True, "grid.alpha": 0.3}
+# text.parse_math off: names come from the user's files, and `$...$` in one must print as typed,
+# not as TeX math (which fails outright on an unknown command such as `$\x$`).
+_RC = {"svg.hashsalt": "llmsim", "svg.fonttype": "none", "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
+       "text.parse_math": False, "text.usetex": False}
 
 
 class SkipFigure(Exception):

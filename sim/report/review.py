@@ -14,14 +14,25 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
+from urllib.parse import quote
 
 import pandas as pd
 
 from sim.config.loader import ConfigError
 
 from .figures import (
-    LOAD_X, Figure, FigureSet, break_even, capacity_label, config_axes, config_label, format_value, load_axis,
-    make_figures, prepare_points, x_column,
+    LOAD_X,
+    Figure,
+    FigureSet,
+    break_even,
+    capacity_label,
+    config_axes,
+    config_label,
+    format_value,
+    load_axis,
+    make_figures,
+    prepare_points,
+    x_column,
 )
 
 MAX_ROWS = 25  # caveat tables longer than this are cut, with a count of the rest
@@ -42,25 +53,64 @@ class Sweep:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON object written by llmsim; ConfigError in one line when the file is damaged or of another kind."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConfigError([f"{path}:{err.lineno}: not valid JSON: {err.msg}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not a text file (llmsim writes UTF-8 JSON here)"]) from None
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot read: {err.strerror or err}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a JSON object, as llmsim writes, not {type(data).__name__}"])
+    return data
+
+
+
+def read_parquet(path: Path, needs: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A Parquet table written by llmsim, with the columns `needs`; ConfigError in one line when it is damaged.
+
+    A truncated or overwritten file makes pyarrow raise its own error types
+    (ArrowInvalid and kin, an OSError for some); all of them mean the file, not the code.
+    """
+    import pyarrow
+
+    try:
+        frame = pd.read_parquet(path)
+    except (pyarrow.ArrowException, OSError, ValueError) as err:
+        why = getattr(err, "strerror", None) or "corrupt or not a Parquet file"
+        raise ConfigError([f"{path}: cannot read: {why} (rerun the command that wrote it)"]) from None
+    missing = [c for c in needs if c not in frame.columns]
+    if missing:
+        raise ConfigError([f"{path}: no column {missing[0]!r}: not a table llmsim wrote"])
+    return frame
+
+
+def require_folder(directory: Path) -> None:
+    """ConfigError unless `directory` is a folder that can be looked into."""
+    try:
+        ok = directory.is_dir()
+    except OSError as err:  # a name longer than the file system allows, say
+        raise ConfigError([f"{directory}: cannot read: {err.strerror or err}"]) from None
+    if not ok:
+        raise ConfigError([f"{directory}: {'not a folder' if directory.exists() else 'no such folder'}"])
 
 
 def load_sweep(directory: Union[str, Path]) -> Sweep:
     """Read a sweep folder; ConfigError when it has no results.parquet or experiment.json."""
     directory = Path(directory)
+    require_folder(directory)
     if not (directory / "results.parquet").is_file():
         raise ConfigError([f"{directory}: no results.parquet (run llmsim sweep first)"])
     if not (directory / "experiment.json").is_file():
         raise ConfigError([f"{directory}: no experiment.json (is this a sweep folder?)"])
-    experiment = _read_json(directory / "experiment.json")
-    results = pd.read_parquet(directory / "results.parquet")
+    experiment = read_json_object(directory / "experiment.json")
+    results = read_parquet(directory / "results.parquet", needs=("point",))
     if "variant" not in results.columns:
         results["variant"] = "base"
-    capacity = _read_json(directory / "capacity.json") if (directory / "capacity.json").is_file() else None
+    capacity = read_json_object(directory / "capacity.json") if (directory / "capacity.json").is_file() else None
     return Sweep(directory, experiment, results, capacity, prepare_points(results, experiment))
 
 
@@ -564,27 +614,51 @@ def build_report(sweep: Sweep, figures: FigureSet) -> list[Block]:
 # --------------------------------------------------------------------------- rendering
 
 
+_CODE_SPAN = re.compile(r"`[^`]+`")  # the only markup the report's text uses (as in _inline below)
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>&#|~$])")
+_MD_LINE_START = re.compile(r"^(?:([-+])|(\d+)([.)]))(?=\s|$)")  # would start a list item
+
+
+def _md_text(text: str, table: bool = False) -> str:
+    """Text for Markdown: `code` spans kept, every other Markdown or HTML special character backslash-escaped.
+
+    Names and descriptions come from the user's files: `<script>` in one must stay
+    text, and `$...$` must not become math (GitHub renders it). Inside a table a
+    `|` splits the cell even in a code span, so there it is escaped everywhere.
+    """
+    text = re.sub(r"\s*[\r\n]+\s*", " ", text)  # one line: a name must not start a block of its own
+    parts, last = [], 0
+    # A span holding <, > or & is left as escaped text: report.md carries no raw HTML, even as code.
+    for span in (m for m in _CODE_SPAN.finditer(text) if not re.search(r"[<>&]", m.group())):
+        parts += [_MD_SPECIAL.sub(r"\\\1", text[last:span.start()]), span.group()]
+        last = span.end()
+    parts.append(_MD_SPECIAL.sub(r"\\\1", text[last:]))
+    parts[0] = _MD_LINE_START.sub(lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", parts[0])
+    out = "".join(parts)
+    return re.sub(r"(?<!\\)\|", r"\\|", out) if table else out
+
+
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return _md_text(text, table=True)
 
 
 def render_markdown(blocks: list[Block], base: Path) -> str:
-    """Markdown, with figures linked relative to `base` (the sweep folder)."""
+    """Markdown, with figures linked relative to `base` (the sweep folder); user text escaped."""
     out = []
     for b in blocks:
         if isinstance(b, Heading):
-            out.append(f"{'#' * b.level} {b.text}")
+            out.append(f"{'#' * b.level} {_md_text(b.text)}")
         elif isinstance(b, Para):
-            out.append(b.text)
+            out.append(_md_text(b.text))
         elif isinstance(b, Bullets):
-            out.append("\n".join(f"- {item}" for item in b.items))
+            out.append("\n".join(f"- {_md_text(item)}" for item in b.items))
         elif isinstance(b, Table):
             lines = ["| " + " | ".join(map(_md_cell, b.headers)) + " |", "|" + "---|" * len(b.headers)]
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
             out.append("\n".join(lines))
         elif isinstance(b, FigureBlock):
-            png, svg = (_relative(p, base) for p in (b.figure.png, b.figure.svg))
-            out.append(f"![{b.figure.title}]({png})\n\n{b.figure.caption} ([SVG]({svg}))")
+            png, svg = (quote(_relative(p, base)) for p in (b.figure.png, b.figure.svg))
+            out.append(f"![{_md_text(b.figure.title)}]({png})\n\n{_md_text(b.figure.caption)} ([SVG]({svg}))")
     return "\n\n".join(out) + "\n"
 
 

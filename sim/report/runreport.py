@@ -5,7 +5,6 @@ interval); each figure shows the mean over replications per interval.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,10 +16,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from sim.config.loader import ConfigError  # noqa: E402
+from sim.config.traces import excerpt  # noqa: E402
 
 from .figures import _RC, Figure, _save  # noqa: E402
-from .review import Bullets, FigureBlock, Heading, Para, Table, fmt_latency, fmt_rps, fmt_usd, render_html, \
-    render_markdown  # noqa: E402
+from .review import (
+    Bullets,
+    FigureBlock,
+    Heading,
+    Para,
+    Table,
+    fmt_latency,
+    fmt_rps,
+    fmt_usd,
+    read_json_object,
+    read_parquet,  # noqa: E402
+    render_html,
+    render_markdown,
+)
+
+# The time-series columns every run writes and the figures read.
+SERIES_COLUMNS = ("start_s", "end_s", "arrivals", "completions", "rejections", "queue_length_mean", "in_system_mean",
+                  "ttft_p95_s", "e2e_p95_s")
+TEXT_KEYS = ("workload", "bottleneck_stage")  # the summary's only text values, with step_times_<endpoint>
 
 
 def _series(timeseries: pd.DataFrame) -> pd.DataFrame:
@@ -169,14 +186,31 @@ def _metrics_table(summary: dict) -> Table:
     return Table(["metric", "value", "95% interval"], rows)
 
 
+def _checked_summary(summary: dict, path: Path) -> dict:
+    """The summary as `run --out` writes it: numbers (null where none), a flag, a few names; else ConfigError.
+
+    The report does arithmetic on every other value, so a hand-edited or foreign
+    file is refused here in one line rather than failing deep in a figure.
+    """
+    for key, value in summary.items():
+        if key in TEXT_KEYS or key.startswith("step_times_"):
+            ok = value is None or isinstance(value, str)
+        else:
+            ok = value is None or isinstance(value, (int, float))  # bool is an int: the `unstable` flag
+        if not ok:
+            raise ConfigError([f"{path}: {excerpt(str(key))}: unexpected {type(value).__name__} "
+                               "(not a summary written by llmsim run --out)"])
+    return summary
+
+
 def write_run_report(directory: Path) -> tuple[Path, Path]:
     """report.md and report.html of a run folder, with the time-series figures."""
     summary_path, series_path = directory / "summary.json", directory / "timeseries.parquet"
     if not summary_path.is_file() or not series_path.is_file():
         raise ConfigError([f"{directory}: no results.parquet (run llmsim sweep first) and no "
                            "summary.json + timeseries.parquet (run llmsim run ... --out DIR first)"])
-    summary = json.loads(summary_path.read_text())
-    series = _series(pd.read_parquet(series_path))
+    summary = _checked_summary(read_json_object(summary_path), summary_path)
+    series = _series(read_parquet(series_path, needs=SERIES_COLUMNS))
     endpoints = [c.removeprefix("replicas_serving_") for c in series.columns if c.startswith("replicas_serving_")]
     name = summary.get("workload") or directory.name
     figures = make_run_figures(series, endpoints, directory / "figures", name)

@@ -6,9 +6,7 @@ import math
 from pathlib import Path
 
 from sim.config.schema import Api
-
 from sim.metrics.summary import MEASURES, PERCENTILES
-
 
 # Requests that did not complete, by why; each shown when any did.
 LOST = (("requests_cancelled", "cancelled by the user"), ("requests_partial", "partial answer"),
@@ -137,5 +135,5 @@ def write_outputs(result, out: Path) -> None:
 
 
 def json_safe(summary: dict) -> dict:
-    """JSON has no NaN: a metric with no value (no request to measure) becomes null."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+    """JSON has no NaN or Infinity: a metric with no value (no request to measure) or no finite one becomes null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}

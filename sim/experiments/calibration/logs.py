@@ -15,6 +15,8 @@ from typing import Optional
 
 import numpy as np
 
+from sim.config.traces import NOT_FOUND, describe_header, excerpt, file_problem
+
 # Usual names of each quantity, first match wins.
 COLUMNS = {
     # step logs
@@ -88,8 +90,9 @@ def read_logs(paths: list[str], columns: Optional[dict[str, str]] = None) -> tup
     steps, requests = [], []
     for path in paths:
         p = Path(path).expanduser()
-        if not p.is_file():
-            raise LogError(f"{path}: no such file")
+        problem = file_problem(p)
+        if problem is not None:
+            raise LogError(f"{path}: {'no such file' if problem == NOT_FOUND else problem}")
         if p.suffix == ".json":
             requests.append(read_vllm_result(p))
             continue
@@ -102,8 +105,8 @@ def read_logs(paths: list[str], columns: Optional[dict[str, str]] = None) -> tup
             requests.extend(_request_logs(p, header, rows, names))
         else:
             raise LogError(f"{path}: neither a step log (step duration, decoding sequences, prefill tokens) nor a "
-                           f"request log (arrival, prompt and output tokens, TTFT, end-to-end); columns: "
-                           f"{', '.join(header[:12])}{' ...' if len(header) > 12 else ''}")
+                           f"request log (arrival, prompt and output tokens, TTFT, end-to-end); "
+                           f"{describe_header(header)}")
     return steps, requests
 
 
@@ -147,7 +150,7 @@ def _resolve(header: list[str], columns: dict[str, str]) -> dict[str, str]:
                 names[key] = found
     missing = [f"{k}={v}" for k, v in columns.items() if k not in COLUMNS or v not in header]
     if missing:
-        raise LogError(f"--columns {missing[0]}: no such column (columns: {', '.join(header)})")
+        raise LogError(f"--columns {missing[0]}: no such column ({describe_header(header)})")
     return names
 
 
@@ -162,7 +165,7 @@ def _numbers(path: Path, rows: list[dict[str, str]], name: str, allow_empty: boo
         try:
             out[k] = float(cell)
         except ValueError:
-            raise LogError(f"{path}: row {k + 2}: column {name!r}: {cell!r} is not a number") from None
+            raise LogError(f"{path}: row {k + 2}: column {name!r}: {excerpt(cell)} is not a number") from None
     if not allow_empty and not np.all(np.isfinite(out)):
         bad = int(np.flatnonzero(~np.isfinite(out))[0])
         raise LogError(f"{path}: row {bad + 2}: column {name!r} must be a finite number")

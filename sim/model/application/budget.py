@@ -47,6 +47,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence, Union, overload
 
 import numpy as np
 
+from sim.config.base import MAX_TOKENS
 from sim.config.budget import Budget
 from sim.model.streams import BLOCK, Streams
 
@@ -183,7 +184,7 @@ def _section_draw(spec):
     """Integer section sizes: rounded, at least 0 (an empty memory or no retrieved context is real)."""
 
     def draw(rng: np.random.Generator, n: int) -> np.ndarray:
-        return np.maximum(np.rint(spec.sample(rng, n)), 0).astype(np.int64)
+        return np.clip(np.rint(spec.sample(rng, n)), 0, MAX_TOKENS).astype(np.int64)  # no int64 overflow
 
     return draw
 
