@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a field in both workloads (repeatable)")
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    p.add_argument("--metrics", metavar="A,B,...",
+                   help="the rows to compare, comma-separated summary metric names (default: the headlines)")
     p.add_argument("--force", action="store_true", help="run even when the work estimate is over the limit")
 
     p = sub.add_parser("fit-traffic", help="fit an arrival process and token distributions to a request trace")
@@ -347,8 +349,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from sim.experiments.compare import compare, comparison_json, format_comparison
 
+    metrics = None if args.metrics is None else args.metrics.split(",")
     comparison = compare(args.a, args.b, seed=args.seed, replications=args.replications, overrides=args.overrides,
-                         force=args.force)
+                         force=args.force, metrics=metrics)
     print(json.dumps(comparison_json(comparison)) if args.json else format_comparison(comparison))
     return EXIT_OK
 

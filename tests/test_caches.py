@@ -1,6 +1,7 @@
 """Caches against cache theory: LRU (exact for a small universe, Che's approximation for a
 moderate one), TTL caches (exact renewal formula), stale hits, the deterministic share,
-warm starts, and the config block.
+warm starts, scopes (per-user hit rates by Che's approximation), leaks of personalised
+answers (closed form), the warm-up before the run, and the config block.
 
 Statistical checks follow tests/test_theory.py: one number per independent replication,
 a 99.9% Student t-interval over them, and a bound on its half-width so that a check cannot
@@ -21,7 +22,8 @@ from test_theory import check, wide_interval
 
 from sim.config.caches import CacheSpec, OutputCacheSpec
 from sim.config.distributions import Constant, Exponential
-from sim.model.application.caches import BYPASS, HIT, MISS, STALE_HIT, Cache
+from sim.config.schema import Workload
+from sim.model.application.caches import BYPASS, HIT, MISS, STALE_HIT, Audience, Cache, warm_up, zipf_draw
 from sim.model.streams import Streams
 
 
@@ -441,3 +443,359 @@ output_cache:
             CacheSpec.model_validate(bad)
     with pytest.raises(ValidationError, match="deterministic_share"):
         OutputCacheSpec.model_validate({"keys": {"universe": 10}, "deterministic_share": 1.5})
+
+
+# ------------------------------------------------------------------ scopes, tenants and leaks
+
+def scoped_run(cache_spec: CacheSpec, q: np.ndarray, seed: int, warmup: int, lookups: int, tenants: int = 1,
+               share: float = 0.0) -> tuple[np.ndarray, np.ndarray, Cache]:
+    """IRM lookups (each inserting on a miss) by users drawn from q, one class whose user k is in tenant
+    k mod `tenants`: (codes after the warm-up, their users, the cache with counters since the warm-up)."""
+    n = warmup + lookups
+    users = rng(seed, 1).choice(q.size, size=n, p=q).tolist()
+    audience = Audience(users, [0] * n, [0], [tenants], [share], rng(seed, 2))
+    cache = Cache(cache_spec, rng(seed, 3), audience=audience)
+    for i in range(warmup):
+        cache.access(0.0, i)
+    cache.reset_counters()
+    codes = np.array([cache.access(0.0, i) for i in range(warmup, n)])
+    return codes, np.asarray(users[warmup:]), cache
+
+
+def che_product(rates: np.ndarray, c: int) -> np.ndarray:
+    """Che's approximation for LRU over keys of probabilities `rates` (any shape): each key's hit probability."""
+    t = bisect(lambda x: float(np.sum(1 - np.exp(-rates * x))), c)
+    return 1 - np.exp(-rates * t)
+
+
+def test_user_scope_per_user_hit_rates_follow_che():
+    # Scope user: user u's question k is key (u, k), asked with probability q_u p_k; one LRU of C entries
+    # holds them all. Che on that product law: sum (1 - exp(-q_u p_k T)) = C fixes T, and user u hits
+    # with h_u = sum_k p_k (1 - exp(-q_u p_k T)): the busy user keeps more of the cache.
+    users, n, c, s = 10, 1_000, 300, 0.8
+    q, p = zipf(users, 1.0), zipf(n, s)
+    h = (p * che_product(np.outer(q, p), c)).sum(axis=1)
+    assert h[0] == pytest.approx(0.36213, abs=1e-5) and h[9] == pytest.approx(0.09190, abs=1e-5)
+    # Were the cache split evenly (C / 10 per user), every user would hit alike: 0.1637 by Che.
+    split = che_lru(p, c // users)
+    per_user, overall = [], []
+    for r in range(8):
+        codes, who, cache = scoped_run(spec(capacity=c, keys={"universe": n, "zipf_s": s}, scope="user"), q,
+                                       seed=91 + r, warmup=20_000, lookups=150_000, share=1.0)
+        # Personalised answers, but each is only ever served to its own user.
+        assert cache.cross_user_hits == 0 and cache.leaks == 0 and cache.hits > 0
+        per_user.append([np.mean(codes[who == u] != MISS) for u in range(users)])
+        overall.append(cache.hit_rate)
+    per_user = np.array(per_user)
+    for u in (0, 3, 9):
+        mean, half = wide_interval(per_user[:, u])
+        print(f"user {u}: Che {h[u]:.4f}, simulated {mean:.4f} +- {half:.2g}")
+        assert half <= 0.015 and abs(mean - h[u]) <= half + CHE_ALLOWANCE, (u, mean, half, h[u])
+    mean, half = wide_interval(per_user[:, 0])
+    assert abs(mean - split) > half + CHE_ALLOWANCE  # an even split is told apart
+    mean, half = wide_interval(overall)
+    assert abs(mean - float(q @ h)) <= half + CHE_ALLOWANCE and half <= 0.006
+
+
+def cross_user_theory(q: np.ndarray, lam: np.ndarray, ttl: float, tenants: int) -> float:
+    """Cross-user hits per lookup of a TTL cache scoped per tenant (tenant t: users k = t mod tenants) under
+    Poisson requests, key k at rate lam_k: exact.
+
+    Key (t, k) is asked at rate Q_t lam_k and hits with the renewal probability r ttl / (1 + r ttl)
+    (see test_ttl_cache_hit_rate_renewal_formula). The entry a hit finds was inserted by the miss that
+    began its cycle, whose user is an independent draw from the tenant's users: another user than the
+    one asking with probability 1 - sum_u (q_u / Q_t)^2 over the tenant's users.
+    """
+    p = lam / lam.sum()
+    total = 0.0
+    for t in range(tenants):
+        mine = q[t::tenants]
+        share = mine.sum()
+        rate = share * lam
+        other = 1 - float(np.sum((mine / share) ** 2))
+        total += share * float(p @ (rate * ttl / (1 + rate * ttl))) * other
+    return total
+
+
+@pytest.mark.parametrize("scope, tenants", [("global", 1), ("tenant", 3)])
+def test_leak_rate_is_personalised_share_times_cross_user_hit_rate(scope, tenants):
+    # A request is personalised with probability 0.3, independently of everything the cache does; a hit on
+    # an entry another user inserted leaks when that entry's request was personalised. So the leak rate is
+    # 0.3 x the cross-user hit rate, and that rate has the exact closed form of cross_user_theory.
+    users, n, s, total_rate, ttl, share = 10, 1_000, 0.8, 100.0, 10.0, 0.3
+    q, p = zipf(users, 1.0), zipf(n, s)
+    cross = cross_user_theory(q, total_rate * p, ttl, tenants)
+    # Global: (1 - sum q^2) of the hit rate (0.63172); per tenant fewer other users and fewer hits.
+    assert cross == pytest.approx({"global": 0.51760, "tenant": 0.24875}[scope], abs=1e-5)
+    cache_spec = spec(ttl_s=ttl, keys={"universe": n, "zipf_s": s}, scope=scope)
+    cross_sim, leak_sim, gap = [], [], []
+    for r in range(12):
+        g = rng(101, r)
+        times = poisson_times(g, total_rate, 700.0)
+        who = g.choice(users, size=len(times), p=q).tolist()
+        cache = Cache(cache_spec, rng(102, r), audience=Audience(who, [0] * len(who), [0], [tenants], [share],
+                                                                 rng(103, r)))
+        start = int(np.searchsorted(times, 100.0))  # ten TTLs of warm-up: every entry has an owner since
+        for i, t in enumerate(times):
+            if i == start:
+                cache.reset_counters()
+            cache.access(t, i)
+        cross_sim.append(cache.rate(cache.cross_user_hits))
+        leak_sim.append(cache.rate(cache.leaks))
+        gap.append(leak_sim[-1] - share * cross_sim[-1])
+    check(cross_sim, cross, f"{scope}: cross-user hit rate", max_half=0.01)
+    check(leak_sim, share * cross, f"{scope}: leak rate", max_half=0.01)
+    # The identity itself, replication by replication: leaks - 0.3 x cross hits has mean 0. (Hits on one
+    # entry share its flag, so counts are not binomial; replications are independent, so the t-interval is.)
+    check(gap, 0.0, f"{scope}: leak rate - share x cross-user hit rate", max_half=0.008)
+
+
+def test_scoped_keys_tenants_and_personalised_draws():
+    # Class 0: users 0..4 in 2 tenants (k mod 2); class 1: users 5..7, tenants shared with class 0.
+    n = 20_000
+    users = [0, 1, 2, 3, 4, 5, 6, 7] + [0] * (n - 8)
+    classes = [0, 0, 0, 0, 0, 1, 1, 1] + [0] * (n - 8)
+    audience = Audience(users, classes, [0, 5], [2, 2], [0.25, 0.0], rng(7))
+    assert [audience.tenant(i) for i in range(8)] == [0, 1, 0, 1, 0, 0, 1, 0]
+    cache = Cache(spec(keys={"universe": 100}, scope="user"), rng(1), audience=audience)
+    tenant = Cache(spec(keys={"universe": 100}, scope="tenant"), rng(1), audience=audience)
+    plain = Cache(spec(keys={"universe": 100}), rng(1), audience=audience)
+    for i in range(8):  # the same content key, apart per user, per tenant, or shared
+        k = plain.draw_key(i)
+        assert cache.draw_key(i) == k + 100 * users[i] and tenant.draw_key(i) == k + 100 * audience.tenant(i)
+        assert cache.scoped(k, i) == k + 100 * users[i] and plain.scoped(k, i) == k
+        assert tenant.scoped(cache.scoped(k, i), i) == k + 100 * audience.tenant(i)  # one query, rescoped
+    # Personalised draws are a function of the request: asked in any order, twice, they agree.
+    forward = [audience.personal(i) for i in range(n)]
+    again = Audience(users, classes, [0, 5], [2, 2], [0.25, 0.0], rng(7))
+    assert [again.personal(i) for i in reversed(range(n))][::-1] == forward
+    assert not any(forward[5:8])  # class 1 has no personalised requests
+    frac = np.mean(forward[8:])
+    assert abs(frac - 0.25) <= 3.29 * math.sqrt(0.25 * 0.75 / (n - 8)), frac
+    wider = Audience(users, classes, [0, 5], [2, 2], [0.5, 0.0], rng(7))  # a larger share only adds requests
+    assert all(wider.personal(i) for i in range(n) if forward[i])
+    with pytest.raises(ValueError, match="scope user needs an audience"):
+        Cache(spec(keys={"universe": 5}, scope="user"), rng(0))
+    # --warm fills a global cache with its top keys; a scoped one's top keys depend on who asks: left cold.
+    for scope, held in (("global", 5), ("user", 0)):
+        flagged = Cache(spec(keys={"universe": 5}, scope=scope), rng(0), audience=audience)
+        flagged.start(warm=True)
+        assert len(flagged) == held
+
+
+def test_a_hit_on_another_users_personal_answer_is_a_leak():
+    users = [0, 1, 1, 0]
+    audience = Audience(users, [0] * 4, [0], [1], [1.0], rng(0))  # every request personalised
+    cache = Cache(spec(keys={"universe": 1}), rng(0), audience=audience)
+    cache.insert(0, 0.0, 0)                                    # user 0's answer
+    assert cache.lookup(0, 1.0, 1) == HIT and cache.leaked     # served to user 1: a leak
+    cache.insert(0, 2.0, 2)                                    # user 1's own answer replaces it
+    assert cache.lookup(0, 3.0, 2) == HIT and not cache.leaked  # user 1 again: no leak
+    assert cache.lookup(0, 4.0, 3) == HIT and cache.leaked
+    stats = cache.stats()
+    assert (stats["cross_user_hits"], stats["leaks"], stats["leak_rate"]) == (2, 2, 2 / 3)
+    anonymous = Cache(spec(keys={"universe": 1}), rng(0), audience=audience)
+    anonymous.prefill_top(0.0)  # prefilled entries belong to nobody: never a leak
+    assert anonymous.lookup(0, 1.0, 1) == HIT and anonymous.cross_user_hits == 0
+
+
+# ------------------------------------------------------------------ warm-up before the run
+
+def warm_workload(rate: float = 10.0, rate_scale: float = 2.0, users: dict | None = None, share: float = 0.0,
+                  **cache) -> Workload:
+    """One Poisson class and an output cache (the warm-up reads only the traffic and the caches)."""
+    return Workload.model_validate({
+        "simulation": {"duration_s": 100, "seed": 3},
+        "traffic": {"rate_scale": rate_scale, "classes": {"c": {
+            "arrival": {"kind": "poisson", "rate_rps": rate}, "prompt_tokens": 10, "output_tokens": 10,
+            "users": users or {"count": 1}, "personalised_share": share}}},
+        "models": {"m": {"kind": "api", "concurrency": 4, "service_time": 0.1}},
+        "pipeline": {"output_cache": cache},
+    })
+
+
+def warmed(workload: Workload, seed: int) -> tuple[Cache, int]:
+    """The output cache of `workload` (seed `seed`), started and warmed up as the pipeline does."""
+    streams = Streams(seed)
+    audience = Audience.of(workload, [], [], streams)
+    spec_ = workload.pipeline.output_cache
+    cache = Cache(spec_, streams.rng("cache.output.keys"), streams.rng("cache.output.share"),
+                  streams.rng("cache.output.stale"), audience)
+    cache.start()
+    return cache, warm_up([("output", cache, False)], workload, streams)
+
+
+def test_warm_up_leaves_an_lru_holding_the_last_distinct_keys_and_hitting_at_the_stationary_rate():
+    n, c, s = 10_000, 500, 0.8
+    wl = warm_workload(capacity=c, keys={"universe": n, "zipf_s": s}, warm_up_s=500.0)  # ~10,000 requests
+    cache, count = warmed(wl, seed=5)
+    # Exactly: the warm-up's keys come from their own stream, and an LRU then holds the C most recently
+    # requested distinct keys, least recent first.
+    keys = zipf_draw(n, s)(Streams(5).rng("cache.output.warm_up.keys"), count).tolist()
+    last: dict[int, None] = {}
+    for key in reversed(keys):
+        last.setdefault(key, None)
+        if len(last) == c:
+            break
+    assert abs(count - 10_000) <= 3.29 * 100 and list(cache._entries) == list(reversed(last))
+    assert cache.lookups == cache.inserts == 0  # the run counts only its own lookups
+    # The run's own key draws are those of a cold cache: sweeping warm_up_s keeps common random numbers.
+    cold = Cache(spec(capacity=c, keys={"universe": n, "zipf_s": s}), Streams(5).rng("cache.output.keys"))
+    assert [cache.draw_key() for _ in range(100)] == [cold.draw_key() for _ in range(100)]
+    # Those C keys are the stationary LRU content (an iid sequence's last C distinct keys), so the run's
+    # first lookups hit at Che's rate at once; a cold cache is far below it.
+    che = che_lru(zipf(n, s), c)
+    warm_rates, cold_rates = [], []
+    for r in range(20):
+        cache, _ = warmed(wl, seed=50 + r)
+        cold = Cache(spec(capacity=c, keys={"universe": n, "zipf_s": s}), Streams(50 + r).rng("cache.output.keys"))
+        warm_rates.append(np.mean([cache.access(1.0) != MISS for _ in range(500)]))
+        cold_rates.append(np.mean([cold.access(1.0) != MISS for _ in range(500)]))
+    mean, half = wide_interval(warm_rates)
+    print(f"first 500 lookups after the warm-up: Che {che:.4f}, simulated {mean:.4f} +- {half:.2g}")
+    assert half <= 0.03 and abs(mean - che) <= half + CHE_ALLOWANCE
+    mean, half = wide_interval(cold_rates)
+    print(f"first 500 lookups of a cold cache: {mean:.4f} +- {half:.2g}")
+    assert mean + half < che - 0.1
+
+
+def test_warm_up_state_and_stale_data_match_the_closed_form():
+    # Unbounded, no TTL: after a warm-up of W seconds at rate L, key k is held iff it was asked for in
+    # [-W, 0), since its first request then (age W - tau, tau ~ Exp(L p_k) cut at W); its data changed
+    # since with probability 1 - exp(-nu age). A lookup at 0 therefore hits with sum_k p_k (1 - e^{-l W})
+    # and hits stale with sum_k p_k [1 - e^{-l W} - l (e^{-nu W} - e^{-l W}) / (l - nu)], l = L p_k.
+    n, s, nu, w = 1_000, 0.8, 0.01, 100.0
+    p = zipf(n, s)
+    lam = 20.0 * p  # 10 req/s at rate_scale 2
+    hit = float(np.sum(p * (1 - np.exp(-lam * w))))
+    stale = float(np.sum(p * (1 - np.exp(-lam * w) - lam * (np.exp(-nu * w) - np.exp(-lam * w)) / (lam - nu))))
+    assert hit == pytest.approx(0.84990, abs=1e-5) and stale == pytest.approx(0.45443, abs=1e-5)
+    wl = warm_workload(keys={"universe": n, "zipf_s": s}, change_rate_per_s=nu, warm_up_s=w)
+    hits, stales = [], []
+    for r in range(150):  # the state of the few top keys varies most between replications: many, short ones
+        cache, _ = warmed(wl, seed=200 + r)
+        codes = [cache.lookup(cache.draw_key(), 0.0) for _ in range(500)]  # look, never insert: the state at 0
+        hits.append(np.mean([code != MISS for code in codes]))
+        stales.append(np.mean([code == STALE_HIT for code in codes]))
+    check(hits, hit, "hit rate at 0 after a 100 s warm-up", max_half=0.02)
+    check(stales, stale, "stale-hit rate at 0 after a 100 s warm-up", max_half=0.02)
+    # The change draws of the warm-up come from a stream of their own: the run's are untouched.
+    cache, _ = warmed(wl, seed=1)
+    fresh = Cache(spec(keys={"universe": n}, change_rate_per_s=nu), rng(0),
+                  stale_rng=Streams(1).rng("cache.output.stale"))
+    assert cache._change() == fresh._change()
+
+
+def test_warm_up_follows_the_requests_through_the_chain():
+    # An output cache of one question: the first warm-up request misses it and reaches the retrieval cache;
+    # every later one is answered by the output cache, so retrieval holds one entry.
+    wl = warm_workload(capacity=10, keys={"universe": 1}, warm_up_s=100.0)
+    streams = Streams(3)
+    out = Cache(wl.pipeline.output_cache, streams.rng("a"))
+    out.start()
+    behind = spec(keys={"universe": 1_000, "zipf_s": 0.5}, warm_up_s=200.0)
+    retrieval = Cache(behind, streams.rng("b"))
+    count = warm_up([("output", out, False), ("retrieval", retrieval, False)], wl, streams)
+    assert count > 3_000
+    # The retrieval cache was switched on 100 s before the output cache: it saw every request until then.
+    early = [key for key in retrieval._entries]
+    assert 1 < len(early) and all(retrieval._entries[k][0] < -100.0 for k in early[:-1])
+    same = spec(keys={"universe": 1_000, "zipf_s": 0.5}, warm_up_s=100.0)
+    retrieval = Cache(same, streams.rng("b"))
+    out = Cache(wl.pipeline.output_cache, streams.rng("a"))
+    warm_up([("output", out, False), ("retrieval", retrieval, False)], wl, streams)
+    assert len(retrieval) == 1 and len(out) == 1
+    # A scoped cache is warmed per user, and the warm-up's personalised answers can leak in the run.
+    wl = warm_workload(users={"count": 50, "zipf_s": 1.0}, share=1.0, keys={"universe": 20}, scope="user",
+                       warm_up_s=50.0)
+    cache, count = warmed(wl, seed=4)
+    assert 50 < len(cache) <= 50 * 20 and all(entry[3] for entry in cache._entries.values())
+    assert {key // 20 for key in cache._entries} <= set(range(50)) and len({k // 20 for k in cache._entries}) > 20
+    with pytest.raises(ValueError, match="at most 20,000,000"):
+        warm_up([("output", Cache(spec(keys={"universe": 5}, warm_up_s=30 * 86400.0), rng(0)), False)],
+                warm_workload(rate=1e4, keys={"universe": 5}), Streams(0))
+
+
+# ------------------------------------------------------------------ in the pipeline
+
+def personalised(scope: str, **cache) -> Workload:
+    """40 req/s from 20 users (Zipf 1.0, 4 tenants), 40% personalised, through an output and a retrieval cache.
+
+    A short TTL renews the entries often: a popular entry held all run long would keep one owner and one
+    personalised draw, and the leak rate would vary from run to run with that one draw."""
+    keys = {"universe": 3_000, "zipf_s": 0.9}
+    return Workload.model_validate({
+        "simulation": {"duration_s": 600, "warmup_s": 60, "seed": 11},
+        "traffic": {"classes": {"c": {
+            "arrival": {"kind": "poisson", "rate_rps": 40}, "prompt_tokens": 10, "output_tokens": 10,
+            "users": {"count": 20, "zipf_s": 1.0, "tenants": 4}, "personalised_share": 0.4}}},
+        "models": {"m": {"kind": "api", "concurrency": 256, "service_time": 0.05}},
+        "pipeline": {
+            "output_cache": {"capacity": 300, "ttl_s": 5, "keys": keys, "scope": scope, **cache},
+            "retrieval": {"cache": {"capacity": 300, "ttl_s": 5, "keys": keys, "scope": scope, **cache},
+                          "backends": {"db": {"concurrency": 64, "latency_s": 0.01}}, "stages": ["db"]},
+        },
+    })
+
+
+def summaries(workload: Workload, replications: int) -> list[dict]:
+    from sim.metrics.summary import summarise
+    from sim.model.pipeline import simulate
+
+    out = []
+    for r in range(replications):
+        rec = simulate(workload, replication=r)
+        out.append(summarise(rec, workload, float(workload.simulation.warmup_s)))
+    return out
+
+
+def test_pipeline_leak_rates_follow_the_closed_form_and_user_scope_has_none():
+    # A global cache: the user who asks and the one whose miss filled the entry are independent draws,
+    # so a hit is cross-user with probability 1 - sum q^2, and a leak with 0.4 of that: for both caches
+    # the leak rate is 0.4 (1 - sum q^2) x their hit rate, replication by replication.
+    other = 1 - float(np.sum(zipf(20, 1.0) ** 2))
+    runs = summaries(personalised("global"), 8)
+    for cache in ("output", "retrieval"):
+        hit = "cache_hit_rate_output" if cache == "output" else "retrieval_cache_hit_rate"
+        gap = [m[f"cache_leak_rate_{cache}"] - 0.4 * other * m[hit] for m in runs]
+        check(gap, 0.0, f"{cache} cache: leak rate - 0.4 (1 - sum q^2) hit rate", max_half=0.01)
+        assert np.mean([m[f"cache_leak_rate_{cache}"] for m in runs]) > 0.03
+        assert all(m[f"cache_stale_hit_rate_{cache}"] == 0 for m in runs)  # no data changes
+    # Per tenant the entries are shared by fewer users; per user never: no leaks, and fewer hits.
+    tenant, user = summaries(personalised("tenant"), 2), summaries(personalised("user"), 2)
+    for cache, hit in (("output", "cache_hit_rate_output"), ("retrieval", "retrieval_cache_hit_rate")):
+        leak = [np.mean([m[f"cache_leak_rate_{cache}"] for m in ms]) for ms in (runs, tenant, user)]
+        hits = [np.mean([m[hit] for m in ms]) for ms in (runs, tenant, user)]
+        assert leak[0] > leak[1] > leak[2] == 0.0 and hits[0] > hits[1] > hits[2] > 0, (cache, leak, hits)
+
+
+def test_pipeline_warm_up_s_starts_the_caches_warm_on_the_same_traffic():
+    from sim.model.pipeline import simulate
+
+    cold_wl, warm_wl = personalised("global", ttl_s=None), personalised("global", ttl_s=None, warm_up_s=600.0)
+    cold, warm = simulate(cold_wl), simulate(warm_wl)
+    assert cold.arrival == warm.arrival and cold.user == warm.user  # the same requests
+    first = lambda rec: np.asarray(rec.cache_code).reshape(-1, 2)[:300, 1]  # noqa: E731 - the first lookups
+    assert np.mean(first(warm) != MISS) > np.mean(first(cold) != MISS) + 0.1
+    assert summaries(warm_wl, 1)[0]["cache_hit_rate_output"] > summaries(cold_wl, 1)[0]["cache_hit_rate_output"]
+
+
+def test_scope_warm_up_and_personalisation_config_errors():
+    for bad, message in [
+        ({"keys": {"universe": 10}, "warm": "top", "scope": "user"}, "warm: top needs scope: global"),
+        ({"keys": {"universe": 10}, "scope": "team"}, "scope"),
+        ({"keys": {"universe": 10}, "warm_up_s": 0}, "warm_up_s"),
+        ({"keys": {"universe": 10}, "warm_up_s": 31 * 86400}, "warm_up_s"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            CacheSpec.model_validate(bad)
+    assert CacheSpec.model_validate({"keys": {"universe": 10}, "warm": "top"}).scope == "global"
+    with pytest.raises(ValidationError, match=r"pipeline.output_cache.warm_up_s: 86400 s at the mean 2e\+04 req/s "
+                                              r"replays about 1,728,000,000 requests .* at most 20,000,000"):
+        warm_workload(rate=1e4, keys={"universe": 5}, warm_up_s=86400.0)
+    base = personalised("global").model_dump(exclude_unset=True)
+    for path, value, message in [("users", {"count": 5, "tenants": 0}, "tenants"),
+                                 ("personalised_share", 1.5, "personalised_share")]:
+        text = {**base, "traffic": {"classes": {"c": {**base["traffic"]["classes"]["c"], path: value}}}}
+        with pytest.raises(ValidationError, match=message):
+            Workload.model_validate(text)

@@ -6,10 +6,18 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
 from sim.cli import main
-from sim.experiments.compare import compare, format_quantities, paired_difference
+from sim.experiments.compare import (
+    compare,
+    compare_replications,
+    direction,
+    format_quantities,
+    paired_difference,
+)
 from sim.metrics.stats import t975
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +91,7 @@ def test_cli_table_and_summary(capsys, three_replicas):
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0] == f"A  {CHAT}" and lines[1] == f"B  {three_replicas}"
+    assert "aggregate rows" not in out  # one class: nothing is mixed
     row = next(line for line in lines if line.startswith("cost_per_hour_usd"))
     assert row.split() == ["cost_per_hour_usd", "$5.98", "$8.97", "+$2.99", "[+$2.99,", "+$2.99]", "+50%",
                            "B", "higher", "(worse)"]
@@ -179,3 +188,102 @@ def test_units_ms_below_a_second_and_dollars():
     assert format_quantities("cost_per_request_usd", [0.0003026], signed=False, significant=4) == ["$0.0003026"]
     assert format_quantities("cost_per_hour_usd", [-3.0, -3.5, -2.5], signed=True, significant=3) == [
         "-$3.00", "-$3.50", "-$2.50"]
+
+
+RAG = ROOT / "workloads/rag-support.yaml"
+
+
+@pytest.fixture(scope="module")
+def router_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """rag-support.yaml with its router fixed to the strongest tier (A), and as shipped: the threshold router (B)."""
+    folder = tmp_path_factory.mktemp("router")
+    data = yaml.safe_load(RAG.read_text())
+    assert data["pipeline"]["router"]["policy"] == "threshold"
+    (folder / "threshold.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    data["pipeline"]["router"].update(policy="fixed", fixed_tier=len(data["pipeline"]["router"]["tiers"]) - 1)
+    (folder / "strong.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return folder / "strong.yaml", folder / "threshold.yaml"
+
+
+def test_always_strong_vs_threshold_router_shows_the_quality_price_of_the_saving(capsys, router_pair):
+    # The threshold router sends the questions it judges easy to the 8B model (68% right on MMLU against
+    # gpt-4o's 81%); the evaluator catches 80% of its bad answers, so about 1.5% of answers stay worse.
+    # Common random numbers make that decisive in 5 x 10 minutes (the interval's far end was at least
+    # 0.8 pp below zero for seeds 1-6).
+    strong, threshold = router_pair
+    args = ["compare", str(strong), str(threshold), "--set", "simulation.duration_s=600",
+            "--set", "simulation.warmup_s=30", "--replications", "5"]
+    assert main([*args, "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    quality = metrics["quality_good_share"]
+    assert quality["a"] == pytest.approx(0.81, abs=0.02)  # gpt-4o's share, what "always strong" buys
+    assert quality["diff_ci95_low"] <= quality["diff"] <= quality["diff_ci95_high"] < 0
+    assert quality["verdict"] == "B lower (worse)" and quality["better"] == "higher"
+    assert metrics["cost_per_request_usd"]["verdict"] == "B lower (better)"
+    escalation = metrics["escalation_rate"]
+    # The top tier has nowhere to escalate to (the rare timed-out call retried counts as a hop too).
+    assert escalation["a"] < 0.001 and escalation["verdict"] == "B higher (worse)"
+    assert {"cache_hit_rate_output", "cache_stale_hit_rate_output", "embedding_cache_hit_rate", "hops_mean",
+            "fallback_smaller_model_share"} <= set(metrics)
+    assert main([*args, "--metrics", "quality_good_share,cost_per_request_usd"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("quality_good_share"))
+    assert row.split()[-3:] == ["B", "lower", "(worse)"] and " pp " in row and "%" in row
+    assert "good answers -1" in out.splitlines()[-1] and "cost/request -" in out.splitlines()[-1]
+
+
+def test_metrics_chooses_the_rows_in_order_and_unknown_names_exit_2_before_running(capsys, router_pair):
+    strong, threshold = router_pair
+    result = compare(strong, threshold, replications=2, overrides=SHORT,
+                     metrics=["escalation_rate", "e2e_p99_s", "escalation_rate"])
+    assert list(result.table.index) == ["escalation_rate", "e2e_p99_s"]
+    assert main(["compare", str(strong), str(threshold), "--metrics", "quality_good_share,nope,e2e_p99"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("--metrics: unknown metric(s) nope, e2e_p99 (known for both workloads: ")
+    assert "quality_good_share" in err[0] and "utilisation_gpt4o" in err[0]
+    # A metric only one side reports is unknown too: mmc has no pipeline.
+    assert main(["compare", str(MMC), str(threshold), "--metrics", "quality_good_share"]) == 2
+    assert "unknown metric(s) quality_good_share" in capsys.readouterr().err
+
+
+def test_aggregate_rows_name_the_classes_they_mix(capsys):
+    args = ["compare", str(ROOT / "workloads/noisy-neighbor-unprotected.yaml"), str(ROOT / "workloads/noisy-neighbor.yaml"),
+            "--set", "simulation.duration_s=120", "--set", "simulation.warmup_s=10", "--replications", "2",
+            "--metrics", "e2e_p99_s,e2e_p99_chat_s"]
+    assert main(args) == 0
+    assert "aggregate rows mix classes chat, bot; rows named with a class are that class alone" in capsys.readouterr().out
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["classes"] == {"a": ["chat", "bot"], "b": ["chat", "bot"]}
+
+
+@pytest.mark.parametrize("metric, better", [
+    ("quality_good_share", 1), ("quality_grounded_mean", 1), ("cache_hit_rate_output", 1),
+    ("embedding_cache_hit_rate", 1), ("prompt_cached_share", 1), ("throughput_rps", 1), ("goodput_rps", 1),
+    ("tokens_out_per_s_per_user", 1), ("cache_stale_hit_rate_output", -1), ("cache_leak_rate_output", -1),
+    ("escalation_rate", -1), ("hops_mean", -1), ("fallback_smaller_model_share", -1), ("rate_limited_share", -1),
+    ("e2e_p99_s", -1), ("cost_per_request_usd", -1), ("guard_retries_per_request", -1),
+    ("rate_limited_share_chat", 0), ("throughput_chat_rps", 0), ("utilisation_llama8b", 0),
+    ("cache_bypass_share_output", 0), ("stage_decode_share", 0), ("backend_vector_utilisation", 0),
+])
+def test_direction_of_every_kind_of_metric(metric, better):
+    assert direction(metric) == better
+
+
+def test_verdicts_follow_the_direction():
+    reps = pd.DataFrame({"replication": [0, 1, 2]})
+    a = reps.assign(quality_good_share=[0.80, 0.81, 0.79], escalation_rate=[0.10, 0.11, 0.12],
+                    cache_stale_hit_rate_output=[0.01, 0.02, 0.01], utilisation_x=[0.5, 0.6, 0.5])
+    b = reps.assign(quality_good_share=[0.85, 0.87, 0.84], escalation_rate=[0.20, 0.22, 0.21],
+                    cache_stale_hit_rate_output=[0.001, 0.002, 0.0], utilisation_x=[0.7, 0.8, 0.75])
+    table = compare_replications(a, b, ["quality_good_share", "escalation_rate", "cache_stale_hit_rate_output",
+                                        "utilisation_x", "missing_metric"])
+    assert table["verdict"].to_dict() == {
+        "quality_good_share": "B higher (better)", "escalation_rate": "B higher (worse)",
+        "cache_stale_hit_rate_output": "B lower (better)", "utilisation_x": "B higher", "missing_metric": "no data"}
+
+
+def test_shares_in_percent_and_their_differences_in_points():
+    assert format_quantities("quality_good_share", [0.8134], signed=False, significant=4) == ["81.34%"]
+    assert format_quantities("cache_hit_rate_output", [-0.0134, -0.0183, -0.0085], signed=True, significant=3) == [
+        "-1.34 pp", "-1.83", "-0.85"]
+    assert format_quantities("requests_rate_limited", [12.0], signed=False, significant=4) == ["12.00"]  # a count

@@ -262,7 +262,8 @@ def test_several_errors_in_file_order(tmp_path):
         f"{path}:6: traffic.classes.chat.prompt_tokens: must be greater than or equal to 0",
         f"{path}:9: models.m.concurrency: must be greater than 0",
         f"{path}:9: models.m.bogus: unknown key 'bogus' (known: kind, concurrency, ttft_s, output_tokens_per_s, "
-        "service_time, price_per_mtok_in, price_per_mtok_out, queue, limits, prompt_cache, connections)",
+        "service_time, price_per_mtok_in, price_per_mtok_out, queue, limits, prompt_cache, connections, batch, "
+        "scale_to_zero)",
     ]
 
 
@@ -324,8 +325,8 @@ def test_apply_overrides_leaves_input_alone():
         ("models.llama8b.replicas=[1", "--set models.llama8b.replicas: cannot parse value '[1': "
          "expected ',' or ']', but got '<stream end>'"),
         ("models.llama8b.ttft_s.mean=1", "--set models.llama8b.ttft_s.mean: unknown key 'ttft_s' "
-         "(known: kind, replicas, max_batch, gpu_hourly_usd, engine, service_time, queue, prompt_cache, cold_start_s, autoscale, connections, "
-         "dispatch)"),
+         "(known: kind, replicas, max_batch, gpu_hourly_usd, engine, service_time, queue, prompt_cache, cold_start_s, autoscale, "
+         "scale_to_zero, connections, dispatch)"),
         ("models.llama8b.service_time.mean=1", "--set models.llama8b.service_time.mean: "
          "models.llama8b.service_time is 1.5 in the workload, not a mapping; "
          "set it whole, e.g. --set models.llama8b.service_time='{kind: ..., ...}' "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,3 +271,88 @@ def test_stage_shorthands():
     r = Retrieval(simpy.Environment(), s, Streams(0))
     with pytest.raises(ValueError, match="unknown backend 'c'"):
         r.compile([StageSpec(hops=["c"])])
+
+
+# ------------------------------------------------------------------ fresh backends bypass the cache
+
+def test_a_fresh_backend_runs_even_on_a_retrieval_cache_hit():
+    # As test_retrieval_cache_hit_skips_embedding_and_hops, but db's data is live: the hit (2 ms) returns
+    # the cached context, then db is asked anew (50 ms); the embedding is still skipped.
+    text = CACHED.format(ttl="").replace("latency_s: 0.05}", "latency_s: 0.05, fresh: true}")
+    r, finished = simulate(spec(text), [0.0, 1.0])
+    assert finished == pytest.approx({0: 0.085, 1: 1.052})
+    cols = r.columns()
+    assert cols["retrieval_cache_code"].tolist() == [MISS, HIT]
+    assert cols["embedding_cache_code"].tolist() == [MISS, NOT_LOOKED_UP] and r.embedding.batches == 1
+    assert cols["stage0_s"] == pytest.approx([0.05, 0.05]) and r.backends["db"].hops == 2
+    # Two stages, the first cached: on a hit it takes no time, the fresh one keeps its number.
+    two = text.replace("stages: [db]", "stages: [slow, db]").replace(
+        "backends: {", "backends: {slow: {concurrency: 4, latency_s: 0.5}, ")
+    r, finished = simulate(spec(two), [0.0, 1.0])
+    assert finished == pytest.approx({0: 0.585, 1: 1.052})
+    cols = r.columns()
+    assert cols["stage0_s"] == pytest.approx([0.5, 0.0]) and cols["stage1_s"] == pytest.approx([0.05, 0.05])
+    assert r.backends["slow"].hops == 1 and r.backends["db"].hops == 2
+
+
+def test_a_hit_keeps_the_fresh_hops_of_each_stage():
+    s = spec("""
+backends:
+  vector: {concurrency: 1, latency_s: 0.1}
+  sql:    {concurrency: 1, latency_s: 0.1, fresh: true}
+  rest:   {concurrency: 1, latency_s: 0.1, fresh: true}
+stages:
+  - {hops: [vector, sql, rest], wait_for: first_k, k: 1}
+  - [vector]
+  - {hops: [sql, rest, vector], wait_for: all}
+""")
+    r = Retrieval(simpy.Environment(), s, Streams(0))
+    b = r.backends
+    # Stage 1 keeps sql and rest, waiting for one; stage 2 has nothing fresh (it stays, empty, so that stage 3
+    # keeps its number); stage 3 waits for both. Nothing fresh at the end: nothing left to run.
+    assert r.fresh_plan(r.plan) == (((b["sql"], b["rest"]), 1), ((), 0), ((b["sql"], b["rest"]), 2))
+    assert r.fresh_plan(r.plan) is r.fresh_plan(r.plan)  # compiled once per plan
+    assert r.fresh_plan(r.compile([StageSpec(hops=["vector"]), StageSpec(hops=["sql"]),
+                                   StageSpec(hops=["vector"])])) == (((), 0), ((b["sql"],), 1))
+    assert r.fresh_plan(r.compile([StageSpec(hops=["vector"])])) == ()
+
+
+def test_a_fresh_backends_utilisation_is_the_same_with_and_without_a_retrieval_cache():
+    # Every retrieval asks the fresh sql backend, hit or miss: the same hops, and since the n-th hop to a
+    # backend takes its n-th latency draw, the same busy time, to the last bit. The cached vector search
+    # is asked only on misses: its utilisation falls.
+    body = """
+backends:
+  vector: {concurrency: 4, latency_s: {kind: exponential, mean: 0.05}}
+  sql:    {concurrency: 2, latency_s: {kind: exponential, mean: 0.02}, fresh: true}
+stages: [vector, sql]
+"""
+    cached = "cache: {capacity: 100, keys: {universe: 500, zipf_s: 0.9}, hit_latency_s: 0.001}\n" + body
+    arrivals = np.cumsum(np.random.default_rng(8).exponential(1 / 40, 4_000)).tolist()
+    plain, _ = simulate(spec(body), arrivals, seed=4)
+    hit, _ = simulate(spec(cached), arrivals, seed=4)
+    end = max(plain.env.now, hit.env.now) + 1.0  # both idle by then: one window for both
+    assert (hit.columns()["retrieval_cache_code"] == HIT).mean() > 0.3
+    assert hit.backends["sql"].hops == plain.backends["sql"].hops == 4_000
+    assert hit.backends["sql"].utilisation(end) == plain.backends["sql"].utilisation(end)
+    assert hit.backends["vector"].utilisation(end) < 0.7 * plain.backends["vector"].utilisation(end)
+
+
+def test_in_the_pipeline_a_fresh_backends_utilisation_ignores_the_retrieval_cache():
+    # rag-support with its orders lookup marked fresh, with and without a retrieval cache: every first
+    # retrieval still asks orders_sql, so its hops and utilisation stay; the cached vector search's fall.
+    # (Not to the bit: the stats span the whole run, which ends with its last event, seconds apart.)
+    import sim
+    from sim.model.pipeline import simulate
+
+    base = ["simulation.duration_s=300", "pipeline.retrieval.backends.orders_sql.fresh=true"]
+    cache = "pipeline.retrieval.cache={capacity: 50000, ttl_s: 600, keys: {universe: 200000, zipf_s: 0.9}}"
+    path = Path(__file__).resolve().parent.parent / "workloads" / "rag-support.yaml"
+    without = simulate(sim.load_workload(path, base)).retrieval_stats
+    cached = simulate(sim.load_workload(path, base + [cache])).retrieval_stats
+    assert cached["retrieval_cache_hit_rate"] > 0.2
+    assert cached["backend_orders_sql_hops"] == pytest.approx(without["backend_orders_sql_hops"], rel=0.005)
+    assert cached["utilisation_backend_orders_sql"] == pytest.approx(without["utilisation_backend_orders_sql"],
+                                                                     rel=0.02)
+    assert cached["backend_vector_hops"] < 0.85 * without["backend_vector_hops"]
+    assert cached["utilisation_backend_vector"] < 0.85 * without["utilisation_backend_vector"]

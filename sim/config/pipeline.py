@@ -143,6 +143,55 @@ class Guardrails(Block):
         return self
 
 
+class Grounding(Block):
+    """How the answer's grounding depends on its evidence (retrieved context kept in the prompt)."""
+
+    coverage_exponent: float = Field(
+        1.0, ge=0, le=10, description="Groundedness = coverage^this x (1 - w + w x confidence): how fast "
+        "it falls as evidence is trimmed away (1: in proportion; an assumption, no public data pins it).")
+    confidence_weight: float = Field(
+        0.5, ge=0, le=1, description="w: how much the evidence's confidence counts (0: not at all; assumption).")
+
+
+class Usefulness(Block):
+    """How useful an answer is to the user, relative to a complete correct one (1)."""
+
+    wrong: float = Field(0.3, ge=0, le=1, description="A complete but wrong answer (assumption).")
+    partial: float = Field(0.4, ge=0, le=1, description="A partial answer (what streamed before a time limit), "
+                           "times its correctness value (assumption).")
+    reduced_context: float = Field(0.8, ge=0, le=1, description="An answer from the reduced-context fallback, "
+                                   "times its correctness value (assumption).")
+
+
+class Quality(Block):
+    """Answer quality in dimensions the pipeline's levers move (see docs and sim/model/application/quality.py).
+
+    Per answer: correctness (the router's tier quality on the request's difficulty), groundedness and
+    citation accuracy (the share of retrieved evidence that survived trimming, its confidence),
+    usefulness (wrong, partial, reduced-context and try-later answers are worth less). A cache hit
+    replays the quality of the answer it serves; a stale one is wrong `stale_wrong_share` of the time.
+    """
+
+    evidence_section: Optional[str] = Field(
+        None, description="The budget section holding retrieved evidence (default: the one with chunk_tokens, "
+        "else one named 'retrieved')."
+    )
+    evidence_confidence: Distribution = Field(
+        default_factory=lambda: {"kind": "uniform", "low": 0.5, "high": 1.0}, validate_default=True,
+        description="Per request: the retriever's confidence in its evidence, clipped to 0..1 (assumption).")
+    grounding: Grounding = Field(default_factory=Grounding)
+    citation_accuracy: float = Field(
+        0.95, ge=0, le=1, description="Citation accuracy with all evidence kept; it falls in proportion to the "
+        "evidence trimmed away (cited sources that are no longer in the prompt; assumption).")
+    usefulness: Usefulness = Field(default_factory=Usefulness)
+    correct_share: float = Field(
+        0.75, ge=0, le=1, description="Without a router: the share of answers that are correct (between RouteLLM's "
+        "MMLU weak model, 0.68, and strong model, 0.81).")
+    stale_wrong_share: float = Field(
+        0.5, ge=0, le=1, description="A stale cache hit (its data changed since) is a wrong answer this often "
+        "(assumption).")
+
+
 class Pipeline(Block):
     """Stages a request passes before and after its model call."""
 
@@ -156,6 +205,16 @@ class Pipeline(Block):
     post_processing_s: Optional[Distribution] = Field(None, description="Time after the answer (formatting, filters).")
     output: Output = Field(default_factory=Output, description="Streaming, user cancels, structured-output validation.")
     guardrails: Optional[Guardrails] = Field(None, description="Time limits, retries, caps and fallbacks.")
+    quality: Optional[Quality] = Field(
+        None, description="Answer quality dimensions (correctness, groundedness, citation accuracy, usefulness).")
+
+    @model_validator(mode="after")
+    def _evidence_section_known(self) -> "Pipeline":
+        section = self.quality.evidence_section if self.quality is not None else None
+        if section is not None and (self.budget is None or section not in self.budget.sections):
+            known = ", ".join(self.budget.sections) if self.budget is not None else "none: no budget"
+            raise ValueError(f"quality.evidence_section: no budget section {section!r} (sections: {known})")
+        return self
 
     @model_validator(mode="after")
     def _escalation_needs_router(self) -> "Pipeline":

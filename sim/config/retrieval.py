@@ -12,7 +12,7 @@
       backends:                    # each a FIFO resource: `concurrency` hops at once, the rest wait
         vector:  {concurrency: 16, latency_s: {kind: lognormal, median: 0.03, p95: 0.12}}
         bm25:    {concurrency: 32, latency_s: {kind: lognormal, median: 0.01, p95: 0.03}}
-        sql:     {concurrency: 4,  latency_s: 0.05}
+        sql:     {concurrency: 4,  latency_s: 0.05, fresh: true}   # live data: never from a cache
         tool_weather: {concurrency: 8, latency_s: {kind: lognormal, median: 0.3, p95: 1.2}}
       stages:                      # one after another: a stage starts when the previous one is done
         - {hops: [vector, bm25], wait_for: all}       # hops of a stage run in parallel
@@ -22,10 +22,10 @@
       escalation_stages: [[vector]]   # what an escalation ("retrieve more") runs; default: `stages`
 
 A request first looks in the retrieval cache (keyed by the query: a hit skips the
-embedding and every hop), then in the embedding cache (a hit skips the embedding
-service), then runs the stages. When both caches have the same `keys`, a request
-asks both for the same query (its key is drawn once), so a query whose retrieval
-entry expired can still find its embedding. With `wait_for: first_k` a stage is done when
+embedding and every hop but the `fresh` ones), then in the embedding cache (a hit
+skips the embedding service), then runs the stages. When both caches have the same
+`keys`, a request asks both for the same query (its key is drawn once), so a query
+whose retrieval entry expired can still find its embedding. With `wait_for: first_k` a stage is done when
 its k-th hop returns; the other hops still run to the end and hold their backend
 slot, as requests already sent do. Tool calls are hops to a backend like any other.
 """
@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from .base import MAX_COUNT, Block
+from .base import MAX_COUNT, MAX_PRICE_USD, Block
 from .caches import CacheSpec
 from .distributions import Distribution
 
@@ -55,7 +55,21 @@ class EmbeddingSpec(Block):
     per_query_s: float = Field(0.0, ge=0, description="Service time added per query in the batch.")
     workers: int = Field(
         1, ge=1, le=MAX_COUNT, description="Batches served at once; sent batches wait FIFO for a worker.")
+    price_per_mtok: float = Field(
+        0.0, ge=0, le=MAX_PRICE_USD, description="USD per million tokens embedded (an embedding API; e.g. OpenAI "
+        "text-embedding-3-small $0.02, -large $0.13 in LiteLLM's price list); needs query_tokens.")
+    query_tokens: Optional[Distribution] = Field(
+        None, description="Tokens of one embedded query (rounded, at least 1), drawn per query sent to the service.")
+    hourly_usd: float = Field(
+        0.0, ge=0, le=MAX_PRICE_USD, description="USD per hour of a self-hosted embedding server, billed over the "
+        "whole window and shared among requests by the queries they had embedded.")
     cache: Optional[CacheSpec] = Field(None, description="Embedding cache: a hit skips the embedding service.")
+
+    @model_validator(mode="after")
+    def _tokens_priced(self) -> "EmbeddingSpec":
+        if self.price_per_mtok > 0 and self.query_tokens is None:
+            raise ValueError("price_per_mtok needs query_tokens (the tokens of one embedded query)")
+        return self
 
 
 class BackendSpec(Block):
@@ -63,6 +77,15 @@ class BackendSpec(Block):
 
     concurrency: int = Field(ge=1, le=MAX_COUNT, description="Hops served at once (at most 1,000,000); more wait FIFO.")
     latency_s: Distribution = Field(description="Service time of one hop.")
+    fresh: bool = Field(
+        False, description="Its output must never come from a cache (a SQL or REST hop over live data): it runs "
+        "even when the retrieval cache hits.")
+    price_per_query_usd: float = Field(
+        0.0, ge=0, le=MAX_PRICE_USD, description="USD per hop (a metered search or tool API), billed to the request "
+        "that made it.")
+    hourly_usd: float = Field(
+        0.0, ge=0, le=MAX_PRICE_USD, description="USD per hour of the backend (a vector database's instances), billed "
+        "over the whole window and shared among requests by their hops to it.")
 
 
 def _stage_shorthand(value: Any) -> Any:
@@ -107,7 +130,8 @@ class RetrievalSpec(Block):
     """Retrieval before the model call: caches, a batching embedding service, stages of backend hops."""
 
     cache: Optional[CacheSpec] = Field(
-        None, description="Retrieval cache keyed by the query: a hit skips the embedding and every hop."
+        None, description="Retrieval cache keyed by the query: a hit skips the embedding and every hop but the "
+        "fresh backends' (they run after the hit, stage by stage)."
     )
     embedding: Optional[EmbeddingSpec] = Field(None, description="Embedding service (omit: queries need none).")
     backends: dict[str, BackendSpec] = Field(min_length=1, description="Backends by name.")

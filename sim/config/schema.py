@@ -18,6 +18,7 @@ from .arrivals import (  # noqa: F401 - re-exported
     TraceArrivals,
 )
 from .base import MAX_DURATION_S, MAX_GRID_POINTS, MAX_MULTIPLIER, MAX_POPULATION, MAX_REPLICATIONS, MAX_TOKENS, Block
+from .caches import check_warm_up
 from .distributions import Distribution, Empirical
 from .limits import RateLimit, Retry
 from .pipeline import Pipeline
@@ -91,6 +92,10 @@ class Users(Block):
         "100,000,000 (the model keeps a weight per user)."
     )
     zipf_s: float = Field(0.0, ge=0, description="0: users equally active; s > 0: user k sends in proportion to 1/k^s.")
+    tenants: int = Field(
+        1, ge=1, le=MAX_POPULATION, description="Tenants (customer organisations) the users belong to, for caches "
+        "with `scope: tenant`: user k (0-based, 0 the most active) is in tenant k mod tenants; tenant t is the same "
+        "tenant in every class.")
 
 
 class RequestClass(Block):
@@ -121,6 +126,12 @@ class RequestClass(Block):
         None, description="Product features the requests belong to, {name: weight} (for the cost ledger)."
     )
     retry: Retry = Field(default_factory=Retry, description="What the client does after a 429.")
+    personalised_share: float = Field(
+        0.0, ge=0, le=1, description="Share of requests whose answer depends on who asks (their account data): "
+        "served to another user from a cache, it is a leak (see the caches' `scope`).")
+    batch: bool = Field(
+        False, description="Background work sent through the API's batch mode (`models.X.batch`): batch prices, "
+        "answered within the completion window; its latency is reported apart (batch_* metrics).")
 
     @model_validator(mode="after")
     def _positive_weights(self) -> "RequestClass":
@@ -218,6 +229,11 @@ class Workload(Block):
         return self
 
     @model_validator(mode="after")
+    def _bounded_warm_up(self) -> "Workload":
+        check_warm_up(self)  # a cache's warm_up_s replays its traffic before the run: bounded like the run
+        return self
+
+    @model_validator(mode="after")
     def _window_after_warmup(self) -> "Workload":
         warmup, end = self.simulation.warmup_s, self.measure_end_s()
         if isinstance(warmup, float) and warmup >= end:
@@ -263,7 +279,26 @@ class Workload(Block):
                 if cls_name not in self.traffic.classes:
                     raise ValueError(f"rate_limits.{k}.classes: unknown class {cls_name!r} "
                                      f"(known: {', '.join(self.traffic.classes)})")
+        self._check_batch_classes()
         return self
+
+    def _check_batch_classes(self) -> None:
+        """A batch class reaches a batch mode: every endpoint of its mix has one (with a router, some tier)."""
+        router = self.pipeline.router if self.pipeline is not None else None
+        guard = self.pipeline.guardrails if self.pipeline is not None else None
+        for cls_name, cls in self.traffic.classes.items():
+            if not cls.batch:
+                continue
+            reach = list(router.tiers) if router is not None else list(cls.endpoint_mix())
+            lacking = [name for name in reach if getattr(self.models[name], "batch", None) is None]
+            if len(lacking) == len(reach) or (router is None and lacking):
+                raise ValueError(f"traffic.classes.{cls_name}.batch: models.{lacking[0]} has no batch mode "
+                                 "(give the API endpoint a `batch:` block)")
+            timed = [k for k in ("max_time_s", "call_timeout_s", "first_token_timeout_s")
+                     if guard is not None and getattr(guard, k) is not None]
+            if timed:
+                raise ValueError(f"traffic.classes.{cls_name}.batch: pipeline.guardrails.{timed[0]} would stop "
+                                 "batch requests, which are answered within hours (remove the time limits)")
 
 
 def _grids(workload: Workload) -> Iterator[tuple[str, float, str]]:

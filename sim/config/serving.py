@@ -244,6 +244,50 @@ class Autoscale(Block):
         return self
 
 
+class ScaleToZero(Block):
+    """Release the endpoint's capacity after it has been empty (nothing waiting or running) for `idle_s`.
+
+    Self-hosted: every replica stops (and stops billing); the next request starts the endpoint's
+    `replicas` (autoscale: min_replicas) again, each loading for `cold_start_s`. API (serverless
+    inference): the next request waits `cold_start_s` before it is sent; tokens are billed as usual.
+    """
+
+    idle_s: float = Field(gt=0, le=MAX_DURATION_S, description="Empty this long, the endpoint scales to zero.")
+    cold_start_s: float = Field(
+        ge=0, le=MAX_DURATION_S, description="What the first request after scaling to zero waits before it is served.")
+
+
+BATCH_PRICE_MULTIPLIER = 0.5
+"""Batch price over the interactive price. LiteLLM's price list (model_prices_and_context_window.json, its
+`input_cost_per_token_batches` / `output_cost_per_token_batches`): the median over its 509 chat models with
+batch prices, 475 of which charge exactly half for input and output (OpenAI, Azure, Anthropic, Bedrock,
+Vertex), e.g. gpt-4o $1.25 / $5 per million tokens against $2.50 / $10."""
+
+
+class BatchMode(Block):
+    """The provider's batch API: requests are accepted at once, answered within a completion window, cheaper.
+
+    A class with `batch: true` sends its calls to this endpoint's batch lane: it holds no interactive
+    slot and passes none of the provider's interactive `limits` (providers limit batch work apart, here
+    `max_in_flight`; our own `rate_limits` still apply); each request is
+    answered `turnaround_s` after it is accepted, at most `completion_window_s`, without streaming.
+    """
+
+    price_multiplier: float = Field(
+        BATCH_PRICE_MULTIPLIER, ge=0, le=MAX_MULTIPLIER,
+        description="Batch token prices (input, cached input and output) over the interactive ones; default 0.5, "
+        "LiteLLM's batch prices for gpt-4o, Claude and most other models that have them.")
+    completion_window_s: float = Field(
+        86400.0, gt=0, le=MAX_DURATION_S, description="The provider's promise: every request is answered within "
+        "this long of its acceptance (OpenAI and Anthropic: 24 h).")
+    turnaround_s: Optional[Distribution] = Field(
+        None, description="Acceptance to answer, cut at completion_window_s (default: uniform over the window, the "
+        "assumption when nothing is known of the provider's backlog).")
+    max_in_flight: Optional[int] = Field(
+        None, gt=0, le=MAX_COUNT, description="Requests accepted and not yet answered at most (the provider's batch "
+        "queue limit); more wait, FIFO, on our side (default: no limit).")
+
+
 class SelfHosted(Block):
     """GPU replicas you run and pay for by the hour."""
 
@@ -265,6 +309,8 @@ class SelfHosted(Block):
     prompt_cache: Optional[PromptCache] = Field(None, description="Prefix cache: cached prompt tokens skip prefill.")
     cold_start_s: float = Field(0.0, ge=0, description="Model load time before a new replica serves (at start too, unless --warm).")
     autoscale: Optional[Autoscale] = Field(None, description="Add and remove replicas with the load.")
+    scale_to_zero: Optional[ScaleToZero] = Field(
+        None, description="Stop every replica (and its bill) after idling; the next request waits for a cold start.")
     connections: Optional[Connections] = Field(None, description="Client connection pool to the replicas.")
     dispatch: Literal["least_loaded", "prefix_affinity"] = Field(
         "least_loaded", description="Which replica takes an arriving request: the least loaded, or (with "
@@ -296,8 +342,10 @@ class SelfHosted(Block):
     def _one_service_model(self) -> "SelfHosted":
         if (self.engine is None) == (self.service_time is None):
             raise ValueError("give exactly one of engine or service_time")
-        if self.engine is None and (self.autoscale is not None or self.cold_start_s > 0):
-            raise ValueError("autoscale and cold_start_s need an engine (replicas of a plain service_time do not load)")
+        if self.engine is None and (self.autoscale is not None or self.cold_start_s > 0
+                                    or self.scale_to_zero is not None):
+            raise ValueError("autoscale, cold_start_s and scale_to_zero need an engine (replicas of a plain "
+                             "service_time do not load)")
         if self.autoscale is not None and not (
                 self.autoscale.min_replicas <= self.replicas <= self.autoscale.max_replicas):
             raise ValueError(f"replicas ({self.replicas}) must lie within autoscale's "
@@ -329,6 +377,11 @@ class Api(Block):
     limits: Optional[ProviderLimits] = Field(None, description="The provider's RPM/TPM limits (429 with retry-after).")
     prompt_cache: Optional[PromptCache] = Field(None, description="The provider's prompt caching and its prices.")
     connections: Optional[Connections] = Field(None, description="Client connection pool to the provider.")
+    batch: Optional[BatchMode] = Field(
+        None, description="The provider's batch API, for classes with `batch: true` (cheaper, answered within a "
+        "completion window).")
+    scale_to_zero: Optional[ScaleToZero] = Field(
+        None, description="Serverless inference: after idling, the next request waits a cold start.")
 
     @model_validator(mode="after")
     def _one_service_model(self) -> "Api":

@@ -22,6 +22,7 @@ from sim.config.loader import ConfigError, load_workload
 from sim.config.schema import Workload
 from sim.experiments.run import RunResult, run
 from sim.metrics.stats import t975, t_interval
+from sim.metrics.summary import metric_names
 from sim.report.text import json_safe
 
 WorkloadLike = Union[Workload, str, Path]
@@ -33,13 +34,33 @@ HEADLINE = (
     "queue_wait_mean_s",
     "cost_per_request_usd", "cost_per_1k_usd", "cost_per_hour_usd",
 )
-"""Metrics compared, in table order; `utilisation_<endpoint>` of shared endpoints follow."""
+"""Metrics compared, in table order; the pipeline's headlines (PIPELINE) and `utilisation_<endpoint>` of
+shared endpoints follow."""
 
-# Which way is better, for the per-metric verdict: +1 higher, -1 lower, 0 neither.
-_BETTER = {"throughput_rps": 1, "goodput_rps": 1}
+PIPELINE = (r"^quality_", r"^cache_|^(?!stage_|cost_).+_cache_.*(rate|share)$", r"^hops_mean$|^escalation_rate$",
+            r"^fallback_")
+"""The application's headlines compared by default when both runs have them, in table order: answer
+quality, cache hit and stale-hit rates, escalation, fallbacks (new `quality_*`, `cache_*`, `fallback_*`
+metrics included)."""
+
+DIRECTIONS: tuple[tuple[int, str], ...] = (
+    # Neither: load, capacity in use and how work is split. Higher utilisation is cheaper and slower;
+    # one class's throughput or rate-limited share is a trade-off between classes, not a grade.
+    (0, r"^(offered_|utilisation_|batch_mean_|warmup_s$|requests_arrived$|cold_window_s$|(cold|warm)_requests$)"),
+    (0, r"^throughput_.+_rps$|^rate_limited_share_.+$"),
+    (0, r"^stage_.+_share(_p95)?$|_utilisation$|_batch_size_mean$|^cache_bypass_share_|^tokens_in_per_s$"),
+    (-1, r"stale|leak"),  # a stale or leaked cache hit is a wrong answer, however fast
+    (1, r"^quality_|hit_rate|^prompt_cached_share$"),
+    (1, r"^(throughput|goodput)_rps$|^tokens_out_per_s|^requests_completed$"),
+)
+"""Which way is better, for the per-metric verdict: +1 higher, -1 lower, 0 neither. The first pattern
+that matches decides; a metric none matches is better lower: latencies, costs, escalation and hops,
+retries, fallbacks, rate-limited and lost requests."""
+
 # Per-class metrics of the summary: e2e_p99_chat_s; throughput_chat_rps, rate_limited_share_chat.
 _CLASS_LATENCY = re.compile(r"^(queue_wait|ttft|e2e|tpot)_(mean|p\d+)_(.+)_s$")
 _CLASS_SHARE = re.compile(r"^throughput_(.+)_rps$|^rate_limited_share_(.+)$")
+_LATENCY = re.compile(r"^(.+)_(mean|p\d+)_s$")
 
 COLUMNS = ("a", "b", "diff", "diff_ci95_low", "diff_ci95_high",
            "rel_diff", "rel_ci95_low", "rel_ci95_high", "significant", "verdict", "pairs")
@@ -73,22 +94,27 @@ class Comparison:
 
 
 def compare(a: WorkloadLike, b: WorkloadLike, *, seed: Optional[int] = None,
-            replications: Optional[int] = None, overrides: Sequence[str] = (), force: bool = False) -> Comparison:
+            replications: Optional[int] = None, overrides: Sequence[str] = (), force: bool = False,
+            metrics: Optional[Sequence[str]] = None) -> Comparison:
     """Run workloads A and B on common random numbers and compare their headline metrics.
 
     `a` and `b` are workload files (or validated Workloads when there are no
     overrides). Both run with the same `seed` (default: A's `simulation.seed`)
     and the same number of `replications` (default: the larger of the two
     workloads' `simulation.replications`, so neither gets fewer than it asks
-    for). `overrides` (`--set` strings) apply to both. Raises ConfigError with
-    one line per problem in either file, or for work over the limits unless `force`.
+    for). `overrides` (`--set` strings) apply to both. `metrics` names the
+    table's rows, in order (default: metrics_to_compare); a name both workloads
+    do not report is a ConfigError, raised before anything runs. Raises
+    ConfigError with one line per problem in either file, or for work over the
+    limits unless `force`.
     """
     wa, wb = _load_both(a, b, overrides)
+    chosen = None if metrics is None else chosen_metrics(metrics, wa, wb)
     seed = wa.simulation.seed if seed is None else seed
     n = max(wa.simulation.replications, wb.simulation.replications) if replications is None else replications
     ra = run(wa, seed=seed, replications=n, force=force)
     rb = run(wb, seed=seed, replications=n, force=force)
-    table = compare_replications(ra.replications, rb.replications, metrics_to_compare(ra, rb))
+    table = compare_replications(ra.replications, rb.replications, chosen or metrics_to_compare(ra, rb))
     return Comparison(_name(a), _name(b), seed, n, table, summary_line(table), ra, rb)
 
 
@@ -136,10 +162,32 @@ def _merge_problems(a: str, b: str, pa: list[str], pb: list[str]) -> list[str]:
 
 
 def metrics_to_compare(ra: RunResult, rb: RunResult) -> list[str]:
-    """The headline metrics both runs have, the utilisation of every endpoint in both, then per class."""
+    """The headline metrics both runs have, the pipeline's headlines, the utilisation of every endpoint in
+    both, then per class."""
     shared = set(ra.replications.columns) & set(rb.replications.columns)
+    pipeline = [c for pattern in PIPELINE for c in ra.replications.columns if re.search(pattern, c) and c in shared]
     utilisation = [c for c in ra.replications.columns if c.startswith("utilisation_") and c in shared]
-    return [m for m in HEADLINE if m in shared] + utilisation + [m for m in _per_class(ra) if m in shared]
+    return ([m for m in HEADLINE if m in shared] + pipeline + utilisation
+            + [m for m in _per_class(ra) if m in shared])
+
+
+def known_metrics(wa: Workload, wb: Workload) -> list[str]:
+    """The metrics both workloads report, in A's summary order: what `metrics=` may name."""
+    theirs = set(metric_names(wb))
+    return [m for m in metric_names(wa) if m in theirs]
+
+
+def chosen_metrics(wanted: Sequence[str], wa: Workload, wb: Workload) -> list[str]:
+    """`wanted` without repeats, checked against known_metrics before anything runs: one ConfigError line
+    naming the unknown ones and listing the known."""
+    names = wanted.split(",") if isinstance(wanted, str) else wanted
+    wanted = list(dict.fromkeys(m.strip() for m in names if m.strip()))
+    known = known_metrics(wa, wb)
+    unknown = [m for m in wanted if m not in set(known)]
+    if unknown or not wanted:
+        said = f"unknown metric(s) {', '.join(unknown)}" if unknown else "no metric named"
+        raise ConfigError([f"--metrics: {said} (known for both workloads: {', '.join(known)})"])
+    return wanted
 
 
 def _per_class(result: RunResult) -> list[str]:
@@ -157,6 +205,8 @@ def compare_replications(a: pd.DataFrame, b: pd.DataFrame, metrics: Sequence[str
     a = a.sort_values("replication").set_index("replication")
     b = b.sort_values("replication").set_index("replication")
     common = a.index.intersection(b.index)  # pair replication r of A with replication r of B
+    # A metric one side lacks reads as all-NaN there: its row says "no data" instead of failing.
+    a, b = a.reindex(columns=list(metrics)), b.reindex(columns=list(metrics))
     rows = {m: paired_difference(a.loc[common, m].to_numpy(float), b.loc[common, m].to_numpy(float))
             for m in metrics}
     table = pd.DataFrame.from_dict(rows, orient="index", columns=list(COLUMNS))
@@ -233,18 +283,15 @@ def _metric_verdict(metric: str, row: pd.Series) -> str:
         return "no interval (1 replication)"
     if not row["significant"]:
         return "no significant change"
-    direction = 1 if row["diff"] > 0 else -1
-    better = _better(metric)
-    judged = "" if better == 0 else (" (better)" if direction == better else " (worse)")
-    return ("B higher" if direction > 0 else "B lower") + judged
+    moved = 1 if row["diff"] > 0 else -1
+    better = direction(metric)
+    judged = "" if better == 0 else (" (better)" if moved == better else " (worse)")
+    return ("B higher" if moved > 0 else "B lower") + judged
 
 
-def _better(metric: str) -> int:
-    if metric.startswith("utilisation_"):
-        return 0  # higher utilisation is cheaper and slower: neither better nor worse
-    if _CLASS_SHARE.match(metric):
-        return 0  # a class's throughput or rate-limited share: a trade-off between classes, not a grade
-    return _BETTER.get(metric, -1)  # latencies and costs: lower is better
+def direction(metric: str) -> int:
+    """+1 when higher is better, -1 when lower is, 0 when neither (DIRECTIONS)."""
+    return next((sign for sign, pattern in DIRECTIONS if re.search(pattern, metric)), -1)
 
 
 # ------------------------------------------------------------------ formatting
@@ -254,7 +301,8 @@ def _label(metric: str) -> str:
     """A metric's name in plain words, for the summary line."""
     fixed = {"throughput_rps": "throughput", "goodput_rps": "goodput", "queue_wait_mean_s": "mean queue wait",
              "cost_per_request_usd": "cost/request", "cost_per_1k_usd": "cost/1k requests",
-             "cost_per_hour_usd": "cost/hour"}
+             "cost_per_hour_usd": "cost/hour", "quality_good_share": "good answers",
+             "hops_mean": "model calls per answer", "rate_limited_share": "rate-limited share"}
     if metric in fixed:
         return fixed[metric]
     if metric.startswith("utilisation_"):
@@ -266,8 +314,11 @@ def _label(metric: str) -> str:
     if share:
         throughput, limited = share.groups()
         return f"{throughput} throughput" if throughput else f"{limited} rate-limited share"
-    measure, stat, _ = metric.rsplit("_", 2)
-    return f"{stat} {measure.upper() if measure in ('ttft', 'tpot') else measure.replace('_', ' ')}"
+    latency = _LATENCY.match(metric)
+    if latency:  # ttft_p99_s -> "p99 TTFT"
+        measure, stat = latency.groups()
+        return f"{stat} {measure.upper() if measure in ('ttft', 'tpot') else measure.replace('_', ' ')}"
+    return metric.replace("_", " ")  # escalation_rate -> "escalation rate"
 
 
 def _decimals(magnitude: float, significant: int, least: int = 0) -> int:
@@ -293,6 +344,9 @@ def _kind(metric: str) -> str:
         return "rps"
     if metric.endswith("_s"):
         return "s"
+    if re.search(r"_(share|rate)(_|$)", metric) and not metric.startswith("requests_"):  # requests_* are counts
+        # quality_good_share, cache_hit_rate_output, escalation_rate, rate_limited_share_chat
+        return "share"
     return "plain"
 
 
@@ -300,7 +354,8 @@ def format_quantities(metric: str, values: Sequence[float], *, signed: bool, sig
     """Format numbers that are read together (a difference and its interval) in one unit and precision.
 
     Latencies below one second are shown in ms, costs in $ with at least
-    cents, rates in req/s; the first value carries the unit.
+    cents, rates in req/s, shares in % (differences of shares, `signed`, in
+    percentage points, pp); the first value carries the unit.
     """
     finite = [abs(v) for v in values if not math.isnan(v)]
     top = max(finite, default=0.0)
@@ -310,6 +365,8 @@ def format_quantities(metric: str, values: Sequence[float], *, signed: bool, sig
         scale, unit = (1000.0, " ms") if top < 1 else (1.0, " s")
     elif kind == "rps":
         unit = " req/s"
+    elif kind == "share":
+        scale, unit = 100.0, (" pp" if signed else "%")
     decimals = _decimals(top * scale, significant, 2 if kind == "usd" else 0)
     if kind == "usd" and top >= 1:
         decimals = 2  # whole dollars and cents, as on an invoice
@@ -373,8 +430,25 @@ def format_comparison(comparison: Comparison) -> str:
     for name, result in (("A", c.result_a), ("B", c.result_b)):
         if result.summary["unstable"]:
             lines.append(f"WARNING {name} is unstable (offered utilisation >= 1): its numbers grow with the run length")
+    lines += _class_note(c)
     lines += ["", aligned(header)] + [aligned(row) for row in rows] + ["", c.verdict]
     return "\n".join(lines)
+
+
+def classes(comparison: Comparison) -> dict[str, list[str]]:
+    """The traffic classes of A and of B, in their files' order."""
+    return {"a": list(comparison.result_a.workload.traffic.classes),
+            "b": list(comparison.result_b.workload.traffic.classes)}
+
+
+def _class_note(comparison: Comparison) -> list[str]:
+    """With several classes, which ones the aggregate rows mix: a total can hide one class paying for another."""
+    mix = classes(comparison)
+    if max(len(mix["a"]), len(mix["b"])) < 2:
+        return []
+    said = (", ".join(mix["a"]) if mix["a"] == mix["b"]
+            else f"{', '.join(mix['a'])} in A and {', '.join(mix['b'])} in B")
+    return [f"aggregate rows mix classes {said}; rows named with a class are that class alone"]
 
 
 def _change(metric: str, r: pd.Series) -> str:
@@ -417,6 +491,7 @@ def comparison_json(comparison: Comparison) -> dict:
                                                  "rel_diff", "rel_ci95_low", "rel_ci95_high")}
         entry["significant"] = bool(r["significant"])
         entry["verdict"] = str(r["verdict"])
+        entry["better"] = {1: "higher", -1: "lower"}.get(direction(str(metric)))  # None: neither way is better
         metrics[str(metric)] = json_safe(entry)
     return {"a": c.a, "b": c.b, "seed": int(c.seed), "replications": int(c.replications),
-            "metrics": metrics, "summary": c.verdict}
+            "classes": classes(c), "metrics": metrics, "summary": c.verdict}

@@ -11,7 +11,7 @@ import pandas as pd
 from sim.config.loader import load_workload
 from sim.config.schema import TraceArrivals, Workload
 from sim.metrics.ledger import ledger
-from sim.metrics.summary import aggregate, budget_sections, choose_warmup, stage_times, summarise
+from sim.metrics.summary import aggregate, budget_sections, choose_warmup, quality_columns, stage_times, summarise
 from sim.metrics.timeseries import timeseries
 from sim.model.offered import offered_load_rps, offered_utilisation
 from sim.model.pipeline import simulate
@@ -123,7 +123,7 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
             frame = rec.frame()
             if rec.calls is not None:  # as in the summary: the model calls' time in endpoint queues
                 frame["queue_wait_s"] = stage_times(rec)["queue"]
-                frame = frame.join(budget_sections(rec))
+                frame = frame.join(budget_sections(rec)).join(quality_columns(rec))
             frame.insert(0, "replication", r)
             frames.append(frame)
             series = timeseries(rec, sim.timeseries_interval_s, sim.duration_s)

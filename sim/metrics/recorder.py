@@ -90,12 +90,15 @@ class Recorder:
         # Per-request logs are flat lists of numbers, a row after another (see `rows`): a tuple per
         # request would be one more object for the garbage collector to follow, a million a run.
         self.cache_code: Optional[list] = None   # rows (request, cache code), one per output-cache lookup
+        self.cache_leak: Optional[list] = None   # requests an output-cache hit served another user's personal answer
         self.budget: Optional[list] = None       # rows (request, truncated, drawn sizes..., sizes...)
         self.budget_sections: tuple = ()        # the budget's section names, in row order
         self.quality: Optional[list] = None      # rows (request, good answer, model calls), routed requests
+        self.quality_dims: Optional[list] = None  # rows (request, correct, grounded, citation, useful), see quality.py
         self.stage_log: Optional[list] = None    # rows (request, gate, cache, evaluation, post, retrieval, retry) s
         self.validation_retries: Optional[dict] = None  # request -> structured-output retries (those retried)
         self.retrieval_stats: Optional[dict] = None     # the retrieval stage's counters over the whole run
+        self.retrieval_usage: Optional[list] = None     # with priced retrieval: Retrieval.usage rows (the ledger's)
         self.cached_tokens: Optional[dict] = None       # on calls with prompt caches: call -> (read, written)
         self.generated: dict[int, int] = {}             # stopped before the end (cancelled, timed out): tokens made
         self.guard_log: Optional[list] = None           # (request, retries, call timeouts, fallback, limit) s

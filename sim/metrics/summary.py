@@ -13,7 +13,17 @@ import pandas as pd
 
 from sim.config.schema import Api, SelfHosted, Workload
 
-from .ledger import api_usd, billed, cache_columns, ledger
+from .ledger import (
+    STAGES,
+    api_usd,
+    batch_calls,
+    batch_classes,
+    billed,
+    cache_columns,
+    ledger,
+    priced_stages,
+    stage_costs,
+)
 from .recorder import (
     ANSWERED,
     CANCELLED,
@@ -49,6 +59,10 @@ def metric_names(workload: Workload) -> list[str]:
     for name in workload.models:
         names += [f"utilisation_{name}", f"batch_mean_{name}"]
     names += ["cost_total_usd", "cost_per_hour_usd", "cost_per_request_usd", "cost_per_1k_usd"]
+    if priced_stages(workload) or batch_classes(workload).any():
+        names += [f"cost_{stage}_usd" for stage in STAGES] + ["cost_batch_usd"]
+    if batch_classes(workload).any():
+        names += BATCH_METRICS
     names += [f"offered_utilisation_{name}" for name in workload.models]
     names += ["requests_rate_limited", "rate_limited_share", "retries_mean"]
     names += class_metric_names(workload)
@@ -64,15 +78,20 @@ def metric_names(workload: Workload) -> list[str]:
         if pipeline.guardrails is not None:
             names += GUARD_METRICS
         if pipeline.output_cache is not None:
-            names += ["cache_bypass_share_output", "cache_hit_rate_output", "cache_stale_hit_rate_output"]
+            names += ["cache_bypass_share_output", "cache_hit_rate_output", "cache_stale_hit_rate_output",
+                      "cache_leak_rate_output"]
         if pipeline.router is not None:
             names += ["quality_good_share", "hops_mean", "escalation_rate"]
+        if pipeline.router is not None or pipeline.quality is not None:
+            names += QUALITY_METRICS
         retrieval = pipeline.retrieval
         if retrieval is not None:
-            names += ["retrieval_cache_hit_rate"] if retrieval.cache is not None else []
+            if retrieval.cache is not None:
+                names += ["retrieval_cache_hit_rate", "cache_stale_hit_rate_retrieval", "cache_leak_rate_retrieval"]
             if retrieval.embedding is not None:
                 names += ["embedding_batch_size_mean", "embedding_utilisation"]
-                names += ["embedding_cache_hit_rate"] if retrieval.embedding.cache is not None else []
+                if retrieval.embedding.cache is not None:
+                    names += ["embedding_cache_hit_rate", "cache_stale_hit_rate_embedding", "cache_leak_rate_embedding"]
             names += [f"backend_{b}_{m}" for b in retrieval.backends for m in ("utilisation", "wait_mean_s")]
         if pipeline.budget is not None:
             names.append("budget_truncated_share")
@@ -117,7 +136,11 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
 
     arrived = arrival >= warmup_s
     answered = np.isin(outcome, ANSWERED)  # latency and throughput count answers, cut short by the user or not
-    done = arrived & answered
+    # A batch class's answers come within hours: they count in throughput and cost, and their latency is
+    # reported apart (batch_*, and per class), never in the interactive latency figures.
+    interactive = ~batch_classes(workload)[np.asarray(rec.cls, dtype=np.int64)]
+    answered_in = arrived & answered
+    done = answered_in & interactive
     finished_in_window = answered & (end >= warmup_s) & (end < duration)
     tpot = time_per_output_token(first, end, output, outcome)  # NaN where a request has none
     m: dict[str, float] = {
@@ -150,12 +173,13 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
     counters = _window_counters(rec, warmup_s, duration)
     m.update(_tokens_per_gpu(rec, workload, counters, warmup_s, duration))
     m.update(_endpoint_stats(counters))
-    m.update(_costs(rec, workload, window, arrived, done, prompt, m["throughput_rps"], counters))
+    m.update(_costs(rec, workload, window, arrived, answered_in, prompt, m["throughput_rps"], counters))
     for name, value in (offered or {}).items():
         m[f"offered_utilisation_{name}"] = value
-    m.update(_cold_and_warm(workload, arrival, first, end, answered))
+    m.update(_cold_and_warm(workload, arrival, first, end, answered & interactive))
     m.update(_rate_limited(rec, arrived, outcome))
-    m.update(_per_class(rec, workload, arrived, done, finished_in_window, outcome, window, latencies))
+    m.update(_per_class(rec, workload, arrived, answered_in, finished_in_window, outcome, window, latencies))
+    m.update(_batch_stats(rec, workload, arrived, answered_in, end - arrival))
     m.update(stage_profile(rec, done, stages))
     m.update(_pipeline_stats(rec, arrived, outcome))
     m.update(_prompt_cached_share(rec, arrived))
@@ -236,6 +260,9 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> 
         out["cache_bypass_share_output"] = float((codes == BYPASS).mean()) if codes.size else math.nan
         out["cache_hit_rate_output"] = float(np.isin(looked, (HIT, STALE_HIT)).mean()) if looked.size else math.nan
         out["cache_stale_hit_rate_output"] = float((looked == STALE_HIT).mean()) if looked.size else math.nan
+        leaks = arrived[np.asarray(rec.cache_leak, dtype=np.int64)].sum() if rec.cache_leak else 0
+        out["cache_leak_rate_output"] = float(leaks / looked.size) if looked.size else math.nan
+    out.update(_quality_dims(rec, arrived))
     if rec.quality is not None:
         rows = Recorder.rows(rec.quality, 3)
         rows = rows[arrived[rows[:, 0].astype(np.int64)], 1:]
@@ -250,6 +277,40 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> 
         log = Recorder.rows(rec.budget, 2 + 2 * len(rec.budget_sections), np.int64)
         truncated = log[arrived[log[:, 0]], 1].astype(bool)
         out["budget_truncated_share"] = float(truncated.mean()) if truncated.size else math.nan
+    return out
+
+
+QUALITY_METRICS = ["quality_correct_share", "quality_grounded_mean", "quality_citation_mean", "quality_useful_mean"]
+
+
+def _quality_dims(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
+    """Means of the answer quality dimensions (sim/model/application/quality.py) over requests after warm-up.
+
+    Correctness, groundedness and citation accuracy are over the answered requests that have them;
+    usefulness over every request (no answer is worth 0).
+    """
+    if rec.quality_dims is None:
+        return {}
+    rows = Recorder.rows(rec.quality_dims, 5)
+    rows = rows[arrived[rows[:, 0].astype(np.int64)], 1:]
+    out = {}
+    for name, column in zip(QUALITY_METRICS, rows.T if len(rows) else [np.empty(0)] * 4):
+        values = column[~np.isnan(column)]
+        out[name] = float(values.mean()) if values.size else math.nan
+    return out
+
+
+def quality_columns(rec: Recorder) -> pd.DataFrame:
+    """Per request: its answer's quality dimensions, `quality_correct` ... `quality_useful` (NaN where none)."""
+    out = pd.DataFrame(index=pd.RangeIndex(len(rec.arrival)))
+    if rec.quality_dims is None:
+        return out
+    rows = Recorder.rows(rec.quality_dims, 5)
+    index = rows[:, 0].astype(np.int64)
+    for k, name in enumerate(("correct", "grounded", "citation", "useful"), start=1):
+        values = np.full(len(out), np.nan)
+        values[index] = rows[:, k]
+        out[f"quality_{name}"] = values
     return out
 
 
@@ -301,7 +362,9 @@ def _retrieval_stats(stats: Optional[dict]) -> dict[str, float]:
     if stats is None:
         return {}
     out = {}
-    for key in ("retrieval_cache_hit_rate", "embedding_cache_hit_rate", "embedding_batch_size_mean"):
+    for key in ("retrieval_cache_hit_rate", "embedding_cache_hit_rate", "embedding_batch_size_mean",
+                "cache_stale_hit_rate_retrieval", "cache_leak_rate_retrieval", "cache_stale_hit_rate_embedding",
+                "cache_leak_rate_embedding"):
         if key in stats:
             out[key] = float(stats[key])
     if "utilisation_embedding" in stats:
@@ -480,7 +543,12 @@ def _endpoint_stats(counters: dict[str, tuple[float, float, float, float]]) -> d
 
 def _costs(rec: Recorder, workload: Workload, window: float, arrived: np.ndarray, done: np.ndarray,
            prompt: np.ndarray, throughput: float, counters: dict) -> dict[str, float]:
-    """Dollars over the window: replica-seconds held x hourly price for self-hosted, tokens for APIs."""
+    """Dollars over the window: replica-seconds held x hourly price for self-hosted, tokens for APIs (batch
+    calls at their batch price), and the application's priced stages (see ledger.stage_costs).
+
+    With priced stages or batch classes, also the breakdown: `cost_<stage>_usd` for the ledger's stages
+    (model, embedding, backend, cache) and `cost_batch_usd`, the part of cost_model_usd billed at batch prices.
+    """
     calls = rec.calls if rec.calls is not None else rec  # with a pipeline, a request may make no call, or several
     paid, output = billed(calls)
     if rec.calls is not None:  # every call of a request arrived in the window, answered or not
@@ -488,21 +556,58 @@ def _costs(rec: Recorder, workload: Workload, window: float, arrived: np.ndarray
         prompt = np.asarray(calls.prompt, dtype=float)
     endpoint = np.asarray(calls.endpoint)
     read, written = cache_columns(calls)
-    total = 0.0
+    batch = batch_calls(calls, workload)
+    total = batched = 0.0
     for k, (name, model) in enumerate(workload.models.items()):
         if isinstance(model, Api):
             mine = done & (endpoint == k)
-            total += float(api_usd(model, prompt[mine], output[mine], read[mine], written[mine]).sum())
+            usd = api_usd(model, prompt[mine], output[mine], read[mine], written[mine], batch[mine])
+            total += float(usd.sum())
+            batched += float(usd[batch[mine]].sum())
         else:
             total += model.replica_hourly_usd * counters[name][3] / 3600.0  # per GPU x GPUs per replica
+    breakdown = priced_stages(workload) or bool(batch_classes(workload).any())
+    stages = {"model": total}
+    if breakdown:
+        for stage, usd in stage_costs(rec, workload, arrived, window).items():
+            stages[stage] = stages.get(stage, 0.0) + usd
+            total += usd
     completed = throughput * window
     per_request = total / completed if completed else math.nan
-    return {
+    out = {
         "cost_total_usd": total,
         "cost_per_hour_usd": total * 3600.0 / window,
         "cost_per_request_usd": per_request,
         "cost_per_1k_usd": per_request * 1000.0,
     }
+    if breakdown:
+        out.update({f"cost_{stage}_usd": stages.get(stage, 0.0) for stage in STAGES})
+        out["cost_batch_usd"] = batched
+    return out
+
+
+BATCH_METRICS = ["batch_requests", "batch_e2e_mean_s", "batch_e2e_p50_s", "batch_e2e_p95_s", "batch_e2e_p99_s",
+                 "batch_e2e_max_s", "batch_within_window_share"]
+
+
+def _batch_stats(rec: Recorder, workload: Workload, arrived: np.ndarray, answered: np.ndarray,
+                 e2e: np.ndarray) -> dict[str, float]:
+    """Batch classes' requests arriving in the window: how many, their end-to-end latency (answered ones), and
+    the share answered within the completion window of the batch mode that served them."""
+    batch = batch_classes(workload)
+    if not batch.any():
+        return {}
+    mine = arrived & batch[np.asarray(rec.cls, dtype=np.int64)]
+    windows = np.asarray([m.batch.completion_window_s if getattr(m, "batch", None) is not None else math.inf
+                          for m in workload.models.values()])
+    late = ~(e2e <= windows[np.asarray(rec.endpoint, dtype=np.int64)])  # NaN e2e (no answer): not in time
+    values = e2e[mine & answered]
+    stats = _latency_stats("e2e", values)
+    out = {"batch_requests": float(mine.sum())}
+    out.update({f"batch_e2e_{stat}_s": stats[f"e2e_{stat}_s"] for stat in ("mean", "p50", "p95", "p99")})
+    out["batch_e2e_max_s"] = float(values.max()) if values.size else math.nan
+    out["batch_within_window_share"] = float((~late[mine]).mean()) if mine.any() else math.nan
+    return out
 
 
 def aggregate(per_replication: pd.DataFrame) -> dict[str, float]:

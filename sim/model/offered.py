@@ -57,6 +57,8 @@ def offered_utilisation(workload: Workload) -> dict[str, float]:
         batch = full_batch(workload, name)
         load = 0.0
         for cname, cls in classes.items():
+            if cls.batch and getattr(model, "batch", None) is not None:
+                continue  # the provider's batch lane, not the interactive slots
             # (calls per request, extra prompt tokens) of this class on this endpoint
             calls = routed[cname].get(name, []) if routed else [(cls.endpoint_mix().get(name, 0.0), 0.0)]
             for per_request, extra in calls:

@@ -13,8 +13,8 @@ import simpy
 from sim.config.schema import Api, SelfHosted, Workload
 from sim.metrics.recorder import Recorder
 from sim.model.application.lifecycle import Lifecycle
-from sim.model.serving.api import streaming_draws
-from sim.model.serving.autoscaler import Autoscaler
+from sim.model.serving.api import BatchLane, streaming_draws
+from sim.model.serving.autoscaler import Autoscaler, ScaleToZero
 from sim.model.serving.endpoint import Endpoint
 from sim.model.serving.engine import EngineReplica
 from sim.model.serving.slots import SlotServer, plain_draws
@@ -72,12 +72,18 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     if workload.pipeline is None and any(hook is not None for hook in hooks):  # open-loop-only runs skip the call
         for endpoint in endpoints:
             endpoint.on_done = done
+    for endpoint in endpoints:  # the batch lane and scale to zero see departures through the final on_done
+        if endpoint.batch_lane is not None:
+            endpoint.batch_lane.connect()
+        if endpoint.idle is not None:
+            endpoint.idle.watch()
     start_monitor(env, endpoints, recorder, sim, workload.measure_end_s())
     if progress is not None:
         _schedule_ticks(env, sim.duration_s, ticks, progress)
     run(env)
     if workload.pipeline is not None and lifecycle.retrieval is not None:
         recorder.retrieval_stats = lifecycle.retrieval.stats(env.now)
+        recorder.retrieval_usage = lifecycle.retrieval.usage if lifecycle.retrieval.metered else None
     for endpoint in endpoints:
         recorder.warnings += beyond_calibration(endpoint, workload.models[endpoint.name])
     return recorder
@@ -149,8 +155,12 @@ def build_endpoint(env: simpy.Environment, name: str, index: int, workload: Work
             initial_cold = 0.0 if workload.simulation.warm else model.cold_start_s
             for _ in range(model.replicas):
                 endpoint.servers.append(new_replica(initial_cold))
+            idle = None
+            if model.scale_to_zero is not None:  # wakes with the replicas it starts with (autoscale: its minimum)
+                count = model.autoscale.min_replicas if model.autoscale is not None else model.replicas
+                idle = ScaleToZero(env, endpoint, model.scale_to_zero, new_replica, count)
             if model.autoscale is not None:
-                Autoscaler(env, endpoint, model.autoscale, new_replica, workload.simulation.duration_s).start()
+                Autoscaler(env, endpoint, model.autoscale, new_replica, workload.simulation.duration_s, idle).start()
             return endpoint
         slots, replicas = model.max_batch, model.replicas
     elif isinstance(model, Api):
@@ -165,6 +175,11 @@ def build_endpoint(env: simpy.Environment, name: str, index: int, workload: Work
                                            BlockSampler(model.ttft_s.sample, service_rng),
                                            BlockSampler(model.output_tokens_per_s.sample, speed_rng))
     endpoint.servers = [SlotServer(env, endpoint, r, slots, recorder) for r in range(replicas)]
+    if model.scale_to_zero is not None:
+        ScaleToZero(env, endpoint, model.scale_to_zero)
+    batch_classes = [cls.batch for cls in workload.traffic.classes.values()]
+    if isinstance(model, Api) and model.batch is not None and any(batch_classes):  # outermost: batch skips the wake
+        BatchLane(env, endpoint, model.batch, batch_classes, recorder, streams.rng(f"endpoint.{name}.batch"))
     return endpoint
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 from sim.config.schema import Api
+from sim.metrics.recorder import ANSWERED, OUTCOMES
+from sim.metrics.stats import t_interval
 from sim.metrics.summary import MEASURES, PERCENTILES
 
 # Requests that did not complete, by why; each shown when any did.
@@ -51,21 +54,13 @@ def format_summary(result) -> str:
         + (f"   goodput {_value(s, 'goodput_rps', '.3f')} req/s" if "goodput_rps" in s else "")
         + f"   tokens in {_value(s, 'tokens_in_per_s', '.0f')}/s  out {_value(s, 'tokens_out_per_s', '.0f')}/s",
         *_streaming_line(s),
+        *_slo_lines(result),
+        *_blank_before(_pipeline_lines(s)),
         "",
-        "latency (s)  " + "".join(f"{stat:>16}" for stat in ("mean",) + tuple(p for p, _ in PERCENTILES)),
+        *_latency_table(s),
+        "",
+        *_endpoint_table(s, w),
     ]
-    for measure in MEASURES:
-        digits = ".4f" if measure == "tpot" else ".3f"  # token gaps are milliseconds
-        cells = "".join(f"{_value(s, f'{measure}_{stat}_s', digits):>16}"
-                        for stat in ("mean",) + tuple(p for p, _ in PERCENTILES))
-        lines.append(f"{measure:<13}{cells}")
-    lines += ["", f"{'endpoint':<20}{'kind':<13}{'servers':>8}{'utilisation':>18}{'offered':>10}{'batch mean':>16}"]
-    for ep, model in w.models.items():
-        servers = f"{model.concurrency}" if isinstance(model, Api) else f"{model.replicas}"
-        lines.append(
-            f"{ep:<20}{model.kind:<13}{servers:>8}{_value(s, f'utilisation_{ep}', '.3f'):>18}"
-            f"{s[f'offered_utilisation_{ep}']:>10.3f}{_value(s, f'batch_mean_{ep}', '.2f'):>16}"
-        )
     # Step-time coefficients hold for one host and engine setup: say which.
     lines += [f"step times {key.removeprefix('step_times_')}: {s[key]}" for key in s if key.startswith("step_times_")]
     lines += [
@@ -93,16 +88,183 @@ def _streaming_line(s: dict) -> list[str]:
             f"   inter-token latency {_value(s, 'itl_mean_s', '.4f')} s (mean)"]
 
 
+def _grid(rows: list[list[str]], floors: Sequence[int], left: int) -> list[str]:
+    """Rows of cells (the first a header) in columns as wide as their widest value plus two spaces,
+    their header plus one, and at least `floors`.
+
+    Widths come from the values, so a long value and its interval never run into the next
+    column; the first `left` columns are names (left-aligned), the rest numbers (right-aligned).
+    """
+    widths = [max([floor, len(rows[0][i]) + 1] + [len(row[i]) + 2 for row in rows[1:]])
+              for i, floor in enumerate(floors)]
+    return ["".join(cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in rows]
+
+
+def _latency_table(s: dict) -> list[str]:
+    """Mean and percentiles of each latency measure, with their intervals."""
+    stats = ("mean",) + tuple(p for p, _ in PERCENTILES)
+    rows = [["latency (s)", *stats]]
+    for measure in MEASURES:
+        digits = ".4f" if measure == "tpot" else ".3f"  # token gaps are milliseconds
+        rows.append([measure, *(_value(s, f"{measure}_{stat}_s", digits) for stat in stats)])
+    return _grid(rows, (13,) + (16,) * len(stats), left=1)
+
+
+def _endpoint_table(s: dict, w) -> list[str]:
+    """Each endpoint's servers, measured and offered utilisation, and mean batch."""
+    rows = [["endpoint", "kind", "servers", "utilisation", "offered", "batch mean"]]
+    for ep, model in w.models.items():
+        servers = model.concurrency if isinstance(model, Api) else model.replicas
+        rows.append([ep, model.kind, f"{servers}", _value(s, f"utilisation_{ep}", ".3f"),
+                     f"{s[f'offered_utilisation_{ep}']:.3f}", _value(s, f"batch_mean_{ep}", ".2f")])
+    return _grid(rows, (20, 13, 8, 18, 10, 16), left=2)
+
+
+def _blank_before(lines: list[str]) -> list[str]:
+    return [""] + lines if lines else []
+
+
+def _keys(s: dict, wanted: Callable[[str], bool]) -> list[str]:
+    """The summary's numeric metrics that `wanted` picks, in the summary's order, intervals left out."""
+    return [k for k, v in s.items() if wanted(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and not k.endswith(("_ci95_low", "_ci95_high"))]
+
+
+def _share(s: dict, key: str) -> str:
+    """A share as a percentage, with two decimals where one would round a small rate to nothing."""
+    v = s.get(key, math.nan)
+    return _value(s, key, ".2%" if isinstance(v, float) and 0 < abs(v) < 0.01 else ".1%")
+
+
+SLO_TARGETS = (("ttft_s", "ttft"), ("e2e_s", "e2e"), ("tpot_s", "tpot"))
+"""The workload's `slo` fields and the request columns they bound, in the order the verdict names them."""
+
+
+def _slo_lines(result) -> list[str]:
+    """The SLO verdict: the goodput's share of the throughput, and how many answers met each target."""
+    slo = result.workload.slo
+    targets = {name: getattr(slo, field) for field, name in SLO_TARGETS
+               if slo is not None and getattr(slo, field) is not None}
+    if not targets:
+        return []
+    s = result.summary
+    good, done = s.get("goodput_rps", math.nan), s["throughput_rps"]
+    share = f" ({good / done:.1%})" if done > 0 and not math.isnan(good) else ""
+    said = ", ".join(f"{name} <= {limit:g} s" for name, limit in targets.items())
+    lines = [f"slo        {said}: goodput {good:.3f} of throughput {done:.3f} req/s{share} meet every target"]
+    met = slo_met_shares(result, targets)
+    if met:
+        cells = [f"{name} {mean:.1%}" + (f" ±{(high - low) / 2:.1%}" if not math.isnan(low) else "")
+                 for name, (mean, low, high) in met.items()]
+        lines.append("           answered requests within each target: " + "   ".join(cells))
+    return lines
+
+
+def slo_met_shares(result, targets: dict[str, float]) -> dict[str, tuple[float, float, float]]:
+    """Per target (`ttft`, `e2e`, `tpot` -> its bound in s): the share of answered requests within it.
+
+    The requests are those the latency table measures (answered, arrived after each
+    replication's warm-up); each replication gives a share and the result is their mean with
+    its 95% interval (NaN bounds with one replication). A one-token answer has no TPOT and
+    passes, as in the goodput. Empty when the run kept no per-request table.
+    """
+    req = result.requests
+    if req is None or req.empty:
+        return {}
+    warmup = result.replications.set_index("replication")["warmup_s"]
+    answered = req["outcome"].isin([OUTCOMES[code] for code in ANSWERED])
+    measured = req[answered & (req["arrival_s"] >= req["replication"].map(warmup))]
+    out = {}
+    for name, limit in targets.items():
+        within = ~(measured[f"{name}_s"] > limit)  # NaN (no TPOT) passes
+        shares = within.groupby(measured["replication"]).mean().to_numpy(float)
+        out[name] = t_interval(shares)
+    return out
+
+
+def _pipeline_lines(s: dict) -> list[str]:
+    """The application's headlines: answer quality, cache hit rates, escalation and fallbacks.
+
+    Keys are picked by their prefix, so a quality dimension, cache or fallback the summary
+    gains shows up here without a change.
+    """
+    lines = []
+    quality = _keys(s, lambda k: k.startswith("quality_"))
+    if quality:
+        lines.append("quality    " + "   ".join(f"{_quality_label(k)} {_quality_value(s, k)}" for k in quality))
+    # One line per cache: a stack has several, each with hit, stale-hit and leak rates.
+    lines += [("caches     " if n == 0 else " " * 11) + part for n, part in enumerate(_cache_parts(s))]
+    if "escalation_rate" in s:
+        lines.append(f"escalation {_share(s, 'escalation_rate')} of answers escalated   "
+                     f"model calls {_value(s, 'hops_mean', '.3f')}/answer, "
+                     f"{_value(s, 'model_calls_per_request', '.3f')}/request (cache hits make none)")
+    fallbacks = _keys(s, lambda k: k.startswith("fallback_"))
+    if fallbacks:
+        lines.append("fallbacks  " + "   ".join(
+            f"{k.removeprefix('fallback_').removesuffix('_share').replace('_', ' ')} {_share(s, k)}" for k in fallbacks)
+            + "   (requests answered by a fallback call)")
+    return lines
+
+
+def _quality_label(key: str) -> str:
+    """quality_good_share -> 'good answers', quality_groundedness_mean -> 'groundedness'."""
+    if key == "quality_good_share":
+        return "good answers"
+    name = key.removeprefix("quality_")
+    for suffix in ("_share", "_mean", "_rate"):
+        name = name.removesuffix(suffix)
+    return name.replace("_", " ")
+
+
+def _quality_value(s: dict, key: str) -> str:
+    """Shares of answers as percentages; scores (a dimension's mean) as they are."""
+    return _share(s, key) if key.endswith(("_share", "_rate")) else _value(s, key, ".3f")
+
+
+def cache_metric(key: str) -> Optional[tuple[str, str]]:
+    """(cache, what) for a cache rate or share of the summary, else None.
+
+    Both spellings the summary uses: `cache_<what>_<rate|share>_<cache>`
+    (cache_stale_hit_rate_output -> ('output', 'stale hit')) and
+    `<cache>_cache_<what>_<rate|share>` (embedding_cache_hit_rate -> ('embedding', 'hit')).
+    Costs and stage times that name a cache are not rates: None.
+    """
+    words = key.split("_")
+    unit = next((j for j, word in enumerate(words) if word in ("rate", "share")), None)
+    if "cache" not in words or unit is None or words[0] in ("stage", "cost"):
+        return None
+    at = words.index("cache")
+    if at == 0:
+        cache, what = words[unit + 1:], words[1:unit]
+    else:
+        cache, what = words[:at], words[at + 1:unit]
+    return "_".join(cache) or "cache", " ".join(what) or "hit"
+
+
+def _cache_parts(s: dict) -> list[str]:
+    """Per cache, its hit rate first, then its other rates: 'output hit 22.5%, stale hit 0.12%, bypass 60.9%'."""
+    grouped: dict[str, list[tuple[str, str]]] = {}
+    for key in _keys(s, lambda k: cache_metric(k) is not None):
+        cache, what = cache_metric(key)
+        grouped.setdefault(cache, []).append((what, f"{what} {_share(s, key)}"))
+    parts = [f"{cache} " + ", ".join(text for what, text in sorted(rates, key=lambda r: r[0] != "hit"))
+             for cache, rates in grouped.items()]
+    if "prompt_cached_share" in s:  # prompt and prefix caches: the share of prompt tokens not computed again
+        parts.append(f"prompt tokens cached {_share(s, 'prompt_cached_share')}")
+    return parts
+
+
 def _guard_lines(s: dict) -> list[str]:
     """What the guardrails did: retries, timeouts, answers from fallbacks, calls denied by a cap."""
     if "guard_retries_per_request" not in s:
         return []
     parts = [f"retries {s['guard_retries_per_request']:.3f}/request",
              f"call timeouts {s['guard_call_timeouts_per_request']:.3f}/request"]
+    # Fallback shares have their own line (_pipeline_lines); caps show only when met.
     parts += [f"{label} {s[key]:.1%}" for key, label in (
-        ("fallback_smaller_model_share", "answered by the smaller model"),
-        ("fallback_reduced_context_share", "with reduced context"), ("guard_hop_limited_share", "hop cap met"),
-        ("guard_token_limited_share", "token cap met"), ("guard_tool_limited_share", "tool cap met")) if s[key]]
+        ("guard_hop_limited_share", "hop cap met"), ("guard_token_limited_share", "token cap met"),
+        ("guard_tool_limited_share", "tool cap met")) if s.get(key)]
     return ["guardrails " + "   ".join(parts)]
 
 

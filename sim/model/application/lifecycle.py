@@ -26,8 +26,9 @@ from sim.model.serving.prompt_cache import PrefixCache
 from sim.model.streams import BlockSampler, Streams
 
 from .budget import TokenBudget
-from .caches import HIT, STALE_HIT, Cache
+from .caches import HIT, STALE_HIT, Audience, Cache, warm_up
 from .guardrails import ANSWER_PATHS, Guardrails
+from .quality import QualityModel
 from .retrieval import Retrieval
 
 Submit = Callable[[int], None]
@@ -43,7 +44,7 @@ class _Request:
     cache_s = evaluation_s = post_s = retrieval_s = retry_s = 0.0  # seconds in each stage
     hops = 0            # model calls made
     tier = 0            # router tier of the current (or next) call
-    difficulty = -1.0   # drawn with the first routing decision
+    difficulty = -1.0   # drawn with the routing decision, at arrival
     cache_key = -1      # output-cache key to store the answer under (-1: none)
     prefix = 0          # cacheable prefix tokens of the prompt
     call = -1           # the call in flight, if any
@@ -59,6 +60,9 @@ class _Request:
     endpoint = -1       # a fallback's endpoint (-1: as routed)
     reduced = False     # the reduced_context fallback is on
     tools = 0           # retrieval hops and tool calls made
+    correct = None      # the router's verdict on the latest answer (None: not judged)
+    evidence = (0.0, 0.0)  # (retrieved, kept) tokens of the prompt's evidence section
+    hit = 0             # the output-cache code when the answer came from the cache (HIT, STALE_HIT)
 
     def __init__(self, i: int, now: float) -> None:
         self.i = i
@@ -83,14 +87,14 @@ class Lifecycle:
         self.budgets: Optional[list[TokenBudget]] = (
             [TokenBudget(spec.budget, streams, name) for name in names] if spec.budget is not None else None)
         self.cache: Optional[Cache] = None
+        self.audience = Audience.of(workload, recorder.user, recorder.cls, streams)  # who asks, for the caches
         if spec.output_cache is not None:
             self.cache = Cache(spec.output_cache, streams.rng("cache.output.keys"), streams.rng("cache.output.share"),
-                               streams.rng("cache.output.stale"))
+                               streams.rng("cache.output.stale"), self.audience)
             self.hit_latency = BlockSampler(spec.output_cache.hit_latency_s.sample, streams.rng("cache.output.latency"))
             self.miss_latency = BlockSampler(spec.output_cache.miss_latency_s.sample,
                                              streams.rng("cache.output.miss_latency"))
-            if spec.output_cache.warm == "top" or workload.simulation.warm:
-                self.cache.prefill_top()
+            self.cache.start(workload.simulation.warm)
         self.post = (BlockSampler(spec.post_processing_s.sample, streams.rng("pipeline.post_processing"))
                      if spec.post_processing_s is not None else None)
         self.prompt_caches = [PrefixCache(m.prompt_cache) if m.prompt_cache is not None else None
@@ -98,8 +102,10 @@ class Lifecycle:
         if any(self.prompt_caches):
             calls.cached_tokens = {}
         self.router = Routing(spec, workload, streams) if spec.router is not None else None
-        self.retrieval = (Retrieval(env, spec.retrieval, streams, warm=workload.simulation.warm)
+        self.retrieval = (Retrieval(env, spec.retrieval, streams, warm=workload.simulation.warm, audience=self.audience)
                           if spec.retrieval is not None else None)
+        chain = [("output", self.cache, False)] if self.cache is not None else []
+        warm_up(chain + (self.retrieval.cache_chain() if self.retrieval is not None else []), workload, streams)
         out = spec.output
         self.streaming = out.streaming
         self.validation = (BlockSampler(lambda rng, n: rng.random(n), streams.rng("pipeline.validation"))
@@ -117,7 +123,13 @@ class Lifecycle:
             for endpoint in endpoints:
                 endpoint.allow_cancel()
         recorder.quality = [] if self.router is not None else None
+        self.quality: Optional[QualityModel] = None
+        if spec.quality is not None or spec.router is not None:
+            sections = self.budgets[0].section_names if self.budgets is not None else ()
+            self.quality = QualityModel(spec, names, streams, sections)
+        recorder.quality_dims = [] if self.quality is not None else None
         recorder.cache_code = [] if self.cache is not None else None
+        recorder.cache_leak = [] if self.cache is not None else None
         recorder.budget = [] if self.budgets is not None else None
         recorder.budget_sections = self.budgets[0].section_names if self.budgets is not None else ()
         # Stage times the calls table cannot tell: (request, gate, cache, evaluation, post-processing,
@@ -131,6 +143,10 @@ class Lifecycle:
         """Request i passed the rate limits: build its prompt, look in the cache, else call the model."""
         rec, now = self.rec, self.env.now
         r = self.live[i] = _Request(i, now)
+        if self.router is not None:
+            # Routed at arrival, in arrival order: two configs run with the same seed give the same request
+            # the same difficulty (common random numbers), whatever happens to it later.
+            r.tier, r.difficulty = self.router.first_tier(rec.cls[i])
         if self.guard is not None:
             self.guard.watch_request(r, rec.arrival[i])
         if self.cancel_share > 0 and self.cancel_draw() < self.cancel_share:
@@ -147,13 +163,18 @@ class Lifecycle:
                 return
             rec.prompt[i] = result.prompt_tokens
             r.prefix = result.prefix_tokens
+            if self.quality is not None:
+                r.evidence = self.quality.evidence_of(result.drawn, result.sizes)
             if rec.output[i] > result.output_budget_tokens:  # the answer cannot outgrow what the window leaves
                 rec.output[i] = max(1, result.output_budget_tokens)
         if self.cache is not None:
-            key = self.cache.draw_key()
-            code = self.cache.lookup(key, now)
+            key = self.cache.draw_key(i)
+            code = self.cache.lookup(key, now, i)
             rec.cache_code += (i, code)
             if code in (HIT, STALE_HIT):
+                if self.cache.leaked:  # another user's personalised answer
+                    rec.cache_leak.append(i)
+                r.hit, r.cache_key = code, key  # the answer served, and its quality with it
                 r.cache_s = self.hit_latency()
                 call_later(self.env, r.cache_s, self._answered_from_cache, r)
                 return
@@ -224,8 +245,6 @@ class Lifecycle:
 
     def _call(self, r: _Request) -> None:
         rec, i = self.rec, r.i
-        if r.difficulty < 0 and self.router is not None:
-            r.tier, r.difficulty = self.router.first_tier(rec.cls[i])
         call = self._next_call(r)
         if r.hops == 0 and not self._may_call(r, call):  # the first call is over the caps already
             self._fallback(r, REJECTED, deadline=False)
@@ -293,7 +312,7 @@ class Lifecycle:
         (and for the final answer) its quality is recorded.
         """
         router = self.router
-        good = r.difficulty < router.quality[r.tier]
+        good = r.correct = r.difficulty < router.quality[r.tier]
         if router.escalation is None:
             wait, again = 0.0, False
         else:
@@ -322,7 +341,7 @@ class Lifecycle:
     def _finish(self, r: _Request) -> None:
         """The final answer is in and post-processed: cache it, end."""
         if r.cache_key >= 0:
-            self.cache.insert(r.cache_key, self.env.now)
+            self.cache.insert(r.cache_key, self.env.now, r.i)
         self._end(r, COMPLETED)
 
     def _answered_from_cache(self, event) -> None:
@@ -431,7 +450,22 @@ class Lifecycle:
             rec.validation_retries[i] = r.validations
         if self.guard is not None:
             Guardrails.log(rec, r)
+        if self.quality is not None:
+            self._score(r, outcome)
         self.done(i)
+
+    def _score(self, r: _Request, outcome: int) -> None:
+        """The answer's quality dimensions (sim/model/application/quality.py); a cached answer's go with it."""
+        quality = self.quality
+        if r.hit:
+            scores = quality.replay(r.cache_key, r.hit == STALE_HIT)
+        else:
+            extra = r.tier * self.router.extra_context if self.router is not None else 0
+            reduced = self.guard.reduced_share if r.reduced else None
+            scores = quality.score(self.rec.cls[r.i], r.correct, r.evidence, extra, reduced, outcome)
+            if outcome == COMPLETED and r.cache_key >= 0:
+                quality.remember(r.cache_key, scores)
+        self.rec.quality_dims += (r.i, *scores)
 
 
 class Routing:

@@ -6,7 +6,8 @@
     retrieval.records[-1]              # inside done(i): request i's row (see RECORD_FIELDS)
     retrieval.columns()                # at the end: flat numpy columns for a DataFrame
 
-A request's way: retrieval cache lookup (hit: done after the hit latency) ->
+A request's way: retrieval cache lookup (hit: done after the hit latency, but
+for the hops to `fresh` backends, whose output is never cached: they run then) ->
 embedding cache lookup (hit: straight to the stages) -> the embedding service
 (joins the open batch; waits for the batch to be sent and for a worker) ->
 stages, one after another; a stage submits all its hops at once and is done when
@@ -33,9 +34,9 @@ import simpy
 
 from sim.config.retrieval import BackendSpec, EmbeddingSpec, RetrievalSpec, StageSpec
 from sim.model.events import call_later
-from sim.model.streams import BlockSampler, Streams
+from sim.model.streams import BlockSampler, Streams, token_draw
 
-from .caches import HIT, STALE_HIT, Cache
+from .caches import HIT, STALE_HIT, Audience, Cache
 
 Done = Callable[[int], None]
 
@@ -47,8 +48,14 @@ RECORD_FIELDS = ("request", "start", "end", "embedding_wait", "embedding", "retr
 """One row of `Retrieval.records` per finished retrieval, in completion order: the request index, start
 and end times, the embedding wait (joining a batch to its start: batching delay plus waiting for a
 worker) and the batch's service time (both nan when the embedding was skipped), the two cache codes
-(MISS, HIT, STALE_HIT or NOT_LOOKED_UP), the duration of each stage run (a tuple; empty on a
-retrieval cache hit) and whether it was an escalation (`retrieve_more`)."""
+(MISS, HIT, STALE_HIT or NOT_LOOKED_UP), the duration of each stage run (a tuple; on a retrieval
+cache hit up to the last stage with a fresh hop, the cached ones 0: often empty) and whether it was
+an escalation (`retrieve_more`)."""
+
+USAGE_FIELDS = ("request", "retrieval_cache_lookups", "embedding_cache_lookups", "queries_embedded",
+                "tokens_embedded")
+"""The leading columns of a `Retrieval.usage` row (one per finished retrieval, kept only when something
+is priced); the hops to each backend follow, in `spec.backends` order. What the ledger bills."""
 
 
 class Backend:
@@ -220,8 +227,10 @@ class _Job:
 class Retrieval:
     """Runs requests' retrievals: caches, batched embedding, stages of parallel hops to FIFO backends."""
 
-    def __init__(self, env: simpy.Environment, spec: RetrievalSpec, streams: Streams, warm: bool = False) -> None:
-        """`warm` fills both caches with their most popular keys, as `warm: top` does (the --warm flag)."""
+    def __init__(self, env: simpy.Environment, spec: RetrievalSpec, streams: Streams, warm: bool = False,
+                 audience: Optional[Audience] = None) -> None:
+        """`warm` fills both (global) caches with their most popular keys, as `warm: top` does (the --warm
+        flag); `audience` tells the caches who asks (needed for scoped caches, and to count leaks)."""
         self.env = env
         self.spec = spec
         self.backends: dict[str, Backend] = {
@@ -231,15 +240,17 @@ class Retrieval:
         self.plan: Plan = self.compile(spec.stages)
         self.escalation_plan: Plan = (self.compile(spec.escalation_stages)
                                       if spec.escalation_stages is not None else self.plan)
+        # Backends whose output is never cached: a retrieval-cache hit still runs their hops.
+        self._fresh = frozenset(name for name, b in spec.backends.items() if b.fresh)
+        self._fresh_plans: dict[Plan, Plan] = {}
         self.cache: Optional[Cache] = None
         if spec.cache is not None:
             self.cache = Cache(spec.cache, streams.rng("cache.retrieval.keys"), None,
-                               streams.rng("cache.retrieval.stale"))
+                               streams.rng("cache.retrieval.stale"), audience)
             self._hit_s = BlockSampler(spec.cache.hit_latency_s.sample, streams.rng("cache.retrieval.latency"))
             self._miss_s = BlockSampler(spec.cache.miss_latency_s.sample,
                                         streams.rng("cache.retrieval.miss_latency"))
-            if spec.cache.warm == "top" or warm:
-                self.cache.prefill_top()
+            self.cache.start(warm)
         self.embedding: Optional[EmbeddingService] = None
         self.embedding_cache: Optional[Cache] = None
         self._shared_key = False
@@ -249,16 +260,31 @@ class Retrieval:
             ec = spec.embedding.cache
             if ec is not None:
                 self.embedding_cache = Cache(ec, streams.rng("cache.embedding.keys"), None,
-                                             streams.rng("cache.embedding.stale"))
+                                             streams.rng("cache.embedding.stale"), audience)
                 self._ehit_s = BlockSampler(ec.hit_latency_s.sample, streams.rng("cache.embedding.latency"))
                 self._emiss_s = BlockSampler(ec.miss_latency_s.sample, streams.rng("cache.embedding.miss_latency"))
-                if ec.warm == "top" or warm:
-                    self.embedding_cache.prefill_top()
+                self.embedding_cache.start(warm)
                 # One query, one key: both caches are asked for it when they describe the same queries.
                 self._shared_key = spec.cache is not None and spec.cache.keys == ec.keys
         self.records: list[tuple] = []
         self.started = 0
         self.completed = 0
+        self._init_metering(spec, streams)
+
+    def _init_metering(self, spec: RetrievalSpec, streams: Streams) -> None:
+        """What the ledger bills per request (see `usage`): only when something here has a price."""
+        embedding = spec.embedding
+        caches = [c for c in (spec.cache, embedding.cache if embedding is not None else None) if c is not None]
+        self.metered = (any(b.price_per_query_usd or b.hourly_usd for b in spec.backends.values())
+                        or any(c.hourly_usd for c in caches)
+                        or (embedding is not None and bool(embedding.price_per_mtok or embedding.hourly_usd)))
+        # Rows of USAGE_FIELDS followed by the hops to each backend (in `spec.backends` order).
+        self.usage: list[float] = []
+        self._backend_index = {name: k for k, name in enumerate(spec.backends)}
+        self._query_tokens: Optional[Callable[[], float]] = None
+        if embedding is not None and embedding.query_tokens is not None and self.metered:
+            self._query_tokens = BlockSampler(token_draw(embedding.query_tokens),
+                                              streams.rng("retrieval.embedding.tokens"))
 
     def compile(self, stages: Sequence[StageSpec]) -> Plan:
         """Stages (validated specs) as a plan for `retrieve_more`; unknown backends are a ValueError."""
@@ -273,6 +299,29 @@ class Retrieval:
             raise ValueError("a retrieval plan needs at least one stage")
         return tuple(plan)
 
+    def cache_chain(self) -> list[tuple[str, Cache, bool]]:
+        """The caches in the order a request meets them, for `caches.warm_up`: (stream name, cache, whether it
+        asks for the same query's key as the cache before it)."""
+        chain = [("retrieval", self.cache, False)] if self.cache is not None else []
+        if self.embedding_cache is not None:
+            chain.append(("embedding", self.embedding_cache, self._shared_key))
+        return chain
+
+    def fresh_plan(self, plan: Plan) -> Plan:
+        """What of `plan` a retrieval-cache hit still runs: each stage's hops to fresh backends, in order,
+        waiting for as many of them as the stage waits for hops (at most all). A stage without one stays,
+        empty (it takes no time, and keeps the later stages' numbers), unless no fresh hop follows it."""
+        fresh = self._fresh_plans.get(plan)
+        if fresh is None:
+            stages = []
+            for backends, need in plan:
+                kept = tuple(b for b in backends if b.name in self._fresh)
+                stages.append((kept, min(need, len(kept))))
+            while stages and not stages[-1][0]:
+                stages.pop()
+            fresh = self._fresh_plans[plan] = tuple(stages)
+        return fresh
+
     # --- the way in -------------------------------------------------------------------
     def run(self, i: int, done: Done, plan: Optional[Plan] = None) -> None:
         """Start request i's retrieval now (caches, embedding, then `plan`, default every stage); `done(i)` when
@@ -281,9 +330,11 @@ class Retrieval:
         self.started += 1
         cache = self.cache
         if cache is not None:
-            key = cache.draw_key()
-            code = job.rcode = cache.lookup(key, job.start)
+            key = cache.draw_key(i)
+            code = job.rcode = cache.lookup(key, job.start, i)
             if code == HIT or code == STALE_HIT:
+                if self._fresh:  # the cached context comes back, the live data is fetched anew
+                    job.plan = self.fresh_plan(job.plan)
                 call_later(self.env, self._hit_s(), self._answered_from_cache, job)
                 return
             job.rkey = key
@@ -300,7 +351,11 @@ class Retrieval:
 
     # --- caches and embedding ----------------------------------------------------------
     def _answered_from_cache(self, event) -> None:
-        self._finish(event.value)
+        job = event.value
+        if job.plan and self._fresh:
+            self._start_stage(job)
+        else:
+            self._finish(job)
 
     def _after_cache_miss(self, event) -> None:
         self._embed(event.value)
@@ -311,8 +366,8 @@ class Retrieval:
             return
         cache = self.embedding_cache
         if cache is not None:
-            key = job.rkey if self._shared_key else cache.draw_key()
-            code = job.ecode = cache.lookup(key, self.env._now)
+            key = cache.scoped(job.rkey, job.i) if self._shared_key else cache.draw_key(job.i)
+            code = job.ecode = cache.lookup(key, self.env._now, job.i)
             # An in-process cache answers at once (latency 0): the request goes on without an event.
             if code == HIT or code == STALE_HIT:
                 wait = self._ehit_s()
@@ -336,7 +391,7 @@ class Retrieval:
 
     def _embedded(self, job: _Job) -> None:
         if job.ekey >= 0:
-            self.embedding_cache.insert(job.ekey, self.env._now)
+            self.embedding_cache.insert(job.ekey, self.env._now, job.i)
         self._start_stage(job)
 
     # --- stages -------------------------------------------------------------------------
@@ -345,6 +400,10 @@ class Retrieval:
         now = self.env._now
         job.stage_start = now
         backends, need = job.plan[job.stage]
+        while not backends:  # a fresh plan's stage with nothing fresh: it came from the cache, in no time
+            job.stage_s += (0.0,)
+            job.stage += 1
+            backends, need = job.plan[job.stage]
         if need == len(backends):  # wait for all: the last return
             done = now
             for backend in backends:
@@ -367,11 +426,27 @@ class Retrieval:
     def _finish(self, job: _Job) -> None:
         now = self.env._now
         if job.rkey >= 0:
-            self.cache.insert(job.rkey, now)
+            self.cache.insert(job.rkey, now, job.i)
         self.completed += 1
         self.records.append((job.i, job.start, now, job.emb_wait, job.emb_s, job.rcode, job.ecode,
                              job.stage_s, job.escalation))
+        if self.metered:
+            self._meter(job)
         job.done(job.i)
+
+    def _meter(self, job: _Job) -> None:
+        """Append job's row of `usage`: cache lookups, the query embedded (its tokens drawn now), hops per backend.
+
+        Every stage it ran submitted all its hops (first_k leftovers run on and are billed too).
+        """
+        embedded = job.emb_s == job.emb_s  # not NaN: the embedding service served it
+        tokens = self._query_tokens() if embedded and self._query_tokens is not None else 0
+        row = [job.i, job.rcode != NOT_LOOKED_UP, job.ecode != NOT_LOOKED_UP, embedded, tokens]
+        row += [0] * len(self._backend_index)
+        for backends, _ in job.plan[:job.stage]:
+            for backend in backends:
+                row[len(USAGE_FIELDS) + self._backend_index[backend.name]] += 1
+        self.usage += row
 
     # --- reporting ------------------------------------------------------------------------
     @property
@@ -412,6 +487,8 @@ class Retrieval:
         out: dict[str, float] = {"retrieval_started": self.started, "retrieval_completed": self.completed}
         if self.cache is not None:
             out["retrieval_cache_hit_rate"] = self.cache.hit_rate
+            out["cache_stale_hit_rate_retrieval"] = self.cache.rate(self.cache.stale_hits)
+            out["cache_leak_rate_retrieval"] = self.cache.rate(self.cache.leaks)
         if self.embedding is not None:
             e = self.embedding
             out["embedding_batches"] = e.batches
@@ -419,6 +496,8 @@ class Retrieval:
             out["utilisation_embedding"] = float(e.utilisation(now))
         if self.embedding_cache is not None:
             out["embedding_cache_hit_rate"] = self.embedding_cache.hit_rate
+            out["cache_stale_hit_rate_embedding"] = self.embedding_cache.rate(self.embedding_cache.stale_hits)
+            out["cache_leak_rate_embedding"] = self.embedding_cache.rate(self.embedding_cache.leaks)
         for name, b in self.backends.items():
             out[f"backend_{name}_hops"] = b.hops
             out[f"backend_{name}_wait_mean_s"] = float(b.wait_sum / b.hops) if b.hops else math.nan

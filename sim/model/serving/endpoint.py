@@ -60,6 +60,10 @@ class Endpoint:
         self.retired: list[Server] = []  # scaled-down replicas: out of dispatch, still in the counters
         self.on_done: Optional[Callable[[int], None]] = None  # called when a request leaves
         self.pending: dict[int, tuple[float, float]] = {}  # per-request draws of slot servers
+        # Wrappers of submit (and on_done), set at build time: its autoscaler.ScaleToZero if it scales to
+        # zero, its api.BatchLane if batch classes use its batch mode.
+        self.idle = None
+        self.batch_lane = None
         queue = queue or Queue()
         self.by_priority = queue.discipline == "priority"
         self.capacity = queue.capacity

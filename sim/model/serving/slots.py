@@ -26,7 +26,8 @@ class SlotServer:
         self.env = env
         self.endpoint = endpoint
         self.index = index
-        self.slots = slots
+        self.size = slots     # slots it has when up
+        self.slots = slots    # slots it has now: 0 while scaled to zero or starting cold (see sleep, wake)
         self.capacity = slots
         self.rec = recorder
         self.load = 0
@@ -100,7 +101,22 @@ class SlotServer:
 
     def counters(self, now: float) -> tuple[float, float, float, float]:
         self._account(now)
-        return self._busy_time, self._area, self._area / self.slots, now - self.created
+        return self._busy_time, self._area, self._area / self.size, now - self.created
+
+    # --- scale to zero (serverless inference): no slot while asleep or starting ------------------
+    def sleep(self) -> None:
+        """Scaled to zero: no request starts until `wake` (nothing runs: the endpoint was empty)."""
+        self.slots = self.capacity = 0
+        self.serving = False
+
+    def wake(self, cold_start_s: float) -> None:
+        """Start again: the slots open after `cold_start_s`, and the requests waiting meanwhile start then."""
+        call_later(self.env, cold_start_s, self._up)
+
+    def _up(self, event) -> None:
+        self.slots = self.capacity = self.size
+        self.serving = True
+        self.endpoint.refill(self)
 
 
 def plain_draws(pending: dict, service: BlockSampler) -> Callable[[int], None]:
