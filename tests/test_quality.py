@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 import sim
 from sim.config.pipeline import Pipeline, Quality
-from sim.metrics.recorder import COMPLETED, PARTIAL, TIMED_OUT, TRY_LATER
-from sim.model.application.quality import QualityModel, coverage, groundedness, usefulness
-from sim.model.streams import Streams
+from sim.metrics.recorder import COMPLETED, PARTIAL, TIMED_OUT, TRY_LATER, Recorder
+from sim.model.application.caches import HIT, STALE_HIT
+from sim.model.application.quality import coverage, groundedness, scores, usefulness
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -48,20 +48,44 @@ def test_a_partial_answer_is_less_useful_than_a_full_one(partial, wrong, reduced
     assert usefulness(correct, TRY_LATER, False, spec) == usefulness(correct, TIMED_OUT, False, spec) == 0.0
 
 
-@given(scores=st.tuples(st.sampled_from([0.0, 1.0]), shares, shares), key=st.integers(0, 10 ** 6))
-def test_a_cache_hit_replays_the_quality_of_the_answer_it_serves(scores, key):
-    model = QualityModel(Pipeline(quality={}), ["c"], Streams(1))
-    model.remember(key, (*scores, 0.5))
-    correct, grounded, citation, useful = model.replay(key, stale=False)
-    assert (correct, grounded, citation) == scores
-    assert useful == (1.0 if correct else model.spec.usefulness.wrong)
+def recorded(rows: list[tuple], ends: list[float], stale_wrong_share: float = 0.5):
+    """A recorder holding these quality-input rows (see quality.INPUTS), with the requests' end times."""
+    rec = Recorder(["c"], ["m"])
+    for end in ends:
+        rec.new(0, 0, 0.0, 100, 10)
+        rec.end[-1] = end
+    rec.quality_inputs = [x for row in rows for x in row]
+    rec.quality_spec = Pipeline(quality={"stale_wrong_share": stale_wrong_share}, retrieval=None,
+                                budget={"context_window_tokens": 8192, "sections": {"retrieved": {"tokens": 100, "priority": 1}}})
+    rec.budget_sections = ("retrieved",)
+    rec.quality_rng = np.random.default_rng(1)
+    return rec
+
+
+@given(correct=st.sampled_from([0, 1]), retrieved=st.floats(1.0, 1e4), kept=shares, stale=st.booleans())
+def test_a_cache_hit_replays_the_quality_of_the_answer_it_serves(correct, retrieved, kept, stale):
+    # Request 0 answers and stores its answer under key 7; request 1 is served that answer from the cache.
+    answer = (0, correct, retrieved, kept * retrieved, 0.0, -1, COMPLETED, 0, 7)
+    hit = (1, -1, 50.0, 10.0, 0.0, -1, COMPLETED, STALE_HIT if stale else HIT, 7)
+    rows = scores(recorded([answer, hit], [1.0, 2.0], stale_wrong_share=0.0))
+    assert np.array_equal(rows[1, 1:4], rows[0, 1:4], equal_nan=True)
+    assert rows[0, 2] == pytest.approx(kept * (1 - 0.5 + 0.5 * 0.75), abs=0.5 * 0.25 + 1e-12)  # confidence in 0.5..1
 
 
 def test_a_stale_hit_is_wrong_as_often_as_configured():
-    model = QualityModel(Pipeline(quality={"stale_wrong_share": 0.3}), ["c"], Streams(1))
-    model.remember(7, (1.0, 0.9, 0.9, 1.0))
-    wrong = np.mean([model.replay(7, stale=True)[0] == 0.0 for _ in range(20_000)])
-    assert wrong == pytest.approx(0.3, abs=4 * math.sqrt(0.3 * 0.7 / 20_000))
+    n = 20_000
+    rows = [(0, 1, 100.0, 100.0, 0.0, -1, COMPLETED, 0, 7)]
+    rows += [(k, -1, 100.0, 100.0, 0.0, -1, COMPLETED, STALE_HIT, 7) for k in range(1, n + 1)]
+    out = scores(recorded(rows, [1.0] + [2.0] * n, stale_wrong_share=0.3))
+    wrong = np.mean(out[1:, 1] == 0.0)
+    assert wrong == pytest.approx(0.3, abs=4 * math.sqrt(0.3 * 0.7 / n))
+    assert out[0, 1] == 1.0  # the answer itself was right
+
+
+def test_a_hit_before_any_answer_under_its_key_keeps_its_own_draw():
+    rows = [(0, -1, 100.0, 100.0, 0.0, -1, COMPLETED, HIT, 3), (1, 1, 100.0, 50.0, 0.0, -1, COMPLETED, 0, 3)]
+    out = scores(recorded(rows, [1.0, 2.0]))
+    assert out[1, 1] == 1.0 and out[0, 3] == pytest.approx(0.95)  # nothing stored yet: its own coverage (1)
 
 
 def run_rag(*overrides: str) -> dict:

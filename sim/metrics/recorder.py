@@ -94,7 +94,9 @@ class Recorder:
         self.budget: Optional[list] = None       # rows (request, truncated, drawn sizes..., sizes...)
         self.budget_sections: tuple = ()        # the budget's section names, in row order
         self.quality: Optional[list] = None      # rows (request, good answer, model calls), routed requests
-        self.quality_dims: Optional[list] = None  # rows (request, correct, grounded, citation, useful), see quality.py
+        self.quality_inputs: Optional[list] = None  # rows of what each answer's quality depends on (quality.py)
+        self.quality_spec = None                 # ... the pipeline they are scored with, and its random stream
+        self.quality_rng = None
         self.stage_log: Optional[list] = None    # rows (request, gate, cache, evaluation, post, retrieval, retry) s
         self.validation_retries: Optional[dict] = None  # request -> structured-output retries (those retried)
         self.retrieval_stats: Optional[dict] = None     # the retrieval stage's counters over the whole run

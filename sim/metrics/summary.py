@@ -289,9 +289,11 @@ def _quality_dims(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
     Correctness, groundedness and citation accuracy are over the answered requests that have them;
     usefulness over every request (no answer is worth 0).
     """
-    if rec.quality_dims is None:
+    if rec.quality_inputs is None:
         return {}
-    rows = Recorder.rows(rec.quality_dims, 5)
+    from sim.model.application.quality import scores
+
+    rows = scores(rec)
     rows = rows[arrived[rows[:, 0].astype(np.int64)], 1:]
     out = {}
     for name, column in zip(QUALITY_METRICS, rows.T if len(rows) else [np.empty(0)] * 4):
@@ -303,9 +305,11 @@ def _quality_dims(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
 def quality_columns(rec: Recorder) -> pd.DataFrame:
     """Per request: its answer's quality dimensions, `quality_correct` ... `quality_useful` (NaN where none)."""
     out = pd.DataFrame(index=pd.RangeIndex(len(rec.arrival)))
-    if rec.quality_dims is None:
+    if rec.quality_inputs is None:
         return out
-    rows = Recorder.rows(rec.quality_dims, 5)
+    from sim.model.application.quality import scores
+
+    rows = scores(rec)
     index = rows[:, 0].astype(np.int64)
     for k, name in enumerate(("correct", "grounded", "citation", "useful"), start=1):
         values = np.full(len(out), np.nan)

@@ -28,7 +28,7 @@ from sim.model.streams import BlockSampler, Streams
 from .budget import TokenBudget
 from .caches import HIT, STALE_HIT, Audience, Cache, warm_up
 from .guardrails import ANSWER_PATHS, Guardrails
-from .quality import QualityModel
+from .quality import QualityInputs
 from .retrieval import Retrieval
 
 Submit = Callable[[int], None]
@@ -123,11 +123,11 @@ class Lifecycle:
             for endpoint in endpoints:
                 endpoint.allow_cancel()
         recorder.quality = [] if self.router is not None else None
-        self.quality: Optional[QualityModel] = None
-        if spec.quality is not None or spec.router is not None:
-            sections = self.budgets[0].section_names if self.budgets is not None else ()
-            self.quality = QualityModel(spec, names, streams, sections)
-        recorder.quality_dims = [] if self.quality is not None else None
+        self.quality: Optional[QualityInputs] = None
+        if spec.quality is not None or spec.router is not None:  # answers have a quality (scored after the run)
+            self.quality = QualityInputs(spec, self.budgets[0].section_names if self.budgets is not None else ())
+            recorder.quality_inputs, recorder.quality_spec = [], spec
+            recorder.quality_rng = streams.rng("quality")
         recorder.cache_code = [] if self.cache is not None else None
         recorder.cache_leak = [] if self.cache is not None else None
         recorder.budget = [] if self.budgets is not None else None
@@ -455,17 +455,11 @@ class Lifecycle:
         self.done(i)
 
     def _score(self, r: _Request, outcome: int) -> None:
-        """The answer's quality dimensions (sim/model/application/quality.py); a cached answer's go with it."""
-        quality = self.quality
-        if r.hit:
-            scores = quality.replay(r.cache_key, r.hit == STALE_HIT)
-        else:
-            extra = r.tier * self.router.extra_context if self.router is not None else 0
-            reduced = self.guard.reduced_share if r.reduced else None
-            scores = quality.score(self.rec.cls[r.i], r.correct, r.evidence, extra, reduced, outcome)
-            if outcome == COMPLETED and r.cache_key >= 0:
-                quality.remember(r.cache_key, scores)
-        self.rec.quality_dims += (r.i, *scores)
+        """What the answer's quality depends on (scored after the run: sim/model/application/quality.py)."""
+        extra = r.tier * self.router.extra_context if self.router is not None else 0
+        correct = -1 if r.correct is None else int(r.correct)
+        self.rec.quality_inputs += (r.i, correct, r.evidence[0], r.evidence[1], extra,
+                                    self.guard.reduced_share if r.reduced else -1, outcome, r.hit, r.cache_key)
 
 
 class Routing:

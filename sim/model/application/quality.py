@@ -15,102 +15,127 @@
 
 Groundedness and citation accuracy exist only for requests that retrieve; usefulness is
 over every request, the others over the answered ones. A cache hit replays the quality of
-the answer it serves; a stale hit is wrong `stale_wrong_share` of the time.
+the answer it serves (the latest one stored under its key); a stale hit is wrong
+`stale_wrong_share` of the time.
+
+Nothing here feeds back into the run, so the run only records each request's inputs
+(`Recorder.quality_inputs`, one flat row a request) and `scores` works them out after
+it, vectorised; the random draws are per request index, paired across configs run
+with the same seed.
 """
 from __future__ import annotations
 
 import math
 from typing import Optional
 
+import numpy as np
+
 from sim.config.pipeline import Pipeline, Quality
-from sim.metrics.recorder import CANCELLED, COMPLETED, PARTIAL
-from sim.model.streams import BlockSampler, Streams
+from sim.metrics.recorder import CANCELLED, COMPLETED, PARTIAL, Recorder
 
 NAN = math.nan
 DIMENSIONS = ("correct", "grounded", "citation", "useful")
-"""Recorder row after the request index, in this order (Recorder.quality_dims)."""
+INPUTS = ("request", "correct", "retrieved", "kept", "extra", "reduced_share", "outcome", "hit", "key")
+"""A request's row in Recorder.quality_inputs: correct is 1, 0 or -1 (not judged); reduced_share -1 when the
+reduced-context fallback was not used; hit is 0, or the output-cache code of the answer it served; key -1."""
+ANSWERED = (COMPLETED, CANCELLED, PARTIAL)
 
 
-def coverage(retrieved: float, kept: float, extra: float = 0.0) -> float:
-    """Share of the evidence in the prompt: (kept + extra) / (retrieved + extra); 1 when there was none."""
-    whole = retrieved + extra
-    return (kept + extra) / whole if whole > 0 else 1.0
+def coverage(retrieved, kept, extra=0.0):
+    """Share of the evidence in the prompt: (kept + extra) / (retrieved + extra); 1 where there was none."""
+    whole = np.add(retrieved, extra)
+    return np.where(whole > 0, np.add(kept, extra) / np.where(whole > 0, whole, 1.0), 1.0)
 
 
-def groundedness(cover: float, confidence: float, exponent: float, weight: float) -> float:
+def groundedness(cover, confidence, exponent: float, weight: float):
     """coverage^exponent x (1 - weight + weight x confidence): falls as evidence is trimmed, rises with confidence."""
-    return cover ** exponent * (1.0 - weight + weight * confidence)
+    return np.power(cover, exponent) * (1.0 - weight + weight * np.asarray(confidence))
 
 
-def usefulness(correct: float, outcome: int, reduced: bool, spec: Quality) -> float:
+def usefulness(correct, outcome, reduced, spec: Quality):
     """1 for a complete correct answer, less for a wrong, partial or reduced-context one, 0 for none."""
-    if outcome not in (COMPLETED, CANCELLED, PARTIAL):
-        return 0.0
-    value = 1.0 if correct != 0.0 else spec.usefulness.wrong
-    if outcome == PARTIAL:
-        value *= spec.usefulness.partial
-    if reduced:
-        value *= spec.usefulness.reduced_context
-    return value
+    correct, outcome = np.asarray(correct, dtype=float), np.asarray(outcome)
+    value = np.where(correct != 0.0, 1.0, spec.usefulness.wrong)
+    value = value * np.where(outcome == PARTIAL, spec.usefulness.partial, 1.0)
+    value = value * np.where(np.asarray(reduced, dtype=bool), spec.usefulness.reduced_context, 1.0)
+    return np.where(np.isin(outcome, ANSWERED), value, 0.0)
 
 
-class QualityModel:
-    """Scores each request's answer (see the module docstring); one per lifecycle."""
+class QualityInputs:
+    """What the lifecycle needs to record each request's quality inputs (see INPUTS)."""
 
-    def __init__(self, spec: Pipeline, class_names: list[str], streams: Streams,
-                 section_names: tuple[str, ...] = ()) -> None:
-        self.spec = spec.quality or Quality()
-        self.retrieves = spec.retrieval is not None
+    def __init__(self, spec: Pipeline, section_names: tuple[str, ...] = ()) -> None:
         self.evidence = _evidence_index(spec, section_names)
-        uniform = lambda rng, n: rng.uniform(0.0, 1.0, n)  # noqa: E731
-        draw = self.spec.evidence_confidence.sample
-        self.confidence = [BlockSampler(draw, streams.rng(f"quality.{name}.confidence")) for name in class_names]
-        self.chance = BlockSampler(uniform, streams.rng("quality.chance"))
-        self.replays: dict[int, tuple[float, float, float]] = {}  # output-cache key -> (correct, grounded, citation)
 
     def evidence_of(self, drawn: list, kept: list) -> tuple[float, float]:
         """(retrieved, kept) tokens of the evidence section in a budget draw; (0, 0) without one."""
         k = self.evidence
         return (float(drawn[k]), float(kept[k])) if k is not None else (0.0, 0.0)
 
-    def score(self, cls: int, correct: Optional[bool], evidence: tuple[float, float], extra: float,
-              reduced_share: Optional[float], outcome: int) -> tuple[float, float, float, float]:
-        """(correct, grounded, citation, useful) of an answer made now.
 
-        `correct`: the router's verdict (None: no router, drawn at correct_share); `extra`: evidence
-        tokens escalations added; `reduced_share`: the reduced-context fallback's share (None: not used).
-        """
-        spec = self.spec
-        answered = outcome in (COMPLETED, CANCELLED, PARTIAL)
-        if correct is None:
-            correct = self.chance() < spec.correct_share
-        right = 1.0 if correct else 0.0
-        grounded = citation = NAN
-        if self.retrieves or self.evidence is not None:
-            retrieved, kept = evidence
-            if reduced_share is not None:
-                kept *= reduced_share
-            cover = coverage(retrieved, kept, extra)
-            confidence = min(1.0, max(0.0, self.confidence[cls]()))
-            grounded = groundedness(cover, confidence, spec.grounding.coverage_exponent,
-                                    spec.grounding.confidence_weight)
-            citation = spec.citation_accuracy * cover
-        useful = usefulness(right, outcome, reduced_share is not None, spec)
-        if not answered:
-            return NAN, NAN, NAN, useful
-        return right, grounded, citation, useful
+def scores(rec: Recorder) -> np.ndarray:
+    """Rows (request, correct, grounded, citation, useful), one per recorded request; computed once per run."""
+    cached = getattr(rec, "_quality_scores", None)
+    if cached is not None:
+        return cached
+    spec: Pipeline = rec.quality_spec
+    q = spec.quality or Quality()
+    rows = Recorder.rows(rec.quality_inputs, len(INPUTS))
+    request = rows[:, 0].astype(np.int64)
+    rng = rec.quality_rng  # spawned for the run: draws by request index, paired across configs
+    n = len(rec.arrival)
+    chance, stale_draw = rng.random(n)[request], rng.random(n)[request]
+    confidence = np.clip(_confidence_by_class(rng, q, rec, n)[request], 0.0, 1.0)
+    correct = np.where(rows[:, 1] >= 0, rows[:, 1], (chance < q.correct_share).astype(float))
+    reduced = rows[:, 5] >= 0
+    cover = coverage(rows[:, 2], rows[:, 3] * np.where(reduced, rows[:, 5], 1.0), rows[:, 4])
+    grounded = groundedness(cover, confidence, q.grounding.coverage_exponent, q.grounding.confidence_weight)
+    citation = q.citation_accuracy * cover
+    if spec.retrieval is None and _evidence_index(spec, rec.budget_sections) is None:
+        grounded = citation = np.full(len(rows), NAN)
+    outcome = rows[:, 6].astype(np.int64)
+    correct, grounded, citation = _replays(rows, correct, grounded, citation, rec, stale_draw < q.stale_wrong_share)
+    useful = usefulness(correct, outcome, reduced, q)
+    answered = np.isin(outcome, ANSWERED)
+    out = np.column_stack([request, np.where(answered, correct, NAN), np.where(answered, grounded, NAN),
+                           np.where(answered, citation, NAN), useful]) if len(rows) else np.empty((0, 5))
+    rec._quality_scores = out
+    return out
 
-    def replay(self, key: int, stale: bool) -> tuple[float, float, float, float]:
-        """The quality of a cached answer served again; a stale one may be wrong now."""
-        correct, grounded, citation = self.replays.get(key, (1.0 if self.chance() < self.spec.correct_share else 0.0,
-                                                             NAN, NAN))
-        if stale and correct and self.chance() < self.spec.stale_wrong_share:
-            correct = 0.0
-        return correct, grounded, citation, usefulness(correct, COMPLETED, False, self.spec)
 
-    def remember(self, key: int, scores: tuple[float, float, float, float]) -> None:
-        """An answer goes into the output cache under `key`: its quality goes with it."""
-        self.replays[key] = scores[:3]
+def _confidence_by_class(rng: np.random.Generator, q: Quality, rec: Recorder, n: int) -> np.ndarray:
+    """Every request's evidence confidence, drawn from its class's distribution (one block per class)."""
+    cls = np.asarray(rec.cls, dtype=np.int64)
+    out = np.empty(n)
+    for k in range(len(rec.class_names)):
+        mine = cls == k
+        out[mine] = q.evidence_confidence.sample(rng, int(mine.sum()))
+    return out
+
+
+def _replays(rows: np.ndarray, correct, grounded, citation, rec: Recorder, stale_wrong: np.ndarray):
+    """A cache hit takes the scores of the latest answer stored under its key before it (stale hits may be wrong)."""
+    hit = rows[:, 7] > 0
+    if not hit.any():
+        return correct, grounded, citation
+    from .caches import STALE_HIT  # noqa: WPS433 - the codes live with the cache
+
+    end = np.asarray(rec.end, dtype=float)[rows[:, 0].astype(np.int64)]
+    key = rows[:, 8]
+    stored = ~hit & (rows[:, 6] == COMPLETED) & (key >= 0)
+    order = np.lexsort((end, key))  # by key, then time
+    correct, grounded, citation = correct.copy(), grounded.copy(), citation.copy()
+    latest: dict[float, int] = {}
+    for j in order:  # per key in time order: answers store, hits replay the latest stored before them
+        if stored[j]:
+            latest[key[j]] = j
+        elif hit[j]:
+            source = latest.get(key[j])
+            if source is not None:
+                correct[j], grounded[j], citation[j] = correct[source], grounded[source], citation[source]
+            if rows[j, 7] == STALE_HIT and correct[j] and stale_wrong[j]:
+                correct[j] = 0.0
+    return correct, grounded, citation
 
 
 def _evidence_index(spec: Pipeline, names: tuple[str, ...]) -> Optional[int]:
@@ -119,8 +144,8 @@ def _evidence_index(spec: Pipeline, names: tuple[str, ...]) -> Optional[int]:
         return None
     quality = spec.quality
     if quality is not None and quality.evidence_section is not None:
-        return names.index(quality.evidence_section)
+        return list(names).index(quality.evidence_section)
     chunked = [k for k, name in enumerate(names) if spec.budget.sections[name].chunk_tokens]
     if chunked:
         return chunked[0]
-    return names.index("retrieved") if "retrieved" in names else None
+    return list(names).index("retrieved") if "retrieved" in names else None
