@@ -267,14 +267,22 @@ def test_a_priced_embedding_needs_its_query_tokens():
 # ------------------------------------------------------------------------------ reconciliation
 
 WORKLOADS = sorted((ROOT / "workloads").glob("*.yaml"))
+
+
+def shipped(path: Path):
+    """A shipped workload as a test parameter; the trace replays need ../shared/data (skipped without it)."""
+    needs = "replay" in path.stem
+    marks = [pytest.mark.needs_shared_data,
+             pytest.mark.skipif(not SHARED.is_dir(), reason=f"public reference data not found at {SHARED}")]
+    return pytest.param(path, [], id=path.stem, marks=marks if needs else [])
 PRICED = ["pipeline.retrieval.embedding.price_per_mtok=0.02", "pipeline.retrieval.embedding.query_tokens=60",
           "pipeline.retrieval.embedding.hourly_usd=0.4", "pipeline.retrieval.embedding.cache.hourly_usd=0.1",
           "pipeline.retrieval.backends.vector.hourly_usd=1.2",
           "pipeline.retrieval.backends.orders_sql.price_per_query_usd=0.0001", "pipeline.output_cache.hourly_usd=0.2"]
 
 
-@pytest.mark.parametrize("path, extra", [(p, []) for p in WORKLOADS] + [(ROOT / "workloads/rag-support.yaml", PRICED)],
-                         ids=[p.stem for p in WORKLOADS] + ["rag-support-priced"])
+@pytest.mark.parametrize("path, extra", [shipped(p) for p in WORKLOADS]
+                         + [pytest.param(ROOT / "workloads/rag-support.yaml", PRICED, id="rag-support-priced")])
 def test_the_ledger_reconciles_with_the_summary_to_the_cent(path, extra):
     # Over the summary's window (warm-up cut, to the end of arrivals) every dollar lands on a ledger row.
     workload = sim.load_workload(path, ["simulation.duration_s=300", "simulation.warmup_s=60", *extra])
