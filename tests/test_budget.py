@@ -445,7 +445,7 @@ def one(section: str, tail: str = "") -> str:
      "b.yaml:3: sections.a.chunk_token: unknown key 'chunk_token' (did you mean 'chunk_tokens'?)"),
     (one("{tokens: 1, priority: 0, chunk: 5}"),
      "b.yaml:3: sections.a.chunk: unknown key 'chunk' (known: tokens, priority, allocation, min_tokens, "
-     "max_tokens, chunk_tokens)"),
+     "max_tokens, chunk_tokens, allocation_by_confidence)"),
     (one("{tokens: 1, priority: 0, allocation: 25 percent}"),
      "b.yaml:3: sections.a.allocation: allocation must be tokens (3000) or a share of the context window ('25%'), "
      "got '25 percent'"),

@@ -55,6 +55,9 @@ def test_every_summary_key_is_documented_in_the_readme(capsys):
             generic = re.sub(r"^cost_per_request_(?!usd$).+_usd$", "cost_per_request_<feature>_usd", generic)
             generic = re.sub(r"^stage_[a-z_]+?_(mean_s|share|share_p95)$", r"stage_<stage>_\1", generic)
             generic = re.sub(r"^backend_.+_(utilisation|wait_mean_s)$", r"backend_<name>_\1", generic)
+            generic = re.sub(r"^flow_step_.+?_(mean_s|share|run_share)$", r"flow_step_<name>_\1", generic)
+            generic = re.sub(r"^tool_.+_(calls_per_request|attempts_mean|failed_share|wait_mean_s)$",
+                             r"tool_<name>_\1", generic)
             generic = re.sub(r"^(queue_wait|ttft|e2e|tpot)_(mean|p50|p90|p95|p99|p999)_.+_s$",
                              r"<measure>_<stat>_<class>_s", generic)  # per class, with several classes
             generic = re.sub(r"^throughput_.+_rps$", "throughput_<class>_rps", generic)

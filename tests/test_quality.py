@@ -54,7 +54,7 @@ def recorded(rows: list[tuple], ends: list[float], stale_wrong_share: float = 0.
     for end in ends:
         rec.new(0, 0, 0.0, 100, 10)
         rec.end[-1] = end
-    rec.quality_inputs = [x for row in rows for x in row]
+    rec.quality_inputs = [x for row in rows for x in (*row, math.nan)]  # confidence: drawn when scored
     rec.quality_spec = Pipeline(quality={"stale_wrong_share": stale_wrong_share}, retrieval=None,
                                 budget={"context_window_tokens": 8192, "sections": {"retrieved": {"tokens": 100, "priority": 1}}})
     rec.budget_sections = ("retrieved",)
@@ -118,3 +118,29 @@ def test_the_tier_quality_comes_from_routellm_mmlu():
     assert quality == [pytest.approx(weak, abs=0.005), pytest.approx(strong, abs=0.005)]
     # The difficulty model: a strong-model answer is right whenever the weak one is, nearly always on MMLU.
     assert ((data.weak_correct == 1) & (data.strong_correct == 0)).mean() < 0.1
+
+
+def test_budget_by_evidence_confidence_keeps_more_of_confident_evidence_and_grounds_better():
+    # Window 6,224 (prompt limit 5,200): system 800, memory 200, evidence 4,000 (chunks of 500, allocation
+    # 2,000), history 3,000 (allocation 1,500), a 60-token question. The excess, 2,860, takes the
+    # evidence to its allocation and the rest from history: 2,000 kept, always. Scaled by confidence over its
+    # mean (uniform 0.5..1: 0.75) the allocation runs from 1,333 to 2,667, rounded up to whole chunks, and
+    # the window then holds 2,500 at most: 1,500, 2,000 or 2,500 kept (12.5%, 37.5%, 50%; mean 2,187.5).
+    # Groundedness weights coverage by confidence, so it rises; correctness does not move.
+    base = ["simulation.duration_s=600", "pipeline.budget.context_window_tokens=6224",
+            "pipeline.budget.sections.retrieved.tokens=4000", "pipeline.budget.sections.memory.tokens=200",
+            "pipeline.budget.sections.history.tokens=3000", "pipeline.budget.sections.question.tokens=60",
+            "pipeline.budget.sections.retrieved.allocation=2000", "pipeline.output_cache.deterministic_share=0.0"]
+    plain = sim.run(RAG, replications=1, overrides=base)
+    weighted = sim.run(RAG, replications=1,
+                       overrides=base + ["pipeline.budget.sections.retrieved.allocation_by_confidence=true"])
+    kept_plain = plain.requests["tokens_retrieved"].dropna()
+    kept_weighted = weighted.requests["tokens_retrieved"].dropna()
+    assert set(kept_plain) == {2000}
+    shares = kept_weighted.value_counts(normalize=True)
+    n = len(kept_weighted)
+    for tokens, share in ((1500, 0.125), (2000, 0.375), (2500, 0.5)):
+        assert abs(shares.get(tokens, 0.0) - share) < 5 * math.sqrt(share * (1 - share) / n), tokens
+    s_plain, s_weighted = plain.summary, weighted.summary
+    assert s_weighted["quality_grounded_mean"] > s_plain["quality_grounded_mean"] + 0.01
+    assert s_weighted["quality_correct_share"] == pytest.approx(s_plain["quality_correct_share"], abs=0.02)

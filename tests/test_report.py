@@ -384,7 +384,7 @@ def test_crossings_by_hand():
     assert crossings([1, 2], [1, 1], [2, 2]) == []
 
 
-def test_cost_vs_quality_is_drawn_only_for_routed_sweeps(tmp_path):
+def test_cost_vs_quality_is_drawn_only_for_sweeps_with_answer_quality(tmp_path):
     from sim.report.figures import make_figures, plot_cost_quality
 
     experiment = {"name": "q", "axes": {"pipeline.router.policy": ["fixed", "threshold"]}, "variants": {},

@@ -109,6 +109,12 @@ class Section(Block):
         description="The section is a run of chunks of this size (the last possibly shorter) and is trimmed by "
         "whole chunks from the end, never mid-chunk (retrieved context).",
     )
+    allocation_by_confidence: bool = Field(
+        False,
+        description="Scale the allocation per request by the retriever's confidence in its evidence over the "
+        "mean confidence (pipeline.quality.evidence_confidence): the same allocation on average, more where the "
+        "evidence is likely relevant, less where it is likely noise. Only the evidence section.",
+    )
 
 
 class Budget(Block):
@@ -159,6 +165,8 @@ class Budget(Block):
             where = f"sections.{name}"
             alloc = self.allocation_tokens(name)
             floor = section.min_tokens
+            if section.allocation_by_confidence and alloc is None:
+                raise ValueError(f"{where}.allocation_by_confidence: needs an allocation to scale")
             if isinstance(floor, int):
                 if section.max_tokens is not None and floor > section.max_tokens:
                     raise ValueError(
@@ -167,6 +175,9 @@ class Budget(Block):
                     raise ValueError(
                         f"{where}.min_tokens: must be at most the allocation ({alloc} tokens), got {floor}")
         names = list(self.sections)
+        weighted = [name for name, section in self.sections.items() if section.allocation_by_confidence]
+        if len(weighted) > 1:
+            raise ValueError(f"sections.{weighted[1]}.allocation_by_confidence: only one section (the evidence)")
         prefix = self.cacheable_prefix
         for name in prefix:
             if name not in self.sections:

@@ -18,6 +18,7 @@ from .base import MAX_TOKENS, Block
 from .budget import Budget
 from .caches import OutputCacheSpec
 from .distributions import Distribution
+from .flow import Flow, ToolSpec
 from .limits import Retry
 from .retrieval import RetrievalSpec
 
@@ -69,6 +70,12 @@ class Escalation(Block):
     extra_context_tokens: int = Field(
         1000, ge=0, le=MAX_TOKENS, description="Prompt tokens each escalation adds (retrieve more, rerank).")
     evaluation_s: Optional[Distribution] = Field(None, description="Time the evaluation takes after each answer.")
+    same_tier_retries: int = Field(
+        0, ge=0, le=100, description="Before going up a tier: this many retries on the same tier with more "
+        "context (retrieve more, rerank); each counts as a hop.")
+    same_tier_fix_share: float = Field(
+        0.3, ge=0, le=1, description="Chance a same-tier retry with more context turns a wrong answer right "
+        "(assumption: no public data pins it; sweep it).")
 
 
 class Output(Block):
@@ -207,6 +214,11 @@ class Pipeline(Block):
     guardrails: Optional[Guardrails] = Field(None, description="Time limits, retries, caps and fallbacks.")
     quality: Optional[Quality] = Field(
         None, description="Answer quality dimensions (correctness, groundedness, citation accuracy, usefulness).")
+    tools: dict[str, ToolSpec] = Field(
+        default_factory=dict, description="Tools the flows call, by name (sim.config.flow).")
+    flow: Optional[Flow] = Field(
+        None, description="Steps of every class's request around its `answer` (default: [answer]; sim.config.flow).")
+    flows: dict[str, Flow] = Field(default_factory=dict, description="Per class: its own flow, instead of `flow`.")
 
     @model_validator(mode="after")
     def _evidence_section_known(self) -> "Pipeline":
@@ -214,7 +226,27 @@ class Pipeline(Block):
         if section is not None and (self.budget is None or section not in self.budget.sections):
             known = ", ".join(self.budget.sections) if self.budget is not None else "none: no budget"
             raise ValueError(f"quality.evidence_section: no budget section {section!r} (sections: {known})")
+        weighted = [n for n, s in self.budget.sections.items() if s.allocation_by_confidence] if self.budget else []
+        if weighted and weighted[0] != self.evidence_section():
+            raise ValueError(f"budget.sections.{weighted[0]}.allocation_by_confidence: only the evidence section "
+                             f"({self.evidence_section() or 'none'}; see quality.evidence_section) is scaled by its "
+                             "confidence")
         return self
+
+    def evidence_section(self) -> Optional[str]:
+        """The budget section holding retrieved evidence: quality.evidence_section, else the first chunked
+        section, else one named 'retrieved' (None without a budget or such a section)."""
+        if self.budget is None:
+            return None
+        if self.quality is not None and self.quality.evidence_section is not None:
+            return self.quality.evidence_section
+        names = list(self.budget.sections)
+        chunked = [name for name in names if self.budget.sections[name].chunk_tokens]
+        return chunked[0] if chunked else "retrieved" if "retrieved" in names else None
+
+    def confidence_weighted_budget(self) -> bool:
+        """Whether the evidence section's allocation follows each request's evidence confidence."""
+        return self.budget is not None and any(s.allocation_by_confidence for s in self.budget.sections.values())
 
     @model_validator(mode="after")
     def _escalation_needs_router(self) -> "Pipeline":

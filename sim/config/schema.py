@@ -17,9 +17,18 @@ from .arrivals import (  # noqa: F401 - re-exported
     ScheduleArrivals,
     TraceArrivals,
 )
-from .base import MAX_DURATION_S, MAX_GRID_POINTS, MAX_MULTIPLIER, MAX_POPULATION, MAX_REPLICATIONS, MAX_TOKENS, Block
+from .base import (
+    MAX_DURATION_S,
+    MAX_GRID_POINTS,
+    MAX_MULTIPLIER,
+    MAX_POPULATION,
+    MAX_REPLICATIONS,
+    MAX_TOKENS,
+    Block,
+)
 from .caches import check_warm_up
 from .distributions import Distribution, Empirical
+from .flow import check_flow
 from .limits import RateLimit, Retry
 from .pipeline import Pipeline
 from .serving import (  # noqa: F401 - re-exported
@@ -274,6 +283,8 @@ class Workload(Block):
         if guard is not None and guard.fallback_model is not None and guard.fallback_model not in self.models:
             raise ValueError(f"pipeline.guardrails.fallback_model: unknown model {guard.fallback_model!r} "
                              f"(known: {', '.join(names)})")
+        if self.pipeline is not None:
+            self._check_flows()
         for k, limit in enumerate(self.rate_limits):
             for cls_name in limit.classes or []:
                 if cls_name not in self.traffic.classes:
@@ -281,6 +292,16 @@ class Workload(Block):
                                      f"(known: {', '.join(self.traffic.classes)})")
         self._check_batch_classes()
         return self
+
+    def _check_flows(self) -> None:
+        pipeline = self.pipeline
+        for cls_name in pipeline.flows:
+            if cls_name not in self.traffic.classes:
+                raise ValueError(f"pipeline.flows: unknown class {cls_name!r} (known: {', '.join(self.traffic.classes)})")
+        flows = ([("pipeline.flow", pipeline.flow)] if pipeline.flow is not None else []) + [
+            (f"pipeline.flows.{name}", flow) for name, flow in pipeline.flows.items()]
+        for where, flow in flows:
+            check_flow(where, flow, list(self.models), list(pipeline.tools))
 
     def _check_batch_classes(self) -> None:
         """A batch class reaches a batch mode: every endpoint of its mix has one (with a router, some tier)."""

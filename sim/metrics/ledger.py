@@ -6,10 +6,11 @@ endpoint's bill for the window among its calls in proportion to the work each di
 seconds, the same measure as utilisation (prompt tokens x per_prefill_token_s + output tokens x
 (per_decode_seq_s + base_s / full batch)), or the service time for a plain `service_time` endpoint.
 
-The application's stages (`stage` embedding, backend, cache; `resource` names which) are billed
+The application's stages (`stage` embedding, backend, cache, tool; `resource` names which) are billed
 the same two ways. Per-unit prices go to the request that used the unit: tokens embedded at the
-embedding's `price_per_mtok`, hops at a backend's `price_per_query_usd`. Hourly prices
-(`hourly_usd` of the embedding server, a backend, a cache) make a bill over the window, shared by
+embedding's `price_per_mtok`, hops at a backend's `price_per_query_usd`, a flow's tool attempts at
+the tool's `price_per_call_usd` (a flow's model steps are calls like any other). Hourly prices
+(`hourly_usd` of the embedding server, a backend, a tool, a cache) make a bill over the window, shared by
 use as the GPU bill is: queries embedded, hops, lookups. A resource is sized for its load, so
 whoever loads it more pays more; sharing evenly per request would charge an answer from the output
 cache for a vector database it never touched. A bill nothing used in the window (an idle replica,
@@ -33,9 +34,10 @@ from sim.model.application.caches import BYPASS
 from sim.model.application.retrieval import USAGE_FIELDS
 from sim.model.offered import full_batch
 
+from .flows import tool_attempts
 from .recorder import CANCELLED, COMPLETED, TIMED_OUT, Recorder
 
-STAGES = ("model", "embedding", "backend", "cache")
+STAGES = ("model", "embedding", "backend", "cache", "tool")
 """The ledger's `stage` values; the summary's cost breakdown is `cost_<stage>_usd`."""
 
 
@@ -194,6 +196,11 @@ def _stage_items(rec: Recorder, workload: Workload) -> Iterator[tuple[str, str, 
         log = Recorder.rows(rec.cache_code, 2, np.int64)
         yield ("cache", "output", none, 0.0,
                np.bincount(log[:, 0], weights=log[:, 1] != BYPASS, minlength=n), output_cache.hourly_usd)
+    if rec.flow_log is not None and any(t.price_per_call_usd or t.hourly_usd for t in pipeline.tools.values()):
+        attempts = tool_attempts(rec, n)
+        for name, tool in pipeline.tools.items():
+            if tool.price_per_call_usd or tool.hourly_usd:
+                yield "tool", name, attempts[name], tool.price_per_call_usd, attempts[name], tool.hourly_usd
     retrieval = pipeline.retrieval
     if retrieval is None or rec.retrieval_usage is None:
         return
@@ -231,6 +238,8 @@ def priced_stages(workload: Workload) -> bool:
     pipeline = workload.pipeline
     if pipeline is None:
         return False
+    if any(t.price_per_call_usd or t.hourly_usd for t in pipeline.tools.values()):
+        return True
     caches = [pipeline.output_cache]
     retrieval = pipeline.retrieval
     if retrieval is not None:

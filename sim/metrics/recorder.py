@@ -103,6 +103,11 @@ class Recorder:
         self.retrieval_usage: Optional[list] = None     # with priced retrieval: Retrieval.usage rows (the ledger's)
         self.cached_tokens: Optional[dict] = None       # on calls with prompt caches: call -> (read, written)
         self.generated: dict[int, int] = {}             # stopped before the end (cancelled, timed out): tokens made
+        self.flow_log: Optional[list] = None            # with flows: rows of flow.FLOW_FIELDS, a step each
+        self.flow_steps = None                          # ... the steps' names, kinds and tools (flow.FlowSteps)
+        self.flow_calls: Optional[list] = None          # ... the calls that are flow steps (not answers)
+        self.flow_tools: list = []                      # ... the tools' names (flow_steps.tool indexes them)
+        self.flow_stats: Optional[dict] = None          # ... the tools' counters over the whole run
         self.guard_log: Optional[list] = None           # (request, retries, call timeouts, fallback, limit) s
         # Sampled by the monitor: each endpoint's cumulative (busy, area, work, held) counters,
         # and its (replicas serving, replicas held, requests waiting) gauges.

@@ -13,6 +13,14 @@ import pandas as pd
 
 from sim.config.schema import Api, SelfHosted, Workload
 
+from .flows import (
+    FLOW_STAGES,
+    flow_metric_names,
+    flow_stage_times,
+    flow_stats,
+    has_flows,
+    step_times,
+)
 from .ledger import (
     STAGES,
     api_usd,
@@ -67,7 +75,7 @@ def metric_names(workload: Workload) -> list[str]:
     names += ["requests_rate_limited", "rate_limited_share", "retries_mean"]
     names += class_metric_names(workload)
     pipeline = getattr(workload, "pipeline", None)
-    stages = PIPELINE_STAGES if pipeline is not None else PLAIN_STAGES
+    stages = PLAIN_STAGES if pipeline is None else PIPELINE_STAGES + (FLOW_STAGES if has_flows(pipeline) else ())
     names += [f"stage_{s}_{stat}" for s in stages for stat in ("mean_s", "share", "share_p95")]
     if any(getattr(m, "prompt_cache", None) is not None
            or getattr(getattr(m, "engine", None), "prefix_cache", None) is not None for m in workload.models.values()):
@@ -95,6 +103,8 @@ def metric_names(workload: Workload) -> list[str]:
             names += [f"backend_{b}_{m}" for b in retrieval.backends for m in ("utilisation", "wait_mean_s")]
         if pipeline.budget is not None:
             names.append("budget_truncated_share")
+        if has_flows(pipeline):
+            names += flow_metric_names(pipeline)
     features = list(dict.fromkeys(f for c in workload.traffic.classes.values() for f in (c.features or {})))
     names += [f"cost_per_request_{f}_usd" for f in features]
     if cold_window(workload) is not None:
@@ -214,13 +224,19 @@ def stage_times(rec: Recorder) -> dict[str, np.ndarray]:
     c_admit = np.fmin(np.asarray(calls.admit, dtype=float), c_end)
     c_first = np.fmin(np.fmax(np.asarray(calls.first_token, dtype=float), c_admit), c_end)
     c_admit, c_first = np.where(np.isnan(c_admit), c_end, c_admit), np.where(np.isnan(c_first), c_end, c_first)
-    sums = lambda values: np.bincount(parent, weights=values, minlength=n)  # noqa: E731
+    answers = np.ones(parent.size, dtype=bool)  # a flow's model steps are its own stage, not the answer's
+    if rec.flow_calls:
+        answers[np.asarray(rec.flow_calls, dtype=np.int64)] = False
+    sums = lambda values: np.bincount(parent, weights=np.where(answers, values, 0.0), minlength=n)  # noqa: E731
     times = {"queue": sums(c_admit - c_arrival), "prefill": sums(c_first - c_admit), "decode": sums(c_end - c_first)}
     log = Recorder.rows(rec.stage_log, 7)
     index = log[:, 0].astype(np.int64)
     for k, name in enumerate(("gate", "cache", "evaluation", "post_processing", "retrieval", "retry"), start=1):
         times[name] = np.zeros(n)
         times[name][index] = log[:, k]
+    if rec.flow_log is not None:
+        times.update(flow_stage_times(rec, n))
+        return {name: times[name] for name in PIPELINE_STAGES + FLOW_STAGES}
     return {name: times[name] for name in PIPELINE_STAGES}
 
 
@@ -235,6 +251,9 @@ def stage_profile(rec: Recorder, done: np.ndarray, stages: dict[str, np.ndarray]
         out[f"stage_{name}_mean_s"] = float(seconds[done].mean())
         out[f"stage_{name}_share"] = float(seconds[done].mean() / e2e[done].mean())
         out[f"stage_{name}_share_p95"] = float(seconds[tail].mean() / e2e[tail].mean())
+    for name, seconds in step_times(rec, done.size).items():  # a flow's steps, nested ones too (they overlap)
+        out[f"flow_step_{name}_mean_s"] = float(seconds[done].mean())
+        out[f"flow_step_{name}_share"] = float(seconds[done].mean() / e2e[done].mean())
     return out
 
 
@@ -273,6 +292,7 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> 
         retried = sum(n for i, n in rec.validation_retries.items() if arrived[i])
         out["validation_retries_per_request"] = retried / max(float(arrived.sum()), 1.0)
     out.update(_retrieval_stats(rec.retrieval_stats))
+    out.update(flow_stats(rec, arrived))
     if rec.budget is not None:
         log = Recorder.rows(rec.budget, 2 + 2 * len(rec.budget_sections), np.int64)
         truncated = log[arrived[log[:, 0]], 1].astype(bool)

@@ -81,6 +81,8 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     if progress is not None:
         _schedule_ticks(env, sim.duration_s, ticks, progress)
     run(env)
+    if workload.pipeline is not None and lifecycle.flows is not None:
+        recorder.flow_stats = lifecycle.flows.stats(env.now)
     if workload.pipeline is not None and lifecycle.retrieval is not None:
         recorder.retrieval_stats = lifecycle.retrieval.stats(env.now)
         recorder.retrieval_usage = lifecycle.retrieval.usage if lifecycle.retrieval.metered else None

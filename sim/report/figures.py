@@ -1,4 +1,4 @@
-"""Figures of a sweep: latency, throughput, cost, cost against latency, utilisation.
+"""Figures of a sweep: latency, throughput, cost, cost against latency and answer quality, utilisation.
 
 Every figure reads a DataFrame of sweep points (one row per point, from
 `prepare_points`) and the experiment dict written by the sweep; none runs the
@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 from sim.metrics.summary import aggregate_points  # noqa: E402
 
@@ -478,31 +479,81 @@ def plot_cost_latency(points: pd.DataFrame, experiment: dict, out_dir: Path) -> 
         return _save(fig, out_dir, "cost_vs_latency")
 
 
+# The answer-quality dimensions the cost-quality figure draws, in panel order: (panel title, axis label).
+# Shares (`_share`) read in %, a dimension's mean score as it is.
+QUALITY_DIMENSIONS: dict[str, tuple[str, str]] = {
+    "quality_good_share": ("good answers", "good answers (% of routed requests)"),
+    "quality_correct_share": ("correctness", "correct answers (% of answered requests)"),
+    "quality_grounded_mean": ("groundedness", "groundedness (mean score, 0-1)"),
+    "quality_citation_mean": ("citation accuracy", "citation accuracy (mean score, 0-1)"),
+    "quality_useful_mean": ("usefulness", "usefulness (mean score over all requests, 0-1)"),
+}
+
+
+def quality_frontier(costs: Sequence[float], quality: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats on cost (lower is better) and quality (higher is better).
+
+    A point is dominated when another is no costlier and no worse and better in
+    one of the two; of identical points the first index is kept; points with a
+    NaN are ignored. The result is ordered by rising quality (so by rising cost).
+    """
+    # Negating keeps the order exact, where 1 - q could round two different shares together.
+    return pareto_frontier(costs, [-float(q) for q in quality])[::-1]
+
+
+def quality_dimensions(points: pd.DataFrame) -> list[str]:
+    """The quality metrics of QUALITY_DIMENSIONS the points have a value of, in panel order."""
+    return [m for m in QUALITY_DIMENSIONS if _has(points, m)]
+
+
 def plot_cost_quality(points: pd.DataFrame, experiment: dict, out_dir: Path) -> list[Path]:
-    """Cost per 1k requests against the share of good answers, with the Pareto frontier (cheaper and better)."""
-    if points.empty or not _has(points, "quality_good_share") or not _has(points, "cost_per_1k_usd"):
-        raise SkipFigure("the results have no quality_good_share (no router) or cost_per_1k_usd")
+    """Cost per 1k requests against every answer-quality dimension the sweep has, one panel each, with each
+    dimension's Pareto frontier (cheaper and better) and 95% intervals on both axes where there are any."""
+    dims = quality_dimensions(points)
+    if points.empty or not dims or not _has(points, "cost_per_1k_usd"):
+        raise SkipFigure("the results have no answer-quality metric (quality_*: with a router or a pipeline "
+                         "quality block) or no cost_per_1k_usd")
     colours = _colours(points)
     x_col = x_column(points, experiment)
+    # Colour names the config; only when a config has several points (along an axis) do notes tell them apart.
+    noted = x_col is not None and bool(points.groupby("config", sort=False).size().max() > 1)
+    cost = points["cost_per_1k_usd"].to_numpy(float)
+    ncols = min(len(dims), 3)
+    nrows = math.ceil(len(dims) / ncols)
+    spare = nrows * ncols > len(dims)  # an empty cell of the grid holds the legend
     with plt.rc_context(_RC):
-        fig, ax = plt.subplots(figsize=(8, 5.2), layout="constrained")
-        for config, df in points.groupby("config", sort=False):
-            ax.errorbar(df["quality_good_share"], df["cost_per_1k_usd"], xerr=_xerr(df, "quality_good_share"),
-                        fmt="o", color=colours[config], markersize=5, alpha=0.8, elinewidth=0.8, capsize=2,
-                        label=config)
-        # Better is cheaper and of higher quality: the frontier of (cost, 1 - quality), both minimised.
-        front = points.iloc[pareto_frontier(points["cost_per_1k_usd"].to_numpy(float),
-                                            1.0 - points["quality_good_share"].to_numpy(float))]
-        front = front.sort_values("quality_good_share")
-        ax.plot(front["quality_good_share"], front["cost_per_1k_usd"], color="black", linewidth=1.2, marker="o",
-                markersize=10, markerfacecolor="none", label="Pareto frontier")
-        if x_col is not None:
-            for _, row in front.iterrows():
-                ax.annotate(_point_note(row, x_col), (row["quality_good_share"], row["cost_per_1k_usd"]),
-                            fontsize=7, xytext=(6, 4), textcoords="offset points")
-        ax.set(title=_title(experiment, "cost vs answer quality (lower right is better)"),
-               xlabel="good answers (share)", ylabel="cost per 1k requests (USD)")
-        ax.legend(fontsize=8)
+        legend_rows = 0 if spare else math.ceil((len(colours) + 1) / 3)  # a legend below the panels
+        fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.8 * ncols, 8.0), 4.2 * nrows + 0.22 * legend_rows),
+                                 layout="constrained", squeeze=False, sharey=True)
+        for k, (ax, metric) in enumerate(zip(axes.flat, dims)):
+            for config, df in points.groupby("config", sort=False):
+                ax.errorbar(df[metric], df["cost_per_1k_usd"], xerr=_xerr(df, metric),
+                            yerr=_xerr(df, "cost_per_1k_usd"), fmt="o", color=colours[config], markersize=5,
+                            alpha=0.8, elinewidth=0.8, capsize=2)
+            front = points.iloc[quality_frontier(cost, points[metric].to_numpy(float))]
+            ax.plot(front[metric], front["cost_per_1k_usd"], color="black", linewidth=1.2, marker="o",
+                    markersize=10, markerfacecolor="none")
+            if noted:
+                for _, row in front.iterrows():
+                    ax.annotate(_axis_note(row, x_col), (row[metric], row["cost_per_1k_usd"]), fontsize=7,
+                                xytext=(6, 4), textcoords="offset points")
+            title, label = QUALITY_DIMENSIONS[metric]
+            ax.set(title=title, xlabel=label)
+            if k % ncols == 0:
+                ax.set_ylabel("cost per 1k requests (USD)")
+            if metric.endswith("_share"):
+                ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=None))
+        _auto_log(axes.flat[0], cost)
+        handles = [Line2D([], [], color=c, marker="o", linestyle="none", label=name) for name, c in colours.items()]
+        handles.append(Line2D([], [], color="black", marker="o", markersize=10, markerfacecolor="none",
+                              label="Pareto frontier (cheaper and better)"))
+        for ax in axes.flat[len(dims):]:
+            ax.axis("off")
+        if spare:
+            axes.flat[-1].legend(handles=handles, loc="center", fontsize=8)
+        else:
+            fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
+        fig.suptitle(_title(experiment, "cost vs answer quality (lower right is better; bars: 95% intervals)"))
         return _save(fig, out_dir, "cost_vs_quality")
 
 
@@ -515,9 +566,13 @@ def _xerr(df: pd.DataFrame, metric: str) -> Optional[np.ndarray]:
     return np.nan_to_num(err, nan=0.0)
 
 
+def _axis_note(row: pd.Series, x_col: str) -> str:
+    """Where a point sits on the x axis of load plots: '6 req/s' or 'deterministic_share=0.4'."""
+    return f"{row[x_col]:.3g} req/s" if x_col == LOAD_X else f"{x_col.split('.')[-1]}={format_value(row[x_col])}"
+
+
 def _point_note(row: pd.Series, x_col: str) -> str:
-    x = f"{row[x_col]:.3g} req/s" if x_col == LOAD_X else f"{x_col.split('.')[-1]}={format_value(row[x_col])}"
-    return f"{row['config']} @ {x}"
+    return f"{row['config']} @ {_axis_note(row, x_col)}"
 
 
 def plot_utilisation(points: pd.DataFrame, experiment: dict, out_dir: Path) -> list[Path]:
@@ -561,9 +616,12 @@ FIGURES = (
     ("utilisation_vs_load", "Utilisation and batch size vs offered load",
      "Share of capacity in use and the mean number of requests running on a busy replica."),
     ("cost_vs_quality", "Cost vs answer quality",
-     "Every point of the sweep; the black line joins the Pareto frontier (no point is both cheaper and better)."),
+     ("Cost per 1,000 requests against each answer-quality dimension the sweep reports (good answers, "
+      "correctness, groundedness, citation accuracy, usefulness), one panel each; in each panel the black line "
+      "joins that dimension's Pareto frontier (no point is both cheaper and better on it). A config can be on "
+      "one dimension's frontier and off another's; bars are 95% intervals.")),
 )
-OPTIONAL = {"cost_vs_quality": "quality_good_share"}  # drawn only when the sweep has this metric
+OPTIONAL = {"cost_vs_quality": tuple(QUALITY_DIMENSIONS)}  # drawn only when the sweep has one of these metrics
 
 
 def make_figures(points: pd.DataFrame, experiment: dict, out_dir: Path,
@@ -579,7 +637,7 @@ def make_figures(points: pd.DataFrame, experiment: dict, out_dir: Path,
     }
     out = FigureSet()
     for name, title, caption in FIGURES:
-        if name in OPTIONAL and OPTIONAL[name] not in points.columns:
+        if name in OPTIONAL and not any(m in points.columns for m in OPTIONAL[name]):
             continue
         try:
             out.made.append(Figure(name, title, caption, draw[name]()))

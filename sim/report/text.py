@@ -72,6 +72,17 @@ def format_summary(result) -> str:
     if stages:
         lines.append("stages     " + "  ".join(f"{name} {share:.0%}" for name, share in stages if share >= 0.005)
                      + f"   of mean latency; bottleneck: {s.get('bottleneck_stage')}")
+    steps = [k[len("flow_step_"):-len("_mean_s")] for k in s if k.startswith("flow_step_") and k.endswith("_mean_s")
+             and "_ci95_" not in k]
+    if steps:
+        lines.append("flow steps " + "  ".join(f"{name} {s[f'flow_step_{name}_mean_s']:.3g} s "
+                                               f"({s[f'flow_step_{name}_run_share']:.0%} run)" for name in steps))
+    tools = [k[len("utilisation_tool_"):] for k in s if k.startswith("utilisation_tool_") and "_ci95_" not in k]
+    for name in tools:
+        lines.append(f"tool {name:<9} calls/request {_value(s, f'tool_{name}_calls_per_request', '.3f')}   "
+                     f"attempts {_value(s, f'tool_{name}_attempts_mean', '.3f')}   "
+                     f"failed {_value(s, f'tool_{name}_failed_share', '.2%')}   "
+                     f"utilisation {_value(s, f'utilisation_tool_{name}', '.3f')}")
     lines += _guard_lines(s)
     lines += _ledger_lines(result)
     return "\n".join(lines)

@@ -43,12 +43,15 @@ tokens raises every untrimmed prompt by exactly 100.
 """
 from __future__ import annotations
 
+import math
+from itertools import repeat
 from typing import Mapping, NamedTuple, Optional, Sequence, Union, overload
 
 import numpy as np
 
 from sim.config.base import MAX_TOKENS
 from sim.config.budget import Budget
+from sim.config.distributions import Distribution
 from sim.model.streams import BLOCK, Streams
 
 
@@ -62,12 +65,14 @@ class BudgetResult(NamedTuple):
     output_budget_tokens: int     # min(output reserve, window - prompt), at least 0
     truncated: bool               # some section is shorter than drawn
     overflow: bool                # even trimmed, the prompt leaves less than min_output_tokens of the window
+    confidence: float = math.nan  # the evidence confidence its allocation followed (NaN: none did)
 
 
 class _Plan:
     """The policy of a Budget in arrays and index lists, computed once."""
 
-    __slots__ = ("names", "chunk", "caps", "order", "passes", "limit", "window", "reserve", "out_floor", "n_prefix")
+    __slots__ = ("names", "chunk", "caps", "order", "passes", "limit", "window", "reserve", "out_floor", "n_prefix",
+                 "weighted")
 
     def __init__(self, spec: Budget) -> None:
         self.names = tuple(spec.sections)
@@ -83,6 +88,9 @@ class _Plan:
             first.append(None if alloc is None or floor is None else self._up(max(alloc, floor), j))
             second.append(None if floor is None else self._up(floor, j))
         self.passes = (first, second)
+        # The section whose allocation follows the evidence confidence: (index, allocation, floor), or None.
+        self.weighted = next(((j, spec.allocation_tokens(name), second[j] or 0)
+                              for j, (name, s) in enumerate(spec.sections.items()) if s.allocation_by_confidence), None)
         self.limit = spec.prompt_limit_tokens
         self.window = spec.context_window_tokens
         self.reserve = spec.output_reserve_tokens
@@ -93,15 +101,22 @@ class _Plan:
         c = self.chunk[j]
         return -(-tokens // c) * c
 
-    def trim(self, drawn: np.ndarray) -> np.ndarray:
-        """Trimmed sizes of a (requests x sections) integer array; vectorised over requests."""
+    def trim(self, drawn: np.ndarray, scale: Optional[np.ndarray] = None) -> np.ndarray:
+        """Trimmed sizes of a (requests x sections) integer array; vectorised over requests. `scale`: per
+        request, the factor on the weighted section's allocation (its evidence confidence over the mean)."""
         s = np.array(drawn, dtype=np.int64, copy=True)
+        passes = self.passes
+        if scale is not None and self.weighted is not None:
+            j, alloc, floor = self.weighted
+            first = list(passes[0])
+            first[j] = self._up(np.maximum(np.rint(alloc * scale).astype(np.int64), floor), j)
+            passes = (first, passes[1])
         for j, cap in self.caps:
             col = s[:, j]
             c = self.chunk[j]
             s[:, j] = np.where(col > cap, (cap // c) * c, col)
         excess = s.sum(axis=1) - self.limit
-        for floors in self.passes:
+        for floors in passes:
             for j in self.order:
                 floor = floors[j]
                 if floor is None:
@@ -159,8 +174,9 @@ def trim(sizes, spec):
     return tuple(out)
 
 
-def _results(plan: _Plan, drawn: np.ndarray) -> list[BudgetResult]:
-    sizes = plan.trim(drawn)
+def _results(plan: _Plan, drawn: np.ndarray, confidence: Optional[np.ndarray] = None,
+             mean_confidence: float = 1.0) -> list[BudgetResult]:
+    sizes = plan.trim(drawn, None if confidence is None else confidence / mean_confidence)
     prompt = sizes.sum(axis=1)
     prefix = sizes[:, : plan.n_prefix].sum(axis=1)
     room = plan.window - prompt
@@ -169,9 +185,10 @@ def _results(plan: _Plan, drawn: np.ndarray) -> list[BudgetResult]:
     truncated = (sizes < drawn).any(axis=1)
     # One result per request: built in C from the columns (zip(*columns) makes each request's section
     # tuple without a list per row; _make takes a row as it is, without parsing arguments).
-    rows = zip(zip(*drawn.T.tolist()), zip(*sizes.T.tolist()), prompt.tolist(), prefix.tolist(),
-               out_budget.tolist(), truncated.tolist(), overflow.tolist())
-    return list(map(BudgetResult._make, rows))
+    columns = [zip(*drawn.T.tolist()), zip(*sizes.T.tolist()), prompt.tolist(), prefix.tolist(),
+               out_budget.tolist(), truncated.tolist(), overflow.tolist()]
+    columns.append(confidence.tolist() if confidence is not None else repeat(math.nan))
+    return list(map(BudgetResult._make, zip(*columns)))
 
 
 def evaluate(sizes: Union[Mapping[str, int], Sequence[int]], spec: Budget) -> BudgetResult:
@@ -197,9 +214,13 @@ class TokenBudget:
     `BudgetResult` at a time.
     """
 
-    __slots__ = ("spec", "section_names", "_plan", "_draws", "_rngs", "_block", "_it")
+    __slots__ = ("spec", "section_names", "_plan", "_draws", "_rngs", "_block", "_it", "_confidence",
+                 "_confidence_rng", "_confidence_mean")
 
-    def __init__(self, spec: Budget, streams: Streams, class_name: str, block: int = BLOCK) -> None:
+    def __init__(self, spec: Budget, streams: Streams, class_name: str, block: int = BLOCK,
+                 confidence: Optional[Distribution] = None) -> None:
+        """`confidence`: the evidence confidence's distribution, when a section's allocation follows it
+        (drawn per request from `budget.<class_name>.confidence`, clipped to 0..1)."""
         self.spec = spec
         self._plan = _Plan(spec)
         self.section_names: tuple[str, ...] = self._plan.names
@@ -207,6 +228,12 @@ class TokenBudget:
         self._rngs = [streams.rng(f"budget.{class_name}.{name}") for name in self.section_names]
         self._block = block
         self._it = iter(())
+        self._confidence = confidence if self._plan.weighted is not None else None
+        if self._confidence is not None:
+            self._confidence_rng = streams.rng(f"budget.{class_name}.confidence")
+            # The clipped distribution's mean, from a fixed-seed sample: scaled allocations average the allocation.
+            sample = np.clip(confidence.sample(np.random.default_rng(0), 200_000), 0.0, 1.0)
+            self._confidence_mean = float(sample.mean()) or 1.0
 
     def draw(self) -> BudgetResult:
         """The next request's budget result."""
@@ -218,7 +245,11 @@ class TokenBudget:
 
     def draw_block(self, n: int) -> list[BudgetResult]:
         """n requests' results at once, drawn next from the section streams."""
-        return _results(self._plan, self.draw_sizes(n))
+        sizes = self.draw_sizes(n)
+        if self._confidence is None:
+            return _results(self._plan, sizes)
+        confidence = np.clip(self._confidence.sample(self._confidence_rng, n), 0.0, 1.0)
+        return _results(self._plan, sizes, confidence, self._confidence_mean)
 
     def draw_sizes(self, n: int) -> np.ndarray:
         """n requests' drawn (untrimmed) section sizes, an (n x sections) int64 array."""

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import simpy
 
-from sim.config.pipeline import Pipeline
+from sim.config.pipeline import Pipeline, Quality
 from sim.config.schema import Workload
 from sim.metrics.recorder import CANCELLED, COMPLETED, PARTIAL, REJECTED, TIMED_OUT, TRY_LATER, Recorder
 from sim.model.events import call_later
@@ -27,6 +27,7 @@ from sim.model.streams import BlockSampler, Streams
 
 from .budget import TokenBudget
 from .caches import HIT, STALE_HIT, Audience, Cache, warm_up
+from .flow import Flows
 from .guardrails import ANSWER_PATHS, Guardrails
 from .quality import QualityInputs
 from .retrieval import Retrieval
@@ -42,7 +43,8 @@ class _Request:
     """
 
     cache_s = evaluation_s = post_s = retrieval_s = retry_s = 0.0  # seconds in each stage
-    hops = 0            # model calls made
+    hops = 0            # model calls made (a flow's model steps included)
+    asked = 0           # model calls made for the answer
     tier = 0            # router tier of the current (or next) call
     difficulty = -1.0   # drawn with the routing decision, at arrival
     cache_key = -1      # output-cache key to store the answer under (-1: none)
@@ -62,7 +64,12 @@ class _Request:
     tools = 0           # retrieval hops and tool calls made
     correct = None      # the router's verdict on the latest answer (None: not judged)
     evidence = (0.0, 0.0)  # (retrieved, kept) tokens of the prompt's evidence section
+    confidence = math.nan  # the evidence confidence its budget followed (NaN: none did)
     hit = 0             # the output-cache code when the answer came from the cache (HIT, STALE_HIT)
+    more = 0            # escalations made, same-tier retries included (each retrieved more context)
+    same = 0            # same-tier retries made on the current tier
+    fixed = False       # a same-tier retry with more context turned the answer right
+    flow = None         # its flow's state (sim.model.application.flow), with flows
 
     def __init__(self, i: int, now: float) -> None:
         self.i = i
@@ -84,8 +91,10 @@ class Lifecycle:
         calls.parent = self.parent
         self.live: dict[int, _Request] = {}  # requests running, by index
         names = list(workload.traffic.classes)
+        confidence = (spec.quality or Quality()).evidence_confidence if spec.confidence_weighted_budget() else None
         self.budgets: Optional[list[TokenBudget]] = (
-            [TokenBudget(spec.budget, streams, name) for name in names] if spec.budget is not None else None)
+            [TokenBudget(spec.budget, streams, name, confidence=confidence) for name in names]
+            if spec.budget is not None else None)
         self.cache: Optional[Cache] = None
         self.audience = Audience.of(workload, recorder.user, recorder.cls, streams)  # who asks, for the caches
         if spec.output_cache is not None:
@@ -137,6 +146,8 @@ class Lifecycle:
         recorder.stage_log = []
         for endpoint in endpoints:
             endpoint.on_done = self.call_done
+        self.flows: Optional[Flows] = (Flows(env, workload, recorder, calls, streams, endpoints, self)
+                                       if spec.flow is not None or spec.flows else None)
 
     # --- the request's way in -----------------------------------------------------
     def start(self, i: int) -> None:
@@ -165,8 +176,17 @@ class Lifecycle:
             r.prefix = result.prefix_tokens
             if self.quality is not None:
                 r.evidence = self.quality.evidence_of(result.drawn, result.sizes)
+                r.confidence = result.confidence
             if rec.output[i] > result.output_budget_tokens:  # the answer cannot outgrow what the window leaves
                 rec.output[i] = max(1, result.output_budget_tokens)
+        if self.flows is not None and self.flows.has_steps(rec.cls[i])[0]:
+            self.flows.before(r, lambda: self._answer(r))
+        else:
+            self._answer(r)
+
+    def _answer(self, r: _Request) -> None:
+        """The answer: from the output cache, else retrieval and the model."""
+        rec, i, now = self.rec, r.i, self.env.now
         if self.cache is not None:
             key = self.cache.draw_key(i)
             code = self.cache.lookup(key, now, i)
@@ -224,7 +244,7 @@ class Lifecycle:
             prompt = self.guard.reduced_prompt(prompt, r.prefix)
         if self.router is not None:
             endpoint = self.router.endpoints[r.tier]
-            prompt += r.tier * self.router.extra_context  # each escalation (a tier up) retrieved more context
+            prompt += r.more * self.router.extra_context  # each escalation retrieved more context
         if r.endpoint >= 0:
             endpoint = r.endpoint
         if r.cancel_tokens:
@@ -246,12 +266,13 @@ class Lifecycle:
     def _call(self, r: _Request) -> None:
         rec, i = self.rec, r.i
         call = self._next_call(r)
-        if r.hops == 0 and not self._may_call(r, call):  # the first call is over the caps already
+        if r.asked == 0 and not self._may_call(r, call):  # the first call is over the caps already
             self._fallback(r, REJECTED, deadline=False)
             return
         endpoint, prompt, output = call
         rec.endpoint[i] = endpoint
         r.hops += 1
+        r.asked += 1
         r.tokens += prompt + output
         now = self.env.now
         c = r.call = self.calls.new(rec.cls[i], endpoint, now, prompt, output, rec.user[i], rec.feature[i])
@@ -267,10 +288,13 @@ class Lifecycle:
     # --- the way out ----------------------------------------------------------------
     def call_done(self, c: int) -> None:
         """A model call ended: its request goes on (evaluation, post-processing), or its failure is handled."""
+        if self.flows is not None and c in self.flows.side:  # a flow's model step, not the answer
+            self.flows.call_done(c)
+            return
         i = self.parent[c]
         r = self.live[i]
-        r.call = -1
         calls, rec = self.calls, self.rec
+        r.call = -1
         rec.admit[i] = calls.admit[c]
         rec.replica[i] = calls.replica[c]
         if calls.outcome[c] != COMPLETED:
@@ -312,18 +336,26 @@ class Lifecycle:
         (and for the final answer) its quality is recorded.
         """
         router = self.router
-        good = r.correct = r.difficulty < router.quality[r.tier]
+        good = r.correct = r.fixed or r.difficulty < router.quality[r.tier]
         if router.escalation is None:
             wait, again = 0.0, False
         else:
             wait = router.evaluation()
             r.evaluation_s += wait
-            again = r.path == 0 and r.tier + 1 < router.tiers_tried and router.flagged(good)
+            same = r.same < router.same_tier_retries  # retrieve more or rerank before a stronger tier
+            again = r.path == 0 and (same or r.tier + 1 < router.tiers_tried) and router.flagged(good)
         if again:
-            r.tier += 1
+            before = (r.tier, r.same)
+            if same:
+                r.same += 1
+            else:
+                r.tier, r.same = r.tier + 1, 0
+            r.more += 1
             if self._may_call(r):
+                if same and not good and router.fixes():
+                    r.fixed = True
                 return wait, True
-            r.tier -= 1
+            (r.tier, r.same), r.more = before, r.more - 1
         self.rec.quality += (r.i, good, r.hops)
         return wait, False
 
@@ -342,7 +374,18 @@ class Lifecycle:
         """The final answer is in and post-processed: cache it, end."""
         if r.cache_key >= 0:
             self.cache.insert(r.cache_key, self.env.now, r.i)
-        self._end(r, COMPLETED)
+        self._complete(r)
+
+    def _complete(self, r: _Request) -> None:
+        """The answer is in: the flow's steps after it (a validation call, say), then the end."""
+        if self.flows is not None and self.flows.has_steps(self.rec.cls[r.i])[1]:
+            self.flows.after(r, lambda: self._end(r, COMPLETED))
+        else:
+            self._end(r, COMPLETED)
+
+    def stop_flow(self, r: _Request) -> None:
+        """A required flow step failed: the user is told to try again later."""
+        self._end(r, TRY_LATER)
 
     def _answered_from_cache(self, event) -> None:
         r = event.value
@@ -350,7 +393,7 @@ class Lifecycle:
             return
         rec = self.rec
         rec.admit[r.i] = rec.first_token[r.i] = self.env.now
-        self._end(r, COMPLETED)
+        self._complete(r)
 
     # --- guardrails --------------------------------------------------------------------
     def _failed(self, r: _Request, outcome: int) -> None:
@@ -412,6 +455,9 @@ class Lifecycle:
 
     def _call_timed_out(self, value: tuple[_Request, int]) -> None:
         r, c = value
+        if self.flows is not None and c in self.flows.side:
+            self.flows.timed_out(c)
+            return
         self._stop_call(r, c)
         r.timeouts += 1
         self._failed(r, TIMED_OUT)
@@ -437,6 +483,8 @@ class Lifecycle:
     def _end(self, r: _Request, outcome: int) -> None:
         rec, i = self.rec, r.i
         del self.live[i]
+        if r.flow is not None and r.flow.calls:
+            self.flows.stop(r)
         now = self.env.now
         rec.outcome[i] = outcome
         rec.end[i] = now
@@ -456,10 +504,11 @@ class Lifecycle:
 
     def _score(self, r: _Request, outcome: int) -> None:
         """What the answer's quality depends on (scored after the run: sim/model/application/quality.py)."""
-        extra = r.tier * self.router.extra_context if self.router is not None else 0
+        extra = r.more * self.router.extra_context if self.router is not None else 0
         correct = -1 if r.correct is None else int(r.correct)
         self.rec.quality_inputs += (r.i, correct, r.evidence[0], r.evidence[1], extra,
-                                    self.guard.reduced_share if r.reduced else -1, outcome, r.hit, r.cache_key)
+                                    self.guard.reduced_share if r.reduced else -1, outcome, r.hit, r.cache_key,
+                                    r.confidence)
 
 
 class Routing:
@@ -482,6 +531,11 @@ class Routing:
         self.risky = [n in router.risky_classes for n in names]
         self.noise = BlockSampler(lambda rng, n: rng.normal(0.0, router.estimate_noise_sd, n), streams.rng("router.estimate"))
         self.judge = BlockSampler(uniform, streams.rng("escalation.judge"))
+        escalation = spec.escalation
+        self.same_tier_retries = escalation.same_tier_retries if escalation is not None else 0
+        if self.same_tier_retries:
+            self.fix_share = escalation.same_tier_fix_share
+            self.fix_draw = BlockSampler(uniform, streams.rng("escalation.same_tier"))
         self.evaluation = (BlockSampler(spec.escalation.evaluation_s.sample, streams.rng("escalation.evaluation"))
                            if spec.escalation is not None and spec.escalation.evaluation_s is not None
                            else (lambda: 0.0))
@@ -501,6 +555,10 @@ class Routing:
         for t in self.thresholds:
             tier += estimate > t
         return tier, d
+
+    def fixes(self) -> bool:
+        """Whether a same-tier retry with more context turns a wrong answer right."""
+        return self.fix_draw() < self.fix_share
 
     def flagged(self, good: bool) -> bool:
         """The evaluator's verdict: flags a bad answer with detect_bad, a good one with false_alarm."""

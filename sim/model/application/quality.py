@@ -35,9 +35,10 @@ from sim.metrics.recorder import CANCELLED, COMPLETED, PARTIAL, Recorder
 
 NAN = math.nan
 DIMENSIONS = ("correct", "grounded", "citation", "useful")
-INPUTS = ("request", "correct", "retrieved", "kept", "extra", "reduced_share", "outcome", "hit", "key")
+INPUTS = ("request", "correct", "retrieved", "kept", "extra", "reduced_share", "outcome", "hit", "key", "confidence")
 """A request's row in Recorder.quality_inputs: correct is 1, 0 or -1 (not judged); reduced_share -1 when the
-reduced-context fallback was not used; hit is 0, or the output-cache code of the answer it served; key -1."""
+reduced-context fallback was not used; hit is 0, or the output-cache code of the answer it served; key -1;
+confidence the evidence confidence its budget was allocated by (NaN: drawn when scored)."""
 ANSWERED = (COMPLETED, CANCELLED, PARTIAL)
 
 
@@ -86,6 +87,7 @@ def scores(rec: Recorder) -> np.ndarray:
     n = len(rec.arrival)
     chance, stale_draw = rng.random(n)[request], rng.random(n)[request]
     confidence = np.clip(_confidence_by_class(rng, q, rec, n)[request], 0.0, 1.0)
+    confidence = np.where(np.isnan(rows[:, 9]), confidence, rows[:, 9])  # the budget's, where it allocated by it
     correct = np.where(rows[:, 1] >= 0, rows[:, 1], (chance < q.correct_share).astype(float))
     reduced = rows[:, 5] >= 0
     cover = coverage(rows[:, 2], rows[:, 3] * np.where(reduced, rows[:, 5], 1.0), rows[:, 4])
@@ -140,12 +142,5 @@ def _replays(rows: np.ndarray, correct, grounded, citation, rec: Recorder, stale
 
 def _evidence_index(spec: Pipeline, names: tuple[str, ...]) -> Optional[int]:
     """Index of the evidence section among the budget's sections (None without one)."""
-    if spec.budget is None:
-        return None
-    quality = spec.quality
-    if quality is not None and quality.evidence_section is not None:
-        return list(names).index(quality.evidence_section)
-    chunked = [k for k, name in enumerate(names) if spec.budget.sections[name].chunk_tokens]
-    if chunked:
-        return chunked[0]
-    return list(names).index("retrieved") if "retrieved" in names else None
+    section = spec.evidence_section()
+    return list(names).index(section) if section is not None else None
