@@ -297,3 +297,23 @@ def test_the_readme_flow_example_validates():
     rec = simulate(spec)
     assert {"classify", "lookups", "orders", "customer", "summarise", "validate", "repair"} <= set(rec.flow_steps.names)
     assert (flow_rows(rec)[:, 0] >= 0).all() and len(rec.arrival) > 0
+
+
+def test_the_agent_tools_header_commands_run(capsys, monkeypatch):
+    # The workload's header commands, shortened: a flakier CRM fails more calls for good (5% -> 20% an attempt,
+    # two attempts: 0.25% -> 4% of calls) and retries more.
+    import json
+
+    from sim.cli import main
+
+    monkeypatch.chdir(ROOT)
+    short = ["--set", "simulation.duration_s=600", "--replications", "1", "--json"]
+    summaries = []
+    for extra in ([], ["--set", "pipeline.tools.crm_rest.failure_rate=0.2"]):
+        assert main(["run", "workloads/agent-tools.yaml", *extra, *short]) == 0
+        summaries.append(json.loads(capsys.readouterr().out))
+    before, after = summaries
+    calls = after["tool_crm_rest_calls_per_request"] * after["requests_arrived"]
+    assert abs(after["tool_crm_rest_failed_share"] - 0.04) < 5 * math.sqrt(0.04 * 0.96 / calls)
+    assert after["tool_crm_rest_attempts_mean"] == pytest.approx(1.2, abs=0.03)
+    assert before["tool_crm_rest_attempts_mean"] == pytest.approx(1.05, abs=0.02)
