@@ -1,5 +1,8 @@
 """A request's life in an LLM application: budget, output cache, retrieval, model calls, guardrails, post-processing.
 
+With a flow (sim.model.application.flow) the steps before the answer run first (a classifier, tools),
+then the answer as below, then the steps after it (a validation call); without one, just the answer.
+
 Used when the workload has a `pipeline` block. The request (one row of the
 request recorder, what the user sees) and its model calls (rows of the calls
 recorder, what the endpoints serve) are then distinct: a request answered from
@@ -293,8 +296,8 @@ class Lifecycle:
             return
         i = self.parent[c]
         r = self.live[i]
-        calls, rec = self.calls, self.rec
         r.call = -1
+        calls, rec = self.calls, self.rec
         rec.admit[i] = calls.admit[c]
         rec.replica[i] = calls.replica[c]
         if calls.outcome[c] != COMPLETED:
