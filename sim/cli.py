@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start warm: replicas loaded, connections open (same as --set simulation.warm=true)")
     p.add_argument("--force", action="store_true",
                    help="run even when the work estimate is over the limit (see simulation.max_requests)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (a run longer than a few seconds "
+                   "says how far it is on standard error)")
 
     p = sub.add_parser("sweep", help="run an experiment: every point, saved as it finishes; capacity search")
     p.add_argument("experiment", help="experiment YAML file")
@@ -218,8 +220,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _check_out_folder(args.out)  # before the run: a bad --out should not cost the whole simulation
     overrides = args.overrides + (["simulation.warm=true"] if args.warm else [])
+    say = None if args.quiet else (lambda line: print(f"llmsim run: {line}", file=sys.stderr, flush=True))
     result = run(args.workload, seed=args.seed, replications=args.replications, overrides=overrides,
-                 force=args.force, progress=lambda line: print(f"llmsim run: {line}", file=sys.stderr, flush=True))
+                 force=args.force, progress=say)
     _print_warnings(result.warnings)
     if args.out is not None:
         try:

@@ -1,6 +1,8 @@
 """The work estimate: a run that would take days or terabytes is refused at once, unless forced."""
 from __future__ import annotations
 
+import re
+
 import subprocess
 import sys
 import time
@@ -61,8 +63,18 @@ def test_a_long_run_reports_its_progress(monkeypatch):
     expected = f"{2 * requests_per_replication(workload):,.0f}"
     assert lines[0].startswith(f"this run is about {expected} simulated requests")
     ticks = [line for line in lines[1:] if line.startswith("replication ")]
-    assert ticks[0].startswith("replication 1/2: 5.00% of the simulated time")
-    assert ticks[-1].startswith("replication 2/2: 100% of the simulated time")
+    # Ticks every 5% of the 3,000 s (150 s): simulated time, requests so far (540 expected at 3.6 req/s: within
+    # 5 Poisson sigmas), time left.
+    first = re.match(r"replication 1/2: 2 min 30 s of 50 min 00 s simulated, (\d+) requests, \d+ s elapsed, "
+                     r"about \d+ s left$", ticks[0])
+    assert first is not None and abs(int(first.group(1)) - 540) < 5 * 540 ** 0.5, ticks[0]
+    assert ticks[-1].startswith("replication 2/2: 50 min 00 s of 50 min 00 s simulated, ")
+    assert "left" not in ticks[-1]
+    # A quick run says nothing: the first line waits for EVERY_S.
+    monkeypatch.setattr(Ticker, "EVERY_S", 3600.0)
+    quiet: list[str] = []
+    sim.run(load_workload(ROOT / "workloads/mmc.yaml"), replications=1, progress=quiet.append)
+    assert not [line for line in quiet if line.startswith("replication ")]
 
 
 def test_a_workload_may_set_its_own_limit(tmp_path):

@@ -1,6 +1,7 @@
 """Run a workload: its replications, their summaries and the intervals across them."""
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,28 +36,44 @@ class RunResult:
 
 
 class Ticker:
-    """Progress lines for a long run: at most one every few seconds, with the share of simulated time done."""
+    """Progress lines for a run that takes a while: none in its first seconds, then at most one every few
+    seconds, with the simulated time, the requests so far and the time left at the pace so far."""
 
     EVERY_S = 5.0
 
-    def __init__(self, say: Callable[[str], None], replications: int) -> None:
-        self.say, self.replications = say, replications
+    def __init__(self, say: Callable[[str], None], replications: int, duration_s: float) -> None:
+        self.say, self.replications, self.duration = say, replications, duration_s
         self.start = self.last = time.monotonic()
+        self.spoke = False
 
     @staticmethod
     def ticks(requests: float) -> int:
         """Ticks per replication: one every ~20,000 simulated requests (a fraction of a second)."""
         return int(min(max(requests / 20_000, 20), 1_000_000))
 
-    def replication(self, r: int) -> Callable[[float], None]:
-        def tick(share: float) -> None:
+    def replication(self, r: int) -> Callable[[float, int], None]:
+        def tick(share: float, requests: int) -> None:
             now = time.monotonic()
-            if now - self.last >= self.EVERY_S or (share == 1.0 and r + 1 == self.replications):
-                self.last = now
-                done = f"{share:.0%}" if share >= 0.1 else f"{share:.2%}"
-                self.say(f"replication {r + 1}/{self.replications}: {done} of the simulated time, "
-                         f"{now - self.start:.0f} s so far")
+            last = share == 1.0 and r + 1 == self.replications
+            if now - self.last < self.EVERY_S and not (last and self.spoke):
+                return
+            self.last, self.spoke = now, True
+            elapsed = now - self.start
+            overall = (r + share) / self.replications
+            left = f", about {_clock(elapsed / overall * (1 - overall))} left" if 0 < overall < 1 else ""
+            self.say(f"replication {r + 1}/{self.replications}: {_clock(share * self.duration)} of "
+                     f"{_clock(self.duration)} simulated, {requests:,} requests, {_clock(elapsed)} elapsed{left}")
         return tick
+
+
+def _clock(seconds: float) -> str:
+    """Seconds as 42 s, 3 min 20 s or 2 h 05 min."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def step_time_sources(workload: Workload) -> dict[str, str]:
@@ -106,7 +123,7 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
         raise ValueError("replications must be at least 1")
     estimate = estimate_run(workload, replications, keep_requests)
     notes = check_work(estimate, force, "this run", workload.simulation.max_requests)
-    ticker = Ticker(progress, replications) if progress is not None and notes else None
+    ticker = Ticker(progress, replications, sim.duration_s) if progress is not None else None
     for line in notes if progress is not None else ():
         progress(line)
     offered = offered_utilisation(workload)
@@ -132,6 +149,11 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
             book = ledger(rec, workload)
             book.insert(0, "replication", r)
             ledgers.append(book)
+        del rec
+        # The run's world (environment, endpoints, callbacks) holds reference cycles, and ran with the collector
+        # paused: without a collection here it would outlive the run, and a sweep worker would grow by a
+        # world per point.
+        gc.collect()
     per_rep = pd.DataFrame(rows)
     summary = {
         "workload": workload.name or "",

@@ -69,15 +69,34 @@ def _cache_hit_rate(rec: Recorder, arrival: np.ndarray, edges: np.ndarray) -> np
 
 
 def _p95_by_bucket(values: np.ndarray, bucket: np.ndarray, n: int) -> np.ndarray:
-    """95th percentile of the requests that arrived in each interval (NaN where none did)."""
+    """95th percentile of the requests that arrived in each interval (NaN where none did, or one is NaN).
+
+    np.percentile's linear method on every bucket at once, with its arithmetic step for step (virtual
+    index (m - 1) x 0.95, its floor, numpy's two-sided interpolation), so the result is the same to the
+    bit as a call per bucket, which cost 13% of a short run.
+    """
     result = np.full(n, np.nan)
-    order = np.argsort(bucket, kind="stable")
-    bucket, values = bucket[order], values[order]
-    bounds = np.searchsorted(bucket, np.arange(n + 1))
-    for k in range(n):
-        chunk = values[bounds[k]:bounds[k + 1]]
-        if chunk.size:
-            result[k] = np.percentile(chunk, 95)
+    keep = (bucket >= 0) & (bucket < n)
+    values, bucket = values[keep], bucket[keep]
+    if values.size == 0:
+        return result
+    order = np.lexsort((values, bucket))  # by bucket, then by value (NaN last)
+    v = values[order]
+    counts = np.bincount(bucket, minlength=n)
+    starts = np.cumsum(counts) - counts
+    has = counts > 0
+    m, first = counts[has], starts[has]
+    virtual = (m - 1) * np.true_divide(95, 100)
+    below = np.floor(virtual)
+    top = virtual >= m - 1  # numpy takes the last value for both neighbours there
+    gamma = virtual - np.where(top, -1.0, below)
+    lo = first + np.where(top, m - 1, below).astype(np.intp)
+    hi = first + np.where(top, m - 1, below + 1).astype(np.intp)
+    a, b = v[lo], v[hi]
+    diff = b - a
+    out = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+    out[np.isnan(v[first + m - 1])] = np.nan
+    result[has] = out
     return result
 
 

@@ -27,10 +27,11 @@ from .streams import BlockSampler, Streams
 
 
 def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = None,
-             progress: Optional[Callable[[float], None]] = None, ticks: int = 20) -> Recorder:
+             progress: Optional[Callable[[float, int], None]] = None, ticks: int = 20) -> Recorder:
     """Run one replication of `workload` and return its records.
 
-    `progress(share)` is called as the simulated clock passes each of `ticks` equal parts of duration_s.
+    `progress(share, requests)` is called as the simulated clock passes each of `ticks` equal parts of
+    duration_s, with the requests arrived so far.
     """
     sim = workload.simulation
     streams = Streams(sim.seed if seed is None else seed, replication)
@@ -79,7 +80,7 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
             endpoint.idle.watch()
     start_monitor(env, endpoints, recorder, sim, workload.measure_end_s())
     if progress is not None:
-        _schedule_ticks(env, sim.duration_s, ticks, progress)
+        _schedule_ticks(env, sim.duration_s, ticks, lambda share: progress(share, len(recorder.arrival)))
     run(env)
     if workload.pipeline is not None and lifecycle.flows is not None:
         recorder.flow_stats = lifecycle.flows.stats(env.now)
