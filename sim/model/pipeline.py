@@ -6,7 +6,7 @@ arrived gets its full latency (no survivor bias from cutting the run short).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import simpy
 
@@ -21,6 +21,7 @@ from sim.model.serving.slots import SlotServer, plain_draws
 from sim.model.traffic.arrivals import RequestFactory, SourceContext, build_arrivals, delay_to, user_count
 from sim.model.traffic.ratelimit import Client, attach_provider_limits, build_gate
 
+from . import fastpath
 from .events import call_later, run
 from .offered import full_batch
 from .streams import BlockSampler, Streams
@@ -33,6 +34,8 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     `progress(share, requests)` is called as the simulated clock passes each of `ticks` equal parts of
     duration_s, with the requests arrived so far.
     """
+    if fastpath.eligible(workload):
+        return fastpath.simulate_fast(workload, replication, seed, progress, ticks)
     sim = workload.simulation
     streams = Streams(sim.seed if seed is None else seed, replication)
     env = simpy.Environment()
@@ -186,37 +189,43 @@ def build_endpoint(env: simpy.Environment, name: str, index: int, workload: Work
     return endpoint
 
 
-def start_monitor(env: simpy.Environment, endpoints: list[Endpoint], recorder: Recorder, sim,
-                  measure_end_s: Optional[float] = None) -> None:
-    """Sample every endpoint's counters and gauges every timeseries interval, at the warm-up, at the end
-    of the measuring window (`Workload.measure_end_s`, duration_s by default) and at duration_s.
+def monitor_times(sim, measure_end_s: Optional[float] = None) -> Iterator[float]:
+    """When the monitor samples: 0, every timeseries interval, the warm-up, the end of the measuring window
+    (`Workload.measure_end_s`, duration_s by default) and duration_s, in order, none past duration_s.
 
-    The samples give utilisation and cost over any window between them, and the time series.
+    Generated one at a time: a long run at a fine interval has millions of samples.
     """
     step, duration = sim.timeseries_interval_s, sim.duration_s
     end = duration if measure_end_s is None else measure_end_s
-    # The grid k x step, merged with the window's edges; generated as the run goes (a long run at a
-    # fine interval has millions of samples: no list of them up front).
     edges = sorted({duration, end} | ({sim.warmup_s} if isinstance(sim.warmup_s, float) else set()))
-    state = {"k": 0, "edge": 0}
-
-    def next_time(after: float) -> Optional[float]:
-        k, e = state["k"], state["edge"]
-        while k * step <= after:
+    k = e = 0
+    t = 0.0
+    while True:
+        yield t
+        while k * step <= t:
             k += 1
-        while e < len(edges) and edges[e] <= after:
+        while e < len(edges) and edges[e] <= t:
             e += 1
-        state["k"], state["edge"] = k, e
         t = min(k * step, edges[e]) if e < len(edges) else k * step
-        return t if t <= duration else None
+        if t > duration:
+            return
+
+
+def start_monitor(env: simpy.Environment, endpoints: list[Endpoint], recorder: Recorder, sim,
+                  measure_end_s: Optional[float] = None) -> None:
+    """Sample every endpoint's counters and gauges at the `monitor_times`.
+
+    The samples give utilisation and cost over any window between them, and the time series.
+    """
+    times = monitor_times(sim, measure_end_s)
 
     def sample(event) -> None:
         now = env.now
         recorder.samples.append((now, {e.name: e.counters(now) for e in endpoints}))
         recorder.gauges.append((now, {e.name: e.gauges() for e in endpoints}))
-        t = next_time(event.value)
+        t = next(times, None)
         if t is not None:  # one sample scheduled at a time keeps the event queue short
             # Exactly at the planned time: the summary looks up the samples at the window's edges.
             call_later(env, delay_to(now, t), sample, t)
 
-    call_later(env, 0.0, sample, 0.0)
+    call_later(env, 0.0, sample, next(times))

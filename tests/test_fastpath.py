@@ -1,0 +1,118 @@
+"""The fast path (sim/model/fastpath.py) gives the event path's results to the bit: every record, every
+monitor sample and gauge, so every summary metric. Checked on every eligible shipped workload and on
+workloads Hypothesis makes (classes, mixes, features, users, distributions, servers and slots)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sim.config.loader import load_workload
+from sim.config.schema import Workload
+from sim.metrics.summary import summarise
+from sim.model import fastpath
+from sim.model.pipeline import simulate
+
+ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = ("cls", "endpoint", "arrival", "admit", "first_token", "end", "prompt", "output", "replica", "outcome",
+           "user", "feature", "samples", "gauges")
+
+
+def events(workload: Workload) -> Workload:
+    return workload.model_copy(update={"simulation": workload.simulation.model_copy(update={"fast_path": False})})
+
+
+def same_records(workload: Workload, replication: int = 0) -> None:
+    assert fastpath.eligible(workload) and not fastpath.eligible(events(workload))
+    reference, fast = simulate(events(workload), replication), simulate(workload, replication)
+    for column in COLUMNS:
+        a, b = getattr(reference, column), getattr(fast, column)
+        assert len(a) == len(b), column
+        for j, (x, y) in enumerate(zip(a, b)):
+            # == on floats is bit equality here (NaN: both NaN, the records' "not yet")
+            assert x == y or (x != x and y != y), f"{column}[{j}]: events {x!r}, fast path {y!r}"
+    warmup = workload.simulation.warmup_s if isinstance(workload.simulation.warmup_s, float) else 0.0
+    ms, mf = summarise(reference, workload, warmup), summarise(fast, workload, warmup)
+    assert ms.keys() == mf.keys()
+    assert all(ms[k] == mf[k] or (math.isnan(ms[k]) and math.isnan(mf[k])) for k in ms)
+
+
+ELIGIBLE = [p for p in sorted((ROOT / "workloads").glob("*.yaml")) if fastpath.eligible(load_workload(p))]
+
+
+def test_the_eligible_shipped_workloads_are_the_plain_ones():
+    assert {p.name for p in ELIGIBLE} == {"mmc.yaml", "chat-api.yaml"}
+
+
+@pytest.mark.parametrize("path", ELIGIBLE, ids=lambda p: p.name)
+def test_every_eligible_shipped_workload_gives_the_event_paths_records(path):
+    same_records(load_workload(path), replication=1)
+
+
+def test_what_needs_events_stays_on_the_event_path():
+    base = load_workload(ROOT / "workloads" / "mmc.yaml").model_dump(mode="json", exclude_none=True)
+    cls = base["traffic"]["classes"]["jobs"]
+    changes = [
+        {"rate_limits": [{"kind": "token_bucket", "rate_rps": 1, "burst": 1}]},
+        {"traffic": {"classes": {"jobs": {**cls, "deadline_s": 5.0}}}},
+        {"traffic": {"classes": {"jobs": {**cls, "arrival": {"kind": "gamma", "rate_rps": 3.6, "cv": 2.0}}}}},
+        {"models": {"server": {**base["models"]["server"], "queue": {"capacity": 10}}}},
+        {"pipeline": {"post_processing_s": 0.01}},
+        {"simulation": {**base["simulation"], "fast_path": False}},
+    ]
+    for change in changes:
+        assert not fastpath.eligible(Workload.model_validate({**base, **change})), change
+
+
+distribution = st.one_of(
+    st.floats(0.01, 2.0).map(lambda v: {"kind": "constant", "value": v}),
+    st.floats(0.05, 2.0).map(lambda m: {"kind": "exponential", "mean": m}),
+    st.tuples(st.floats(0.05, 1.0), st.floats(1.5, 5.0)).map(
+        lambda mp: {"kind": "lognormal", "median": mp[0], "p95": mp[0] * mp[1]}),
+)
+tokens = st.one_of(st.integers(1, 500), st.tuples(st.integers(10, 300), st.floats(1.5, 6.0)).map(
+    lambda mp: {"kind": "lognormal", "median": mp[0], "p95": mp[0] * mp[1]}))
+
+
+@st.composite
+def workloads(draw) -> Workload:
+    models = {}
+    for k in range(draw(st.integers(1, 2))):
+        if draw(st.booleans()):
+            models[f"m{k}"] = {"kind": "self_hosted", "replicas": draw(st.integers(1, 4)),
+                               "max_batch": draw(st.integers(1, 3)), "service_time": draw(distribution)}
+        else:
+            models[f"m{k}"] = {"kind": "api", "concurrency": draw(st.integers(1, 6)), "ttft_s": draw(distribution),
+                               "output_tokens_per_s": {"kind": "normal", "mean": draw(st.floats(20, 200)), "sd": 10.0}}
+    names = list(models)
+    classes = {}
+    for k in range(draw(st.integers(1, 3))):
+        cls = {"arrival": {"kind": "poisson", "rate_rps": draw(st.floats(0.2, 6.0))},
+               "prompt_tokens": draw(tokens), "output_tokens": draw(tokens)}
+        if len(names) > 1 and draw(st.booleans()):
+            cls["endpoint"] = {names[0]: 0.3, names[1]: 0.7}
+        else:
+            cls["endpoint"] = draw(st.sampled_from(names))
+        if draw(st.booleans()):
+            cls["users"] = {"count": draw(st.integers(2, 50)), "zipf_s": 1.0}
+        if draw(st.booleans()):
+            cls["features"] = {"a": 0.5, "b": 0.5} if draw(st.booleans()) else {"solo": 1.0}
+        if draw(st.booleans()):
+            cls["max_output_tokens"] = draw(st.integers(1, 200))
+        classes[f"c{k}"] = cls
+    duration = draw(st.floats(30.0, 300.0))
+    return Workload.model_validate({
+        "simulation": {"duration_s": duration, "warmup_s": draw(st.floats(0.0, duration / 2)),
+                       "seed": draw(st.integers(0, 2**31)), "timeseries_interval_s": draw(st.floats(1.0, 60.0))},
+        "traffic": {"classes": classes, "rate_scale": draw(st.floats(0.5, 2.0))},
+        "models": models,
+    })
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_generated_workloads_give_the_event_paths_records(workload):
+    same_records(workload)
