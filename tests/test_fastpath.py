@@ -116,3 +116,20 @@ def workloads(draw) -> Workload:
 @given(workloads())
 def test_generated_workloads_give_the_event_paths_records(workload):
     same_records(workload)
+
+
+def test_without_the_compiled_kernel_the_python_loop_gives_the_same_bits_and_says_so(monkeypatch):
+    workload = load_workload(ROOT / "workloads" / "mmc.yaml", ["simulation.duration_s=3000", "simulation.warmup_s=100"])
+    compiled = simulate(workload)
+    monkeypatch.setattr(fastpath, "_kernels", None)
+    python = simulate(workload)
+    for column in COLUMNS:
+        assert getattr(compiled, column) == getattr(python, column), column
+    assert python.warnings == [fastpath.KERNEL_MISSING] and compiled.warnings == []
+    same_records(workload)
+
+
+def test_the_compiled_kernel_is_built_here():
+    # CI installs the package from scratch on a machine with a C compiler: the kernel must be there, or the
+    # fast path silently runs its (correct, slower) Python loop.
+    assert fastpath._kernels is not None

@@ -30,10 +30,17 @@ from sim.config.arrivals import PoissonArrivals
 from sim.config.schema import Api, SelfHosted, Workload
 from sim.metrics.recorder import COMPLETED, NAN, Recorder
 from sim.model.serving.api import MIN_TOKENS_PER_S
-from sim.model.streams import BlockSampler, Streams, token_draw
+from sim.model.streams import BLOCK, Streams, token_draw
 from sim.model.traffic.arrivals import _choice
 
 INF = math.inf
+
+try:
+    from sim import _kernels
+except ImportError:  # built without a C compiler: the Python loops run instead (same results)
+    _kernels = None
+KERNEL_MISSING = ("the compiled kernels (sim/_kernels.c) are not built: the fast path runs its Python loop, the "
+                  "same results several times slower; reinstall where a C compiler is available")
 
 
 def eligible(workload: Workload) -> bool:
@@ -60,9 +67,10 @@ def eligible(workload: Workload) -> bool:
     return True
 
 
-def draws(sampler: BlockSampler, n: int) -> list:
-    """The next n values of a block sampler, as n calls of it would hand them out."""
-    return list(islice(iter(sampler, None), n))
+def draws(draw: Callable[[np.random.Generator, int], np.ndarray], rng: np.random.Generator, n: int) -> np.ndarray:
+    """The first n values a BlockSampler(draw, rng) would hand out: it draws whole blocks of BLOCK, so do we."""
+    blocks = [draw(rng, BLOCK) for _ in range(-(-n // BLOCK))]
+    return np.concatenate(blocks)[:n] if blocks else draw(rng, 0)  # (an empty draw takes nothing from rng)
 
 
 def simulate_fast(workload: Workload, replication: int = 0, seed: Optional[int] = None,
@@ -80,20 +88,23 @@ def simulate_fast(workload: Workload, replication: int = 0, seed: Optional[int] 
     counters: list[dict] = [{} for _ in samples]
     gauges: list[dict] = [{} for _ in samples]
     n = len(rec.arrival)
-    rec.admit, rec.first_token, rec.end = [NAN] * n, [NAN] * n, [NAN] * n
-    rec.replica, rec.outcome = [-1] * n, [COMPLETED] * n
+    admit, first, end, replica = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), np.full(n, -1)
     endpoint = np.asarray(rec.endpoint, dtype=np.int64)
+    arrival, output = np.asarray(rec.arrival, dtype=float), np.asarray(rec.output, dtype=np.int64)
     for k, (name, model) in enumerate(workload.models.items()):
-        mine = np.flatnonzero(endpoint == k).tolist()
-        service, ttft = _service(model, name, streams, [rec.output[i] for i in mine])
+        mine = np.flatnonzero(endpoint == k) if len(workload.models) > 1 else slice(None)
+        service, ttft = _service(model, name, streams, output[mine])
         servers, slots = (model.replicas, model.max_batch) if isinstance(model, SelfHosted) else (1, model.concurrency)
-        times = fifo_slots([rec.arrival[i] for i in mine], service, ttft, servers, slots, samples)
-        admit, first, end, replica, sampled = times
-        for j, i in enumerate(mine):
-            rec.admit[i], rec.first_token[i], rec.end[i], rec.replica[i] = admit[j], first[j], end[j], replica[j]
-        for s, (busy, area, work, held, waiting) in enumerate(sampled):
+        times = fifo_slots(arrival[mine], np.ascontiguousarray(service, dtype=float),
+                           np.ascontiguousarray(ttft, dtype=float), servers, slots, np.asarray(samples, dtype=float))
+        admit[mine], first[mine], end[mine], replica[mine], sampled = times
+        for s, (busy, area, work, held, waiting) in enumerate(sampled.tolist()):
             counters[s][name] = (busy, area, work, held)
-            gauges[s][name] = (servers, servers, waiting)
+            gauges[s][name] = (servers, servers, int(waiting))
+    rec.admit, rec.first_token, rec.end = admit.tolist(), first.tolist(), end.tolist()
+    rec.replica, rec.outcome = replica.tolist(), [COMPLETED] * n
+    if _kernels is None:
+        rec.warnings.append(KERNEL_MISSING)
     rec.samples = list(zip(samples, counters))
     rec.gauges = list(zip(samples, gauges))
     if progress is not None:  # the run is over before a person could read a line; say it all at once
@@ -114,76 +125,84 @@ def _arrivals(rec: Recorder, workload: Workload, streams: Streams, features: lis
         times = _poisson_times(cls.arrival.rate_rps * workload.traffic.rate_scale,
                                streams.rng(f"class.{name}.arrivals"), sim.duration_s)
         n = len(times)
-        prompt = draws(BlockSampler(token_draw(cls.prompt_tokens), streams.rng(f"class.{name}.prompt")), n)
-        output = draws(BlockSampler(token_draw(cls.output_tokens), streams.rng(f"class.{name}.output")), n)
+        prompt = draws(token_draw(cls.prompt_tokens), streams.rng(f"class.{name}.prompt"), n)
+        output = draws(token_draw(cls.output_tokens), streams.rng(f"class.{name}.output"), n)
         if cls.max_output_tokens is not None:
-            output = [min(o, cls.max_output_tokens) for o in output]
+            output = np.minimum(output, cls.max_output_tokens)
         users = cls.users
+        user = np.full(n, first_user, dtype=np.int64)
         if users.count > 1:
             weights = (np.arange(1, users.count + 1, dtype=float) ** -users.zipf_s).tolist()
-            user = [first_user + u for u in draws(BlockSampler(_choice(weights), streams.rng(f"class.{name}.users")), n)]
-        else:
-            user = [first_user] * n
+            user += draws(_choice(weights), streams.rng(f"class.{name}.users"), n)
         first_user += users.count
         mix = cls.endpoint_mix()
-        targets = [endpoint_index[e] for e in mix]
-        endpoint = ([targets[e] for e in draws(BlockSampler(_choice(list(mix.values())),
-                                                            streams.rng(f"class.{name}.endpoints")), n)]
-                    if len(mix) > 1 else [targets[0]] * n)
+        targets = np.asarray([endpoint_index[e] for e in mix], dtype=np.int64)
+        endpoint = (targets[draws(_choice(list(mix.values())), streams.rng(f"class.{name}.endpoints"), n)]
+                    if len(mix) > 1 else np.full(n, targets[0]))
         mixed = cls.features or {}
-        if len(mixed) > 1:
-            ids = [feature_index[f] for f in mixed]
-            feature = [ids[f] for f in draws(BlockSampler(_choice(list(mixed.values())),
-                                                          streams.rng(f"class.{name}.features")), n)]
-        else:
-            feature = [feature_index[next(iter(mixed))] if mixed else -1] * n
-        columns.append((times, [k] * n, endpoint, prompt, output, user, feature))
-    if len(columns) == 1:
-        times, cls_, endpoint, prompt, output, user, feature = columns[0]
-    else:  # by time; equal times (probability zero) by class order
-        merged = sorted((t, k, j) for k, col in enumerate(columns) for j, t in enumerate(col[0]))
-        pick = lambda c: [columns[k][c][j] for _, k, j in merged]  # noqa: E731
-        times, cls_, endpoint, prompt, output, user, feature = (pick(c) for c in range(7))
-    rec.arrival, rec.cls, rec.endpoint = list(times), list(cls_), list(endpoint)
-    rec.prompt, rec.output, rec.user, rec.feature = list(prompt), list(output), list(user), list(feature)
+        ids = np.asarray([feature_index[f] for f in mixed] or [-1], dtype=np.int64)
+        feature = (ids[draws(_choice(list(mixed.values())), streams.rng(f"class.{name}.features"), n)]
+                   if len(mixed) > 1 else np.full(n, ids[0]))
+        columns.append((times, np.full(n, k), endpoint, prompt, output, user, feature))
+    merged = [np.concatenate(c) for c in zip(*columns)]
+    if len(columns) > 1:  # by time; equal times (probability zero) by class order
+        order = np.argsort(merged[0], kind="stable")
+        merged = [c[order] for c in merged]
+    (rec.arrival, rec.cls, rec.endpoint, rec.prompt, rec.output, rec.user,
+     rec.feature) = (c.tolist() for c in merged)
 
 
-def _poisson_times(rate: float, rng: np.random.Generator, until: float) -> list[float]:
+def _poisson_times(rate: float, rng: np.random.Generator, until: float) -> np.ndarray:
     """Arrival times as PoissonSource makes them: now + gap, one gap after another, while before `until`."""
     mean_gap = 1.0 / rate
-    gap = BlockSampler(lambda r, n: mean_gap * r.standard_exponential(n), rng)
+    gaps = lambda r, n: mean_gap * r.standard_exponential(n)  # noqa: E731 - the event path's draw
     times = []
     now = 0.0
     while True:
-        # A block at a time: cumulative sums are sequential additions, as the event path's now + gap.
-        block = np.cumsum(np.asarray([now] + draws(gap, 4096)))[1:]
+        # A block at a time; a cumulative sum adds one after another, as the event path's now + gap.
+        block = np.cumsum(np.concatenate([[now], gaps(rng, BLOCK)]))[1:]
         inside = int(np.searchsorted(block, until, side="left"))
-        times += block[:inside].tolist()
+        times.append(block[:inside])
         if inside < len(block):
-            return times
+            return np.concatenate(times)
         now = float(block[-1])
 
 
-def _service(model, name: str, streams: Streams, output: list[int]) -> tuple[list[float], list[float]]:
+def _service(model, name: str, streams: Streams, output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per request of the endpoint, in arrival order: (time holding a slot, time to the first token)."""
     n = len(output)
     if model.service_time is not None:
-        service = draws(BlockSampler(model.service_time.sample, streams.rng(f"endpoint.{name}.service")), n)
+        service = draws(model.service_time.sample, streams.rng(f"endpoint.{name}.service"), n)
         return service, service
-    first = draws(BlockSampler(model.ttft_s.sample, streams.rng(f"endpoint.{name}.service")), n)
-    speed = draws(BlockSampler(model.output_tokens_per_s.sample, streams.rng(f"endpoint.{name}.speed")), n)
-    service = [f + (o - 1) / max(s, MIN_TOKENS_PER_S) for f, o, s in zip(first, output, speed)]
-    return service, first
+    first = draws(model.ttft_s.sample, streams.rng(f"endpoint.{name}.service"), n)
+    speed = draws(model.output_tokens_per_s.sample, streams.rng(f"endpoint.{name}.speed"), n)
+    return first + (output - 1) / np.maximum(speed, MIN_TOKENS_PER_S), first
 
 
-def fifo_slots(arrival: list[float], service: list[float], ttft: list[float], servers: int, slots: int,
-               samples: list[float]) -> tuple[list, list, list, list, list]:
+def fifo_slots(arrival: np.ndarray, service: np.ndarray, ttft: np.ndarray, servers: int, slots: int,
+               samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """FIFO requests on `servers` servers of `slots` slots each, as the event path serves them.
 
-    Returns per request (admit, first token, end, server) and per sample time (busy, area, work, held,
-    waiting): each server's counters accumulated at the same instants, in the same order, as
-    SlotServer._account does, and summed over the servers in order as Endpoint.counters does.
+    Returns per request (admit, first token, end, server) and per sample time a row (busy, area, work,
+    held, waiting): each server's counters accumulated at the same instants, in the same order, as
+    SlotServer._account does, and summed over the servers in order as Endpoint.counters does. The
+    compiled kernel (sim/_kernels.c) where it was built, else the same loop in Python.
     """
+    n, m = len(arrival), len(samples)
+    admit, first, end = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+    replica, sampled = np.full(n, -1, dtype=np.int64), np.zeros((m, 5))
+    if _kernels is not None:
+        _kernels.fifo_slots(np.ascontiguousarray(arrival, dtype=float), service, ttft, servers, slots, samples,
+                            admit, first, end, replica, sampled)
+        return admit, first, end, replica, sampled
+    out = fifo_slots_python(arrival.tolist(), service.tolist(), ttft.tolist(), servers, slots, samples.tolist())
+    return (np.asarray(out[0]), np.asarray(out[1]), np.asarray(out[2]), np.asarray(out[3], dtype=np.int64),
+            np.asarray(out[4], dtype=float).reshape(m, 5))
+
+
+def fifo_slots_python(arrival: list[float], service: list[float], ttft: list[float], servers: int, slots: int,
+                      samples: list[float]) -> tuple[list, list, list, list, list]:
+    """fifo_slots in Python: the reference the compiled kernel follows operation for operation."""
     n = len(arrival)
     admit, first, end, replica = [NAN] * n, [NAN] * n, [NAN] * n, [-1] * n
     load, last, busy, area = [0] * servers, [0.0] * servers, [0.0] * servers, [0.0] * servers
