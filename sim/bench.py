@@ -1,13 +1,20 @@
-"""`llmsim bench`: simulated requests per wall-second, engine vs a minimal SimPy model.
+"""`llmsim bench`: simulated requests per wall-second on the shipped workloads, against two SimPy M/M/c models.
 
-Timings on a shared machine are noisy, so each case runs `repeat` times and
-the best is kept; what matters is the ratio within one run, not the absolute.
+Timings on a shared machine are noisy, so the cases take turns, `repeat` rounds, and each keeps its
+best time: a stretch of noise from other work hits every case alike, so the ratios of one run hold.
+Besides the rate, each llmsim case is run once more, untimed, to count what a request costs: events
+scheduled, Python function calls (a profile hook counts them) and bytes allocated at the peak
+(tracemalloc), each per simulated request.
 """
 from __future__ import annotations
 
+import sys
 import time
+import tracemalloc
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import simpy
@@ -17,7 +24,9 @@ from sim.config.schema import Workload
 from sim.model.events import gc_paused
 from sim.model.pipeline import simulate
 
-CASES = ("mmc.yaml", "chat-selfhosted.yaml", "rag-support.yaml")
+CASES = ("mmc.yaml", "chat-api.yaml", "chat-selfhosted.yaml", "rag-support.yaml")
+NAIVE = "SimPy M/M/c, a process per customer + Resource"
+CALLBACKS = "SimPy M/M/c, callbacks on timeouts"
 
 
 @dataclass
@@ -25,6 +34,9 @@ class BenchCase:
     name: str
     requests: int
     wall_s: float
+    events: Optional[float] = None        # per request
+    calls: Optional[float] = None         # Python calls per request
+    bytes: Optional[float] = None         # peak bytes allocated per request
 
     @property
     def rate(self) -> float:
@@ -37,12 +49,15 @@ def _timed(fn) -> tuple[int, float]:
     return requests, time.perf_counter() - start
 
 
-def minimal_simpy_mmc(rate: float, servers: int, mean_service: float, duration: float, seed: int = 1) -> int:
-    """The textbook SimPy model: a process per customer queueing on a simpy.Resource."""
+def _mmc_draws(rate: float, mean_service: float, duration: float, seed: int) -> tuple[int, list, list]:
     rng = np.random.default_rng(seed)
     n = int(rate * duration * 1.1) + 100
-    gaps = rng.exponential(1.0 / rate, n).tolist()
-    services = rng.exponential(mean_service, n).tolist()
+    return n, rng.exponential(1.0 / rate, n).tolist(), rng.exponential(mean_service, n).tolist()
+
+
+def minimal_simpy_mmc(rate: float, servers: int, mean_service: float, duration: float, seed: int = 1) -> int:
+    """The textbook SimPy model: a process per customer queueing on a simpy.Resource."""
+    n, gaps, services = _mmc_draws(rate, mean_service, duration, seed)
     env = simpy.Environment()
     server = simpy.Resource(env, servers)
     done = []
@@ -67,32 +82,96 @@ def minimal_simpy_mmc(rate: float, servers: int, mean_service: float, duration: 
     return len(done)
 
 
-def run_bench(folder: Path, repeat: int = 3) -> list[BenchCase]:
-    """Time one replication of each shipped workload, and the minimal SimPy M/M/c on mmc.yaml's traffic.
+def callback_simpy_mmc(rate: float, servers: int, mean_service: float, duration: float, seed: int = 1) -> int:
+    """A lean hand-written SimPy model: no processes, a callback on each arrival's and service's timeout."""
+    n, gaps, services = _mmc_draws(rate, mean_service, duration, seed)
+    env = simpy.Environment()
+    free, waiting, done = [servers], deque(), []
+    state = {"next": 0}
 
-    The cases take turns, `repeat` rounds, and each keeps its best time: a stretch of
-    noise from other work on the machine then hits every case alike, so ratios hold.
-    """
+    def start(i: int) -> None:
+        env.timeout(services[i], i).callbacks.append(depart)
+
+    def depart(event) -> None:
+        done.append(event.value)
+        if waiting:
+            start(waiting.popleft())
+        else:
+            free[0] += 1
+
+    def arrive(event) -> None:
+        i = state["next"]
+        state["next"] = i + 1
+        if i + 1 < n and env.now + gaps[i + 1] < duration:
+            env.timeout(gaps[i + 1]).callbacks.append(arrive)
+        if free[0]:
+            free[0] -= 1
+            start(i)
+        else:
+            waiting.append(i)
+
+    env.timeout(gaps[0]).callbacks.append(arrive)
+    with gc_paused():
+        env.run()
+    return len(done)
+
+
+def _costs(workload: Workload) -> tuple[float, float, float]:
+    """(events, Python calls, peak bytes) per simulated request of one replication."""
+    calls = [0]
+
+    def count(frame, event, arg) -> None:
+        if event == "call" or event == "c_call":
+            calls[0] += 1
+
+    sys.setprofile(count)
+    try:
+        rec = simulate(workload)
+    finally:
+        sys.setprofile(None)
+    requests = max(len(rec.arrival), 1)
+    tracemalloc.start()
+    try:
+        simulate(workload)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return rec.events / requests, calls[0] / requests, peak / requests
+
+
+def run_bench(folder: Path, repeat: int = 3) -> list[BenchCase]:
+    """Time one replication of each shipped workload and both SimPy M/M/c models on mmc.yaml's traffic."""
     workloads: dict[str, Workload] = {name: load_workload(folder / name) for name in CASES}
     mmc = workloads["mmc.yaml"]
     model = next(iter(mmc.models.values()))
-    rate = next(iter(mmc.traffic.classes.values())).arrival.rate_rps
-    runs = {f"llmsim {name}": (lambda w=workload: len(simulate(w).arrival)) for name, workload in workloads.items()}
-    runs["minimal SimPy M/M/c (process per customer + Resource)"] = lambda: minimal_simpy_mmc(
-        rate, model.replicas * model.max_batch, model.service_time.mean, mmc.simulation.duration_s)
+    args = (next(iter(mmc.traffic.classes.values())).arrival.rate_rps, model.replicas * model.max_batch,
+            model.service_time.mean, mmc.simulation.duration_s)
+    runs: dict[str, Callable[[], int]] = {
+        f"llmsim {name}": (lambda w=workload: len(simulate(w).arrival)) for name, workload in workloads.items()}
+    runs[NAIVE] = lambda: minimal_simpy_mmc(*args)
+    runs[CALLBACKS] = lambda: callback_simpy_mmc(*args)
     best: dict[str, tuple[int, float]] = {}
     for _ in range(repeat):
         for name, fn in runs.items():
             requests, wall = _timed(fn)
             if name not in best or wall < best[name][1]:
                 best[name] = (requests, wall)
-    return [BenchCase(name, requests, wall) for name, (requests, wall) in best.items()]
+    cases = [BenchCase(name, requests, wall) for name, (requests, wall) in best.items()]
+    for case in cases:
+        workload = workloads.get(case.name.removeprefix("llmsim "))
+        if workload is not None:
+            case.events, case.calls, case.bytes = _costs(workload)
+    return cases
 
 
 def format_bench(cases: list[BenchCase]) -> str:
-    """A table of the cases, with each rate relative to the minimal SimPy model."""
-    baseline = cases[-1].rate
-    lines = [f"{'case':<58}{'requests':>10}{'wall s':>9}{'req/s':>11}{'vs SimPy':>10}"]
+    """A table of the cases: rates, ratios to both SimPy models, and what a request costs."""
+    rates = {c.name: c.rate for c in cases}
+    naive, lean = rates.get(NAIVE, np.nan), rates.get(CALLBACKS, np.nan)
+    lines = [f"{'case':<48}{'requests':>9}{'wall s':>8}{'req/s':>10}{'vs naive':>9}{'vs calls':>9}"
+             f"{'events/req':>11}{'calls/req':>10}{'B/req':>7}"]
     for c in cases:
-        lines.append(f"{c.name:<58}{c.requests:>10}{c.wall_s:>9.3f}{c.rate:>11.0f}{c.rate / baseline:>9.2f}x")
+        costs = (f"{c.events:>11.2f}{c.calls:>10.0f}{c.bytes:>7.0f}" if c.events is not None else "")
+        lines.append(f"{c.name:<48}{c.requests:>9}{c.wall_s:>8.3f}{c.rate:>10.0f}{c.rate / naive:>8.2f}x"
+                     f"{c.rate / lean:>8.2f}x{costs}")
     return "\n".join(lines)

@@ -153,9 +153,17 @@ def test_bench_reports_every_case(capsys):
     from sim.bench import format_bench, run_bench
 
     cases = run_bench(ROOT / "workloads", repeat=1)
-    assert [c.name.split()[1] for c in cases[:3]] == ["mmc.yaml", "chat-selfhosted.yaml", "rag-support.yaml"]
+    assert [c.name.split()[1] for c in cases[:4]] == ["mmc.yaml", "chat-api.yaml", "chat-selfhosted.yaml",
+                                                      "rag-support.yaml"]
     assert all(c.requests > 1000 and c.rate > 0 for c in cases)
-    assert "vs SimPy" in format_bench(cases)
+    # Both SimPy models serve the same M/M/4 traffic (the same draws): the same requests.
+    assert cases[-1].requests == cases[-2].requests
+    by_name = {c.name.split()[1]: c for c in cases[:4]}
+    assert by_name["mmc.yaml"].events == 0  # the fast path schedules no event
+    assert by_name["rag-support.yaml"].events > 3 and by_name["rag-support.yaml"].calls > 50
+    assert all(100 < c.bytes < 10_000 for c in cases[:4])
+    table = format_bench(cases)
+    assert "vs naive" in table and "events/req" in table
 
 
 def test_metric_names_lists_exactly_what_a_run_reports():

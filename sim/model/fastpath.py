@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import heapq
 import math
-from itertools import islice
 from typing import Callable, Optional
 
 import numpy as np

@@ -85,6 +85,7 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     if progress is not None:
         _schedule_ticks(env, sim.duration_s, ticks, lambda share: progress(share, len(recorder.arrival)))
     run(env)
+    recorder.events = next(env._eid)  # events scheduled in all (llmsim bench reports them per request)
     if workload.pipeline is not None and lifecycle.flows is not None:
         recorder.flow_stats = lifecycle.flows.stats(env.now)
     if workload.pipeline is not None and lifecycle.retrieval is not None:
