@@ -1,11 +1,12 @@
 """The per-request recorder: flat columns, one slot per request, cheap to fill.
 
-Components write by request index into plain Python lists (the cheapest
-mutable store there is per event); the DataFrame is built once, at the end.
+Components write by request index into columns of unboxed numbers (`Column`: 8 bytes a value where
+a list of floats takes 32); the DataFrame is built once, at the end.
 """
 from __future__ import annotations
 
 import math
+from array import array
 from typing import Optional, Sequence
 
 import numpy as np
@@ -40,6 +41,43 @@ def time_per_output_token(first: np.ndarray, end: np.ndarray, output: np.ndarray
     return tpot
 
 
+class Column(array):
+    """A growing column of 64-bit floats ('d') or integers ('q'), unboxed: what a list of numbers does for the
+    model (append, index, assign, len, iterate), in a quarter of the memory, and numpy reads it without a
+    copy. Equal to a list of the same numbers, as the list it replaces was."""
+
+    __slots__ = ()
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other):
+        if isinstance(other, list):
+            return self.tolist() == other
+        return super().__eq__(other)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __iadd__(self, values):
+        """`column += (a, b, c)`: a flat log's next row, from any sequence of numbers."""
+        self.extend(values)
+        return self
+
+    @classmethod
+    def of(cls, values: np.ndarray, typecode: str) -> "Column":
+        """A column holding an array's values (copied at memory speed)."""
+        column = cls(typecode)
+        column.frombytes(np.ascontiguousarray(values, dtype=np.float64 if typecode == "d" else np.int64).tobytes())
+        return column
+
+
+def floats() -> Column:
+    return Column("d")
+
+
+def ints() -> Column:
+    return Column("q")
+
+
 class Attempts(dict):
     """Attempts per request, stored only for requests that were retried: every other made one.
 
@@ -66,18 +104,21 @@ class Recorder:
         self.endpoint_names = endpoint_names
         self.feature_names = list(feature_names)
         self.class_priority = list(class_priority) or [0] * len(class_names)
+        # Columns the model reads back on its hot path stay lists (a list hands out the object it holds; a
+        # Column makes a new one per read); small integers cost a list no more than a Column (8 bytes: they
+        # are shared objects). The rest are Columns.
         self.cls: list[int] = []
         self.endpoint: list[int] = []
-        self.arrival: list[float] = []
-        self.admit: list[float] = []
-        self.first_token: list[float] = []
-        self.end: list[float] = []
+        self.arrival = floats()
+        self.admit = floats()
+        self.first_token = floats()
+        self.end = floats()
         self.prompt: list[int] = []
         self.output: list[int] = []
-        self.replica: list[int] = []
+        self.replica = ints()
         self.outcome: list[int] = []
-        self.user: list[int] = []
-        self.feature: list[int] = []
+        self.user = ints()
+        self.feature = ints()
         self.attempts = Attempts()       # 1 + retries after a 429
         self.prefix_blocks: Optional[list] = None  # per request: prompt prefix block ids (Mooncake replays)
         self.trace_id: Optional[list] = None       # per request: its row id in a replayed trace (traces with ids)

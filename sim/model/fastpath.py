@@ -27,7 +27,7 @@ import numpy as np
 
 from sim.config.arrivals import PoissonArrivals
 from sim.config.schema import Api, SelfHosted, Workload
-from sim.metrics.recorder import COMPLETED, NAN, Recorder
+from sim.metrics.recorder import COMPLETED, NAN, Column, Recorder
 from sim.model.serving.api import MIN_TOKENS_PER_S
 from sim.model.streams import BLOCK, Streams, token_draw
 from sim.model.traffic.arrivals import _choice
@@ -100,8 +100,8 @@ def simulate_fast(workload: Workload, replication: int = 0, seed: Optional[int] 
         for s, (busy, area, work, held, waiting) in enumerate(sampled.tolist()):
             counters[s][name] = (busy, area, work, held)
             gauges[s][name] = (servers, servers, int(waiting))
-    rec.admit, rec.first_token, rec.end = admit.tolist(), first.tolist(), end.tolist()
-    rec.replica, rec.outcome = replica.tolist(), [COMPLETED] * n
+    rec.admit, rec.first_token, rec.end = Column.of(admit, "d"), Column.of(first, "d"), Column.of(end, "d")
+    rec.replica, rec.outcome = Column.of(replica, "q"), [COMPLETED] * n
     if _kernels is None:
         rec.warnings.append(KERNEL_MISSING)
     rec.samples = list(zip(samples, counters))
@@ -147,8 +147,9 @@ def _arrivals(rec: Recorder, workload: Workload, streams: Streams, features: lis
     if len(columns) > 1:  # by time; equal times (probability zero) by class order
         order = np.argsort(merged[0], kind="stable")
         merged = [c[order] for c in merged]
-    (rec.arrival, rec.cls, rec.endpoint, rec.prompt, rec.output, rec.user,
-     rec.feature) = (c.tolist() for c in merged)
+    arrival, cls_, endpoint, prompt, output, user, feature = merged
+    rec.arrival, rec.user, rec.feature = Column.of(arrival, "d"), Column.of(user, "q"), Column.of(feature, "q")
+    rec.cls, rec.endpoint, rec.prompt, rec.output = cls_.tolist(), endpoint.tolist(), prompt.tolist(), output.tolist()
 
 
 def _poisson_times(rate: float, rng: np.random.Generator, until: float) -> np.ndarray:
