@@ -23,8 +23,17 @@ import simpy
 
 from sim.config.pipeline import Pipeline, Quality
 from sim.config.schema import Workload
-from sim.metrics.recorder import (CANCELLED, COMPLETED, PARTIAL, REJECTED, TIMED_OUT, TRY_LATER, Recorder, floats,
-                                  ints)
+from sim.metrics.recorder import (
+    CANCELLED,
+    COMPLETED,
+    PARTIAL,
+    REJECTED,
+    TIMED_OUT,
+    TRY_LATER,
+    Recorder,
+    floats,
+    ints,
+)
 from sim.model.events import call_later
 from sim.model.serving.prompt_cache import PrefixCache
 from sim.model.streams import BlockSampler, Streams
