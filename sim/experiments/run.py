@@ -149,11 +149,13 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
             book = ledger(rec, workload)
             book.insert(0, "replication", r)
             ledgers.append(book)
+        # The event path's world (environment, endpoints, callbacks) holds reference cycles, and ran with the
+        # collector paused: without a collection here it would outlive the run, and a sweep worker would grow
+        # by a world per point. (The fast path builds no world: nothing to collect.)
+        collect = rec.events > 0
         del rec
-        # The run's world (environment, endpoints, callbacks) holds reference cycles, and ran with the collector
-        # paused: without a collection here it would outlive the run, and a sweep worker would grow by a
-        # world per point.
-        gc.collect()
+        if collect:
+            gc.collect()
     per_rep = pd.DataFrame(rows)
     summary = {
         "workload": workload.name or "",
