@@ -57,11 +57,6 @@ class Column(array):
     def __ne__(self, other):
         return not self == other
 
-    def __iadd__(self, values):
-        """`column += (a, b, c)`: a flat log's next row, from any sequence of numbers."""
-        self.extend(values)
-        return self
-
     @classmethod
     def of(cls, values: np.ndarray, typecode: str) -> "Column":
         """A column holding an array's values (copied at memory speed)."""
@@ -117,8 +112,8 @@ class Recorder:
         self.output: list[int] = []
         self.replica = ints()
         self.outcome: list[int] = []
-        self.user = ints()
-        self.feature = ints()
+        self.user: list[int] = []
+        self.feature: list[int] = []
         self.attempts = Attempts()       # 1 + retries after a 429
         self.prefix_blocks: Optional[list] = None  # per request: prompt prefix block ids (Mooncake replays)
         self.trace_id: Optional[list] = None       # per request: its row id in a replayed trace (traces with ids)

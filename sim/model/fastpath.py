@@ -148,8 +148,9 @@ def _arrivals(rec: Recorder, workload: Workload, streams: Streams, features: lis
         order = np.argsort(merged[0], kind="stable")
         merged = [c[order] for c in merged]
     arrival, cls_, endpoint, prompt, output, user, feature = merged
-    rec.arrival, rec.user, rec.feature = Column.of(arrival, "d"), Column.of(user, "q"), Column.of(feature, "q")
+    rec.arrival = Column.of(arrival, "d")
     rec.cls, rec.endpoint, rec.prompt, rec.output = cls_.tolist(), endpoint.tolist(), prompt.tolist(), output.tolist()
+    rec.user, rec.feature = user.tolist(), feature.tolist()
 
 
 def _poisson_times(rate: float, rng: np.random.Generator, until: float) -> np.ndarray:

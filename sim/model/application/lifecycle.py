@@ -23,17 +23,7 @@ import simpy
 
 from sim.config.pipeline import Pipeline, Quality
 from sim.config.schema import Workload
-from sim.metrics.recorder import (
-    CANCELLED,
-    COMPLETED,
-    PARTIAL,
-    REJECTED,
-    TIMED_OUT,
-    TRY_LATER,
-    Recorder,
-    floats,
-    ints,
-)
+from sim.metrics.recorder import CANCELLED, COMPLETED, PARTIAL, REJECTED, TIMED_OUT, TRY_LATER, Recorder
 from sim.model.events import call_later
 from sim.model.serving.prompt_cache import PrefixCache
 from sim.model.streams import BlockSampler, Streams
@@ -144,19 +134,19 @@ class Lifecycle:
                                     self._deadline, self._call_timed_out)
             for endpoint in endpoints:
                 endpoint.allow_cancel()
-        recorder.quality = floats() if self.router is not None else None
+        recorder.quality = [] if self.router is not None else None
         self.quality: Optional[QualityInputs] = None
         if spec.quality is not None or spec.router is not None:  # answers have a quality (scored after the run)
             self.quality = QualityInputs(spec, self.budgets[0].section_names if self.budgets is not None else ())
-            recorder.quality_inputs, recorder.quality_spec = floats(), spec
+            recorder.quality_inputs, recorder.quality_spec = [], spec
             recorder.quality_rng = streams.rng("quality")
-        recorder.cache_code = ints() if self.cache is not None else None
+        recorder.cache_code = [] if self.cache is not None else None
         recorder.cache_leak = [] if self.cache is not None else None
-        recorder.budget = ints() if self.budgets is not None else None
+        recorder.budget = [] if self.budgets is not None else None
         recorder.budget_sections = self.budgets[0].section_names if self.budgets is not None else ()
         # Stage times the calls table cannot tell: (request, gate, cache, evaluation, post-processing,
         # retrieval, retry) seconds.
-        recorder.stage_log = floats()
+        recorder.stage_log = []
         for endpoint in endpoints:
             endpoint.on_done = self.call_done
         self.flows: Optional[Flows] = (Flows(env, workload, recorder, calls, streams, endpoints, self)
@@ -180,8 +170,8 @@ class Lifecycle:
             result = self.budgets[rec.cls[i]].draw()
             rec.budget.append(i)  # flat rows: no object per request for the collector to follow
             rec.budget.append(result.truncated)
-            rec.budget.extend(result.drawn)
-            rec.budget.extend(result.sizes)
+            rec.budget += result.drawn
+            rec.budget += result.sizes
             if result.overflow:  # longer than the context window even trimmed: refused, as a provider would
                 self._end(r, REJECTED)
                 return
@@ -203,7 +193,7 @@ class Lifecycle:
         if self.cache is not None:
             key = self.cache.draw_key(i)
             code = self.cache.lookup(key, now, i)
-            rec.cache_code.extend((i, code))
+            rec.cache_code += (i, code)
             if code in (HIT, STALE_HIT):
                 if self.cache.leaked:  # another user's personalised answer
                     rec.cache_leak.append(i)
@@ -369,7 +359,7 @@ class Lifecycle:
                     r.fixed = True
                 return wait, True
             (r.tier, r.same), r.more = before, r.more - 1
-        self.rec.quality.extend((r.i, good, r.hops))
+        self.rec.quality += (r.i, good, r.hops)
         return wait, False
 
     def _escalated(self, event) -> None:
@@ -505,8 +495,8 @@ class Lifecycle:
             rec.first_token[i] = now  # nothing shows before the whole (validated) answer
         elif outcome == PARTIAL and rec.first_token[i] != rec.first_token[i]:
             rec.first_token[i] = now  # the answer an escalation was improving shows now
-        rec.stage_log.extend((i, r.started - rec.arrival[i], r.cache_s, r.evaluation_s, r.post_s, r.retrieval_s,
-                              r.retry_s))
+        rec.stage_log += (i, r.started - rec.arrival[i], r.cache_s, r.evaluation_s, r.post_s, r.retrieval_s,
+                          r.retry_s)
         if r.validations:
             rec.validation_retries[i] = r.validations
         if self.guard is not None:
@@ -519,9 +509,9 @@ class Lifecycle:
         """What the answer's quality depends on (scored after the run: sim/model/application/quality.py)."""
         extra = r.more * self.router.extra_context if self.router is not None else 0
         correct = -1 if r.correct is None else int(r.correct)
-        self.rec.quality_inputs.extend((r.i, correct, r.evidence[0], r.evidence[1], extra,
-                                        self.guard.reduced_share if r.reduced else -1, outcome, r.hit, r.cache_key,
-                                        r.confidence))
+        self.rec.quality_inputs += (r.i, correct, r.evidence[0], r.evidence[1], extra,
+                                    self.guard.reduced_share if r.reduced else -1, outcome, r.hit, r.cache_key,
+                                    r.confidence)
 
 
 class Routing:
