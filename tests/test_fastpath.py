@@ -1,6 +1,7 @@
 """The fast path (sim/model/fastpath.py) gives the event path's results to the bit: every record, every
 monitor sample and gauge, so every summary metric. Checked on every eligible shipped workload and on
-workloads Hypothesis makes (classes, mixes, features, users, distributions, servers and slots)."""
+workloads Hypothesis makes (arrival kinds, classes, mixes, features, users, distributions, servers and
+slots); it found the one-ulp landing of delay_to's fallback, which the fast path now replays."""
 from __future__ import annotations
 
 import math
@@ -65,7 +66,8 @@ def test_what_needs_events_stays_on_the_event_path():
     changes = [
         {"rate_limits": [{"kind": "token_bucket", "rate_rps": 1, "burst": 1}]},
         {"traffic": {"classes": {"jobs": {**cls, "deadline_s": 5.0}}}},
-        {"traffic": {"classes": {"jobs": {**cls, "arrival": {"kind": "gamma", "rate_rps": 3.6, "cv": 2.0}}}}},
+        {"traffic": {"classes": {"jobs": {**cls, "arrival": {"kind": "closed", "users": 5,
+                                                             "think_time_s": 1.0}}}}},
         {"models": {"server": {**base["models"]["server"], "queue": {"capacity": 10}}}},
         {"pipeline": {"post_processing_s": 0.01}},
         {"simulation": {**base["simulation"], "fast_path": False}},
@@ -84,6 +86,20 @@ tokens = st.one_of(st.integers(1, 500), st.tuples(st.integers(10, 300), st.float
     lambda mp: {"kind": "lognormal", "median": mp[0], "p95": mp[0] * mp[1]}))
 
 
+arrivals = st.one_of(
+    st.floats(0.2, 6.0).map(lambda r: {"kind": "poisson", "rate_rps": r}),
+    st.tuples(st.floats(0.2, 6.0), st.floats(0.2, 3.0)).map(
+        lambda rc: {"kind": "gamma", "rate_rps": rc[0], "cv": rc[1]}),
+    st.tuples(st.floats(1.0, 8.0), st.floats(0.0, 1.0), st.floats(2.0, 30.0)).map(
+        lambda a: {"kind": "mmpp", "rate_on_rps": a[0], "rate_off_rps": a[1], "mean_on_s": a[2], "mean_off_s": a[2]}),
+    st.tuples(st.floats(0.5, 4.0), st.floats(0.0, 4.0), st.floats(10.0, 100.0)).map(
+        lambda a: {"kind": "schedule", "repeat": True,
+                   "steps": [{"until_s": a[2], "rate_rps": a[0]}, {"until_s": 2 * a[2], "rate_rps": a[1]}]}),
+    st.tuples(st.floats(0.1, 1.0), st.floats(1.5, 6.0), st.floats(60.0, 400.0)).map(
+        lambda a: {"kind": "diurnal", "trough_rps": a[0], "peak_rps": a[1], "period_s": a[2]}),
+)
+
+
 @st.composite
 def workloads(draw) -> Workload:
     models = {}
@@ -97,7 +113,7 @@ def workloads(draw) -> Workload:
     names = list(models)
     classes = {}
     for k in range(draw(st.integers(1, 3))):
-        cls = {"arrival": {"kind": "poisson", "rate_rps": draw(st.floats(0.2, 6.0))},
+        cls = {"arrival": draw(arrivals),
                "prompt_tokens": draw(tokens), "output_tokens": draw(tokens)}
         if len(names) > 1 and draw(st.booleans()):
             cls["endpoint"] = {names[0]: 0.3, names[1]: 0.7}
@@ -119,7 +135,7 @@ def workloads(draw) -> Workload:
     })
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_generated_workloads_give_the_event_paths_records(workload):
     same_records(workload)

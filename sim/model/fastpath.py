@@ -1,6 +1,7 @@
-"""A run without events, for the workloads where none is needed: open-loop Poisson traffic on FIFO slots.
+"""A run without events, for the workloads where none is needed: open-loop traffic on FIFO slots.
 
-When every class arrives as a Poisson process and every endpoint is a plain FIFO queue in front of
+When every class arrives open-loop (Poisson, schedule, diurnal, MMPP or gamma: its arrival times do
+not depend on the system) and every endpoint is a plain FIFO queue in front of
 slot servers (`service_time` replicas or API concurrency slots) with nothing that reacts to time
 (no rate or provider limits, deadlines, queue caps, priorities, connection pools, autoscaling, scale
 to zero, batch lanes or pipeline), nothing a request does depends on an event other than its
@@ -13,7 +14,7 @@ draws made in blocks from the same named streams in the same order as the event 
 The result is the event path's to the bit: the same records, the same monitor samples and gauges
 (the same accumulations, in the same order, per server), so every summary, figure and ledger is
 the same. Two events at exactly the same instant (an arrival and a departure, say) happen with
-probability zero under Poisson arrivals; the event path orders them by when they were scheduled,
+probability zero with these arrival processes; the event path orders them by when they were scheduled,
 this loop departures first. `simulation.fast_path: false` runs the event path (the reference);
 tests compare the two on every eligible shipped workload and on generated ones.
 """
@@ -30,7 +31,7 @@ from sim.config.schema import Api, SelfHosted, Workload
 from sim.metrics.recorder import COMPLETED, NAN, Column, Recorder
 from sim.model.serving.api import MIN_TOKENS_PER_S
 from sim.model.streams import BLOCK, Streams, token_draw
-from sim.model.traffic.arrivals import _choice
+from sim.model.traffic.arrivals import TIMED, _choice, delay_to, times_sampler
 
 INF = math.inf
 
@@ -47,7 +48,7 @@ def eligible(workload: Workload) -> bool:
     if not workload.simulation.fast_path or workload.pipeline is not None or workload.rate_limits:
         return False
     for cls in workload.traffic.classes.values():
-        if not isinstance(cls.arrival, PoissonArrivals) or cls.deadline_s is not None or cls.batch:
+        if not isinstance(cls.arrival, (PoissonArrivals, *TIMED)) or cls.deadline_s is not None or cls.batch:
             return False
     for model in workload.models.values():
         if isinstance(model, SelfHosted):
@@ -114,15 +115,20 @@ def simulate_fast(workload: Workload, replication: int = 0, seed: Optional[int] 
 
 
 def _arrivals(rec: Recorder, workload: Workload, streams: Streams, features: list[str]) -> None:
-    """Every class's Poisson arrivals and their draws (tokens, user, feature, endpoint), merged in time order."""
+    """Every class's arrivals and their draws (tokens, user, feature, endpoint), merged in time order."""
     sim = workload.simulation
     endpoint_index = {name: k for k, name in enumerate(workload.models)}
     feature_index = {name: k for k, name in enumerate(features)}
     columns = []
     first_user = 0
     for k, (name, cls) in enumerate(workload.traffic.classes.items()):
-        times = _poisson_times(cls.arrival.rate_rps * workload.traffic.rate_scale,
-                               streams.rng(f"class.{name}.arrivals"), sim.duration_s)
+        rate_scale = workload.traffic.rate_scale
+        if isinstance(cls.arrival, PoissonArrivals):
+            times = _poisson_times(cls.arrival.rate_rps * rate_scale, streams.rng(f"class.{name}.arrivals"),
+                                   sim.duration_s)
+        else:
+            times = _landed(_sampled_times(*times_sampler(name, cls.arrival, rate_scale, sim.duration_s, streams),
+                                           sim.duration_s))
         n = len(times)
         prompt = draws(token_draw(cls.prompt_tokens), streams.rng(f"class.{name}.prompt"), n)
         output = draws(token_draw(cls.output_tokens), streams.rng(f"class.{name}.output"), n)
@@ -167,6 +173,31 @@ def _poisson_times(rate: float, rng: np.random.Generator, until: float) -> np.nd
         if inside < len(block):
             return np.concatenate(times)
         now = float(block[-1])
+
+
+def _sampled_times(sampler: Callable[[np.random.Generator, int], np.ndarray], rng: np.random.Generator,
+                   until: float) -> np.ndarray:
+    """Arrival times as a TimesSource hands them out: the sampler's blocks, up to the first at or past `until`."""
+    times = []
+    while True:
+        block = np.asarray(sampler(rng, BLOCK), dtype=float)
+        inside = int(np.searchsorted(block, until, side="left"))
+        times.append(block[:inside])
+        if inside < len(block):
+            return np.concatenate(times)
+
+
+def _landed(times: np.ndarray) -> np.ndarray:
+    """When a TimesSource's arrivals happen: each is scheduled from the one before with `delay_to`, which lands
+    on its time exactly but for the rare time an ulp away (its fallback); replay that arithmetic."""
+    before = np.concatenate([[0.0], times[:-1]])
+    if np.array_equal(before + (times - before), times):
+        return times
+    landed, now = [], 0.0
+    for t in times.tolist():
+        now = now + delay_to(now, t)
+        landed.append(now)
+    return np.asarray(landed)
 
 
 def _service(model, name: str, streams: Streams, output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -211,7 +211,7 @@ class PiecewiseTimes:
         # side='right' lands on the last piece starting at or below s, which has a positive rate
         # whenever s is inside the horizon (zero-rate pieces add nothing to Lambda).
         k = np.minimum(np.searchsorted(self.cum, s, side="right") - 1, self.rates.size - 1)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # a tiny rate: past the end
             t = self.edges[k] + (s - self.cum[k]) / self.rates[k]
         t[s >= self.cum[-1]] = np.inf
         return t
@@ -399,26 +399,26 @@ def mmpp_times(arrival: MmppArrivals, rate_scale: float, rng: np.random.Generato
                      arrival.mean_on_s, arrival.mean_off_s)
 
 
-def _schedule(ctx: SourceContext) -> DoneHook:
-    sampler = schedule_times(ctx.spec.arrival, ctx.rate_scale, ctx.until)
-    return _times(ctx, sampler, ctx.streams.rng(f"class.{ctx.name}.arrivals"))
+TIMED = (ScheduleArrivals, DiurnalArrivals, MmppArrivals, GammaArrivals)
+"""Open-loop kinds whose arrival times come from a block sampler (a `TimesSource`)."""
 
 
-def _diurnal(ctx: SourceContext) -> DoneHook:
-    sampler = diurnal_times(ctx.spec.arrival, ctx.rate_scale, ctx.until,
-                            ctx.streams.rng(f"class.{ctx.name}.thinning"))
-    return _times(ctx, sampler, ctx.streams.rng(f"class.{ctx.name}.arrivals"))
+def times_sampler(name: str, arrival, rate_scale: float, until: float,
+                  streams: Streams) -> tuple[Callable[[np.random.Generator, int], np.ndarray], np.random.Generator]:
+    """(sampler, its stream) of a TIMED class's arrival times: what its TimesSource draws blocks from (the
+    fast path draws the same blocks)."""
+    rng = streams.rng(f"class.{name}.arrivals")
+    if isinstance(arrival, ScheduleArrivals):
+        return schedule_times(arrival, rate_scale, until), rng
+    if isinstance(arrival, DiurnalArrivals):
+        return diurnal_times(arrival, rate_scale, until, streams.rng(f"class.{name}.thinning")), rng
+    if isinstance(arrival, MmppArrivals):
+        return mmpp_times(arrival, rate_scale, rng), rng
+    return GammaTimes(arrival.rate_rps * rate_scale, arrival.cv), rng
 
 
-def _mmpp(ctx: SourceContext) -> DoneHook:
-    rng = ctx.streams.rng(f"class.{ctx.name}.arrivals")
-    return _times(ctx, mmpp_times(ctx.spec.arrival, ctx.rate_scale, rng), rng)
-
-
-def _gamma(ctx: SourceContext) -> DoneHook:
-    arrival = ctx.spec.arrival
-    return _times(ctx, GammaTimes(arrival.rate_rps * ctx.rate_scale, arrival.cv),
-                  ctx.streams.rng(f"class.{ctx.name}.arrivals"))
+def _timed(ctx: SourceContext) -> DoneHook:
+    return _times(ctx, *times_sampler(ctx.name, ctx.spec.arrival, ctx.rate_scale, ctx.until, ctx.streams))
 
 
 def _sessions(ctx: SourceContext) -> DoneHook:
@@ -445,10 +445,10 @@ def _trace(ctx: SourceContext) -> DoneHook:
 BUILDERS: dict[type, Callable[[SourceContext], DoneHook]] = {
     PoissonArrivals: _poisson,
     ClosedLoopArrivals: _closed,
-    ScheduleArrivals: _schedule,
-    DiurnalArrivals: _diurnal,
-    MmppArrivals: _mmpp,
-    GammaArrivals: _gamma,
+    ScheduleArrivals: _timed,
+    DiurnalArrivals: _timed,
+    MmppArrivals: _timed,
+    GammaArrivals: _timed,
     SessionArrivals: _sessions,
     TraceArrivals: _trace,
 }
