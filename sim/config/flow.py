@@ -26,7 +26,7 @@ condition did not hold or that a guardrail cap refused.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Optional
 
 from pydantic import BeforeValidator, Field, model_validator
 
@@ -71,7 +71,8 @@ def _step_shorthand(value: Any) -> Any:
     return value
 
 
-def _branch(value: Any) -> Any:
+def _listed(value: Any) -> Any:
+    """One item or a list of them: a list."""
     return value if isinstance(value, list) else [value]
 
 
@@ -81,7 +82,7 @@ class FlowStep(Block):
     name: Optional[str] = Field(None, description="The step's name (labels, conditions, the stage profile).")
     model: Optional[str] = Field(None, description="A model call on this endpoint (a classifier, a rewrite, a check).")
     tool: Optional[str] = Field(None, description="A call to this tool of `pipeline.tools`.")
-    parallel: Optional[list[Annotated[list["Step"], BeforeValidator(_branch)]]] = Field(
+    parallel: Optional[list[Annotated[list["Step"], BeforeValidator(_listed)]]] = Field(
         None, min_length=1, description="Branches run at once (each a step or a list of steps run in order); the "
         "group is done when every branch is.")
     answer: bool = Field(False, description="The pipeline's answer (written `answer`).")
@@ -90,7 +91,7 @@ class FlowStep(Block):
     labels: dict[str, float] = Field(
         default_factory=dict, description="A model step's verdicts and their shares (summing to 1): what later "
         "`when` conditions test (default: `ok`).")
-    when: dict[str, Union[str, list[str]]] = Field(
+    when: dict[str, Annotated[list[str], BeforeValidator(_listed)]] = Field(
         default_factory=dict, description="Run only if each named earlier step has this label (or one of these).")
     required: bool = Field(
         False, description="If the step fails, the request stops once its group is done: the user is told to try "
@@ -172,7 +173,7 @@ def _check_conditions(where: str, steps: list[FlowStep], done: dict[str, FlowSte
             if name not in done:
                 raise ValueError(f"{where}.{step.name}.when: {name!r} is not a step that finishes before this one")
             allowed = set(STEP_LABELS) | set(done[name].labels)
-            for label in [wanted] if isinstance(wanted, str) else wanted:
+            for label in wanted:
                 if label not in allowed:
                     raise ValueError(f"{where}.{step.name}.when.{name}: {label!r} is not a label of {name!r} "
                                      f"(labels: {', '.join(sorted(allowed))})")

@@ -244,6 +244,14 @@ class Pipeline(Block):
         chunked = [name for name in names if self.budget.sections[name].chunk_tokens]
         return chunked[0] if chunked else "retrieved" if "retrieved" in names else None
 
+    def all_flows(self) -> list[tuple[str, list]]:
+        """(where, steps) of every flow: `flow` (every class's) and each class's own in `flows`."""
+        first = [("pipeline.flow", self.flow)] if self.flow is not None else []
+        return first + [(f"pipeline.flows.{name}", flow) for name, flow in self.flows.items()]
+
+    def has_flows(self) -> bool:
+        return self.flow is not None or bool(self.flows)
+
     def confidence_weighted_budget(self) -> bool:
         """Whether the evidence section's allocation follows each request's evidence confidence."""
         return self.budget is not None and any(s.allocation_by_confidence for s in self.budget.sections.values())

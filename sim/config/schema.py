@@ -67,8 +67,9 @@ class Simulation(Block):
     )
     warm: bool = Field(False, description="Start warm: replicas loaded, connections open (the --warm flag).")
     fast_path: bool = Field(
-        True, description="Run open-loop traffic (Poisson, schedule, diurnal, MMPP, gamma) on plain FIFO slot endpoints without events (the same "
-        "results to the bit, several times faster: sim/model/fastpath.py); false: always the event path.")
+        True, description="Run open-loop traffic (Poisson, schedule, diurnal, MMPP, gamma) on plain FIFO slot "
+        "endpoints without events (the same results to the bit, several times faster: sim/model/fastpath.py); "
+        "false: always the event path.")
     max_requests: Optional[float] = Field(
         None, gt=0, description="Refuse to start a run (or a sweep) estimated above this many simulated requests "
         "(default 1e8; the --force flag ignores it)."
@@ -218,6 +219,10 @@ class Workload(Block):
         None, description="The application's stages around the model call: prompt budget, output cache, post-processing."
     )
 
+    def feature_names(self) -> list[str]:
+        """Every class's features, each once, in the order the classes list them (the records' feature codes)."""
+        return list(dict.fromkeys(f for cls in self.traffic.classes.values() for f in (cls.features or {})))
+
     def measure_end_s(self) -> float:
         """End of the measuring window: where arrivals end.
 
@@ -301,9 +306,7 @@ class Workload(Block):
         for cls_name in pipeline.flows:
             if cls_name not in self.traffic.classes:
                 raise ValueError(f"pipeline.flows: unknown class {cls_name!r} (known: {', '.join(self.traffic.classes)})")
-        flows = ([("pipeline.flow", pipeline.flow)] if pipeline.flow is not None else []) + [
-            (f"pipeline.flows.{name}", flow) for name, flow in pipeline.flows.items()]
-        for where, flow in flows:
+        for where, flow in pipeline.all_flows():
             check_flow(where, flow, list(self.models), list(pipeline.tools))
 
     def _check_batch_classes(self) -> None:

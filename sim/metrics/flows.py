@@ -23,13 +23,8 @@ FLOW_STAGES = ("tool", "flow_calls")
 TOOL_METRICS = ("calls_per_request", "attempts_mean", "failed_share", "wait_mean_s")
 
 
-def has_flows(pipeline: Pipeline) -> bool:
-    return pipeline.flow is not None or bool(pipeline.flows)
-
-
 def _step_names(pipeline: Pipeline) -> list[str]:
-    flows = ([pipeline.flow] if pipeline.flow is not None else []) + list(pipeline.flows.values())
-    names = (s.name for flow in flows for top in flow for s in top.walk() if not s.answer)
+    names = (s.name for _, flow in pipeline.all_flows() for top in flow for s in top.walk() if not s.answer)
     return list(dict.fromkeys(names))
 
 
@@ -42,15 +37,22 @@ def flow_metric_names(pipeline: Pipeline) -> list[str]:
     return names
 
 
+def _per_request(rows: np.ndarray, mine: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Each of the n requests' sum of `values` over the flow_log rows `mine` picks."""
+    return np.bincount(rows[mine, 0].astype(np.int64), weights=values[mine], minlength=n)
+
+
+def _of_step(rows: np.ndarray, per_step: list[int]) -> np.ndarray:
+    """Per flow_log row: its step's entry of `per_step` (a FlowSteps column)."""
+    return np.asarray(per_step, dtype=np.int64)[rows[:, 1].astype(np.int64)]
+
+
 def flow_stage_times(rec: Recorder, n: int) -> dict[str, np.ndarray]:
     """Per request: seconds in top-level tool steps (`tool`) and in its other top-level flow steps (`flow_calls`)."""
     rows = flow_rows(rec)
-    stage = np.asarray(rec.flow_steps.stage, dtype=np.int64)[rows[:, 1].astype(np.int64)] if len(rows) else np.empty(0)
-    out = {}
-    for name, code in (("tool", TOOL_STAGE), ("flow_calls", CALLS_STAGE)):
-        mine = rows[stage == code]
-        out[name] = np.bincount(mine[:, 0].astype(np.int64), weights=mine[:, 3] - mine[:, 2], minlength=n)
-    return out
+    stage, seconds = _of_step(rows, rec.flow_steps.stage), rows[:, 3] - rows[:, 2]
+    return {name: _per_request(rows, stage == code, seconds, n)
+            for name, code in (("tool", TOOL_STAGE), ("flow_calls", CALLS_STAGE))}
 
 
 def step_times(rec: Recorder, n: int) -> dict[str, np.ndarray]:
@@ -58,10 +60,8 @@ def step_times(rec: Recorder, n: int) -> dict[str, np.ndarray]:
     if rec.flow_log is None:
         return {}
     rows = flow_rows(rec)
-    step = rows[:, 1].astype(np.int64)
-    return {name: np.bincount(rows[step == k, 0].astype(np.int64), weights=rows[step == k, 3] - rows[step == k, 2],
-                              minlength=n)
-            for k, name in enumerate(rec.flow_steps.names)}
+    step, seconds = rows[:, 1].astype(np.int64), rows[:, 3] - rows[:, 2]
+    return {name: _per_request(rows, step == k, seconds, n) for k, name in enumerate(rec.flow_steps.names)}
 
 
 def flow_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
@@ -78,8 +78,9 @@ def flow_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
     for k, name in enumerate(steps.names):
         out[f"flow_step_{name}_run_share"] = float((ran & (step == k)).sum() / requests)
     stats = rec.flow_stats or {}
+    tool = _of_step(rows, steps.tool)
     for t, name in enumerate(rec.flow_tools):
-        mine = ran & np.isin(step, [k for k, tool in enumerate(steps.tool) if tool == t])
+        mine = ran & (tool == t)
         calls = int(mine.sum())
         out[f"tool_{name}_calls_per_request"] = calls / requests
         out[f"tool_{name}_attempts_mean"] = float(rows[mine, 5].mean()) if calls else math.nan
@@ -92,6 +93,5 @@ def flow_stats(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
 def tool_attempts(rec: Recorder, n: int) -> dict[str, np.ndarray]:
     """Per tool: each request's attempts (what per-call prices and hourly bills are shared by)."""
     rows = flow_rows(rec)
-    tools = np.asarray(rec.flow_steps.tool, dtype=np.int64)[rows[:, 1].astype(np.int64)] if len(rows) else np.empty(0)
-    return {name: np.bincount(rows[tools == t, 0].astype(np.int64), weights=rows[tools == t, 5], minlength=n)
-            for t, name in enumerate(rec.flow_tools)}
+    tool = _of_step(rows, rec.flow_steps.tool)
+    return {name: _per_request(rows, tool == t, rows[:, 5], n) for t, name in enumerate(rec.flow_tools)}

@@ -141,7 +141,7 @@ class Recorder:
         self.cached_tokens: Optional[dict] = None       # on calls with prompt caches: call -> (read, written)
         self.generated: dict[int, int] = {}             # stopped before the end (cancelled, timed out): tokens made
         self.flow_log: Optional[list] = None            # with flows: rows of flow.FLOW_FIELDS, a step each
-        self.flow_steps = None                          # ... the steps' names, kinds and tools (flow.FlowSteps)
+        self.flow_steps = None                          # ... the steps' names, tools and stages (flow.FlowSteps)
         self.flow_calls: Optional[list] = None          # ... the calls that are flow steps (not answers)
         self.flow_tools: list = []                      # ... the tools' names (flow_steps.tool indexes them)
         self.flow_stats: Optional[dict] = None          # ... the tools' counters over the whole run
@@ -150,6 +150,13 @@ class Recorder:
         # and its (replicas serving, replicas held, requests waiting) gauges.
         self.samples: list[tuple[float, dict[str, tuple[float, float, float, float]]]] = []
         self.gauges: list[tuple[float, dict[str, tuple[int, int, int]]]] = []
+
+    @classmethod
+    def for_workload(cls, workload) -> "Recorder":
+        """An empty recorder for a workload's classes, endpoints and features."""
+        classes = workload.traffic.classes
+        return cls(list(classes), list(workload.models), workload.feature_names(),
+                   [c.priority for c in classes.values()])
 
     def new(self, cls: int, endpoint: int, now: float, prompt: int, output: int, user: int = -1,
             feature: int = -1) -> int:

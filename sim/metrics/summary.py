@@ -18,7 +18,6 @@ from .flows import (
     flow_metric_names,
     flow_stage_times,
     flow_stats,
-    has_flows,
     step_times,
 )
 from .ledger import (
@@ -75,7 +74,7 @@ def metric_names(workload: Workload) -> list[str]:
     names += ["requests_rate_limited", "rate_limited_share", "retries_mean"]
     names += class_metric_names(workload)
     pipeline = getattr(workload, "pipeline", None)
-    stages = PLAIN_STAGES if pipeline is None else PIPELINE_STAGES + (FLOW_STAGES if has_flows(pipeline) else ())
+    stages = PLAIN_STAGES if pipeline is None else PIPELINE_STAGES + (FLOW_STAGES if pipeline.has_flows() else ())
     names += [f"stage_{s}_{stat}" for s in stages for stat in ("mean_s", "share", "share_p95")]
     if any(getattr(m, "prompt_cache", None) is not None
            or getattr(getattr(m, "engine", None), "prefix_cache", None) is not None for m in workload.models.values()):
@@ -103,9 +102,9 @@ def metric_names(workload: Workload) -> list[str]:
             names += [f"backend_{b}_{m}" for b in retrieval.backends for m in ("utilisation", "wait_mean_s")]
         if pipeline.budget is not None:
             names.append("budget_truncated_share")
-        if has_flows(pipeline):
+        if pipeline.has_flows():
             names += flow_metric_names(pipeline)
-    features = list(dict.fromkeys(f for c in workload.traffic.classes.values() for f in (c.features or {})))
+    features = workload.feature_names()
     names += [f"cost_per_request_{f}_usd" for f in features]
     if cold_window(workload) is not None:
         names.append("cold_window_s")

@@ -31,7 +31,7 @@ from sim.config.schema import Api, SelfHosted, Workload
 from sim.metrics.recorder import COMPLETED, NAN, Column, Recorder
 from sim.model.serving.api import MIN_TOKENS_PER_S
 from sim.model.streams import BLOCK, Streams, token_draw
-from sim.model.traffic.arrivals import TIMED, _choice, delay_to, times_sampler
+from sim.model.traffic.arrivals import TIMED, _choice, delay_to, times_sampler, user_count
 
 INF = math.inf
 
@@ -80,10 +80,8 @@ def simulate_fast(workload: Workload, replication: int = 0, seed: Optional[int] 
 
     sim = workload.simulation
     streams = Streams(sim.seed if seed is None else seed, replication)
-    classes = workload.traffic.classes
-    features = list(dict.fromkeys(f for cls in classes.values() for f in (cls.features or {})))
-    rec = Recorder(list(classes), list(workload.models), features, [c.priority for c in classes.values()])
-    _arrivals(rec, workload, streams, features)
+    rec = Recorder.for_workload(workload)
+    _arrivals(rec, workload, streams)
     samples = list(monitor_times(sim, workload.measure_end_s()))
     counters: list[dict] = [{} for _ in samples]
     gauges: list[dict] = [{} for _ in samples]
@@ -114,18 +112,18 @@ def simulate_fast(workload: Workload, replication: int = 0, seed: Optional[int] 
     return rec
 
 
-def _arrivals(rec: Recorder, workload: Workload, streams: Streams, features: list[str]) -> None:
+def _arrivals(rec: Recorder, workload: Workload, streams: Streams) -> None:
     """Every class's arrivals and their draws (tokens, user, feature, endpoint), merged in time order."""
     sim = workload.simulation
     endpoint_index = {name: k for k, name in enumerate(workload.models)}
-    feature_index = {name: k for k, name in enumerate(features)}
+    feature_index = {name: k for k, name in enumerate(rec.feature_names)}
     columns = []
     first_user = 0
     for k, (name, cls) in enumerate(workload.traffic.classes.items()):
         rate_scale = workload.traffic.rate_scale
         if isinstance(cls.arrival, PoissonArrivals):
-            times = _poisson_times(cls.arrival.rate_rps * rate_scale, streams.rng(f"class.{name}.arrivals"),
-                                   sim.duration_s)
+            times = _sampled_times(_PoissonTimes(cls.arrival.rate_rps * rate_scale),
+                                   streams.rng(f"class.{name}.arrivals"), sim.duration_s)
         else:
             times = _landed(_sampled_times(*times_sampler(name, cls.arrival, rate_scale, sim.duration_s, streams),
                                            sim.duration_s))
@@ -139,7 +137,7 @@ def _arrivals(rec: Recorder, workload: Workload, streams: Streams, features: lis
         if users.count > 1:
             weights = (np.arange(1, users.count + 1, dtype=float) ** -users.zipf_s).tolist()
             user += draws(_choice(weights), streams.rng(f"class.{name}.users"), n)
-        first_user += users.count
+        first_user += user_count(cls)
         mix = cls.endpoint_mix()
         targets = np.asarray([endpoint_index[e] for e in mix], dtype=np.int64)
         endpoint = (targets[draws(_choice(list(mix.values())), streams.rng(f"class.{name}.endpoints"), n)]
@@ -159,25 +157,24 @@ def _arrivals(rec: Recorder, workload: Workload, streams: Streams, features: lis
     rec.user, rec.feature = user.tolist(), feature.tolist()
 
 
-def _poisson_times(rate: float, rng: np.random.Generator, until: float) -> np.ndarray:
-    """Arrival times as PoissonSource makes them: now + gap, one gap after another, while before `until`."""
-    mean_gap = 1.0 / rate
-    gaps = lambda r, n: mean_gap * r.standard_exponential(n)  # noqa: E731 - the event path's draw
-    times = []
-    now = 0.0
-    while True:
-        # A block at a time; a cumulative sum adds one after another, as the event path's now + gap.
-        block = np.cumsum(np.concatenate([[now], gaps(rng, BLOCK)]))[1:]
-        inside = int(np.searchsorted(block, until, side="left"))
-        times.append(block[:inside])
-        if inside < len(block):
-            return np.concatenate(times)
-        now = float(block[-1])
+class _PoissonTimes:
+    """PoissonSource's arrival times as a block sampler: now + gap, one gap after another. A cumulative sum
+    adds one after another, as the event path's now + gap does, so the times are the same to the bit."""
+
+    def __init__(self, rate: float) -> None:
+        self.mean_gap = 1.0 / rate
+        self.now = 0.0
+
+    def __call__(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        gaps = self.mean_gap * rng.standard_exponential(n)  # the event path's draw
+        times = np.cumsum(np.concatenate([[self.now], gaps]))[1:]
+        self.now = float(times[-1])
+        return times
 
 
 def _sampled_times(sampler: Callable[[np.random.Generator, int], np.ndarray], rng: np.random.Generator,
                    until: float) -> np.ndarray:
-    """Arrival times as a TimesSource hands them out: the sampler's blocks, up to the first at or past `until`."""
+    """Arrival times as a source hands them out: the sampler's blocks, up to the first at or past `until`."""
     times = []
     while True:
         block = np.asarray(sampler(rng, BLOCK), dtype=float)

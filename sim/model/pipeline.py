@@ -40,13 +40,9 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     streams = Streams(sim.seed if seed is None else seed, replication)
     env = simpy.Environment()
     classes = workload.traffic.classes
-    features = list(dict.fromkeys(f for cls in classes.values() for f in (cls.features or {})))
-    def new_recorder() -> Recorder:
-        return Recorder(list(classes), list(workload.models), features, [c.priority for c in classes.values()])
-
-    recorder = new_recorder()
+    recorder = Recorder.for_workload(workload)
     # With a pipeline, endpoints serve model calls, recorded apart from the requests users make.
-    calls = new_recorder() if workload.pipeline is not None else recorder
+    calls = Recorder.for_workload(workload) if workload.pipeline is not None else recorder
     endpoints = [build_endpoint(env, name, k, workload, calls, streams) for k, name in enumerate(workload.models)]
     cls_of = recorder.cls
     hooks: list[Optional[Callable[[int], None]]] = []
@@ -66,7 +62,7 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
                                endpoints, route)
         submit = build_gate(env, workload, recorder, streams, lifecycle.start, done)
     endpoint_index = {name: k for k, name in enumerate(workload.models)}
-    feature_index = {name: k for k, name in enumerate(features)}
+    feature_index = {name: k for k, name in enumerate(recorder.feature_names)}
     first_user = 0
     for k, (name, cls) in enumerate(classes.items()):
         make = RequestFactory(recorder, k, name, cls, streams, endpoint_index, feature_index, first_user)

@@ -54,6 +54,11 @@ class BlockSampler(partial):
         return super().__new__(cls, next, chain.from_iterable(blocks()))
 
 
+def uniform01(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n uniform draws on [0, 1): the chance draws of yes/no decisions."""
+    return rng.random(n)
+
+
 def token_draw(spec) -> Callable[[np.random.Generator, int], np.ndarray]:
     """Integer token counts from a distribution spec: rounded, at least 1."""
 

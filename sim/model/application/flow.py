@@ -17,7 +17,6 @@ order), `tool.<name>.failure` (one draw per attempt) and `tool.<name>.retry` (ba
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import numpy as np
@@ -28,7 +27,7 @@ from sim.config.pipeline import Pipeline
 from sim.config.schema import Workload
 from sim.metrics.recorder import COMPLETED, TIMED_OUT, Recorder
 from sim.model.events import call_later
-from sim.model.streams import BlockSampler, Streams, token_draw
+from sim.model.streams import BlockSampler, Streams, token_draw, uniform01
 from sim.model.traffic.ratelimit import RetryPolicy, uniform_pm1
 
 from .guardrails import LIMITS
@@ -52,7 +51,6 @@ class FlowSteps:
 
     def __init__(self) -> None:
         self.names: list[str] = []
-        self.kinds: list[str] = []
         self.tool: list[int] = []    # the tool's index (-1: not a tool step)
         self.stage: list[int] = []   # NESTED, TOOL_STAGE or CALLS_STAGE
         self.labels: list[str] = list(STEP_LABELS)
@@ -62,12 +60,11 @@ class FlowSteps:
             self.labels.append(name)
         return self.labels.index(name)
 
-    def add(self, name: str, kind: str, tool: int, stage: int) -> int:
+    def add(self, name: str, tool: int, stage: int) -> int:
         """The step's index; a step of the same name in another class's flow shares it (the same role)."""
         if name in self.names:
             return self.names.index(name)
         self.names += [name]
-        self.kinds += [kind]
         self.tool += [tool]
         self.stage += [stage]
         return len(self.names) - 1
@@ -77,10 +74,9 @@ class Tool:
     """A tool: a FIFO resource (a retrieval `Backend`) whose attempts may fail or time out, and are retried."""
 
     def __init__(self, env: simpy.Environment, name: str, spec: ToolSpec, streams: Streams) -> None:
-        self.spec = spec
         self.slots = Backend(env, name, spec, streams.rng(f"tool.{name}"))
         self.failure_rate, self.timeout = spec.failure_rate, spec.timeout_s
-        self.fails = BlockSampler(lambda rng, n: rng.random(n), streams.rng(f"tool.{name}.failure"))
+        self.fails = BlockSampler(uniform01, streams.rng(f"tool.{name}.failure"))
         jitter = (BlockSampler(uniform_pm1, streams.rng(f"tool.{name}.retry"))
                   if spec.retry.jitter > 0 and spec.retry.max_attempts > 1 else None)
         self.retry = RetryPolicy(spec.retry, jitter)
@@ -154,19 +150,18 @@ class Flows:
         leaves = [x.kind() for x in s.walk() if x.parallel is None]
         stage = NESTED if not top else TOOL_STAGE if all(k == "tool" for k in leaves) else CALLS_STAGE
         tool = self.tool_names.index(s.tool) if s.tool is not None else -1
-        node = _Node(self.steps.add(s.name, s.kind(), tool, stage), s.kind())
+        node = _Node(self.steps.add(s.name, tool, stage), s.kind())
         node.tool = tool
         node.required = s.required
-        node.when = tuple((self.steps.names.index(name), tuple(self.steps.label(w) for w in
-                                                               ([want] if isinstance(want, str) else want)))
-                          for name, want in s.when.items())
+        node.when = tuple((self.steps.names.index(name), tuple(self.steps.label(w) for w in wanted))
+                          for name, wanted in s.when.items())
         if s.model is not None:
             node.endpoint = self.models.index(s.model)
             stream = f"flow.{where}.{s.name}"
             node.prompt = BlockSampler(token_draw(s.prompt_tokens), self.streams.rng(stream + ".prompt"))
             node.output = BlockSampler(token_draw(s.output_tokens), self.streams.rng(stream + ".output"))
             if s.labels:
-                node.verdict = BlockSampler(lambda rng, n: rng.random(n), self.streams.rng(stream + ".label"))
+                node.verdict = BlockSampler(uniform01, self.streams.rng(stream + ".label"))
                 shares = np.cumsum(list(s.labels.values()))
                 node.verdicts = tuple((float(c), self.steps.label(k)) for c, k in zip(shares, s.labels))
         if s.parallel is not None:
@@ -294,9 +289,6 @@ class Flows:
             guard.watch_call(r, c)
         self.endpoints[node.endpoint].submit(c)
 
-    def owns(self, c: int) -> bool:
-        return c in self.side
-
     def call_done(self, c: int) -> None:
         """A model step's call ended (or was stopped at its time limit): label the step, go on."""
         r, node, then, start = self.side.pop(c)
@@ -326,12 +318,10 @@ class Flows:
 
     # --- results ----------------------------------------------------------------------
     def stats(self, now: float) -> dict[str, float]:
-        """Per tool over the whole run: attempts, mean wait for a slot, utilisation."""
+        """Per tool over the whole run: the mean wait for a slot and the utilisation."""
         out: dict[str, float] = {}
         for name, tool in zip(self.tool_names, self.tools):
-            b = tool.slots
-            out[f"tool_{name}_wait_mean_s"] = float(b.wait_sum / b.hops) if b.hops else math.nan
-            out[f"utilisation_tool_{name}"] = float(b.utilisation(now))
+            out.update(tool.slots.stats(now, f"tool_{name}"))
         return out
 
 

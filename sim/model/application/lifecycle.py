@@ -26,7 +26,7 @@ from sim.config.schema import Workload
 from sim.metrics.recorder import CANCELLED, COMPLETED, PARTIAL, REJECTED, TIMED_OUT, TRY_LATER, Recorder
 from sim.model.events import call_later
 from sim.model.serving.prompt_cache import PrefixCache
-from sim.model.streams import BlockSampler, Streams
+from sim.model.streams import BlockSampler, Streams, uniform01
 
 from .budget import TokenBudget
 from .caches import HIT, STALE_HIT, Audience, Cache, warm_up
@@ -120,13 +120,13 @@ class Lifecycle:
         warm_up(chain + (self.retrieval.cache_chain() if self.retrieval is not None else []), workload, streams)
         out = spec.output
         self.streaming = out.streaming
-        self.validation = (BlockSampler(lambda rng, n: rng.random(n), streams.rng("pipeline.validation"))
+        self.validation = (BlockSampler(uniform01, streams.rng("pipeline.validation"))
                            if out.structured_failure_rate > 0 else None)
         self.failure_rate, self.max_retries = out.structured_failure_rate, out.max_validation_retries
         recorder.validation_retries = {}
         self.cancel_share = out.cancel_share if out.streaming else 0.0
         if self.cancel_share > 0:
-            self.cancel_draw = BlockSampler(lambda rng, n: rng.random(n), streams.rng("pipeline.cancel"))
+            self.cancel_draw = BlockSampler(uniform01, streams.rng("pipeline.cancel"))
             self.read_share = BlockSampler(out.cancel_read_share.sample, streams.rng("pipeline.cancel.read"))
         self.guard: Optional[Guardrails] = None
         if spec.guardrails is not None:
@@ -150,7 +150,7 @@ class Lifecycle:
         for endpoint in endpoints:
             endpoint.on_done = self.call_done
         self.flows: Optional[Flows] = (Flows(env, workload, recorder, calls, streams, endpoints, self)
-                                       if spec.flow is not None or spec.flows else None)
+                                       if spec.has_flows() else None)
 
     # --- the request's way in -----------------------------------------------------
     def start(self, i: int) -> None:

@@ -98,6 +98,11 @@ class Backend:
         span = now - self._since
         return (self._busy - self._pending(now)) / (self.concurrency * span) if span > 0 else math.nan
 
+    def stats(self, now: float, key: str) -> dict[str, float]:
+        """`<key>_wait_mean_s` (the mean wait for a slot) and `utilisation_<key>` since the last reset."""
+        return {f"{key}_wait_mean_s": float(self.wait_sum / self.hops) if self.hops else math.nan,
+                f"utilisation_{key}": float(self.utilisation(now))}
+
     def reset_counters(self, now: float) -> None:
         """Zero the hop counts, the waiting time and the utilisation (after a warm-up)."""
         self.hops = 0
@@ -500,8 +505,7 @@ class Retrieval:
             out["cache_leak_rate_embedding"] = self.embedding_cache.rate(self.embedding_cache.leaks)
         for name, b in self.backends.items():
             out[f"backend_{name}_hops"] = b.hops
-            out[f"backend_{name}_wait_mean_s"] = float(b.wait_sum / b.hops) if b.hops else math.nan
-            out[f"utilisation_backend_{name}"] = float(b.utilisation(now))
+            out.update(b.stats(now, f"backend_{name}"))
         return out
 
     def reset_counters(self, now: float) -> None:
