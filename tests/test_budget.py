@@ -492,3 +492,20 @@ def test_the_sketch_validates_and_keeps_its_order():
     assert Budget.model_json_schema()["properties"]["sections"]["description"]
     with pytest.raises(ValidationError):
         budget(bogus=1)
+
+
+def test_confidence_scales_the_allocation_but_never_trims_a_section_the_window_may_not():
+    from sim.config.distributions import Uniform
+
+    confidence = Uniform(kind="uniform", low=0.5, high=1.0)
+    sections = {"evidence": {"tokens": 4000, "priority": 2, "allocation": 2000, "chunk_tokens": 500},
+                "history": {"tokens": 5000, "priority": 1, "allocation": 1500}}
+    # Window 5,000 against 9,000 drawn: the evidence is cut to its (scaled) allocation, history gives the rest.
+    scaled = simple(5000, {**sections, "evidence": {**sections["evidence"], "allocation_by_confidence": True}})
+    kept = {r.sizes[0] for r in TokenBudget(scaled, Streams(1), "c", confidence=confidence).draw_block(500)}
+    assert kept == {1500, 2000, 2500, 3000}  # 2,000 x c / 0.75, rounded up to chunks
+    # min_tokens: all: the window never trims it, whatever the confidence (its allocation plays no part).
+    kept_whole = simple(5000, {**sections, "evidence": {**sections["evidence"], "allocation_by_confidence": True,
+                                                        "min_tokens": "all"}})
+    results = TokenBudget(kept_whole, Streams(1), "c", confidence=confidence).draw_block(500)
+    assert {r.sizes[0] for r in results} == {4000} and {r.sizes[1] for r in results} == {1000}

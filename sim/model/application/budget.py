@@ -88,9 +88,13 @@ class _Plan:
             first.append(None if alloc is None or floor is None else self._up(max(alloc, floor), j))
             second.append(None if floor is None else self._up(floor, j))
         self.passes = (first, second)
-        # The section whose allocation follows the evidence confidence: (index, allocation, floor), or None.
-        self.weighted = next(((j, spec.allocation_tokens(name), second[j] or 0)
-                              for j, (name, s) in enumerate(spec.sections.items()) if s.allocation_by_confidence), None)
+        # The section whose allocation follows the evidence confidence: (index, allocation, floor), or None (also
+        # when it is never trimmed, min_tokens: all: then its allocation plays no part).
+        weighted = [j for j, s in enumerate(sections) if s.allocation_by_confidence and first[j] is not None]
+        self.weighted = None
+        if weighted:
+            j = weighted[0]
+            self.weighted = (j, spec.allocation_tokens(self.names[j]), second[j])
         self.limit = spec.prompt_limit_tokens
         self.window = spec.context_window_tokens
         self.reserve = spec.output_reserve_tokens
