@@ -25,6 +25,9 @@ from sim.model.events import gc_paused
 from sim.model.pipeline import simulate
 
 CASES = ("mmc.yaml", "chat-api.yaml", "chat-selfhosted.yaml", "rag-support.yaml")
+# The compiled engine (the fast path) against the Python engine it ports, on the same workload in the same run.
+REFERENCE = "chat-selfhosted.yaml"
+REFERENCE_CASE = f"llmsim {REFERENCE}, Python engine"
 NAIVE = "SimPy M/M/c, a process per customer + Resource"
 CALLBACKS = "SimPy M/M/c, callbacks on timeouts"
 
@@ -148,6 +151,10 @@ def run_bench(folder: Path, repeat: int = 3) -> list[BenchCase]:
             model.service_time.mean, mmc.simulation.duration_s)
     runs: dict[str, Callable[[], int]] = {
         f"llmsim {name}": (lambda w=workload: len(simulate(w).arrival)) for name, workload in workloads.items()}
+    reference = workloads[REFERENCE].model_copy(update={"simulation": workloads[REFERENCE].simulation.model_copy(
+        update={"fast_path": False})})
+    workloads[REFERENCE_CASE] = reference
+    runs[REFERENCE_CASE] = lambda: len(simulate(reference).arrival)
     runs[NAIVE] = lambda: minimal_simpy_mmc(*args)
     runs[CALLBACKS] = lambda: callback_simpy_mmc(*args)
     best: dict[str, tuple[int, float]] = {}
@@ -158,7 +165,7 @@ def run_bench(folder: Path, repeat: int = 3) -> list[BenchCase]:
                 best[name] = (requests, wall)
     cases = [BenchCase(name, requests, wall) for name, (requests, wall) in best.items()]
     for case in cases:
-        workload = workloads.get(case.name.removeprefix("llmsim "))
+        workload = workloads.get(case.name.removeprefix("llmsim ")) or workloads.get(case.name)
         if workload is not None:
             case.events, case.calls, case.bytes = _costs(workload)
     return cases
@@ -174,4 +181,7 @@ def format_bench(cases: list[BenchCase]) -> str:
         costs = (f"{c.events:>11.2f}{c.calls:>10.0f}{c.bytes:>7.0f}" if c.events is not None else "")
         lines.append(f"{c.name:<48}{c.requests:>9}{c.wall_s:>8.3f}{c.rate:>10.0f}{c.rate / naive:>8.2f}x"
                      f"{c.rate / lean:>8.2f}x{costs}")
+    fast, python = rates.get(f"llmsim {REFERENCE}"), rates.get(REFERENCE_CASE)
+    if fast and python:
+        lines.append(f"{REFERENCE}: the compiled engine runs {fast / python:.1f}x the Python engine's rate")
     return "\n".join(lines)

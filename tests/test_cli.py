@@ -162,8 +162,12 @@ def test_bench_reports_every_case(capsys):
     assert by_name["mmc.yaml"].events == 0  # the fast path schedules no event
     assert by_name["rag-support.yaml"].events > 3 and by_name["rag-support.yaml"].calls > 50
     assert all(100 < c.bytes < 10_000 for c in cases[:4])
+    # The Python engine (the event path) on the same workload: same requests, and it schedules arrivals too.
+    python = next(c for c in cases if c.name.endswith("Python engine"))
+    fast = by_name["chat-selfhosted.yaml"]
+    assert python.requests == fast.requests and python.events > fast.events + 1 and python.calls > 10 * fast.calls
     table = format_bench(cases)
-    assert "vs naive" in table and "events/req" in table
+    assert "vs naive" in table and "events/req" in table and "the compiled engine runs" in table
 
 
 def test_metric_names_lists_exactly_what_a_run_reports():

@@ -1,7 +1,8 @@
 """The fast path (sim/model/fastpath.py) gives the event path's results to the bit: every record, every
 monitor sample and gauge, so every summary metric. Checked on every eligible shipped workload and on
 workloads Hypothesis makes (arrival kinds, classes, mixes, features, users, distributions, servers and
-slots); it found the one-ulp landing of delay_to's fallback, which the fast path now replays."""
+slots; engine replicas with every step-time term, noise, KV capacity and chunked prefill); it found
+that scheduling at now + (t - now) may miss a planned time t by an ulp (events.call_at schedules at t)."""
 from __future__ import annotations
 
 import math
@@ -52,7 +53,8 @@ ELIGIBLE = [p for p in sorted((ROOT / "workloads").glob("*.yaml")) if eligible_f
 
 
 def test_the_eligible_shipped_workloads_are_the_plain_ones():
-    assert {p.name for p in ELIGIBLE} == {"mmc.yaml", "chat-api.yaml"}
+    assert {p.name for p in ELIGIBLE} == {"mmc.yaml", "chat-api.yaml", "chat-selfhosted.yaml", "llama70b-h100.yaml",
+                                          "noisy-neighbor-unprotected.yaml"}
 
 
 @pytest.mark.parametrize("path", ELIGIBLE, ids=lambda p: p.name)
@@ -74,6 +76,22 @@ def test_what_needs_events_stays_on_the_event_path():
     ]
     for change in changes:
         assert not fastpath.eligible(Workload.model_validate({**base, **change})), change
+
+
+def test_engines_that_need_events_stay_on_the_event_path():
+    path = ROOT / "workloads" / "chat-selfhosted.yaml"
+    at = "models.llama8b"
+    changes = [
+        f"{at}.cold_start_s=30",
+        f"{at}.autoscale={{min_replicas: 1, max_replicas: 3, target: 0.6}}",
+        f"{at}.engine.prefix_cache={{blocks: 100}}",
+        f"{at}.engine.step_time.slow_episodes={{mean_interval_s: 60, mean_duration_s: 5, multiplier: 2}}",
+        f"{at}.engine.step_time.stalls=[{{at_s: 100, duration_s: 5}}]",
+        f"{at}.engine.step_time.calibrated={{decode_seqs_max: 64}}",
+    ]
+    for change in changes:
+        assert not fastpath.eligible(load_workload(path, [change])), change
+    assert fastpath.eligible(load_workload(path, [f"{at}.cold_start_s=30", "simulation.warm=true"]))
 
 
 distribution = st.one_of(
@@ -141,6 +159,47 @@ def test_generated_workloads_give_the_event_paths_records(workload):
     same_records(workload)
 
 
+@st.composite
+def engine_workloads(draw) -> Workload:
+    """Engine replicas exercised in every branch of the kernel: chunked prompts longer than the step's budget
+    (PREFILL stretches), several prompts in one step, queueing for batch places and KV, rejections, context
+    and attention terms, noise over many noise blocks, and a slot endpoint beside them."""
+    max_batch = draw(st.integers(1, 12))
+    step_time = {"base_s": draw(st.floats(0.0005, 0.02)), "per_decode_seq_s": draw(st.floats(0.0, 0.002)),
+                 "per_prefill_token_s": draw(st.floats(0.0, 5e-5))}
+    if draw(st.booleans()):
+        step_time["per_kv_token_s"] = draw(st.floats(1e-8, 2e-6))
+    if draw(st.booleans()):
+        step_time["per_prefill_attention_s"] = draw(st.floats(1e-9, 1e-7))
+    if draw(st.booleans()):
+        step_time["noise_cv"] = draw(st.floats(0.01, 0.6))
+    engine = {"max_batch_tokens": draw(st.integers(max_batch, 600)), "step_time": step_time}
+    if draw(st.booleans()):
+        engine["kv_cache_tokens"] = draw(st.integers(200, 5000))
+    models = {"engine": {"kind": "self_hosted", "replicas": draw(st.integers(1, 3)), "max_batch": max_batch,
+                         "engine": engine}}
+    if draw(st.booleans()):
+        models["slots"] = {"kind": "self_hosted", "replicas": 1, "max_batch": 2, "service_time": draw(distribution)}
+    classes = {}
+    for k in range(draw(st.integers(1, 2))):
+        cls = {"arrival": draw(arrivals), "prompt_tokens": draw(tokens), "output_tokens": draw(tokens)}
+        cls["endpoint"] = {"engine": 0.6, "slots": 0.4} if "slots" in models and draw(st.booleans()) else "engine"
+        classes[f"c{k}"] = cls
+    duration = draw(st.floats(30.0, 240.0))
+    return Workload.model_validate({
+        "simulation": {"duration_s": duration, "warmup_s": draw(st.floats(0.0, duration / 2)),
+                       "seed": draw(st.integers(0, 2**31)), "timeseries_interval_s": draw(st.floats(1.0, 60.0))},
+        "traffic": {"classes": classes, "rate_scale": draw(st.floats(0.5, 2.0))},
+        "models": models,
+    })
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(engine_workloads())
+def test_generated_engine_workloads_give_the_event_paths_records(workload):
+    same_records(workload)
+
+
 def test_without_the_compiled_kernel_the_python_loop_gives_the_same_bits_and_says_so(monkeypatch):
     workload = load_workload(ROOT / "workloads" / "mmc.yaml", ["simulation.duration_s=3000", "simulation.warmup_s=100"])
     compiled = simulate(workload)
@@ -150,6 +209,19 @@ def test_without_the_compiled_kernel_the_python_loop_gives_the_same_bits_and_say
         assert getattr(compiled, column) == getattr(python, column), column
     assert python.warnings == [fastpath.KERNEL_MISSING] and compiled.warnings == []
     same_records(workload)
+
+
+def test_without_the_compiled_kernel_engines_run_on_the_event_path_and_say_so(monkeypatch):
+    workload = load_workload(ROOT / "workloads" / "chat-selfhosted.yaml", ["simulation.duration_s=300"])
+    compiled = simulate(workload)
+    monkeypatch.setattr(fastpath, "_kernels", None)
+    assert not fastpath.eligible(workload) and fastpath.engine_without_kernel(workload)
+    python = simulate(workload)
+    # The kernel counts the phases it planned: the event path's boundary events (it schedules arrivals too)
+    assert python.events > compiled.events + len(python.arrival) > 2 * len(python.arrival)
+    for column in COLUMNS:
+        assert list(getattr(compiled, column)) == list(getattr(python, column)), column
+    assert python.warnings == [fastpath.ENGINE_KERNEL_MISSING] and compiled.warnings == []
 
 
 def test_the_compiled_kernel_is_built_here():

@@ -120,7 +120,7 @@ class Recorder:
         # Things a run found that the user should know (e.g. a replica driven beyond its calibrated
         # range); one line each, shown by `llmsim run` as warnings. Append each once per replication.
         self.warnings: list[str] = []
-        self.events = 0  # events the run scheduled (0 on the fast path)
+        self.events = 0  # events the run scheduled (the fast path: the engine phases it planned, else 0)
         # With a pipeline: the model calls (a Recorder of their own), and per-request stage records.
         self.calls: Optional["Recorder"] = None
         self.parent: Optional[list] = None       # on a calls recorder: each call's request

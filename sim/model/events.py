@@ -44,6 +44,15 @@ def call_later(env: simpy.Environment, delay: float, callback: Callback, value: 
     return call
 
 
+def call_at(env: simpy.Environment, t: float, callback: Callback, value: Any = None) -> Call:
+    """Run `callback(call)` at time t (not before now): exactly t, which now + (t - now) may miss by an ulp."""
+    call = Call()
+    call.callbacks = [callback]
+    call.value = value
+    heappush(env._queue, (t, NORMAL, next(env._eid), call))
+    return call
+
+
 def run(env: simpy.Environment) -> None:
     """Run until nothing is left scheduled, as `env.run()` does, with the garbage collector paused.
 

@@ -1,22 +1,31 @@
-"""A run without events, for the workloads where none is needed: open-loop traffic on FIFO slots.
+"""A run without events, for the workloads where none is needed: open-loop traffic on plain FIFO endpoints.
 
 When every class arrives open-loop (Poisson, schedule, diurnal, MMPP or gamma: its arrival times do
-not depend on the system) and every endpoint is a plain FIFO queue in front of
-slot servers (`service_time` replicas or API concurrency slots) with nothing that reacts to time
+not depend on the system) and every endpoint is a plain FIFO queue with nothing that reacts to time
 (no rate or provider limits, deadlines, queue caps, priorities, connection pools, autoscaling, scale
-to zero, batch lanes or pipeline), nothing a request does depends on an event other than its
-arrival and the departures before it: FIFO servers serve requests in arrival order, each on the
-server the event path would pick (the least loaded at arrival when nobody waits, else the one
-whose slot frees first). So the whole run is a loop over arrivals and departures in time order
-(the Kiefer-Wolfowitz recursion for c servers, with the servers' identities kept), fed by random
-draws made in blocks from the same named streams in the same order as the event path's.
+to zero, cold starts, batch lanes or pipeline), nothing a request does depends on an event other
+than its arrival and what its endpoint's servers did before it. So each endpoint's run is one loop
+over its arrivals and its servers' next events in time order, fed by random draws made in blocks
+from the same named streams in the same order as the event path's:
+
+- slot servers (`service_time` replicas, API concurrency slots): FIFO servers serve requests in
+  arrival order, each on the server the event path would pick (the least loaded at arrival when
+  nobody waits, else the one whose slot frees first): the Kiefer-Wolfowitz recursion for c servers,
+  with the servers' identities kept (`fifo_slots`);
+- engine replicas (continuous batching): the engine's own phase loop (admission, chunked prefill,
+  the decode heap, skip-ahead over stretches of identical steps, per-step noise, accounting),
+  compiled (`engine_replicas` in sim/_kernels.c, a line-for-line port of engine.EngineReplica).
+  Replicas with a prefix cache, slow episodes or stalls, or calibrated ranges to check stay on
+  the event path.
 
 The result is the event path's to the bit: the same records, the same monitor samples and gauges
 (the same accumulations, in the same order, per server), so every summary, figure and ledger is
 the same. Two events at exactly the same instant (an arrival and a departure, say) happen with
 probability zero with these arrival processes; the event path orders them by when they were scheduled,
-this loop departures first. `simulation.fast_path: false` runs the event path (the reference);
-tests compare the two on every eligible shipped workload and on generated ones.
+this loop samples first, then departures (and step boundaries), then arrivals. `simulation.fast_path:
+false` runs the event path (the reference); tests compare the two on every eligible shipped workload
+and on generated ones. Without the compiled kernels, slot endpoints run `fifo_slots`' Python twin and
+engine workloads the event path (the engine's Python reference), each with a warning.
 """
 from __future__ import annotations
 
@@ -28,10 +37,13 @@ import numpy as np
 
 from sim.config.arrivals import PoissonArrivals
 from sim.config.schema import Api, SelfHosted, Workload
-from sim.metrics.recorder import COMPLETED, NAN, Column, Recorder
+from sim.metrics.recorder import COMPLETED, NAN, REJECTED, Column, Recorder
+from sim.model.offered import full_batch
 from sim.model.serving.api import MIN_TOKENS_PER_S
+from sim.model.serving.step_clock import BLOCK as NOISE_BLOCK
+from sim.model.serving.step_clock import MAX_STRETCH
 from sim.model.streams import BLOCK, Streams, token_draw
-from sim.model.traffic.arrivals import TIMED, _choice, delay_to, times_sampler, user_count
+from sim.model.traffic.arrivals import TIMED, _choice, times_sampler, user_count
 
 INF = math.inf
 
@@ -41,10 +53,25 @@ except ImportError:  # built without a C compiler: the Python loops run instead 
     _kernels = None
 KERNEL_MISSING = ("the compiled kernels (sim/_kernels.c) are not built: the fast path runs its Python loop, the "
                   "same results several times slower; reinstall where a C compiler is available")
+ENGINE_KERNEL_MISSING = ("the compiled kernels (sim/_kernels.c) are not built: the engine replicas run on the event "
+                         "path, the same results 10-20 times slower; reinstall where a C compiler is available")
 
 
 def eligible(workload: Workload) -> bool:
     """Whether the workload runs on the fast path (see the module's docstring)."""
+    return _plain(workload) and (_kernels is not None or not _has_engine(workload))
+
+
+def engine_without_kernel(workload: Workload) -> bool:
+    """Whether the workload would run on the fast path but for its engines' missing compiled kernel."""
+    return _kernels is None and _plain(workload) and _has_engine(workload)
+
+
+def _has_engine(workload: Workload) -> bool:
+    return any(getattr(model, "engine", None) is not None for model in workload.models.values())
+
+
+def _plain(workload: Workload) -> bool:
     if not workload.simulation.fast_path or workload.pipeline is not None or workload.rate_limits:
         return False
     for cls in workload.traffic.classes.values():
@@ -52,8 +79,9 @@ def eligible(workload: Workload) -> bool:
             return False
     for model in workload.models.values():
         if isinstance(model, SelfHosted):
-            if (model.engine is not None or model.autoscale is not None or model.scale_to_zero is not None
-                    or model.service_time is None):
+            if model.autoscale is not None or model.scale_to_zero is not None:
+                return False
+            if model.engine is not None and not _plain_engine(model, workload.simulation.warm):
                 return False
         elif isinstance(model, Api):
             if model.limits is not None or model.scale_to_zero is not None or model.prompt_cache is not None:
@@ -65,6 +93,16 @@ def eligible(workload: Workload) -> bool:
                                    or queue.hold_back is not None)) or model.connections is not None:
             return False
     return True
+
+
+def _plain_engine(model: SelfHosted, warm: bool) -> bool:
+    """Engine replicas the compiled loop runs: up from the start, no prefix cache, no slow time, no range check."""
+    engine, st = model.engine, model.engine.step_time
+    calibrated = st.calibrated
+    checks_range = calibrated is not None and any(
+        v is not None for v in (calibrated.decode_seqs_max, calibrated.prefill_tokens_max, calibrated.kv_tokens_max))
+    return ((warm or model.cold_start_s <= 0) and engine.prefix_cache is None and st.slow_episodes is None
+            and not st.stalls and not checks_range and st.base_s > 0)
 
 
 def draws(draw: Callable[[np.random.Generator, int], np.ndarray], rng: np.random.Generator, n: int) -> np.ndarray:
@@ -89,18 +127,27 @@ def simulate_fast(workload: Workload, replication: int = 0, seed: Optional[int] 
     admit, first, end, replica = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), np.full(n, -1)
     endpoint = np.asarray(rec.endpoint, dtype=np.int64)
     arrival, output = np.asarray(rec.arrival, dtype=float), np.asarray(rec.output, dtype=np.int64)
+    prompt = np.asarray(rec.prompt, dtype=np.int64)
+    sample_times = np.asarray(samples, dtype=float)
     for k, (name, model) in enumerate(workload.models.items()):
         mine = np.flatnonzero(endpoint == k) if len(workload.models) > 1 else slice(None)
-        service, ttft = _service(model, name, streams, output[mine])
-        servers, slots = (model.replicas, model.max_batch) if isinstance(model, SelfHosted) else (1, model.concurrency)
-        times = fifo_slots(arrival[mine], np.ascontiguousarray(service, dtype=float),
-                           np.ascontiguousarray(ttft, dtype=float), servers, slots, np.asarray(samples, dtype=float))
-        admit[mine], first[mine], end[mine], replica[mine], sampled = times
+        if getattr(model, "engine", None) is not None:
+            servers = model.replicas
+            times = engine_replicas(workload, name, streams, arrival[mine], prompt[mine], output[mine], sample_times)
+            rec.events += times[-1]
+        else:
+            service, ttft = _service(model, name, streams, output[mine])
+            servers, slots = ((model.replicas, model.max_batch) if isinstance(model, SelfHosted)
+                              else (1, model.concurrency))
+            times = fifo_slots(arrival[mine], np.ascontiguousarray(service, dtype=float),
+                               np.ascontiguousarray(ttft, dtype=float), servers, slots, sample_times)
+        admit[mine], first[mine], end[mine], replica[mine], sampled = times[:5]
         for s, (busy, area, work, held, waiting) in enumerate(sampled.tolist()):
             counters[s][name] = (busy, area, work, held)
             gauges[s][name] = (servers, servers, int(waiting))
     rec.admit, rec.first_token, rec.end = Column.of(admit, "d"), Column.of(first, "d"), Column.of(end, "d")
-    rec.replica, rec.outcome = Column.of(replica, "q"), [COMPLETED] * n
+    # Every request completes (the run drains) but those that can never fit an engine's KV cache.
+    rec.replica, rec.outcome = Column.of(replica, "q"), np.where(np.isnan(admit), REJECTED, COMPLETED).tolist()
     if _kernels is None:
         rec.warnings.append(KERNEL_MISSING)
     rec.samples = list(zip(samples, counters))
@@ -125,8 +172,8 @@ def _arrivals(rec: Recorder, workload: Workload, streams: Streams) -> None:
             times = _sampled_times(_PoissonTimes(cls.arrival.rate_rps * rate_scale),
                                    streams.rng(f"class.{name}.arrivals"), sim.duration_s)
         else:
-            times = _landed(_sampled_times(*times_sampler(name, cls.arrival, rate_scale, sim.duration_s, streams),
-                                           sim.duration_s))
+            times = _sampled_times(*times_sampler(name, cls.arrival, rate_scale, sim.duration_s, streams),
+                                   sim.duration_s)
         n = len(times)
         prompt = draws(token_draw(cls.prompt_tokens), streams.rng(f"class.{name}.prompt"), n)
         output = draws(token_draw(cls.output_tokens), streams.rng(f"class.{name}.output"), n)
@@ -184,19 +231,6 @@ def _sampled_times(sampler: Callable[[np.random.Generator, int], np.ndarray], rn
             return np.concatenate(times)
 
 
-def _landed(times: np.ndarray) -> np.ndarray:
-    """When a TimesSource's arrivals happen: each is scheduled from the one before with `delay_to`, which lands
-    on its time exactly but for the rare time an ulp away (its fallback); replay that arithmetic."""
-    before = np.concatenate([[0.0], times[:-1]])
-    if np.array_equal(before + (times - before), times):
-        return times
-    landed, now = [], 0.0
-    for t in times.tolist():
-        now = now + delay_to(now, t)
-        landed.append(now)
-    return np.asarray(landed)
-
-
 def _service(model, name: str, streams: Streams, output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per request of the endpoint, in arrival order: (time holding a slot, time to the first token)."""
     n = len(output)
@@ -206,6 +240,49 @@ def _service(model, name: str, streams: Streams, output: np.ndarray) -> tuple[np
     first = draws(model.ttft_s.sample, streams.rng(f"endpoint.{name}.service"), n)
     speed = draws(model.output_tokens_per_s.sample, streams.rng(f"endpoint.{name}.speed"), n)
     return first + (output - 1) / np.maximum(speed, MIN_TOKENS_PER_S), first
+
+
+def engine_replicas(workload: Workload, name: str, streams: Streams, arrival: np.ndarray, prompt: np.ndarray,
+                    output: np.ndarray, samples: np.ndarray) -> tuple:
+    """Endpoint `name`'s engine replicas serving its requests, as the event path's EngineReplicas do.
+
+    Returns per request (admit, first token, end, replica) and per sample time a row (busy, area, work,
+    held, waiting), as `fifo_slots` does, then the phases the replicas planned (the event path's
+    boundary events). A request that can never fit the KV cache keeps admit NaN (rejected at arrival).
+    """
+    model = workload.models[name]
+    engine, st = model.engine, model.engine.step_time
+    n, m = len(arrival), len(samples)
+    admit, first, end = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+    replica, sampled = np.full(n, -1, dtype=np.int64), np.zeros((m, 5))
+    noise = [_NoiseSource(st.noise_cv, streams.rng(f"endpoint.{name}.replica{r}.noise"))
+             for r in range(model.replicas)] if st.noise_cv > 0 else []
+    base_share = st.base_s / (full_batch(workload, name) or model.max_batch)  # EngineReplica's, as it computes them
+    phases = _kernels.engine_replicas(
+        np.ascontiguousarray(arrival, dtype=float), np.ascontiguousarray(prompt, dtype=np.int64),
+        np.ascontiguousarray(output, dtype=np.int64), samples, noise, model.replicas, model.max_batch,
+        engine.max_batch_tokens, -1 if engine.kv_cache_tokens is None else engine.kv_cache_tokens, MAX_STRETCH,
+        NOISE_BLOCK, st.base_s, st.per_decode_seq_s, st.per_prefill_token_s, st.per_kv_token_s,
+        st.per_prefill_attention_s, base_share, st.per_decode_seq_s + base_share, 1.0, admit, first, end, replica,
+        sampled)
+    return admit, first, end, replica, sampled, phases
+
+
+class _NoiseSource:
+    """A replica's per-step gamma factors from any step on, for the kernel: the very values StepNoise draws
+    from the same stream (a draw of n values then m is the draw of n + m), handed out a few blocks at a time."""
+
+    def __init__(self, cv: float, rng: np.random.Generator) -> None:
+        self.shape = 1.0 / (cv * cv)
+        self.rng = rng
+        self.first = 0            # the stream's index of g[0]
+        self.g = np.empty(0)
+
+    def __call__(self, start: int) -> np.ndarray:
+        kept = self.g[start - self.first:]
+        fresh = self.rng.gamma(self.shape, 1.0 / self.shape, 4 * NOISE_BLOCK - kept.size)
+        self.g, self.first = np.concatenate([kept, fresh]), start
+        return self.g
 
 
 def fifo_slots(arrival: np.ndarray, service: np.ndarray, ttft: np.ndarray, servers: int, slots: int,

@@ -18,11 +18,11 @@ from sim.model.serving.autoscaler import Autoscaler, ScaleToZero
 from sim.model.serving.endpoint import Endpoint
 from sim.model.serving.engine import EngineReplica
 from sim.model.serving.slots import SlotServer, plain_draws
-from sim.model.traffic.arrivals import RequestFactory, SourceContext, build_arrivals, delay_to, user_count
+from sim.model.traffic.arrivals import RequestFactory, SourceContext, build_arrivals, user_count
 from sim.model.traffic.ratelimit import Client, attach_provider_limits, build_gate
 
 from . import fastpath
-from .events import call_later, run
+from .events import call_at, call_later, run
 from .offered import full_batch
 from .streams import BlockSampler, Streams
 
@@ -89,6 +89,8 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
         recorder.retrieval_usage = lifecycle.retrieval.usage if lifecycle.retrieval.metered else None
     for endpoint in endpoints:
         recorder.warnings += beyond_calibration(endpoint, workload.models[endpoint.name])
+    if fastpath.engine_without_kernel(workload):
+        recorder.warnings.append(fastpath.ENGINE_KERNEL_MISSING)
     return recorder
 
 
@@ -223,6 +225,6 @@ def start_monitor(env: simpy.Environment, endpoints: list[Endpoint], recorder: R
         t = next(times, None)
         if t is not None:  # one sample scheduled at a time keeps the event queue short
             # Exactly at the planned time: the summary looks up the samples at the window's edges.
-            call_later(env, delay_to(now, t), sample, t)
+            call_at(env, t, sample, t)
 
     call_later(env, 0.0, sample, next(times))

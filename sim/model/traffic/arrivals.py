@@ -29,7 +29,7 @@ from sim.config.arrivals import (
 )
 from sim.config.schema import RequestClass
 from sim.metrics.recorder import COMPLETED, Recorder
-from sim.model.events import call_later
+from sim.model.events import call_at, call_later
 from sim.model.streams import BlockSampler, Streams, token_draw
 
 Submit = Callable[[int], None]
@@ -151,18 +151,6 @@ class ClosedLoopUsers:
         self.submit(self.make(self.env.now, user=event.value))
 
 
-def delay_to(now: float, t: float) -> float:
-    """The delay after which SimPy's clock (now + delay) reads exactly t, so recorded times are exact."""
-    delay = t - now
-    # now + (t - now) == t for 0 <= now <= t in practice; nudge by an ulp if rounding ever says otherwise.
-    for _ in range(4):
-        landed = now + delay
-        if landed == t:
-            return delay
-        delay = math.nextafter(delay, math.inf if landed < t else -math.inf)
-    return t - now
-
-
 class TimesSource:
     """Open loop: requests at the absolute times `next_time()` hands out (increasing), until `until`."""
 
@@ -179,7 +167,7 @@ class TimesSource:
 
     def _schedule(self, t: float) -> None:
         if t < self.until:
-            call_later(self.env, delay_to(self.env.now, t), self._arrive)
+            call_at(self.env, t, self._arrive)
 
     def _arrive(self, event) -> None:
         self._schedule(self.next_time())

@@ -15,9 +15,7 @@ import simpy
 
 from sim.config.traces import FORMATS, Trace, TraceError, read_trace  # noqa: F401 - re-exported
 from sim.metrics.recorder import Recorder
-from sim.model.events import call_later
-
-from .arrivals import delay_to
+from sim.model.events import call_at
 
 if TYPE_CHECKING:
     from .arrivals import RequestFactory, Submit
@@ -68,12 +66,12 @@ class TraceSource:
 
     def start(self) -> None:
         if self.times:
-            call_later(self.env, delay_to(self.env.now, self.times[0]), self._arrive, 0)
+            call_at(self.env, self.times[0], self._arrive, 0)
 
     def _arrive(self, event) -> None:
         k = event.value
         if k + 1 < len(self.times):
-            call_later(self.env, delay_to(self.env.now, self.times[k + 1]), self._arrive, k + 1)
+            call_at(self.env, self.times[k + 1], self._arrive, k + 1)
         i = self.make(self.env.now, prompt=self.prompt[k], output=self.output[k])
         if self.blocks is not None:
             blocks = self.blocks
