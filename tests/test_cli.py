@@ -60,6 +60,7 @@ def test_every_summary_key_is_documented_in_the_readme(capsys):
                              r"tool_<name>_\1", generic)
             generic = re.sub(r"^(queue_wait|ttft|e2e|tpot)_(mean|p50|p90|p95|p99|p999)_.+_s$",
                              r"<measure>_<stat>_<class>_s", generic)  # per class, with several classes
+            generic = re.sub(r"^slo_(ttft|e2e|tpot)_met_share$", "slo_<measure>_met_share", generic)
             generic = re.sub(r"^throughput_.+_rps$", "throughput_<class>_rps", generic)
             generic = re.sub(r"^rate_limited_share_.+$", "rate_limited_share_<class>", generic)
             assert generic in documented, f"{key} ({path.name}) is not in the README's output table"

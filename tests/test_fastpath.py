@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -53,8 +54,9 @@ ELIGIBLE = [p for p in sorted((ROOT / "workloads").glob("*.yaml")) if eligible_f
 
 
 def test_the_eligible_shipped_workloads_are_the_plain_ones():
+    replay = {"azure-conv-replay.yaml"} if eligible_file(ROOT / "workloads" / "azure-conv-replay.yaml") else set()
     assert {p.name for p in ELIGIBLE} == {"mmc.yaml", "chat-api.yaml", "chat-selfhosted.yaml", "llama70b-h100.yaml",
-                                          "noisy-neighbor-unprotected.yaml"}
+                                          "noisy-neighbor-unprotected.yaml"} | replay
 
 
 @pytest.mark.parametrize("path", ELIGIBLE, ids=lambda p: p.name)
@@ -209,6 +211,41 @@ def test_without_the_compiled_kernel_the_python_loop_gives_the_same_bits_and_say
         assert getattr(compiled, column) == getattr(python, column), column
     assert python.warnings == [fastpath.KERNEL_MISSING] and compiled.warnings == []
     same_records(workload)
+
+
+ENGINE = {"kind": "self_hosted", "replicas": 2, "max_batch": 4, "engine": {
+    "max_batch_tokens": 64, "kv_cache_tokens": 3000,
+    "step_time": {"base_s": 0.01, "per_decode_seq_s": 0.001, "per_prefill_token_s": 1e-4, "noise_cv": 0.2}}}
+SLOTS = {"kind": "self_hosted", "replicas": 1, "max_batch": 2, "service_time": {"kind": "exponential", "mean": 0.4}}
+
+
+def trace_workload(tmp_path: Path, rows: list[tuple], model: dict, poisson: bool = False) -> Workload:
+    """A CSV trace (time, id, prompt, output per row), with a Poisson class beside it if asked."""
+    (tmp_path / "trace.csv").write_text("ts,req,in,out\n" + "".join(f"{t},{i},{p},{o}\n" for t, i, p, o in rows))
+    columns = {"time": "ts", "id": "req", "prompt_tokens": "in", "output_tokens": "out"}
+    classes = {"replay": {"arrival": {"kind": "trace", "format": "csv", "path": "trace.csv", "columns": columns}}}
+    if poisson:
+        classes["other"] = {"arrival": {"kind": "poisson", "rate_rps": 2.0}, "prompt_tokens": 50, "output_tokens": 20}
+    return Workload.model_validate({"simulation": {"duration_s": 60.0, "warmup_s": 5.0, "seed": 3},
+                                    "traffic": {"classes": classes}, "models": {"m": model}},
+                                   context={"base_dir": str(tmp_path)})
+
+
+def test_trace_replays_run_on_the_fast_path_with_the_event_paths_records(tmp_path):
+    rng = np.random.default_rng(7)
+    times = np.cumsum(rng.exponential(0.25, 200))
+    rows = [(t, f"r{k}", int(rng.integers(1, 300)), int(rng.integers(1, 60))) for k, t in enumerate(times.tolist())]
+    for model in (ENGINE, SLOTS):
+        workload = trace_workload(tmp_path, rows, model, poisson=True)
+        same_records(workload)
+        reference, fast = simulate(events(workload)), simulate(workload)
+        assert fast.trace_id == reference.trace_id and fast.trace_id[:3] != [None] * 3
+    # Repeated times: the event path's order among equal arrivals is the trace's, as on the fast path, unless
+    # an engine's wake-up or another class's arrival falls between them; so alone on slots only.
+    repeated = [(round(t), name, p, o) for t, name, p, o in rows]
+    same_records(trace_workload(tmp_path, repeated, SLOTS))
+    assert not fastpath.eligible(trace_workload(tmp_path, repeated, ENGINE))
+    assert not fastpath.eligible(trace_workload(tmp_path, repeated, SLOTS, poisson=True))
 
 
 def test_without_the_compiled_kernel_engines_run_on_the_event_path_and_say_so(monkeypatch):

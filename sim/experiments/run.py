@@ -4,35 +4,57 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
-
-import pandas as pd
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 from sim.config.loader import load_workload
 from sim.config.schema import TraceArrivals, Workload
 from sim.metrics.ledger import ledger
-from sim.metrics.summary import aggregate, budget_sections, choose_warmup, quality_columns, stage_times, summarise
+from sim.metrics.summary import (
+    aggregate,
+    budget_sections,
+    choose_warmup,
+    quality_columns,
+    stage_times,
+    summarise,
+)
 from sim.metrics.timeseries import timeseries
+from sim.model import fastpath
 from sim.model.offered import offered_load_rps, offered_utilisation
 from sim.model.pipeline import simulate
+from sim.model.traffic.arrivals import user_count
 
 from .estimate import check_work, estimate_run
+
+if TYPE_CHECKING:  # pandas costs 0.2 s to import: only what builds tables imports it
+    import pandas as pd
 
 
 @dataclass
 class RunResult:
-    """What a run produced: the flat summary, one row per replication, one row per request."""
+    """What a run produced: the flat summary, one row per replication, and (`keep_requests`) one row per
+    request, the time series and the cost ledger (None when not kept)."""
 
     workload: Workload
     summary: dict
-    replications: pd.DataFrame
-    requests: pd.DataFrame
-    timeseries: pd.DataFrame
-    ledger: pd.DataFrame
+    rows: list[dict]
+    """Each replication's metrics (`replications` is the same as a table)."""
+    requests: Optional[pd.DataFrame] = None
+    timeseries: Optional[pd.DataFrame] = None
+    ledger: Optional[pd.DataFrame] = None
     warnings: list[str] = field(default_factory=list)
     """What the user should know about the run (one line each): the workload's static checks, then
     what the replications found (each line once, in order)."""
+    user_usd: dict[int, float] = field(default_factory=dict)
+    """Dollars per user over all replications, when the workload has more than one user (the top users)."""
+
+    @cached_property
+    def replications(self) -> pd.DataFrame:
+        """One row per replication: every metric of the summary, before the mean across them."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
 
 
 class Ticker:
@@ -108,7 +130,8 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
 
     `seed` and `replications` override the workload's `simulation` block;
     `overrides` are `--set` style `path=value` strings (file paths only).
-    `keep_requests=False` skips the per-request table and the time series (sweeps don't need them).
+    `keep_requests=False` skips the per-request table, the time series and the ledger (sweeps, and a
+    `llmsim run` that writes no files, don't need them: no table is built, pandas is not even imported).
     Work estimated above the limits (see sim.experiments.estimate) raises ConfigError unless `force`;
     `progress(line)` hears about long work before and while it runs.
     """
@@ -130,6 +153,9 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
     load = offered_load_rps(workload)
     rows, frames, series_frames, ledgers = [], [], [], []
     warnings = workload_warnings(workload)
+    fast = fastpath.eligible(workload)
+    user_usd: dict[int, float] = {}
+    users = sum(user_count(cls) for cls in workload.traffic.classes.values())
     for r in range(replications):
         rec = simulate(workload, replication=r, seed=seed, progress=ticker.replication(r) if ticker else None,
                        ticks=ticker.ticks(estimate.peak_requests) if ticker else 20)
@@ -146,17 +172,20 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
             series = timeseries(rec, sim.timeseries_interval_s, sim.duration_s)
             series.insert(0, "replication", r)
             series_frames.append(series)
+        if keep_requests or users > 1:
             book = ledger(rec, workload)
-            book.insert(0, "replication", r)
-            ledgers.append(book)
+            if users > 1:
+                for user, usd in book.groupby("user")["usd"].sum().items():
+                    user_usd[user] = user_usd.get(user, 0.0) + usd
+            if keep_requests:
+                book.insert(0, "replication", r)
+                ledgers.append(book)
         # The event path's world (environment, endpoints, callbacks) holds reference cycles, and ran with the
         # collector paused: without a collection here it would outlive the run, and a sweep worker would grow
         # by a world per point. (The fast path builds no world: nothing to collect.)
-        collect = rec.events > 0
         del rec
-        if collect:
+        if not fast:
             gc.collect()
-    per_rep = pd.DataFrame(rows)
     summary = {
         "workload": workload.name or "",
         "seed": seed,
@@ -164,13 +193,17 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
         "duration_s": sim.duration_s,
         "window_end_s": workload.measure_end_s(),
         "unstable": any(u >= 1.0 for u in offered.values()),
-        **aggregate(per_rep),
+        **aggregate(rows),
     }
     shares = {k[len("stage_"):-len("_share")]: v for k, v in summary.items() if k.startswith("stage_") and k.endswith("_share")}
     if shares:  # the stage to fix first: the largest share of mean latency
         summary["bottleneck_stage"] = max(shares, key=shares.get)
     summary.update({f"step_times_{name}": source for name, source in step_time_sources(workload).items()})
-    requests = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    series = pd.concat(series_frames, ignore_index=True) if series_frames else pd.DataFrame()
-    book = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame()
-    return RunResult(workload, summary, per_rep, requests, series, book, list(dict.fromkeys(warnings)))
+    result = RunResult(workload, summary, rows, warnings=list(dict.fromkeys(warnings)), user_usd=user_usd)
+    if keep_requests:
+        import pandas as pd
+
+        result.requests = pd.concat(frames, ignore_index=True)
+        result.timeseries = pd.concat(series_frames, ignore_index=True)
+        result.ledger = pd.concat(ledgers, ignore_index=True)
+    return result

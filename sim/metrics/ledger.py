@@ -24,10 +24,9 @@ costs nothing.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
-import pandas as pd
 
 from sim.config.schema import Api, Workload
 from sim.model.application.caches import BYPASS
@@ -36,6 +35,9 @@ from sim.model.offered import full_batch
 
 from .flows import tool_attempts
 from .recorder import CANCELLED, COMPLETED, TIMED_OUT, Recorder
+
+if TYPE_CHECKING:  # pandas costs 0.2 s to import: only what builds tables imports it
+    import pandas as pd
 
 STAGES = ("model", "embedding", "backend", "cache", "tool")
 """The ledger's `stage` values; the summary's cost breakdown is `cost_<stage>_usd`."""
@@ -109,6 +111,8 @@ def ledger(rec: Recorder, workload: Workload, window: Optional[tuple[float, floa
     as the summary counts them (`ledger(rec, w, (warmup_s, w.measure_end_s()))` adds up to its
     `cost_total_usd`); default the whole run, [0, duration_s].
     """
+    import pandas as pd
+
     start, stop = window if window is not None else (0.0, workload.simulation.duration_s)
     arrived = np.asarray(rec.arrival, dtype=float) >= start
     frames = [_model_rows(rec, workload, arrived, held_seconds(rec, start, stop))]
@@ -119,6 +123,8 @@ def ledger(rec: Recorder, workload: Workload, window: Optional[tuple[float, floa
 
 def _model_rows(rec: Recorder, workload: Workload, arrived: np.ndarray, held: dict[str, float]) -> pd.DataFrame:
     """One row per model call of a request in the window (a request answered without a call has none)."""
+    import pandas as pd
+
     calls = rec.calls if rec.calls is not None else rec
     n = len(calls.arrival)
     parent = np.asarray(calls.parent if calls.parent is not None else range(n), dtype=np.int64)
@@ -281,6 +287,8 @@ def _stage_frame(rec: Recorder, stage: str, resource: str, usd: np.ndarray, toke
                  endpoint: Optional[str] = None) -> pd.DataFrame:
     """Ledger rows of one stage resource: the requests it cost something (request -1: nobody's); `tokens`
     (embedded) go to tokens_in."""
+    import pandas as pd
+
     n = len(rec.arrival)
     extra = usd[n] if len(usd) > n else 0.0
     usd = usd[:n]

@@ -6,10 +6,9 @@ summary, sweep results and reports (see README, "Output").
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import pandas as pd
 
 from sim.config.schema import Api, SelfHosted, Workload
 
@@ -48,7 +47,12 @@ from .recorder import (
 )
 from .stats import mser5, t_interval
 
+if TYPE_CHECKING:  # pandas costs 0.2 s to import: only what builds tables imports it
+    import pandas as pd
+
 MEASURES = ("queue_wait", "ttft", "e2e", "tpot")
+SLO_TARGETS = (("ttft_s", "ttft"), ("e2e_s", "e2e"), ("tpot_s", "tpot"))
+"""The workload's `slo` fields and the measures they bound, in the order the verdict names them."""
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0), ("p999", 99.9))
 
 
@@ -58,6 +62,7 @@ def metric_names(workload: Workload) -> list[str]:
              "requests_queue_full", "requests_expired", "throughput_rps"]
     if workload.slo is not None:
         names.append("goodput_rps")
+        names += [f"slo_{name}_met_share" for field, name in SLO_TARGETS if getattr(workload.slo, field) is not None]
     for measure in MEASURES:
         names += [f"{measure}_{stat}_s" for stat in ("mean",) + tuple(p for p, _ in PERCENTILES)]
     names += ["tokens_in_per_s", "tokens_out_per_s", "itl_mean_s", "tokens_out_per_s_per_user"]
@@ -176,6 +181,10 @@ def summarise(rec: Recorder, workload: Workload, warmup_s: float,
     latencies = {"queue_wait": stages["queue"], "ttft": first - arrival, "e2e": end - arrival, "tpot": tpot}
     for measure, values in latencies.items():
         m.update(_latency_stats(measure, values[done]))
+    for field, name in SLO_TARGETS if workload.slo is not None else ():
+        limit = getattr(workload.slo, field)
+        if limit is not None:  # the requests the latency table measures; NaN (no TPOT) passes
+            m[f"slo_{name}_met_share"] = float(np.mean(~(latencies[name][done] > limit))) if done.any() else math.nan
     m["tokens_in_per_s"] = prompt[finished_in_window].sum() / window
     m["tokens_out_per_s"] = output[finished_in_window].sum() / window
     m.update(_streaming(tpot[done], (end - first)[done], output[done]))
@@ -323,6 +332,8 @@ def _quality_dims(rec: Recorder, arrived: np.ndarray) -> dict[str, float]:
 
 def quality_columns(rec: Recorder) -> pd.DataFrame:
     """Per request: its answer's quality dimensions, `quality_correct` ... `quality_useful` (NaN where none)."""
+    import pandas as pd
+
     out = pd.DataFrame(index=pd.RangeIndex(len(rec.arrival)))
     if rec.quality_inputs is None:
         return out
@@ -339,6 +350,8 @@ def quality_columns(rec: Recorder) -> pd.DataFrame:
 
 def budget_sections(rec: Recorder) -> pd.DataFrame:
     """Per request: each prompt section's tokens after trimming and as drawn (NaN where no budget was drawn)."""
+    import pandas as pd
+
     names = rec.budget_sections
     out = pd.DataFrame(index=pd.RangeIndex(len(rec.arrival)))
     if rec.budget is None or not names:
@@ -633,14 +646,15 @@ def _batch_stats(rec: Recorder, workload: Workload, arrived: np.ndarray, answere
     return out
 
 
-def aggregate(per_replication: pd.DataFrame) -> dict[str, float]:
-    """Mean of every metric across replications; with two or more, its 95% t-interval too."""
+def aggregate(per_replication: list[dict]) -> dict[str, float]:
+    """Mean of every metric across replications (one dict each; a metric one lacks is NaN there, as in a
+    table of them); with two or more, its 95% t-interval too."""
     out: dict[str, float] = {}
     n = len(per_replication)
-    for column in per_replication.columns:
+    for column in dict.fromkeys(k for row in per_replication for k in row):
         if column == "replication":
             continue
-        mean, low, high = t_interval(per_replication[column].to_numpy(dtype=float))
+        mean, low, high = t_interval(np.asarray([row.get(column, math.nan) for row in per_replication], dtype=float))
         out[column] = mean
         if n >= 2:
             out[f"{column}_ci95_low"] = low
@@ -654,6 +668,8 @@ def aggregate_points(results: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     `results` has one row per point and replication (as results.parquet); rows
     whose `status` is not "ok" are left out. Non-numeric columns are dropped.
     """
+    import pandas as pd
+
     ok = results[results["status"] == "ok"] if "status" in results else results
     skip = set(by) | {"replication", "seed", "runtime_s", "point_key", "status", "error"}
     metrics = [c for c in ok.columns if c not in skip and pd.api.types.is_numeric_dtype(ok[c])]
@@ -662,6 +678,6 @@ def aggregate_points(results: pd.DataFrame, by: list[str]) -> pd.DataFrame:
         keys = keys if isinstance(keys, tuple) else (keys,)
         row = dict(zip(by, keys))
         row["replications"] = len(group)
-        row.update(aggregate(group[metrics]))
+        row.update(aggregate(group[metrics].to_dict("records")))
         rows.append(row)
     return pd.DataFrame(rows)

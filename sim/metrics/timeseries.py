@@ -6,10 +6,14 @@ replicas come from the monitor's samples at the interval edges.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from .recorder import ANSWERED, Recorder
+
+if TYPE_CHECKING:  # pandas costs 0.2 s to import: only what builds tables imports it
+    import pandas as pd
 
 
 def area_before(starts: np.ndarray, ends: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -29,6 +33,8 @@ def area_before(starts: np.ndarray, ends: np.ndarray, edges: np.ndarray) -> np.n
 
 def timeseries(rec: Recorder, interval: float, duration: float) -> pd.DataFrame:
     """One row per interval of [0, duration): arrivals, completions, rejections, queue, latency, replicas."""
+    import pandas as pd
+
     edges = np.arange(0.0, duration, interval)
     edges = np.append(edges, duration) if edges[-1] < duration else edges
     edges = np.append(edges, [edges[-1] + interval]) if len(edges) == 1 else edges
@@ -102,6 +108,8 @@ def _p95_by_bucket(values: np.ndarray, bucket: np.ndarray, n: int) -> np.ndarray
 
 def _endpoint_series(rec: Recorder, edges: np.ndarray) -> pd.DataFrame:
     """Per endpoint: utilisation over each interval and replicas held at its start."""
+    import pandas as pd
+
     times = np.asarray([t for t, _ in rec.samples])
     columns = {}
     for name in rec.endpoint_names:

@@ -1,12 +1,12 @@
 """A run without events, for the workloads where none is needed: open-loop traffic on plain FIFO endpoints.
 
-When every class arrives open-loop (Poisson, schedule, diurnal, MMPP or gamma: its arrival times do
-not depend on the system) and every endpoint is a plain FIFO queue with nothing that reacts to time
-(no rate or provider limits, deadlines, queue caps, priorities, connection pools, autoscaling, scale
-to zero, cold starts, batch lanes or pipeline), nothing a request does depends on an event other
-than its arrival and what its endpoint's servers did before it. So each endpoint's run is one loop
-over its arrivals and its servers' next events in time order, fed by random draws made in blocks
-from the same named streams in the same order as the event path's:
+When every class arrives open-loop (Poisson, schedule, diurnal, MMPP, gamma, or a trace replay without
+prefix blocks: its arrival times do not depend on the system) and every endpoint is a plain FIFO
+queue with nothing that reacts to time (no rate or provider limits, deadlines, queue caps, priorities,
+connection pools, autoscaling, scale to zero, cold starts, batch lanes or pipeline), nothing a request
+does depends on an event other than its arrival and what its endpoint's servers did before it. So
+each endpoint's run is one loop over its arrivals and its servers' next events in time order, fed
+by random draws made in blocks from the same named streams in the same order as the event path's:
 
 - slot servers (`service_time` replicas, API concurrency slots): FIFO servers serve requests in
   arrival order, each on the server the event path would pick (the least loaded at arrival when
@@ -22,10 +22,14 @@ The result is the event path's to the bit: the same records, the same monitor sa
 (the same accumulations, in the same order, per server), so every summary, figure and ledger is
 the same. Two events at exactly the same instant (an arrival and a departure, say) happen with
 probability zero with these arrival processes; the event path orders them by when they were scheduled,
-this loop samples first, then departures (and step boundaries), then arrivals. `simulation.fast_path:
-false` runs the event path (the reference); tests compare the two on every eligible shipped workload
-and on generated ones. Without the compiled kernels, slot endpoints run `fifo_slots`' Python twin and
-engine workloads the event path (the engine's Python reference), each with a warning.
+this loop samples first, then departures (and step boundaries), then arrivals. A trace's own times
+may repeat: the event path's order among equal arrivals is the trace's, as here, except where an
+engine replica's wake-up or another class's arrival falls between them, so a trace with repeated
+times runs here only alone on slot endpoints (and one trace class at most: two traces may coincide).
+`simulation.fast_path: false` runs the event path (the reference); tests compare the two on every
+eligible shipped workload and on generated ones. Without the compiled kernels, slot endpoints run
+`fifo_slots`' Python twin and engine workloads the event path (the engine's Python reference), each
+with a warning.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from sim.config.arrivals import PoissonArrivals
+from sim.config.arrivals import PoissonArrivals, TraceArrivals
 from sim.config.schema import Api, SelfHosted, Workload
 from sim.metrics.recorder import COMPLETED, NAN, REJECTED, Column, Recorder
 from sim.model.offered import full_batch
@@ -74,9 +78,15 @@ def _has_engine(workload: Workload) -> bool:
 def _plain(workload: Workload) -> bool:
     if not workload.simulation.fast_path or workload.pipeline is not None or workload.rate_limits:
         return False
-    for cls in workload.traffic.classes.values():
-        if not isinstance(cls.arrival, (PoissonArrivals, *TIMED)) or cls.deadline_s is not None or cls.batch:
+    classes = workload.traffic.classes.values()
+    traces = [cls.arrival for cls in classes if isinstance(cls.arrival, TraceArrivals)]
+    for cls in classes:
+        open_loop = isinstance(cls.arrival, (PoissonArrivals, TraceArrivals, *TIMED))
+        if not open_loop or cls.deadline_s is not None or cls.batch:
             return False
+    if traces and (len(traces) > 1 or traces[0].replay.block_offsets is not None or (
+            (len(classes) > 1 or _has_engine(workload)) and not _distinct(_trace_times(traces[0], workload)))):
+        return False
     for model in workload.models.values():
         if isinstance(model, SelfHosted):
             if model.autoscale is not None or model.scale_to_zero is not None:
@@ -93,6 +103,17 @@ def _plain(workload: Workload) -> bool:
                                    or queue.hold_back is not None)) or model.connections is not None:
             return False
     return True
+
+
+def _trace_times(arrival: TraceArrivals, workload: Workload) -> np.ndarray:
+    """A trace's arrival times as TraceSource replays them: scaled, up to duration_s."""
+    rate_scale = workload.traffic.rate_scale
+    times = arrival.replay.times if rate_scale == 1 else arrival.replay.times / rate_scale
+    return times[:int(np.searchsorted(times, workload.simulation.duration_s, side="left"))]
+
+
+def _distinct(times: np.ndarray) -> bool:
+    return bool(np.all(times[1:] > times[:-1]))
 
 
 def _plain_engine(model: SelfHosted, warm: bool) -> bool:
@@ -166,17 +187,26 @@ def _arrivals(rec: Recorder, workload: Workload, streams: Streams) -> None:
     feature_index = {name: k for k, name in enumerate(rec.feature_names)}
     columns = []
     first_user = 0
+    trace_ids = None  # (class, the trace's request ids) of a trace with ids
     for k, (name, cls) in enumerate(workload.traffic.classes.items()):
         rate_scale = workload.traffic.rate_scale
-        if isinstance(cls.arrival, PoissonArrivals):
-            times = _sampled_times(_PoissonTimes(cls.arrival.rate_rps * rate_scale),
-                                   streams.rng(f"class.{name}.arrivals"), sim.duration_s)
+        if isinstance(cls.arrival, TraceArrivals):  # times and tokens from the trace (TraceSource)
+            times = _trace_times(cls.arrival, workload)
+            n = len(times)
+            prompt, output = cls.arrival.replay.prompt[:n], cls.arrival.replay.output[:n]
+            ids = cls.arrival.replay.request_ids
+            if ids is not None:
+                trace_ids = (k, ids[:n])
         else:
-            times = _sampled_times(*times_sampler(name, cls.arrival, rate_scale, sim.duration_s, streams),
-                                   sim.duration_s)
-        n = len(times)
-        prompt = draws(token_draw(cls.prompt_tokens), streams.rng(f"class.{name}.prompt"), n)
-        output = draws(token_draw(cls.output_tokens), streams.rng(f"class.{name}.output"), n)
+            if isinstance(cls.arrival, PoissonArrivals):
+                times = _sampled_times(_PoissonTimes(cls.arrival.rate_rps * rate_scale),
+                                       streams.rng(f"class.{name}.arrivals"), sim.duration_s)
+            else:
+                times = _sampled_times(*times_sampler(name, cls.arrival, rate_scale, sim.duration_s, streams),
+                                       sim.duration_s)
+            n = len(times)
+            prompt = draws(token_draw(cls.prompt_tokens), streams.rng(f"class.{name}.prompt"), n)
+            output = draws(token_draw(cls.output_tokens), streams.rng(f"class.{name}.output"), n)
         if cls.max_output_tokens is not None:
             output = np.minimum(output, cls.max_output_tokens)
         users = cls.users
@@ -199,6 +229,12 @@ def _arrivals(rec: Recorder, workload: Workload, streams: Streams) -> None:
         order = np.argsort(merged[0], kind="stable")
         merged = [c[order] for c in merged]
     arrival, cls_, endpoint, prompt, output, user, feature = merged
+    if trace_ids is not None:  # as TraceSource keeps them: by request index, up to the trace's last request
+        k, ids = trace_ids
+        mine = np.flatnonzero(cls_ == k)
+        rec.trace_id = [None] * (int(mine[-1]) + 1 if len(mine) else 0)
+        for i, trace_id in zip(mine.tolist(), ids.tolist()):
+            rec.trace_id[i] = trace_id
     rec.arrival = Column.of(arrival, "d")
     rec.cls, rec.endpoint, rec.prompt, rec.output = cls_.tolist(), endpoint.tolist(), prompt.tolist(), output.tolist()
     rec.user, rec.feature = user.tolist(), feature.tolist()

@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from sim.config.schema import Api
-from sim.metrics.recorder import ANSWERED, OUTCOMES
-from sim.metrics.stats import t_interval
-from sim.metrics.summary import MEASURES, PERCENTILES
+from sim.metrics.summary import MEASURES, PERCENTILES, SLO_TARGETS
 
 # Requests that did not complete, by why; each shown when any did.
 LOST = (("requests_cancelled", "cancelled by the user"), ("requests_partial", "partial answer"),
@@ -148,10 +146,6 @@ def _share(s: dict, key: str) -> str:
     return _value(s, key, ".2%" if isinstance(v, float) and 0 < abs(v) < 0.01 else ".1%")
 
 
-SLO_TARGETS = (("ttft_s", "ttft"), ("e2e_s", "e2e"), ("tpot_s", "tpot"))
-"""The workload's `slo` fields and the request columns they bound, in the order the verdict names them."""
-
-
 def _slo_lines(result) -> list[str]:
     """The SLO verdict: the goodput's share of the throughput, and how many answers met each target."""
     slo = result.workload.slo
@@ -164,34 +158,10 @@ def _slo_lines(result) -> list[str]:
     share = f" ({good / done:.1%})" if done > 0 and not math.isnan(good) else ""
     said = ", ".join(f"{name} <= {limit:g} s" for name, limit in targets.items())
     lines = [f"slo        {said}: goodput {good:.3f} of throughput {done:.3f} req/s{share} meet every target"]
-    met = slo_met_shares(result, targets)
-    if met:
-        cells = [f"{name} {mean:.1%}" + (f" ±{(high - low) / 2:.1%}" if not math.isnan(low) else "")
-                 for name, (mean, low, high) in met.items()]
+    cells = [f"{name} {_share(s, f'slo_{name}_met_share')}" for name in targets if f"slo_{name}_met_share" in s]
+    if cells:
         lines.append("           answered requests within each target: " + "   ".join(cells))
     return lines
-
-
-def slo_met_shares(result, targets: dict[str, float]) -> dict[str, tuple[float, float, float]]:
-    """Per target (`ttft`, `e2e`, `tpot` -> its bound in s): the share of answered requests within it.
-
-    The requests are those the latency table measures (answered, arrived after each
-    replication's warm-up); each replication gives a share and the result is their mean with
-    its 95% interval (NaN bounds with one replication). A one-token answer has no TPOT and
-    passes, as in the goodput. Empty when the run kept no per-request table.
-    """
-    req = result.requests
-    if req is None or req.empty:
-        return {}
-    warmup = result.replications.set_index("replication")["warmup_s"]
-    answered = req["outcome"].isin([OUTCOMES[code] for code in ANSWERED])
-    measured = req[answered & (req["arrival_s"] >= req["replication"].map(warmup))]
-    out = {}
-    for name, limit in targets.items():
-        within = ~(measured[f"{name}_s"] > limit)  # NaN (no TPOT) passes
-        shares = within.groupby(measured["replication"]).mean().to_numpy(float)
-        out[name] = t_interval(shares)
-    return out
 
 
 def _pipeline_lines(s: dict) -> list[str]:
@@ -287,12 +257,12 @@ def _ledger_lines(result) -> list[str]:
                 if k.startswith("cost_per_request_") and k != "cost_per_request_usd" and not k.endswith(("_low", "_high"))]
     if features:
         lines.append("by feature " + "   ".join(f"{name} ${value:.5f}/request" for name, value in features))
-    book = getattr(result, "ledger", None)
-    if book is not None and book["user"].nunique() > 1 and book["usd"].sum() > 0:
-        per_run = book.groupby("user")["usd"].sum() / max(s["replications"], 1)
-        top = per_run.sort_values(ascending=False).head(3)
-        share = top.sum() / per_run.sum()
-        lines.append("top users  " + "   ".join(f"#{user} ${usd:.2f}" for user, usd in top.items())
+    spent = result.user_usd
+    if len(spent) > 1 and sum(spent.values()) > 0:
+        top = sorted(spent.items(), key=lambda item: -item[1])[:3]
+        share = sum(usd for _, usd in top) / sum(spent.values())
+        runs = max(s["replications"], 1)
+        lines.append("top users  " + "   ".join(f"#{user} ${usd / runs:.2f}" for user, usd in top)
                      + f"   ({share:.0%} of the run's cost, per replication)")
     return lines
 
