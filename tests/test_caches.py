@@ -23,7 +23,17 @@ from test_theory import check, wide_interval
 from sim.config.caches import CacheSpec, OutputCacheSpec
 from sim.config.distributions import Constant, Exponential
 from sim.config.schema import Workload
-from sim.model.application.caches import BYPASS, HIT, MISS, STALE_HIT, Audience, Cache, warm_up, zipf_draw
+from sim.metrics.recorder import Recorder
+from sim.model.application.caches import (
+    BYPASS,
+    HIT,
+    MISS,
+    STALE_HIT,
+    Audience,
+    Cache,
+    warm_up,
+    zipf_draw,
+)
 from sim.model.streams import Streams
 
 
@@ -775,7 +785,7 @@ def test_pipeline_warm_up_s_starts_the_caches_warm_on_the_same_traffic():
     cold_wl, warm_wl = personalised("global", ttl_s=None), personalised("global", ttl_s=None, warm_up_s=600.0)
     cold, warm = simulate(cold_wl), simulate(warm_wl)
     assert cold.arrival == warm.arrival and cold.user == warm.user  # the same requests
-    first = lambda rec: np.asarray(rec.cache_code).reshape(-1, 2)[:300, 1]  # noqa: E731 - the first lookups
+    first = lambda rec: Recorder.rows(rec.cache_code, 2)[:300, 1]  # noqa: E731 - the first lookups
     assert np.mean(first(warm) != MISS) > np.mean(first(cold) != MISS) + 0.1
     assert summaries(warm_wl, 1)[0]["cache_hit_rate_output"] > summaries(cold_wl, 1)[0]["cache_hit_rate_output"]
 

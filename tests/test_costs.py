@@ -14,8 +14,9 @@ import sim
 from sim.config.schema import Workload
 from sim.config.serving import BATCH_PRICE_MULTIPLIER
 from sim.metrics.ledger import STAGES, ledger
-from sim.model.application.caches import BYPASS
+from sim.metrics.recorder import Recorder
 from sim.metrics.summary import choose_warmup, metric_names, summarise
+from sim.model.application.caches import BYPASS
 from sim.model.pipeline import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,7 +252,7 @@ def test_an_output_cache_server_is_billed_to_its_lookups_only(tmp_path):
         "pipeline": {"output_cache": cache}})
     rec = simulate(workload)
     book = ledger(rec, workload)
-    looked = {i for i, code in zip(rec.cache_code[::2], rec.cache_code[1::2]) if code != BYPASS}
+    looked = {i for i, code in Recorder.rows(rec.cache_code, 2, np.int64).tolist() if code != BYPASS}
     paid = set(book[book["stage"] == "cache"]["request"])
     assert paid == looked and 0.3 * len(rec.arrival) < len(paid) < 0.7 * len(rec.arrival)
     assert book["usd"].sum() == pytest.approx(1.0)

@@ -61,10 +61,9 @@ def billed(calls: Recorder) -> tuple[np.ndarray, np.ndarray]:
 def cache_columns(calls: Recorder) -> tuple[np.ndarray, np.ndarray]:
     """Per call: prompt tokens read from a prompt cache, and written to it (zeros without caches)."""
     n = len(calls.arrival)
-    read, written = np.zeros(n), np.zeros(n)
-    for c, (r, w) in (calls.cached_tokens or {}).items():
-        read[c], written[c] = r, w
-    return read, written
+    if calls.cached_tokens is None:
+        return np.zeros(n), np.zeros(n)
+    return calls.cached_tokens.columns(n)
 
 
 def api_usd(model: Api, prompt: np.ndarray, output: np.ndarray, read: np.ndarray, written: np.ndarray,

@@ -61,10 +61,74 @@ class Column(array):
 
     @classmethod
     def of(cls, values: np.ndarray, typecode: str) -> "Column":
-        """A column holding an array's values (copied at memory speed)."""
+        """A column holding an array's values (copied once, at memory speed)."""
         column = cls(typecode)
-        column.frombytes(np.ascontiguousarray(values, dtype=np.float64 if typecode == "d" else np.int64).tobytes())
+        values = np.ascontiguousarray(values, dtype=np.float64 if typecode == "d" else np.int64)
+        column.frombytes(memoryview(values).cast("B"))
         return column
+
+
+class FlatLog(list):
+    """A per-request log of numbers, rows one after another (`Recorder.rows` reads them back as a table).
+
+    A list while the model writes it (an append is the cheapest write Python has), whose contents move
+    to an array of unboxed floats every SPILL values (`spill`, called by the monitor between events): a
+    number in a list costs 8 bytes and, unless it is a small integer, a 24-byte object; in the array 8
+    bytes. So a long run's logs cost 8 bytes a value at little more than a list's speed. Only the rows
+    not yet spilled are in the list: the model never reads a log back during the run.
+    """
+
+    __slots__ = ("spilled",)
+    SPILL = 1 << 15
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spilled: list[np.ndarray] = []
+
+    def spill(self) -> None:
+        """Move the values written so far into an array (when there are enough to be worth one)."""
+        if len(self) >= self.SPILL:
+            self.spilled.append(np.asarray(self, dtype=float))
+            del self[:]
+
+    def values(self, dtype=float) -> np.ndarray:
+        """Every value written, in order."""
+        if not self.spilled:
+            return np.asarray(self, dtype=dtype)
+        return np.concatenate(self.spilled + [np.asarray(self, dtype=float)]).astype(dtype, copy=False)
+
+
+class CachedTokens:
+    """Per call (or request): prompt tokens read from a prompt or prefix cache, and written to it ((0, 0)
+    where none was looked up: the same for everything that reads it). Two unboxed columns grown as calls
+    are looked up, 16 bytes a call where a dict of tuples took 120."""
+
+    __slots__ = ("read", "written")
+
+    def __init__(self) -> None:
+        self.read, self.written = ints(), ints()
+
+    def __setitem__(self, c: int, value: tuple[int, int]) -> None:
+        short = c + 1 - len(self.read)
+        if short > 0:
+            self.read.frombytes(bytes(8 * short))
+            self.written.frombytes(bytes(8 * short))
+        self.read[c], self.written[c] = value
+
+    def __getitem__(self, c: int) -> tuple[int, int]:
+        return (self.read[c], self.written[c]) if c < len(self.read) else (0, 0)
+
+    def columns(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(read, written) of calls 0..n-1, as float arrays."""
+        read, written = np.zeros(n), np.zeros(n)
+        k = min(n, len(self.read))
+        read[:k], written[:k] = np.asarray(self.read)[:k], np.asarray(self.written)[:k]
+        return read, written
+
+
+FLAT_LOGS = ("cache_code", "cache_leak", "budget", "quality", "quality_inputs", "stage_log", "retrieval_usage",
+             "flow_log")
+"""The Recorder's FlatLogs (None where the workload has no such stage)."""
 
 
 def floats() -> Column:
@@ -101,20 +165,20 @@ class Recorder:
         self.endpoint_names = endpoint_names
         self.feature_names = list(feature_names)
         self.class_priority = list(class_priority) or [0] * len(class_names)
-        # Columns the model reads back on its hot path stay lists (a list hands out the object it holds; a
-        # Column makes a new one per read); small integers cost a list no more than a Column (8 bytes: they
-        # are shared objects). The rest are Columns.
+        # Columns of small integers the model reads back on its hot path stay lists (a list hands out the
+        # object it holds, where a Column makes a new one per read, and small integers are shared objects:
+        # 8 bytes either way). The rest are Columns: a token count or user id in a list would cost 36 bytes.
         self.cls: list[int] = []
         self.endpoint: list[int] = []
         self.arrival = floats()
         self.admit = floats()
         self.first_token = floats()
         self.end = floats()
-        self.prompt: list[int] = []
-        self.output: list[int] = []
+        self.prompt = ints()
+        self.output = ints()
         self.replica = ints()
         self.outcome: list[int] = []
-        self.user: list[int] = []
+        self.user = ints()
         self.feature: list[int] = []
         self.attempts = Attempts()       # 1 + retries after a 429
         self.prefix_blocks: Optional[list] = None  # per request: prompt prefix block ids (Mooncake replays)
@@ -140,7 +204,7 @@ class Recorder:
         self.validation_retries: Optional[dict] = None  # request -> structured-output retries (those retried)
         self.retrieval_stats: Optional[dict] = None     # the retrieval stage's counters over the whole run
         self.retrieval_usage: Optional[list] = None     # with priced retrieval: Retrieval.usage rows (the ledger's)
-        self.cached_tokens: Optional[dict] = None       # on calls with prompt caches: call -> (read, written)
+        self.cached_tokens: Optional[CachedTokens] = None  # on calls with prompt caches: call -> (read, written)
         self.generated: dict[int, int] = {}             # stopped before the end (cancelled, timed out): tokens made
         self.flow_log: Optional[list] = None            # with flows: rows of flow.FLOW_FIELDS, a step each
         self.flow_steps = None                          # ... the steps' names, tools and stages (flow.FlowSteps)
@@ -180,7 +244,15 @@ class Recorder:
     @staticmethod
     def rows(log: list, width: int, dtype=float) -> np.ndarray:
         """A flat per-request log as an array of rows."""
-        return np.asarray(log, dtype=dtype).reshape(-1, width)
+        values = log.values(dtype) if isinstance(log, FlatLog) else np.asarray(log, dtype=dtype)
+        return values.reshape(-1, width)
+
+    def spill_logs(self) -> None:
+        """Move the flat logs' values into arrays (see FlatLog): between events, now and then."""
+        for name in FLAT_LOGS:
+            log = getattr(self, name)
+            if log is not None:
+                log.spill()
 
     def frame(self) -> pd.DataFrame:
         """All requests as a DataFrame (times in seconds)."""

@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Optional
 import simpy
 
 from sim.config.schema import Api, SelfHosted, Workload
-from sim.metrics.recorder import Recorder
+from sim.metrics.recorder import CachedTokens, Recorder
 from sim.model.application.lifecycle import Lifecycle
 from sim.model.serving.api import BatchLane, streaming_draws
 from sim.model.serving.autoscaler import Autoscaler, ScaleToZero
@@ -147,7 +147,7 @@ def build_endpoint(env: simpy.Environment, name: str, index: int, workload: Work
         if model.engine is not None:
             batch = full_batch(workload, name)
             if model.engine.prefix_cache is not None and recorder.cached_tokens is None:
-                recorder.cached_tokens = {}  # request -> (prefix tokens read from the cache, computed)
+                recorder.cached_tokens = CachedTokens()  # request -> (prefix tokens read from the cache, computed)
 
             def new_replica(cold_start_s: float = model.cold_start_s) -> EngineReplica:
                 r = len(endpoint.servers) + len(endpoint.retired)  # a new index (and noise stream) each time
@@ -218,10 +218,15 @@ def start_monitor(env: simpy.Environment, endpoints: list[Endpoint], recorder: R
     """
     times = monitor_times(sim, measure_end_s)
 
+    calls = recorder.calls
+
     def sample(event) -> None:
         now = env.now
         recorder.samples.append((now, {e.name: e.counters(now) for e in endpoints}))
         recorder.gauges.append((now, {e.name: e.gauges() for e in endpoints}))
+        recorder.spill_logs()  # a long run's logs as unboxed arrays (see FlatLog)
+        if calls is not None:
+            calls.spill_logs()
         t = next(times, None)
         if t is not None:  # one sample scheduled at a time keeps the event queue short
             # Exactly at the planned time: the summary looks up the samples at the window's edges.

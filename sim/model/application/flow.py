@@ -25,7 +25,7 @@ import simpy
 from sim.config.flow import STEP_LABELS, FlowStep, ToolSpec
 from sim.config.pipeline import Pipeline
 from sim.config.schema import Workload
-from sim.metrics.recorder import COMPLETED, TIMED_OUT, Recorder
+from sim.metrics.recorder import COMPLETED, TIMED_OUT, FlatLog, Recorder
 from sim.model.events import call_later
 from sim.model.streams import BlockSampler, Streams, token_draw, uniform01
 from sim.model.traffic.ratelimit import RetryPolicy, uniform_pm1
@@ -140,7 +140,7 @@ class Flows:
             k = next(j for j, s in enumerate(flow) if s.answer)
             self.plans.append((self._compile(where, flow[:k], True), self._compile(where, flow[k + 1:], True)))
         self.side: dict[int, tuple] = {}   # model step call -> (request state, node, then, start)
-        rec.flow_log, rec.flow_steps, rec.flow_calls, rec.flow_tools = [], self.steps, [], self.tool_names
+        rec.flow_log, rec.flow_steps, rec.flow_calls, rec.flow_tools = FlatLog(), self.steps, [], self.tool_names
 
     # --- compiling ------------------------------------------------------------------
     def _compile(self, where: str, steps: list[FlowStep], top: bool) -> tuple:

@@ -23,7 +23,18 @@ import simpy
 
 from sim.config.pipeline import Pipeline, Quality
 from sim.config.schema import Workload
-from sim.metrics.recorder import CANCELLED, COMPLETED, PARTIAL, REJECTED, TIMED_OUT, TRY_LATER, Recorder
+from sim.metrics.recorder import (
+    CANCELLED,
+    COMPLETED,
+    PARTIAL,
+    REJECTED,
+    TIMED_OUT,
+    TRY_LATER,
+    CachedTokens,
+    FlatLog,
+    Recorder,
+    ints,
+)
 from sim.model.events import call_later
 from sim.model.serving.prompt_cache import PrefixCache
 from sim.model.streams import BlockSampler, Streams, uniform01
@@ -90,7 +101,7 @@ class Lifecycle:
         self.calls = calls
         self.endpoints = endpoints
         self.done = done
-        self.parent: list[int] = []          # per call: its request
+        self.parent = ints()                 # per call: its request
         calls.parent = self.parent
         self.live: dict[int, _Request] = {}  # requests running, by index
         names = list(workload.traffic.classes)
@@ -112,9 +123,10 @@ class Lifecycle:
         self.prompt_caches = [PrefixCache(m.prompt_cache) if m.prompt_cache is not None else None
                               for m in workload.models.values()]
         if any(self.prompt_caches):
-            calls.cached_tokens = {}
+            calls.cached_tokens = CachedTokens()
         self.router = Routing(spec, workload, streams) if spec.router is not None else None
-        self.retrieval = (Retrieval(env, spec.retrieval, streams, warm=workload.simulation.warm, audience=self.audience)
+        self.retrieval = (Retrieval(env, spec.retrieval, streams, warm=workload.simulation.warm, audience=self.audience,
+                                    keep_records=False)
                           if spec.retrieval is not None else None)
         chain = [("output", self.cache, False)] if self.cache is not None else []
         warm_up(chain + (self.retrieval.cache_chain() if self.retrieval is not None else []), workload, streams)
@@ -134,19 +146,19 @@ class Lifecycle:
                                     self._deadline, self._call_timed_out)
             for endpoint in endpoints:
                 endpoint.allow_cancel()
-        recorder.quality = [] if self.router is not None else None
+        recorder.quality = FlatLog() if self.router is not None else None
         self.quality: Optional[QualityInputs] = None
         if spec.quality is not None or spec.router is not None:  # answers have a quality (scored after the run)
             self.quality = QualityInputs(spec, self.budgets[0].section_names if self.budgets is not None else ())
-            recorder.quality_inputs, recorder.quality_spec = [], spec
+            recorder.quality_inputs, recorder.quality_spec = FlatLog(), spec
             recorder.quality_rng = streams.rng("quality")
-        recorder.cache_code = [] if self.cache is not None else None
-        recorder.cache_leak = [] if self.cache is not None else None
-        recorder.budget = [] if self.budgets is not None else None
+        recorder.cache_code = FlatLog() if self.cache is not None else None
+        recorder.cache_leak = FlatLog() if self.cache is not None else None
+        recorder.budget = FlatLog() if self.budgets is not None else None
         recorder.budget_sections = self.budgets[0].section_names if self.budgets is not None else ()
         # Stage times the calls table cannot tell: (request, gate, cache, evaluation, post-processing,
         # retrieval, retry) seconds.
-        recorder.stage_log = []
+        recorder.stage_log = FlatLog()
         for endpoint in endpoints:
             endpoint.on_done = self.call_done
         self.flows: Optional[Flows] = (Flows(env, workload, recorder, calls, streams, endpoints, self)
@@ -234,7 +246,7 @@ class Lifecycle:
         r = self.live.get(i)
         if r is None:  # stopped at its time limit meanwhile
             return
-        record = self.retrieval.records[-1]  # request i's, as the retrieval promises inside done
+        record = self.retrieval.last  # request i's, as the retrieval promises inside done
         r.retrieval_s += record[2] - record[1]
         self._call(r)
 

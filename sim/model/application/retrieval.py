@@ -3,8 +3,8 @@
     retrieval = Retrieval(env, spec, streams)
     retrieval.run(i, done)             # later, done(i) once request i's retrieval is complete
     retrieval.retrieve_more(i, done)   # an escalation: the escalation stages only (query already embedded)
-    retrieval.records[-1]              # inside done(i): request i's row (see RECORD_FIELDS)
-    retrieval.columns()                # at the end: flat numpy columns for a DataFrame
+    retrieval.last                     # inside done(i): request i's row (see RECORD_FIELDS)
+    retrieval.columns()                # at the end: every row as flat numpy columns (keep_records)
 
 A request's way: retrieval cache lookup (hit: done after the hit latency, but
 for the hops to `fresh` backends, whose output is never cached: they run then) ->
@@ -33,6 +33,7 @@ import numpy as np
 import simpy
 
 from sim.config.retrieval import BackendSpec, EmbeddingSpec, RetrievalSpec, StageSpec
+from sim.metrics.recorder import FlatLog
 from sim.model.events import call_later
 from sim.model.streams import BlockSampler, Streams, token_draw
 
@@ -233,9 +234,10 @@ class Retrieval:
     """Runs requests' retrievals: caches, batched embedding, stages of parallel hops to FIFO backends."""
 
     def __init__(self, env: simpy.Environment, spec: RetrievalSpec, streams: Streams, warm: bool = False,
-                 audience: Optional[Audience] = None) -> None:
+                 audience: Optional[Audience] = None, keep_records: bool = True) -> None:
         """`warm` fills both (global) caches with their most popular keys, as `warm: top` does (the --warm
-        flag); `audience` tells the caches who asks (needed for scoped caches, and to count leaks)."""
+        flag); `audience` tells the caches who asks (needed for scoped caches, and to count leaks);
+        `keep_records` keeps every retrieval's row for `columns` (a run needs only the `last`)."""
         self.env = env
         self.spec = spec
         self.backends: dict[str, Backend] = {
@@ -271,7 +273,8 @@ class Retrieval:
                 self.embedding_cache.start(warm)
                 # One query, one key: both caches are asked for it when they describe the same queries.
                 self._shared_key = spec.cache is not None and spec.cache.keys == ec.keys
-        self.records: list[tuple] = []
+        self.records: Optional[list[tuple]] = [] if keep_records else None
+        self.last: Optional[tuple] = None
         self.started = 0
         self.completed = 0
         self._init_metering(spec, streams)
@@ -284,7 +287,7 @@ class Retrieval:
                         or any(c.hourly_usd for c in caches)
                         or (embedding is not None and bool(embedding.price_per_mtok or embedding.hourly_usd)))
         # Rows of USAGE_FIELDS followed by the hops to each backend (in `spec.backends` order).
-        self.usage: list[float] = []
+        self.usage = FlatLog()
         self._backend_index = {name: k for k, name in enumerate(spec.backends)}
         self._query_tokens: Optional[Callable[[], float]] = None
         if embedding is not None and embedding.query_tokens is not None and self.metered:
@@ -433,8 +436,9 @@ class Retrieval:
         if job.rkey >= 0:
             self.cache.insert(job.rkey, now, job.i)
         self.completed += 1
-        self.records.append((job.i, job.start, now, job.emb_wait, job.emb_s, job.rcode, job.ecode,
-                             job.stage_s, job.escalation))
+        self.last = (job.i, job.start, now, job.emb_wait, job.emb_s, job.rcode, job.ecode, job.stage_s, job.escalation)
+        if self.records is not None:
+            self.records.append(self.last)
         if self.metered:
             self._meter(job)
         job.done(job.i)

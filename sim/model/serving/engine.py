@@ -170,7 +170,7 @@ class EngineReplica:
             if ids is not None:
                 read = min(self.block_cache.admit(ids.tolist()) * self.block_cache.block_tokens, prompt - 1)
                 cached[i] = (read, prompt - read)
-        if cached is not None and i in cached:
+        if cached is not None:
             prompt = max(1, prompt - cached[i][0])  # the last token is always computed: it yields the first output
         self.prefilling.append([i, prompt])
         phase = self.phase
