@@ -170,8 +170,8 @@ class EngineReplica:
             if ids is not None:
                 read = min(self.block_cache.admit(ids.tolist()) * self.block_cache.block_tokens, prompt - 1)
                 cached[i] = (read, prompt - read)
-        if cached is not None:
-            prompt = max(1, prompt - cached[i][0])  # the last token is always computed: it yields the first output
+        if cached is not None and i < len(cached.read):  # (CachedTokens[i], inlined: asked for every join)
+            prompt = max(1, prompt - cached.read[i])  # the last token is always computed: it yields the first output
         self.prefilling.append([i, prompt])
         phase = self.phase
         if phase == IDLE:
