@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from sim import __version__
 from sim.config.loader import ConfigError, load_workload
 from sim.report.text import json_safe
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_POINTS_FAILED = 0, 1, 2, 3
+FORMATS = ("text", "json", "csv")
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what the shell shows for a program whose reader stopped (`| head`)
 
 
@@ -49,6 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llmsim", description="Capacity-planning simulator for LLM application stacks.")
+    parser.add_argument("--version", action="version", version=f"llmsim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="simulate a workload and print its summary")
@@ -57,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replications", type=_positive_int, help="replications (default: the workload's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a field, e.g. --set models.llama8b.replicas=4 (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the summary as one flat JSON object")
+    p.add_argument("--format", choices=FORMATS, help="text (default), json (one flat object) or csv (a header "
+                   "row of metric names, then their values; NaN left empty)")
+    p.add_argument("--json", action="store_true", help="the same as --format json")
     p.add_argument("--out", type=Path,
                    help="write requests, replications, timeseries and ledger (.parquet) and summary.json here")
     p.add_argument("--warm", action="store_true",
@@ -103,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replications for both (default: the larger of the two workloads')")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a field in both workloads (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    p.add_argument("--format", choices=FORMATS, help="text (default), json (one object) or csv (a row per metric: "
+                   "a, b, the difference, its interval, relative, verdict)")
+    p.add_argument("--json", action="store_true", help="the same as --format json")
     p.add_argument("--metrics", metavar="A,B,...",
                    help="the rows to compare, comma-separated summary metric names (default: the headlines)")
     p.add_argument("--force", action="store_true", help="run even when the work estimate is over the limit")
@@ -216,9 +223,10 @@ def _silence_stdout() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sim.experiments.run import run
-    from sim.report.text import format_summary, json_safe, write_outputs
+    from sim.report.text import format_summary, json_safe, summary_csv, write_outputs
 
     _check_out_folder(args.out)  # before the run: a bad --out should not cost the whole simulation
+    fmt = _output_format(args)
     overrides = args.overrides + (["simulation.warm=true"] if args.warm else [])
     say = None if args.quiet else (lambda line: print(f"llmsim run: {line}", file=sys.stderr, flush=True))
     result = run(args.workload, seed=args.seed, replications=args.replications, overrides=overrides,
@@ -229,11 +237,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             write_outputs(result, args.out)
         except OSError as err:  # the disk filled up, or the folder went away during the run
             raise ConfigError([f"--out {args.out}: cannot write: {err.strerror or err}"]) from None
-    if args.json:
+    if fmt == "json":
         print(json.dumps(json_safe(result.summary)))
+    elif fmt == "csv":
+        print(summary_csv(result.summary), end="")
     else:
         print(format_summary(result))
     return EXIT_OK
+
+
+def _output_format(args: argparse.Namespace) -> str:
+    """--format, with --json as its synonym for json."""
+    if args.json and args.format not in (None, "json"):
+        raise ConfigError([f"--json and --format {args.format}: give one of them"])
+    return "json" if args.json else args.format or "text"
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -350,12 +367,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from sim.experiments.compare import compare, comparison_json, format_comparison
+    from sim.experiments.compare import compare, comparison_csv, comparison_json, format_comparison
 
+    fmt = _output_format(args)
     metrics = None if args.metrics is None else args.metrics.split(",")
     comparison = compare(args.a, args.b, seed=args.seed, replications=args.replications, overrides=args.overrides,
                          force=args.force, metrics=metrics)
-    print(json.dumps(comparison_json(comparison)) if args.json else format_comparison(comparison))
+    if fmt == "json":
+        print(json.dumps(comparison_json(comparison)))
+    elif fmt == "csv":
+        print(comparison_csv(comparison), end="")
+    else:
+        print(format_comparison(comparison))
     return EXIT_OK
 
 

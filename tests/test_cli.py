@@ -1,6 +1,8 @@
 """The `llmsim` command end to end: every shipped workload, outputs, errors, reproducibility."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import subprocess
@@ -64,6 +66,36 @@ def test_every_summary_key_is_documented_in_the_readme(capsys):
             generic = re.sub(r"^throughput_.+_rps$", "throughput_<class>_rps", generic)
             generic = re.sub(r"^rate_limited_share_.+$", "rate_limited_share_<class>", generic)
             assert generic in documented, f"{key} ({path.name}) is not in the README's output table"
+
+
+def test_run_and_compare_print_csv_for_other_tools(capsys):
+    mmc = ROOT / "workloads/mmc.yaml"
+    short = ("--set", "simulation.duration_s=3000", "--set", "simulation.warmup_s=100", "--replications", "2")
+    summary = run_json(capsys, mmc, *short)
+    assert main(["run", str(mmc), *short, "--format", "csv"]) == 0
+    header, values = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert header == list(summary)
+    row = dict(zip(header, values))
+    assert float(row["e2e_p95_s"]) == summary["e2e_p95_s"] and row["workload"] == "mmc"
+    assert main(["run", str(mmc), *short, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == summary  # --json is its synonym
+    assert main(["run", str(mmc), "--json", "--format", "csv"]) == 2
+    assert capsys.readouterr().err.strip() == "--json and --format csv: give one of them"
+    pair = (str(ROOT / "workloads/chat-selfhosted.yaml"), str(ROOT / "workloads/chat-api.yaml"),
+            "--set", "simulation.duration_s=300", "--replications", "2", "--metrics", "ttft_p95_s,cost_per_1k_usd")
+    assert main(["compare", *pair, "--json"]) == 0
+    as_json = json.loads(capsys.readouterr().out)["metrics"]
+    assert main(["compare", *pair, "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["metric"] for r in rows] == ["ttft_p95_s", "cost_per_1k_usd"]
+    for r in rows:
+        assert float(r["diff"]) == as_json[r["metric"]]["diff"] and r["verdict"] == as_json[r["metric"]]["verdict"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"llmsim {sim.__version__}"
 
 
 def test_same_seed_same_numbers_bit_for_bit(capsys):

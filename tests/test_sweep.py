@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -91,6 +92,9 @@ def test_sweep_writes_one_row_per_point_and_replication(tmp_path):
     result = sweep(write(tmp_path, GRID), out=tmp_path / "out", workers=1, progress=False)
     frame = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert len(frame) == 6 * 2 and result.failed == 0
+    as_csv = pd.read_csv(tmp_path / "out" / "results.csv")  # the same table for tools that read no Parquet
+    assert list(as_csv.columns) == list(frame.columns)
+    assert np.allclose(as_csv["queue_wait_mean_s"], frame["queue_wait_mean_s"], rtol=1e-12, atol=0)
     assert list(frame.columns[:6]) == ["point", "point_key", "variant", "traffic.rate_scale",
                                        "models.server.replicas", "replication"]
     assert set(frame["status"]) == {"ok"}

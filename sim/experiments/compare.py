@@ -9,6 +9,8 @@ own variability cancels out).
 """
 from __future__ import annotations
 
+import csv
+import io
 import math
 import re
 from dataclasses import dataclass, field
@@ -480,6 +482,20 @@ def summary_line(table: pd.DataFrame) -> str:
     if unchanged:
         parts.append("no significant change in " + ", ".join(unchanged))
     return "B vs A: " + "; ".join(parts)
+
+
+CSV_FIELDS = ("a", "b", "diff", "diff_ci95_low", "diff_ci95_high", "rel_diff", "rel_ci95_low", "rel_ci95_high",
+              "significant", "verdict", "better")
+
+
+def comparison_csv(comparison: Comparison) -> str:
+    """The comparison as CSV: a row per metric, the fields of `comparison_json` (no value: empty)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(("metric",) + CSV_FIELDS)
+    for metric, entry in comparison_json(comparison)["metrics"].items():
+        writer.writerow([metric] + ["" if entry[k] is None else entry[k] for k in CSV_FIELDS])
+    return out.getvalue()
 
 
 def comparison_json(comparison: Comparison) -> dict:

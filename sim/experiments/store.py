@@ -72,6 +72,8 @@ class ResultStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         frame = _parquet_safe(self.frame)
         _replace(self.path, lambda tmp: frame.to_parquet(tmp, index=False))
+        # The same table for tools that read no Parquet (spreadsheets, plain scripts); Parquet stays the reference.
+        _replace(self.path.with_suffix(".csv"), lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def _replace(path: Path, write: Callable[[Path], None]) -> None:

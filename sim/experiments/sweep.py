@@ -3,6 +3,7 @@
 Output folder (default reports/<experiment name>/):
   experiment.json   what was run (the resolved experiment and base workload, and its fingerprint)
   results.parquet   one row per point and replication: axis values, seed, status, error, every metric
+  results.csv       the same table as CSV
   capacity.json     with a `capacity:` block: each config's highest load meeting the SLO
   .llmsim.lock      while a sweep writes there: its pid and host
 

@@ -1,6 +1,8 @@
 """The run summary as a person reads it in a terminal, and the files `--out` writes."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -275,6 +277,16 @@ def write_outputs(result, out: Path) -> None:
     result.timeseries.to_parquet(out / "timeseries.parquet", index=False)
     result.replications.to_parquet(out / "replications.parquet", index=False)
     (out / "summary.json").write_text(json.dumps(json_safe(result.summary), indent=2) + "\n")
+
+
+def summary_csv(summary: dict) -> str:
+    """The summary as CSV: a header row of metric names, then one row of values (a metric with no value, empty):
+    runs stack into one table by keeping the first header."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(summary)
+    writer.writerow("" if v is None else v for v in json_safe(summary).values())
+    return out.getvalue()
 
 
 def json_safe(summary: dict) -> dict:
