@@ -223,7 +223,7 @@ def _silence_stdout() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sim.experiments.run import run
-    from sim.report.text import format_summary, json_safe, summary_csv, write_outputs
+    from sim.report.text import format_summary, summary_csv, summary_json, write_outputs
 
     _check_out_folder(args.out)  # before the run: a bad --out should not cost the whole simulation
     fmt = _output_format(args)
@@ -238,7 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OSError as err:  # the disk filled up, or the folder went away during the run
             raise ConfigError([f"--out {args.out}: cannot write: {err.strerror or err}"]) from None
     if fmt == "json":
-        print(json.dumps(json_safe(result.summary)))
+        print(json.dumps(summary_json(result)))
     elif fmt == "csv":
         print(summary_csv(result.summary), end="")
     else:

@@ -14,6 +14,7 @@ from sim.metrics.ledger import ledger
 from sim.metrics.summary import (
     aggregate,
     budget_sections,
+    cache_warming,
     choose_warmup,
     quality_columns,
     stage_times,
@@ -21,7 +22,7 @@ from sim.metrics.summary import (
 )
 from sim.metrics.timeseries import timeseries
 from sim.model import fastpath
-from sim.model.offered import offered_load_rps, offered_utilisation
+from sim.model.offered import offered_load_rps, offered_utilisation, provider_limit_warnings
 from sim.model.pipeline import simulate
 from sim.model.traffic.arrivals import user_count
 
@@ -112,14 +113,23 @@ def workload_warnings(workload: Workload) -> list[str]:
     """
     out = []
     duration, scale = workload.simulation.duration_s, workload.traffic.rate_scale
-    for name, cls in workload.traffic.classes.items():
+    classes = workload.traffic.classes
+    for name, cls in classes.items():
         arrival = cls.arrival
         if isinstance(arrival, TraceArrivals):
             dropped = arrival.arrivals_after(duration, scale)
             if dropped:
                 out.append(f"traffic.classes.{name}.arrival: {dropped:,} of {len(arrival.replay):,} trace arrivals "
                            f"fall after duration_s={duration:g} and are not replayed")
-    return out
+    for k, spec in enumerate(workload.rate_limits):
+        # A class without a users block is one user: a per-user limit then throttles the whole class.
+        single = [n for n in (spec.classes or classes) if "users" not in classes[n].model_fields_set
+                  and user_count(classes[n]) == 1]
+        if spec.scope == "user" and single:
+            out.append(f"rate_limits[{k}]: a per-user limit on {', '.join(single)}, whose requests all come from one "
+                       f"user (no users block): it throttles the whole class as one user; give "
+                       f"traffic.classes.{single[0]}.users.count")
+    return out + provider_limit_warnings(workload)
 
 
 def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
@@ -161,6 +171,8 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
                        ticks=ticker.ticks(estimate.peak_requests) if ticker else 20)
         warnings += rec.warnings
         warmup = choose_warmup(rec, workload)
+        if r == 0:  # (replications are alike: the first tells)
+            warnings += cache_warming(rec, workload, warmup)
         rows.append({"replication": r, "offered_load_rps": load, **summarise(rec, workload, warmup, offered)})
         if keep_requests:
             frame = rec.frame()

@@ -270,6 +270,33 @@ GUARD_METRICS = ["guard_retries_per_request", "guard_call_timeouts_per_request",
                  "guard_tool_limited_share"]
 
 
+def cache_warming(rec: Recorder, workload: Workload, warmup_s: float) -> list[str]:
+    """A warning when the output cache's hit rate still climbs at the end of the run: over the second half of
+    the measuring window it beats the first half by more than 2 points and 3 standard errors, so the run's
+    figures (hit rate, latency, cost) are not yet the cache's steady state."""
+    from sim.model.application.caches import BYPASS, HIT, STALE_HIT
+
+    if rec.cache_code is None:
+        return []
+    log = Recorder.rows(rec.cache_code, 2, np.int64)
+    arrival = np.asarray(rec.arrival, dtype=float)[log[:, 0]]
+    end = workload.measure_end_s()
+    looked = (log[:, 1] != BYPASS) & (arrival >= warmup_s) & (arrival < end)
+    second = arrival >= (warmup_s + end) / 2
+    hit = np.isin(log[:, 1], (HIT, STALE_HIT))
+    n1, n2 = int((looked & ~second).sum()), int((looked & second).sum())
+    if min(n1, n2) < 100:
+        return []
+    h1, h2 = hit[looked & ~second].mean(), hit[looked & second].mean()
+    pooled = hit[looked].mean()
+    error = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if h2 - h1 <= max(0.02, 3 * error):
+        return []
+    return [f"pipeline.output_cache: still warming at the end of the run (hit rate {h1:.1%} in the first half of "
+            f"the measuring window, {h2:.1%} in the second): its figures are not its steady state; run longer, "
+            "or start it warm (pipeline.output_cache.warm_up_s)"]
+
+
 def _pipeline_stats(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> dict[str, float]:
     """Outcomes, model calls per request, cache hit rates, quality, guardrails, budget truncation (after warm-up)."""
     if rec.calls is None:
@@ -287,7 +314,7 @@ def _pipeline_stats(rec: Recorder, arrived: np.ndarray, outcome: np.ndarray) -> 
         out["cache_bypass_share_output"] = float((codes == BYPASS).mean()) if codes.size else math.nan
         out["cache_hit_rate_output"] = float(np.isin(looked, (HIT, STALE_HIT)).mean()) if looked.size else math.nan
         out["cache_stale_hit_rate_output"] = float((looked == STALE_HIT).mean()) if looked.size else math.nan
-        leaks = arrived[np.asarray(rec.cache_leak, dtype=np.int64)].sum() if rec.cache_leak else 0
+        leaks = arrived[Recorder.rows(rec.cache_leak, 1, np.int64)[:, 0]].sum()
         out["cache_leak_rate_output"] = float(leaks / looked.size) if looked.size else math.nan
     out.update(_quality_dims(rec, arrived))
     if rec.quality is not None:

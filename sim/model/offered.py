@@ -80,6 +80,42 @@ def offered_utilisation(workload: Workload) -> dict[str, float]:
     return result
 
 
+NEAR_LIMIT = 0.8
+"""Offered traffic past this share of a provider's limit gets a warning: bursts will meet it."""
+
+
+def provider_limit_warnings(workload: Workload) -> list[str]:
+    """One line per API endpoint whose offered traffic (past our own rate limits; with a router, the calls it
+    sends there) comes near its provider's rpm or tpm, naming the binding one. A tpm counts prompt + max
+    output tokens, as providers do."""
+    classes = workload.traffic.classes
+    open_rates = {n: open_loop_rate(c) * workload.traffic.rate_scale for n, c in classes.items()}
+    passed, _ = rates_past_limits(workload, open_rates, _tokens)
+    prompt, routed = _budget_prompt(workload), routed_calls(workload)
+    out = []
+    for name, model in workload.models.items():
+        limits = getattr(model, "limits", None)
+        if limits is None:
+            continue
+        calls = tokens = 0.0  # per minute
+        for cname, cls in classes.items():
+            cost = ((_tokens(cls.prompt_tokens) if prompt is None else prompt)
+                    + (cls.max_output_tokens or _tokens(cls.output_tokens)))
+            for per_request, extra in routed[cname].get(name, []) if routed else [(cls.endpoint_mix().get(name, 0), 0)]:
+                rate = passed[cname] * per_request * 60.0
+                calls += rate
+                tokens += rate * (cost + extra)
+        shares = {f"{unit} {limit:,}": offered / limit
+                  for unit, limit, offered in (("rpm", limits.rpm, calls), ("tpm", limits.tpm, tokens)) if limit}
+        binding = max(shares, key=shares.get)
+        if shares[binding] >= NEAR_LIMIT:
+            what = "exceeds" if shares[binding] > 1 else "comes near"
+            out.append(f"models.{name}.limits: the offered traffic ({calls:,.0f} requests and {tokens:,.0f} tokens a "
+                       f"minute) {what} the provider's {binding} ({shares[binding]:.0%} of it): calls past it get "
+                       "429s and wait (retry); raise the tier, or spread the traffic")
+    return out
+
+
 def routed_calls(workload: Workload) -> Optional[dict[str, dict[str, list[tuple[float, float]]]]]:
     """With a router: per class and endpoint, (model calls per request, extra prompt tokens) per tier.
 

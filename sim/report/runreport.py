@@ -195,6 +195,8 @@ def _checked_summary(summary: dict, path: Path) -> dict:
     for key, value in summary.items():
         if key in TEXT_KEYS or key.startswith("step_times_"):
             ok = value is None or isinstance(value, str)
+        elif key == "warnings":
+            ok = isinstance(value, list) and all(isinstance(line, str) for line in value)
         else:
             ok = value is None or isinstance(value, (int, float))  # bool is an int: the `unstable` flag
         if not ok:

@@ -276,7 +276,12 @@ def write_outputs(result, out: Path) -> None:
     result.requests.to_parquet(out / "requests.parquet", index=False)
     result.timeseries.to_parquet(out / "timeseries.parquet", index=False)
     result.replications.to_parquet(out / "replications.parquet", index=False)
-    (out / "summary.json").write_text(json.dumps(json_safe(result.summary), indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary_json(result), indent=2) + "\n")
+
+
+def summary_json(result) -> dict:
+    """The summary as JSON (NaN as null), with the run's warnings (one line each) as `warnings`."""
+    return {**json_safe(result.summary), "warnings": list(result.warnings)}
 
 
 def summary_csv(summary: dict) -> str:
