@@ -237,6 +237,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             write_outputs(result, args.out)
         except OSError as err:  # the disk filled up, or the folder went away during the run
             raise ConfigError([f"--out {args.out}: cannot write: {err.strerror or err}"]) from None
+        if say is not None:  # on standard error: standard output stays the summary, in its format
+            say(f"wrote summary.json and requests, replications, timeseries and ledger (.parquet) to {args.out}")
     if fmt == "json":
         print(json.dumps(summary_json(result)))
     elif fmt == "csv":

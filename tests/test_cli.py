@@ -120,7 +120,9 @@ def test_out_writes_parquet_and_summary(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", str(ROOT / "workloads/mmc.yaml"), "--set", "simulation.duration_s=2000",
                  "--replications", "2", "--out", str(out)]) == 0
-    assert "queue_wait" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "queue_wait" in printed.out
+    assert printed.err.strip().endswith(f"to {out}")  # where it wrote
     requests = pd.read_parquet(out / "requests.parquet")
     summary = json.loads((out / "summary.json").read_text())
     assert set(requests["replication"]) == {0, 1}

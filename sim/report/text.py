@@ -29,6 +29,14 @@ def _value(summary: dict, key: str, fmt: str) -> str:
     return text
 
 
+HOURS_PER_MONTH = 730.0  # 365 x 24 / 12
+
+
+def _scaled(summary: dict, key: str, factor: float) -> dict:
+    """The metric `key` and its interval times `factor` (a rate per hour as per day, say)."""
+    return {k: summary[k] * factor for k in (key, f"{key}_ci95_low", f"{key}_ci95_high") if k in summary}
+
+
 def format_summary(result) -> str:
     """A readable multi-line summary of a RunResult."""
     s = result.summary
@@ -67,6 +75,10 @@ def format_summary(result) -> str:
         "",
         f"cost       total ${_value(s, 'cost_total_usd', '.2f')}   per hour ${_value(s, 'cost_per_hour_usd', '.2f')}   "
         f"per 1k requests ${_value(s, 'cost_per_1k_usd', '.4f')}",
+        # A budget reads per day and month: the hourly rate of this traffic, held (a month of 730 hours).
+        f"           per day ${_value(_scaled(s, 'cost_per_hour_usd', 24), 'cost_per_hour_usd', ',.0f')}   "
+        f"per month ${_value(_scaled(s, 'cost_per_hour_usd', HOURS_PER_MONTH), 'cost_per_hour_usd', ',.0f')} "
+        "at this traffic",
     ]
     stages = [(k[len("stage_"):-len("_share")], v) for k, v in s.items() if k.startswith("stage_") and k.endswith("_share")]
     if stages:
