@@ -414,3 +414,20 @@ def test_latency_figure_adds_tpot_when_the_slo_bounds_it(tmp_path):
     _, svg = plot_latency(points, experiment(), tmp_path)  # no TPOT SLO: TTFT and e2e only
     assert ">time per output token</text>" not in svg.read_text()
     assert slo_text("tpot_p95_s", slo["tpot_p95_s"]) == "`tpot_p95_s` ≤ 0.05 s"
+
+
+def test_log_axes_read_as_plain_numbers():
+    # The figures print text as typed (text.parse_math off: names come from users' files), so matplotlib's
+    # TeX labels of a log axis ($\mathdefault{10^{3}}$) must not be used: every report had them once.
+    import matplotlib.pyplot as plt
+
+    from sim.report.figures import _RC, log_axis
+
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots()
+        ax.plot([1, 2, 3], [0.05, 3.0, 2000.0])
+        log_axis(ax)
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        plt.close(fig)
+    assert {"0.1", "1", "10", "100", "1000"} <= set(labels) and not any("$" in label for label in labels)

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import PercentFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter, PercentFormatter  # noqa: E402
 
 from sim.metrics.summary import aggregate_points  # noqa: E402
 
@@ -243,7 +243,16 @@ def _by_config(points: pd.DataFrame, x: str) -> Iterable[tuple[str, pd.DataFrame
 def _auto_log(ax, values: Iterable[float], axis: str = "y") -> None:
     v = np.asarray([x for x in values if np.isfinite(x) and x > 0], dtype=float)
     if v.size and v.max() / v.min() > LOG_RATIO:
-        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+        log_axis(ax, axis)
+
+
+def log_axis(ax, axis: str = "y") -> None:
+    """A log scale whose ticks read as plain numbers (0.1, 1, 10): matplotlib's own labels are TeX math
+    ($10^{3}$), which the figures' text.parse_math off would print as typed."""
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    target.set_minor_formatter(NullFormatter())
 
 
 def _save(fig, out_dir: Path, stem: str) -> list[Path]:

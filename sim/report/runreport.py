@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 from sim.config.loader import ConfigError  # noqa: E402
 from sim.config.traces import excerpt  # noqa: E402
 
-from .figures import _RC, Figure, _save  # noqa: E402
+from .figures import _RC, Figure, _save, log_axis  # noqa: E402
 from .review import (
     Bullets,
     FigureBlock,
@@ -59,7 +59,7 @@ def _plot(series: pd.DataFrame, out: Path, stem: str, title: str, panels: list[t
                 ax.plot(series["t_min"], series[column], label=label, linewidth=1.2)
             ax.set_ylabel(ylabel)
             if log and (series[[c for c, _ in lines]] > 0).any().any():
-                ax.set_yscale("log")
+                log_axis(ax)
             ax.legend(fontsize=8, loc="upper left")
         axes[-1, 0].set_xlabel("time since start (min)")
         fig.suptitle(title)
