@@ -228,10 +228,18 @@ def test_every_figure_is_written_as_png_and_svg(sweep_dir, report):
 
 def test_latency_figure_shows_slo_line_and_capacity_markers(sweep_dir, report):
     svg = (sweep_dir / "figures" / "latency_vs_load.svg").read_text()
-    assert ">SLO ttft_p95_s ≤ 1 s</text>" in svg
+    assert ">SLO: p95 time to first token ≤ 1 s</text>" in svg  # the SLO in words
     assert ">max load meeting the SLO</text>" in svg
     assert ">replicas=1</text>" in svg and ">replicas=2</text>" in svg and ">p99</text>" in svg
     assert ">offered load (req/s)</text>" in svg
+    assert ">target load</text>" in svg and "axis cut at 3x the SLO" in svg  # linear around the SLO
+
+
+def test_cost_figures_grey_out_what_fails_the_slo_and_compare_at_the_target_load(sweep_dir, report):
+    per_1k = (sweep_dir / "figures" / "cost_per_1k_vs_load.svg").read_text()
+    assert ">fails the SLO</text>" in per_1k and ">target load</text>" in per_1k
+    pareto = (sweep_dir / "figures" / "cost_vs_latency.svg").read_text()
+    assert re.search(r"cost vs p95 time to first token at [0-9.]+ req/s", pareto)
 
 
 def test_figures_without_a_load_axis_use_the_first_axis(tmp_path):
@@ -410,7 +418,7 @@ def test_latency_figure_adds_tpot_when_the_slo_bounds_it(tmp_path):
     points = prepare_points(results, experiment(slo=slo))
     _, svg = plot_latency(points, experiment(slo=slo), tmp_path)
     text = svg.read_text()
-    assert ">time per output token</text>" in text and ">SLO tpot_p95_s ≤ 0.05 s</text>" in text
+    assert ">time per output token</text>" in text and ">SLO: p95 time per output token ≤ 0.05 s</text>" in text
     _, svg = plot_latency(points, experiment(), tmp_path)  # no TPOT SLO: TTFT and e2e only
     assert ">time per output token</text>" not in svg.read_text()
     assert slo_text("tpot_p95_s", slo["tpot_p95_s"]) == "`tpot_p95_s` ≤ 0.05 s"

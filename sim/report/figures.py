@@ -37,6 +37,10 @@ ENDPOINT_STYLES = ("-", "--", ":", "-.")
 # A plot spanning more than this ratio gets a log axis: saturated points would
 # otherwise flatten everything else against zero.
 LOG_RATIO = 30.0
+# A latency panel with an SLO is linear from 0 to this many times its bound: the region where SLOs live.
+SLO_HEADROOM = 3.0
+# Points that fail the SLO, in cost figures: hollow and grey (a cheap point that fails is no option).
+FAILED = {"color": "silver", "markerfacecolor": "white", "markeredgecolor": "grey"}
 
 # text.parse_math off: names come from the user's files, and `$...$` in one must print as typed,
 # not as TeX math (which fails outright on an unknown command such as `$\x$`).
@@ -232,7 +236,7 @@ def _line(ax, df: pd.DataFrame, x: str, metric: str, colour: str, style: Any = "
     low, high = f"{metric}_ci95_low", f"{metric}_ci95_high"
     if _has(df, low):
         ax.fill_between(df[x].to_numpy(float), df[low].to_numpy(float), df[high].to_numpy(float),
-                        color=colour, alpha=0.15, linewidth=0)
+                        color=colour, alpha=0.3, linewidth=0)
 
 
 def _by_config(points: pd.DataFrame, x: str) -> Iterable[tuple[str, pd.DataFrame]]:
@@ -253,6 +257,11 @@ def log_axis(ax, axis: str = "y") -> None:
     target = ax.yaxis if axis == "y" else ax.xaxis
     target.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     target.set_minor_formatter(NullFormatter())
+
+
+def _legend_beside(ax) -> None:
+    """The legend to the right of the axes, its top at theirs: off the data, and below the title."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
 
 
 def _save(fig, out_dir: Path, stem: str) -> list[Path]:
@@ -292,8 +301,52 @@ def slo_lines(experiment: dict, measure: str) -> list[tuple[str, str, float]]:
     return out
 
 
+MEASURE_WORDS = {"ttft": "time to first token", "e2e": "end-to-end latency", "tpot": "time per output token",
+                 "queue_wait": "queue wait"}
+
+
+def metric_words(metric: str) -> str:
+    """A latency metric as a reader says it: ttft_p95_s -> 'p95 time to first token' (else the id itself)."""
+    for measure, words in MEASURE_WORDS.items():
+        if metric.startswith(f"{measure}_") and metric.endswith("_s"):
+            return f"{metric[len(measure) + 1:-2]} {words}"
+    return metric
+
+
 def _slo_label(metric: str, side: str, bound: float) -> str:
-    return f"SLO {metric} {'≤' if side == 'max' else '≥'} {bound:g} s"
+    return f"SLO: {metric_words(metric)} {'≤' if side == 'max' else '≥'} {bound:g} s"
+
+
+def meets_slo(row: pd.Series, experiment: dict) -> bool:
+    """Whether a point meets every SLO bound on its pessimistic 95% end, as the capacity search judges."""
+    for metric, bound in (experiment.get("slo") or {}).items():
+        high = row.get(f"{metric}_ci95_high", row.get(metric, math.nan))
+        low = row.get(f"{metric}_ci95_low", row.get(metric, math.nan))
+        if bound.get("max") is not None and not high <= bound["max"]:
+            return False
+        if bound.get("min") is not None and not low >= bound["min"]:
+            return False
+    return True
+
+
+def target_load_rps(experiment: dict, capacity: Optional[dict]) -> Optional[float]:
+    """The load the capacity review is for, in req/s: the capacity block's target x the base rate."""
+    for config in (capacity or {}).get("configs", []):
+        at = config.get("at_target") or {}
+        if at.get("offered_load_rps") is not None:
+            return float(at["offered_load_rps"])
+    target, base = (experiment.get("capacity") or {}).get("target"), experiment.get("base_load_rps")
+    return float(target) * float(base) if target is not None and base else None
+
+
+def _target_marker(ax, target: Optional[float], x: str) -> bool:
+    """A solid grey vertical line at the target load, labelled at the top."""
+    if target is None or x != LOAD_X:
+        return False
+    ax.axvline(target, color="dimgrey", linewidth=1.6, alpha=0.7, zorder=0)
+    ax.annotate(f"target {target:.3g} req/s", (target, 0.99), xycoords=("data", "axes fraction"), rotation=90,
+                ha="right", va="top", fontsize=7, color="dimgrey")
+    return True
 
 
 def _latency_stats(experiment: dict, measure: str, points: pd.DataFrame) -> list[str]:
@@ -336,7 +389,8 @@ def plot_latency(points: pd.DataFrame, experiment: dict, out_dir: Path,
     with plt.rc_context(_RC):
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 2, 4.8), layout="constrained",
                                  squeeze=False)
-        used_stats, marked, slo_handles = [], False, []
+        used_stats, marked, targeted, slo_handles = [], False, False, []
+        target = target_load_rps(experiment, capacity)
         for ax, (measure, label) in zip(axes[0], panels):
             stats = _latency_stats(experiment, measure, points)
             used_stats += [s for s in stats if s not in used_stats]
@@ -349,8 +403,15 @@ def plot_latency(points: pd.DataFrame, experiment: dict, out_dir: Path,
                                           label=_slo_label(metric, side, bound)))
             if x == LOAD_X:
                 marked |= _capacity_markers(ax, capacity, experiment, colours)
-            _auto_log(ax, np.concatenate([points[f"{measure}_{s}_s"].to_numpy(float) for s in stats]))
-            ax.set(title=label, xlabel=x_label(x), ylabel=f"{label} (s)")
+            targeted |= _target_marker(ax, target, x)
+            bounds = [bound for _, side, bound in slo_lines(experiment, measure) if side == "max"]
+            ylabel = f"{label} (s)"
+            if bounds:  # linear around the SLO, where decisions are made: saturated points run off the top
+                ax.set_ylim(0, SLO_HEADROOM * max(bounds))
+                ylabel += f", axis cut at {SLO_HEADROOM:g}x the SLO"
+            else:
+                _auto_log(ax, np.concatenate([points[f"{measure}_{s}_s"].to_numpy(float) for s in stats]))
+            ax.set(title=label, xlabel=x_label(x), ylabel=ylabel)
         handles = [Line2D([], [], color=c, linewidth=2, label=name) for name, c in colours.items()
                    if name in set(points["config"])]
         handles += [Line2D([], [], color="grey", linestyle=STAT_STYLES[s], label=s) for s in used_stats]
@@ -358,6 +419,8 @@ def plot_latency(points: pd.DataFrame, experiment: dict, out_dir: Path,
         if marked:
             handles.append(Line2D([], [], color="grey", linestyle=":", marker="v",
                                   label="max load meeting the SLO"))
+        if targeted:
+            handles.append(Line2D([], [], color="dimgrey", linewidth=1.6, alpha=0.7, label="target load"))
         fig.legend(handles=_unique(handles), loc="outside right upper", fontsize=8)
         fig.suptitle(_title(experiment, f"latency vs {_versus(x)} (bands: 95% intervals)"))
         return _save(fig, out_dir, "latency_vs_load")
@@ -370,7 +433,8 @@ def _unique(handles: list[Line2D]) -> list[Line2D]:
     return list(seen.values())
 
 
-def plot_throughput(points: pd.DataFrame, experiment: dict, out_dir: Path) -> list[Path]:
+def plot_throughput(points: pd.DataFrame, experiment: dict, out_dir: Path,
+                    capacity: Optional[dict] = None) -> list[Path]:
     """Throughput (and goodput, when the workload has an slo) against load: saturation shows as a knee."""
     x = _load_plot_x(points, experiment)
     if not _has(points, "throughput_rps"):
@@ -386,9 +450,11 @@ def plot_throughput(points: pd.DataFrame, experiment: dict, out_dir: Path) -> li
         if x == LOAD_X:
             top = float(np.nanmax(points[LOAD_X]))
             ax.plot([0, top], [0, top], color="grey", linestyle=":", linewidth=1, label="served = offered")
+        if _target_marker(ax, target_load_rps(experiment, capacity), x):
+            ax.plot([], [], color="dimgrey", linewidth=1.6, alpha=0.7, label="target load")
         ax.set(title=_title(experiment, "throughput" + (" and goodput" if goodput else "") + f" vs {_versus(x)}"),
                xlabel=x_label(x), ylabel="completed requests (req/s)")
-        ax.legend(fontsize=8)
+        _legend_beside(ax)
         return _save(fig, out_dir, "throughput_vs_load")
 
 
@@ -425,25 +491,36 @@ def break_even(points: pd.DataFrame, experiment: dict) -> list[tuple[str, str, f
     return found
 
 
-def plot_cost_per_1k(points: pd.DataFrame, experiment: dict, out_dir: Path) -> list[Path]:
-    """Cost per 1,000 completed requests against load, with break-even loads marked."""
+def plot_cost_per_1k(points: pd.DataFrame, experiment: dict, out_dir: Path,
+                     capacity: Optional[dict] = None) -> list[Path]:
+    """Cost per 1,000 completed requests against load, with break-even loads marked; points that fail the SLO
+    hollow and grey (their cost buys no acceptable service)."""
     x = _load_plot_x(points, experiment)
     if not _has(points, "cost_per_1k_usd"):
         raise SkipFigure("the results have no cost_per_1k_usd (no completed request to divide by)")
     colours = _colours(points)
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
+        failed_any = False
         for config, df in _by_config(points, x):
             _line(ax, df, x, "cost_per_1k_usd", colours[config], label=config)
+            failed = df[[not meets_slo(row, experiment) for _, row in df.iterrows()]]
+            if len(failed):
+                ax.plot(failed[x], failed["cost_per_1k_usd"], "o", markersize=6, zorder=3, **FAILED)
+                failed_any = True
+        if failed_any:
+            ax.plot([], [], "o", markersize=6, label="fails the SLO", **FAILED)
+        if _target_marker(ax, target_load_rps(experiment, capacity), x):
+            ax.plot([], [], color="dimgrey", linewidth=1.6, alpha=0.7, label="target load")
         _auto_log(ax, points["cost_per_1k_usd"])
         if x == "offered_load_rps":
             for _, _, load in break_even(points, experiment):
                 ax.axvline(load, color="black", linestyle=":", linewidth=1)
                 ax.annotate(f"break-even {load:.3g} req/s", (load, 0.97), xycoords=("data", "axes fraction"),
                             rotation=90, ha="right", va="top", fontsize=8)
-        ax.set(title=_title(experiment, f"cost per 1,000 requests vs {_versus(x)}"),
-               xlabel=x_label(x), ylabel="cost per 1k requests (USD)")
-        ax.legend(fontsize=8)
+        ax.set(title=_title(experiment, f"cost per 1,000 requests vs {_versus(x)}"), xlabel=x_label(x),
+               ylabel="cost per 1k requests (USD)")
+        _legend_beside(ax)
         return _save(fig, out_dir, "cost_per_1k_vs_load")
 
 
@@ -457,34 +534,52 @@ def cost_latency_metric(experiment: dict, points: pd.DataFrame) -> str:
     return "e2e_p95_s"
 
 
-def plot_cost_latency(points: pd.DataFrame, experiment: dict, out_dir: Path) -> list[Path]:
-    """Cost per hour against p95 latency over every point, with the Pareto frontier."""
+def plot_cost_latency(points: pd.DataFrame, experiment: dict, out_dir: Path,
+                      capacity: Optional[dict] = None) -> list[Path]:
+    """Cost per hour against p95 latency with the Pareto frontier: at the target load when there is one (the
+    sweep's load nearest it: comparing configs at different loads would mix two questions), else over every
+    point; points that fail the SLO hollow and grey."""
     metric = cost_latency_metric(experiment, points)
     if points.empty or not _has(points, metric) or not _has(points, "cost_per_hour_usd"):
         raise SkipFigure(f"the results have no {metric} or cost_per_hour_usd")
     colours = _colours(points)
     x_col = x_column(points, experiment)
+    target, at = target_load_rps(experiment, capacity), ""
+    if target is not None and x_col == LOAD_X and _has(points, LOAD_X):
+        loads = points[LOAD_X].to_numpy(float)
+        nearest = float(loads[np.nanargmin(np.abs(loads - target))])
+        points = points[np.isclose(loads, nearest)]
+        at = f" at {nearest:.3g} req/s" + ("" if math.isclose(nearest, target, rel_tol=1e-3) else
+                                           f" (the sweep's load nearest the {target:.3g} req/s target)")
     with plt.rc_context(_RC):
-        fig, ax = plt.subplots(figsize=(8, 5.2), layout="constrained")
+        fig, ax = plt.subplots(figsize=(8.5, 5.2), layout="constrained")
+        failed_any = False
         for config, df in points.groupby("config", sort=False):
-            xerr = _xerr(df, metric)
-            ax.errorbar(df[metric], df["cost_per_hour_usd"], xerr=xerr, fmt="o", color=colours[config],
-                        markersize=5, alpha=0.8, elinewidth=0.8, capsize=2, label=config)
+            ok = np.asarray([meets_slo(row, experiment) for _, row in df.iterrows()], dtype=bool)
+            ax.errorbar(df[metric][ok], df["cost_per_hour_usd"][ok], xerr=_xerr(df[ok], metric), fmt="o",
+                        color=colours[config], markersize=5, alpha=0.8, elinewidth=0.8, capsize=2, label=config)
+            if not ok.all():
+                ax.errorbar(df[metric][~ok], df["cost_per_hour_usd"][~ok], xerr=_xerr(df[~ok], metric), fmt="o",
+                            markersize=6, elinewidth=0.8, capsize=2, ecolor="silver", **FAILED)
+                failed_any = True
+        if failed_any:
+            ax.plot([], [], "o", markersize=6, label="fails the SLO", **FAILED)
         front = points.iloc[pareto_frontier(points["cost_per_hour_usd"].to_numpy(float),
                                             points[metric].to_numpy(float))]
         ax.plot(front[metric], front["cost_per_hour_usd"], color="black", drawstyle="steps-post", linewidth=1.2,
                 marker="o", markersize=10, markerfacecolor="none", label="Pareto frontier")
         if x_col is not None:
             for _, row in front.iterrows():
-                ax.annotate(_point_note(row, x_col), (row[metric], row["cost_per_hour_usd"]), fontsize=7,
-                            xytext=(6, 4), textcoords="offset points")
+                note = row["config"] if at else _point_note(row, x_col)
+                ax.annotate(note, (row[metric], row["cost_per_hour_usd"]), fontsize=7, xytext=(6, 4),
+                            textcoords="offset points")
         for m, side, bound in slo_lines(experiment, metric.split("_")[0]):
             if m == metric:
                 ax.axvline(bound, color="crimson", linestyle="-.", label=_slo_label(m, side, bound))
         _auto_log(ax, points[metric], axis="x")
-        ax.set(title=_title(experiment, f"cost vs {metric} (lower left is better)"),
-               xlabel=f"{metric.removesuffix('_s').replace('_', ' ')} (s)", ylabel="cost per hour (USD/h)")
-        ax.legend(fontsize=8)
+        ax.set(title=_title(experiment, f"cost vs {metric_words(metric)}{at}\n(lower left is better)"),
+               xlabel=f"{metric_words(metric)} (s)", ylabel="cost per hour (USD/h)")
+        _legend_beside(ax)
         return _save(fig, out_dir, "cost_vs_latency")
 
 
@@ -613,15 +708,17 @@ def plot_utilisation(points: pd.DataFrame, experiment: dict, out_dir: Path) -> l
 
 FIGURES = (
     ("latency_vs_load", "Latency vs offered load",
-     "TTFT and end-to-end latency percentiles per config; dash-dotted red lines are the SLO, "
-     "dotted verticals (after a capacity search) each config's highest load meeting it."),
+     "TTFT and end-to-end latency percentiles per config, bands their 95% intervals; dash-dotted red lines are "
+     "the SLO (a panel with one is linear up to 3x it), dotted verticals (after a capacity search) each config's "
+     "highest load meeting it, the solid grey vertical the target load."),
     ("throughput_vs_load", "Throughput and goodput vs offered load",
      "Completed requests per second; where the curve leaves the dotted diagonal the stack is saturated."),
     ("cost_per_1k_vs_load", "Cost per 1,000 requests vs offered load",
      "Self-hosted replicas are paid by the hour, so their cost per request falls as load rises; "
-     "API tokens cost the same per request at any load."),
+     "API tokens cost the same per request at any load. Hollow grey points fail the SLO: no option at any price."),
     ("cost_vs_latency", "Cost vs p95 latency",
-     "Every point of the sweep; the black line joins the Pareto frontier (no point is both cheaper and faster)."),
+     "At the target load (after a capacity search; else every point of the sweep): the black line joins the "
+     "Pareto frontier (no point is both cheaper and faster); hollow grey points fail the SLO."),
     ("utilisation_vs_load", "Utilisation and batch size vs offered load",
      "Share of capacity in use and the mean number of requests running on a busy replica."),
     ("cost_vs_quality", "Cost vs answer quality",
@@ -638,9 +735,9 @@ def make_figures(points: pd.DataFrame, experiment: dict, out_dir: Path,
     """Draw every figure into `out_dir`; figures without data are skipped with their reason."""
     draw = {
         "latency_vs_load": lambda: plot_latency(points, experiment, out_dir, capacity),
-        "throughput_vs_load": lambda: plot_throughput(points, experiment, out_dir),
-        "cost_per_1k_vs_load": lambda: plot_cost_per_1k(points, experiment, out_dir),
-        "cost_vs_latency": lambda: plot_cost_latency(points, experiment, out_dir),
+        "throughput_vs_load": lambda: plot_throughput(points, experiment, out_dir, capacity),
+        "cost_per_1k_vs_load": lambda: plot_cost_per_1k(points, experiment, out_dir, capacity),
+        "cost_vs_latency": lambda: plot_cost_latency(points, experiment, out_dir, capacity),
         "utilisation_vs_load": lambda: plot_utilisation(points, experiment, out_dir),
         "cost_vs_quality": lambda: plot_cost_quality(points, experiment, out_dir),
     }
