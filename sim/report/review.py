@@ -596,7 +596,9 @@ def build_report(sweep: Sweep, figures: FigureSet) -> list[Block]:
     """The whole review as blocks, rendered to Markdown and HTML alike."""
     exp = sweep.experiment
     name = exp.get("name") or exp.get("workload_name") or sweep.directory.name
-    blocks: list[Block] = [Heading(1, f"Capacity review: {name}")]
+    # (An experiment called capacity-review would read "Capacity review: capacity-review".)
+    said = str(name).replace("-", " ").replace("_", " ").strip().lower() == "capacity review"
+    blocks: list[Block] = [Heading(1, "Capacity review" if said else f"Capacity review: {name}")]
     if exp.get("description"):
         blocks.append(Para(str(exp["description"])))
     blocks += [Para(answer(sweep), css="answer"), Heading(2, "What was simulated"), Bullets(simulated(sweep))]

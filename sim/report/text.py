@@ -81,9 +81,12 @@ def format_summary(result) -> str:
         "at this traffic",
     ]
     stages = [(k[len("stage_"):-len("_share")], v) for k, v in s.items() if k.startswith("stage_") and k.endswith("_share")]
+    # Plain service-time endpoints have no prefill: admission to the end is their service.
+    said = {"prefill": "service"} if all(getattr(m, "service_time", None) is not None for m in w.models.values()) else {}
     if stages:
-        lines.append("stages     " + "  ".join(f"{name} {share:.0%}" for name, share in stages if share >= 0.005)
-                     + f"   of mean latency; bottleneck: {s.get('bottleneck_stage')}")
+        lines.append("stages     " + "  ".join(f"{said.get(name, name)} {share:.0%}" for name, share in stages
+                                               if share >= 0.005)
+                     + f"   of mean latency; bottleneck: {said.get(s.get('bottleneck_stage'), s.get('bottleneck_stage'))}")
     steps = [k[len("flow_step_"):-len("_mean_s")] for k in s if k.startswith("flow_step_") and k.endswith("_mean_s")
              and "_ci95_" not in k]
     if steps:
@@ -152,6 +155,11 @@ def _keys(s: dict, wanted: Callable[[str], bool]) -> list[str]:
     """The summary's numeric metrics that `wanted` picks, in the summary's order, intervals left out."""
     return [k for k, v in s.items() if wanted(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
             and not k.endswith(("_ci95_low", "_ci95_high"))]
+
+
+def _usd(value: float) -> str:
+    """Dollars to the cent, or to two significant digits below a dime (a top user's $0.0031, not $0.00)."""
+    return f"${value:,.2f}" if abs(value) >= 0.1 or value == 0 else f"${value:.2g}"
 
 
 def _share(s: dict, key: str) -> str:
@@ -276,7 +284,7 @@ def _ledger_lines(result) -> list[str]:
         top = sorted(spent.items(), key=lambda item: -item[1])[:3]
         share = sum(usd for _, usd in top) / sum(spent.values())
         runs = max(s["replications"], 1)
-        lines.append("top users  " + "   ".join(f"#{user} ${usd / runs:.2f}" for user, usd in top)
+        lines.append("top users  " + "   ".join(f"#{user} {_usd(usd / runs)}" for user, usd in top)
                      + f"   ({share:.0%} of the run's cost, per replication)")
     return lines
 
