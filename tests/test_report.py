@@ -439,3 +439,24 @@ def test_log_axes_read_as_plain_numbers():
         labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
         plt.close(fig)
     assert {"0.1", "1", "10", "100", "1000"} <= set(labels) and not any("$" in label for label in labels)
+
+
+def test_run_report_headline_has_intervals_and_the_slo_verdict_and_groups_its_metrics(tmp_path, capsys):
+    out = tmp_path / "rag"
+    rag = Path(__file__).resolve().parent.parent / "workloads" / "rag-support.yaml"
+    assert main(["run", str(rag), "--replications", "2", "--quiet", "--out", str(out)]) == 0
+    assert main(["report", str(out)]) == 0
+    capsys.readouterr()
+    md = (out / "report.md").read_text()
+    headline = md.splitlines()[2]
+    assert re.match(r"Throughput [0-9.]+ ±[0-9.]+ req/s; p95 TTFT [0-9.]+ ±[0-9.]+ m?s;", headline)
+    assert re.search(r"SLO: [0-9.]+% of completions met every target .*; answers within each target: ttft [0-9.]+% ±",
+                     headline)
+    assert "## Warnings" in md and "still warming" in md  # what the run found, as on the terminal
+    for area in ("Run", "Requests", "Latency", "SLO", "Cost", "Application"):
+        assert f"\n### {area}\n" in md, area
+    assert "| `ttft_p95_s` |" in md and "| metric | value | unit | 95% interval |" in md
+    assert "`requests_queue_full`" not in md.split("were zero throughout")[0]  # zero rows left out, and named
+    assert "Bands: the range over the replications." in md
+    stages = (out / "figures" / "stage_breakdown.svg").read_text()
+    assert ">post processing</text>" in stages  # one label a row: none overlap

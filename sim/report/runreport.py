@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 from sim.config.loader import ConfigError  # noqa: E402
 from sim.config.traces import excerpt  # noqa: E402
@@ -32,6 +33,7 @@ from .review import (
     read_parquet,  # noqa: E402
     render_html,
     render_markdown,
+    significant,
 )
 
 # The time-series columns every run writes and the figures read.
@@ -40,10 +42,20 @@ SERIES_COLUMNS = ("start_s", "end_s", "arrivals", "completions", "rejections", "
 TEXT_KEYS = ("workload", "bottleneck_stage")  # the summary's only text values, with step_times_<endpoint>
 
 
+RANGE = ("__low", "__high")
+"""Suffixes of a series' band columns: its lowest and highest value over the replications, per interval."""
+
+
 def _series(timeseries: pd.DataFrame) -> pd.DataFrame:
-    """Mean over replications of every column, per interval, with the interval's midpoint in minutes."""
+    """Mean over replications of every column, per interval, with the interval's midpoint in minutes; with two
+    or more replications, each column's range over them too (`<column>__low`, `<column>__high`)."""
     columns = [c for c in timeseries.columns if c != "replication"]
-    mean = timeseries[columns].groupby(["start_s", "end_s"], sort=True).mean().reset_index()
+    groups = timeseries[columns].groupby(["start_s", "end_s"], sort=True)
+    mean = groups.mean().reset_index()
+    if "replication" in timeseries and timeseries["replication"].nunique() > 1:
+        low, high = groups.min().reset_index(drop=True), groups.max().reset_index(drop=True)
+        values = [c for c in columns if c not in ("start_s", "end_s")]
+        mean = pd.concat([mean, low[values].add_suffix(RANGE[0]), high[values].add_suffix(RANGE[1])], axis=1)
     mean["t_min"] = (mean["start_s"] + mean["end_s"]) / 2 / 60
     return mean
 
@@ -56,7 +68,10 @@ def _plot(series: pd.DataFrame, out: Path, stem: str, title: str, panels: list[t
                                  squeeze=False)
         for ax, (ylabel, lines) in zip(axes[:, 0], panels):
             for column, label in lines:
-                ax.plot(series["t_min"], series[column], label=label, linewidth=1.2)
+                line, = ax.plot(series["t_min"], series[column], label=label, linewidth=1.2)
+                if column + RANGE[0] in series:  # the band: what the replications spanned
+                    ax.fill_between(series["t_min"], series[column + RANGE[0]], series[column + RANGE[1]],
+                                    color=line.get_color(), alpha=0.25, linewidth=0)
             ax.set_ylabel(ylabel)
             if log and (series[[c for c, _ in lines]] > 0).any().any():
                 log_axis(ax)
@@ -69,24 +84,28 @@ def _plot(series: pd.DataFrame, out: Path, stem: str, title: str, panels: list[t
 def make_run_figures(series: pd.DataFrame, endpoints: list[str], out: Path, name: str) -> list[Figure]:
     """The time-series figures of a run."""
     width = (series["end_s"] - series["start_s"]).where(lambda w: w > 0)
-    per_s = series.assign(arrivals_rps=series["arrivals"] / width, completions_rps=series["completions"] / width,
-                          rejections_rps=series["rejections"] / width)
+    per_s = series.assign(**{f"{c}_rps{suffix}": series[c + suffix] / width
+                             for c in ("arrivals", "completions", "rejections") for suffix in ("", *RANGE)
+                             if c + suffix in series})
+    band = " Bands: the range over the replications." if any(c.endswith(RANGE[0]) for c in series) else ""
     figures = [
         Figure("timeseries_traffic", "Traffic over time",
-               "Arrivals, completions and rejections (any request that did not complete) per second, per interval.",
+               "Arrivals, completions and rejections (any request that did not complete) per second, per "
+               "interval." + band,
                _plot(per_s, out, "timeseries_traffic", f"{name}: traffic over time", [
                    ("requests/s", [("arrivals_rps", "arrivals"), ("completions_rps", "completions"),
                                    ("rejections_rps", "rejections")])])),
         Figure("timeseries_queue", "Queue and requests in the system over time",
-               "Time-averaged number of requests waiting, and in the system (waiting or running).",
+               "Time-averaged number of requests waiting, and in the system (waiting or running)." + band,
                _plot(series, out, "timeseries_queue", f"{name}: queue over time", [
                    ("requests", [("queue_length_mean", "waiting"), ("in_system_mean", "in the system")])])),
         Figure("timeseries_latency", "Latency over time",
-               "95th percentile TTFT and end-to-end latency of the requests arriving in each interval.",
+               "95th percentile TTFT and end-to-end latency of the requests arriving in each interval." + band,
                _plot(series, out, "timeseries_latency", f"{name}: p95 latency by arrival time", [
                    ("seconds", [("ttft_p95_s", "TTFT p95"), ("e2e_p95_s", "end-to-end p95")])], log=True)),
         Figure("timeseries_replicas", "Replicas and utilisation over time",
-               "Replicas held (loading, serving or draining) and serving, and the share of paid capacity in use.",
+               "Replicas held (loading, serving or draining) and serving, and the share of paid capacity in "
+               "use." + band,
                _plot(series, out, "timeseries_replicas", f"{name}: replicas and utilisation", [
                    ("replicas", [(f"replicas_{e}", f"{e} held") for e in endpoints]
                     + [(f"replicas_serving_{e}", f"{e} serving") for e in endpoints]),
@@ -94,27 +113,31 @@ def make_run_figures(series: pd.DataFrame, endpoints: list[str], out: Path, name
     ]
     if "cache_hit_rate_output" in series:
         figures.append(Figure("timeseries_cache", "Output-cache hit rate over time",
-                              "Hits per lookup of the requests arriving in each interval: cold to warm.",
+                              "Hits per lookup of the requests arriving in each interval: cold to warm." + band,
                               _plot(series, out, "timeseries_cache", f"{name}: output-cache hit rate", [
                                   ("hit rate", [("cache_hit_rate_output", "output cache")])])))
     return figures
 
 
 def _bars(out: Path, stem: str, title: str, labels: list[str], series: list[tuple[str, list[float]]],
-          ylabel: str) -> list[Path]:
-    """Grouped bars: one group per label, one bar per series."""
+          xlabel: str, share: bool = False) -> list[Path]:
+    """Grouped horizontal bars, one group per label (read top down, never overlapping), one bar per series."""
     import numpy as np
 
     with plt.rc_context(_RC):
-        fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
-        x = np.arange(len(labels))
-        width = 0.8 / len(series)
+        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.42 * len(labels) * max(len(series), 1) ** 0.5),
+                               layout="constrained")
+        y = np.arange(len(labels))
+        height = 0.8 / len(series)
         for k, (name, values) in enumerate(series):
-            ax.bar(x + (k - (len(series) - 1) / 2) * width, values, width, label=name)
-        ax.set_xticks(x, labels)
-        ax.set(title=title, ylabel=ylabel)
+            ax.barh(y + (k - (len(series) - 1) / 2) * height, values, height, label=name)
+        ax.set_yticks(y, [label.replace("_", " ") for label in labels])
+        ax.invert_yaxis()
+        ax.set(title=title, xlabel=xlabel)
+        if share:
+            ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
         if len(series) > 1:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="lower right")
         return _save(fig, out, stem)
 
 
@@ -129,7 +152,7 @@ def summary_figures(summary: dict, out: Path, name: str) -> list[Figure]:
                               _bars(out, "stage_breakdown", f"{name}: latency by stage", stages,
                                     [("mean", [summary[f"stage_{s}_share"] for s in stages]),
                                      ("slowest 5%", [summary[f"stage_{s}_share_p95"] for s in stages])],
-                                    "share of latency")))
+                                    "share of latency", share=True)))
     features = [k[len("cost_per_request_"):-len("_usd")] for k in summary
                 if k.startswith("cost_per_request_") and k.endswith("_usd") and k != "cost_per_request_usd"]
     if features:
@@ -141,12 +164,33 @@ def summary_figures(summary: dict, out: Path, name: str) -> list[Figure]:
     return figures
 
 
+def _pm(summary: dict, key: str, fmt) -> str:
+    """A value in its unit with its 95% interval as ± half-width (none with one replication)."""
+    value, low, high = summary.get(key), summary.get(f"{key}_ci95_low"), summary.get(f"{key}_ci95_high")
+    text = fmt(value)
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high) and high > low):
+        return text
+    if fmt is fmt_latency:  # both in the value's unit: "2.80 ±0.634 s", not "2.80 s ±634 ms"
+        scale, unit = (1000.0, "ms") if abs(value) < 1 else (1.0, "s")
+        return f"{significant(value * scale)} ±{significant((high - low) / 2 * scale)} {unit}"
+    half = fmt((high - low) / 2)
+    return f"{text.removesuffix(' req/s')} ±{half}" if text.endswith(" req/s") else f"{text} ±{half}"
+
+
 def _headline(summary: dict) -> str:
-    parts = [f"Throughput {fmt_rps(summary.get('throughput_rps'))}",
-             f"p95 TTFT {fmt_latency(summary.get('ttft_p95_s'))}",
-             f"p95 end-to-end {fmt_latency(summary.get('e2e_p95_s'))}",
-             f"cost {fmt_usd(summary.get('cost_per_hour_usd'))}/h ({fmt_usd(summary.get('cost_per_1k_usd'))} per 1k)"]
-    text = "; ".join(parts) + "."
+    parts = [f"Throughput {_pm(summary, 'throughput_rps', fmt_rps)}",
+             f"p95 TTFT {_pm(summary, 'ttft_p95_s', fmt_latency)}",
+             f"p95 end-to-end {_pm(summary, 'e2e_p95_s', fmt_latency)}",
+             f"cost {_pm(summary, 'cost_per_hour_usd', fmt_usd)}/h ({_pm(summary, 'cost_per_1k_usd', fmt_usd)} "
+             "per 1k requests)"]
+    text = "; ".join(parts) + " (95% intervals as ±)."
+    good, done = summary.get("goodput_rps"), summary.get("throughput_rps")
+    if good is not None and done:  # the SLO verdict
+        met = [f"{key[len('slo_'):-len('_met_share')]} {_pm(summary, key, _percent)}" for key in summary
+               if key.startswith("slo_") and key.endswith("_met_share") and summary[key] is not None]
+        text += (f" SLO: {good / done:.1%} of completions met every target (goodput "
+                 f"{_pm(summary, 'goodput_rps', fmt_rps)})" + (f"; answers within each target: {', '.join(met)}."
+                                                              if met else "."))
     if summary.get("cold_window_s") is not None:
         cold, warm = summary.get("cold_e2e_p95_s"), summary.get("warm_e2e_p95_s")
         ratio = f" ({cold / warm:.1f}x)" if cold and warm else ""
@@ -155,6 +199,10 @@ def _headline(summary: dict) -> str:
     if summary.get("unstable"):
         text += " Unstable: some endpoint's offered utilisation is 1 or more."
     return text
+
+
+def _percent(value) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.1%}"
 
 
 def _outcomes_table(summary: dict) -> Table:
@@ -174,16 +222,60 @@ def _outcomes_table(summary: dict) -> Table:
     return Table(["outcome", "requests", "share of arrivals"], rows)
 
 
-def _metrics_table(summary: dict) -> Table:
+# The metric table's areas, in order: the first whose test a metric passes holds it.
+AREAS = (
+    ("Run", lambda k: k in ("seed", "replications", "duration_s", "window_end_s", "warmup_s", "offered_load_rps")),
+    ("Requests", lambda k: k.startswith(("requests_", "rate_limited", "retries_", "cold_", "warm_"))),
+    ("Latency", lambda k: k.startswith(("queue_wait_", "ttft_", "e2e_", "tpot_", "itl_", "stage_", "batch_"))),
+    ("SLO", lambda k: k.startswith(("slo_", "goodput_"))),
+    ("Throughput", lambda k: k.startswith(("throughput_", "tokens_"))),
+    ("Endpoints", lambda k: k.startswith(("utilisation_", "offered_utilisation_", "batch_mean_", "prompt_cached"))),
+    ("Cost", lambda k: k.startswith("cost_")),
+    ("Application", lambda k: True),
+)
+
+
+def metric_unit(key: str) -> str:
+    """A summary metric's unit, read from its name (the README's Output table says the same)."""
+    if key in ("seed", "replications"):
+        return ""
+    for suffix, unit in (("_usd", "USD"), ("_rps", "req/s"), ("_per_s_per_user", "tokens/s"),
+                         ("_per_s_per_gpu", "tokens/s"), ("_per_s", "tokens/s"), ("_s", "s"), ("_share", "share"),
+                         ("_rate", "share"), ("_share_p95", "share")):
+        if key.endswith(suffix):
+            return unit
+    if key.startswith(("utilisation_", "offered_utilisation_")):
+        return "share"
+    if key.startswith(("requests_", "batch_mean_")):
+        return "requests"
+    return ""
+
+
+def _metrics_tables(summary: dict) -> list:
+    """Every numeric metric, grouped by area, with its unit and interval; metrics zero throughout (value and
+    interval) are left out, and counted."""
     keys = [k for k in summary if not k.endswith(("_ci95_low", "_ci95_high")) and isinstance(summary[k], (int, float))
             and not isinstance(summary[k], bool)]
-    rows = []
+    zero = [k for k in keys if summary[k] == 0 and summary.get(f"{k}_ci95_high") in (None, 0)
+            and summary.get(f"{k}_ci95_low") in (None, 0)]
+    areas: dict[str, list] = {}
     for key in keys:
+        if key in zero:
+            continue
+        area = next(name for name, holds in AREAS if holds(key))
         value = summary[key]
         low, high = summary.get(f"{key}_ci95_low"), summary.get(f"{key}_ci95_high")
         interval = f"[{low:.4g}, {high:.4g}]" if low is not None and high is not None and not math.isnan(low) else ""
-        rows.append([f"`{key}`", f"{value:.4g}" if isinstance(value, float) else str(value), interval])
-    return Table(["metric", "value", "95% interval"], rows)
+        areas.setdefault(area, []).append([f"`{key}`", f"{value:.4g}" if isinstance(value, float) else str(value),
+                                           metric_unit(key), interval])
+    blocks: list = []
+    for name, _ in AREAS:
+        if name in areas:
+            blocks += [Heading(3, name), Table(["metric", "value", "unit", "95% interval"], areas[name])]
+    if zero:
+        blocks.append(Para(f"{len(zero)} metrics were zero throughout and are left out: "
+                           + ", ".join(f"`{k}`" for k in zero) + "."))
+    return blocks
 
 
 def _checked_summary(summary: dict, path: Path) -> dict:
@@ -222,11 +314,13 @@ def write_run_report(directory: Path) -> tuple[Path, Path]:
                        f"seed {summary.get('seed')}, warm-up {summary.get('warmup_s')} s"]
                       + [f"Step times of `{key.removeprefix('step_times_')}`: {value}" for key, value in summary.items()
                          if key.startswith("step_times_")]),
-              Heading(2, "How requests ended"), _outcomes_table(summary),
-              Heading(2, "Figures")]
+              Heading(2, "How requests ended"), _outcomes_table(summary)]
+    if summary.get("warnings"):
+        blocks += [Heading(2, "Warnings"), Bullets([str(line) for line in summary["warnings"]])]
+    blocks.append(Heading(2, "Figures"))
     for fig in figures:
         blocks += [Heading(3, fig.title), FigureBlock(fig)]
-    blocks += [Heading(2, "Every metric"), _metrics_table(summary)]
+    blocks += [Heading(2, "Every metric"), *_metrics_tables(summary)]
     md, page = directory / "report.md", directory / "report.html"
     md.write_text(render_markdown(blocks, directory), encoding="utf-8")
     page.write_text(render_html(blocks, f"Run report: {name}"), encoding="utf-8")
