@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from sim.cli import main
-from sim.config.loader import ConfigError
+from sim.config.loader import ConfigError, load_workload
 from sim.experiments.spec import load_experiment
 from sim.experiments.sweep import sweep
 
@@ -193,6 +193,33 @@ capacity: {target: 0.8, low: 0.2, high: 1.9, tolerance: 0.01}
     loads = [p["load"] for p in config["probes"]]
     assert loads[:2] == [0.2, 1.9] and len(loads) < 20
     assert result.capacity["cheapest_at_target"]["values"] == {}
+
+
+def test_absolute_load_axis_and_capacity_search_in_req_per_s(tmp_path):
+    # The same M/M/1 limit, with the load given as traffic.rate_rps: rho <= 0.5 at rate_rps <= 0.5 req/s.
+    experiment = """\
+workload: mm1.yaml
+replications: 6
+load_axis: traffic.rate_rps
+axes:
+  traffic.rate_rps: [0.25, 0.5]
+slo: {queue_wait_mean_s: 1.0}
+capacity: {target: 0.4, low: 0.1, high: 0.95, tolerance: 0.01}
+"""
+    path = write(tmp_path, experiment, MM1.replace("duration_s: 3000", "duration_s: 20000"))
+    result = sweep(path, out=tmp_path / "out", workers=1, progress=False)
+    assert sorted(set(result.results["offered_load_rps"])) == [0.25, 0.5]
+    (config,) = result.capacity["configs"]
+    assert 0.42 <= config["max_load"] <= 0.5 and config["max_load_rps"] == pytest.approx(config["max_load"])
+    assert config["at_target"]["offered_load_rps"] == pytest.approx(0.4)
+
+
+def test_rate_rps_sets_the_scale_and_refuses_a_contradiction(tmp_path):
+    path = write(tmp_path, GRID)
+    workload = load_workload(tmp_path / "mm1.yaml", ["traffic.rate_rps=2"])
+    assert workload.traffic.rate_scale == 4.0  # the class's own rate is 0.5 req/s
+    with pytest.raises(ConfigError, match="give rate_rps or rate_scale, not both"):
+        load_workload(path.parent / "mm1.yaml", ["traffic.rate_rps=2", "traffic.rate_scale=3"])
 
 
 class _Terminal:

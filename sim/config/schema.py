@@ -5,6 +5,7 @@ ignored setting. Help text lives on the fields and ends up in `llmsim schema`.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator, Literal, Optional, Union
 
 from pydantic import Field, model_validator
@@ -22,6 +23,7 @@ from .base import (
     MAX_GRID_POINTS,
     MAX_MULTIPLIER,
     MAX_POPULATION,
+    MAX_RATE_RPS,
     MAX_REPLICATIONS,
     MAX_TOKENS,
     Block,
@@ -190,7 +192,28 @@ class Traffic(Block):
         1.0, gt=0, le=MAX_MULTIPLIER, description="Multiplies every open-loop arrival rate ('what if 3x traffic'); "
         "at most 1e6."
     )
+    rate_rps: Optional[float] = Field(
+        None, gt=0, le=MAX_RATE_RPS, description="The total open-loop arrival rate in req/s, as an alternative to "
+        "rate_scale (a sweep axis in absolute load): rate_scale becomes rate_rps / the classes' own total rate."
+    )
     classes: dict[str, RequestClass] = Field(min_length=1, description="Request classes by name.")
+
+    @model_validator(mode="after")
+    def _absolute_rate(self) -> "Traffic":
+        if self.rate_rps is None:
+            return self
+        base = sum(getattr(cls.arrival, "mean_rate_rps", lambda: 0.0)() for cls in self.classes.values())
+        if base <= 0:
+            raise ValueError("rate_rps needs an open-loop class: closed loops have no arrival rate to scale")
+        scale = self.rate_rps / base
+        # (rate_scale given too is a contradiction, unless it is 1 or already this: a workload written back out)
+        if self.rate_scale != 1.0 and not math.isclose(self.rate_scale, scale, rel_tol=1e-12):
+            raise ValueError(f"give rate_rps or rate_scale, not both (rate_rps {self.rate_rps:g} is rate_scale "
+                             f"{scale:g} here)")
+        if scale > MAX_MULTIPLIER:
+            raise ValueError(f"rate_rps {self.rate_rps:g} is {scale:g}x the classes' rate: at most {MAX_MULTIPLIER:g}x")
+        self.__dict__["rate_scale"] = scale  # set, not assigned: no field validation runs twice
+        return self
 
 
 class Slo(Block):
