@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 from sim.config.loader import load_workload
-from sim.config.schema import TraceArrivals, Workload
+from sim.config.schema import Api, TraceArrivals, Workload
 from sim.metrics.ledger import ledger
 from sim.metrics.summary import (
     aggregate,
@@ -164,6 +164,7 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
     rows, frames, series_frames, ledgers = [], [], [], []
     warnings = workload_warnings(workload)
     fast = fastpath.eligible(workload)
+    hosted = {name for name, model in workload.models.items() if isinstance(model, Api)}
     user_usd: dict[int, float] = {}
     users = sum(user_count(cls) for cls in workload.traffic.classes.values())
     for r in range(replications):
@@ -181,7 +182,7 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
                 frame = frame.join(budget_sections(rec)).join(quality_columns(rec))
             frame.insert(0, "replication", r)
             frames.append(frame)
-            series = timeseries(rec, sim.timeseries_interval_s, sim.duration_s)
+            series = timeseries(rec, sim.timeseries_interval_s, sim.duration_s, hosted)
             series.insert(0, "replication", r)
             series_frames.append(series)
         if keep_requests or users > 1:

@@ -6,7 +6,7 @@ replicas come from the monitor's samples at the interval edges.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -31,8 +31,11 @@ def area_before(starts: np.ndarray, ends: np.ndarray, edges: np.ndarray) -> np.n
     return part(starts) - part(ends)
 
 
-def timeseries(rec: Recorder, interval: float, duration: float) -> pd.DataFrame:
-    """One row per interval of [0, duration): arrivals, completions, rejections, queue, latency, replicas."""
+def timeseries(rec: Recorder, interval: float, duration: float, hosted: Optional[set[str]] = None) -> pd.DataFrame:
+    """One row per interval of [0, duration): arrivals, completions, rejections, queue, latency, replicas.
+
+    `hosted` names the API endpoints: they have no replicas to count (the provider's are not ours).
+    """
     import pandas as pd
 
     edges = np.arange(0.0, duration, interval)
@@ -58,7 +61,7 @@ def timeseries(rec: Recorder, interval: float, duration: float) -> pd.DataFrame:
         out[f"{name}_p95_s"] = _p95_by_bucket(values[done], bucket[done], len(out))
     if rec.cache_code is not None:  # output-cache hit rate of the lookups made in each interval
         out["cache_hit_rate_output"] = _cache_hit_rate(rec, arrival, edges)
-    out = out.join(_endpoint_series(rec, edges))
+    out = out.join(_endpoint_series(rec, edges, hosted or set()))
     return out
 
 
@@ -106,7 +109,7 @@ def _p95_by_bucket(values: np.ndarray, bucket: np.ndarray, n: int) -> np.ndarray
     return result
 
 
-def _endpoint_series(rec: Recorder, edges: np.ndarray) -> pd.DataFrame:
+def _endpoint_series(rec: Recorder, edges: np.ndarray, hosted: set[str]) -> pd.DataFrame:
     """Per endpoint: utilisation over each interval and replicas held at its start."""
     import pandas as pd
 
@@ -118,6 +121,8 @@ def _endpoint_series(rec: Recorder, edges: np.ndarray) -> pd.DataFrame:
         work, held = counters[at, 2], counters[at, 3]
         with np.errstate(invalid="ignore", divide="ignore"):
             columns[f"utilisation_{name}"] = np.diff(work) / np.diff(held)
+        if name in hosted:
+            continue
         gauges = np.asarray([g[name] for _, g in rec.gauges])
         columns[f"replicas_{name}"] = gauges[at[:-1], 1]
         columns[f"replicas_serving_{name}"] = gauges[at[:-1], 0]

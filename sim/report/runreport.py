@@ -107,8 +107,10 @@ def make_run_figures(series: pd.DataFrame, endpoints: list[str], out: Path, name
                "Replicas held (loading, serving or draining) and serving, and the share of paid capacity in "
                "use." + band,
                _plot(series, out, "timeseries_replicas", f"{name}: replicas and utilisation", [
-                   ("replicas", [(f"replicas_{e}", f"{e} held") for e in endpoints]
-                    + [(f"replicas_serving_{e}", f"{e} serving") for e in endpoints]),
+                   # (API endpoints have no replicas of ours: the time series counts none for them)
+                   ("replicas", [(f"replicas_{e}", f"{e} held") for e in endpoints if f"replicas_{e}" in series]
+                    + [(f"replicas_serving_{e}", f"{e} serving") for e in endpoints
+                       if f"replicas_serving_{e}" in series]),
                    ("utilisation", [(f"utilisation_{e}", e) for e in endpoints])])),
     ]
     if "cache_hit_rate_output" in series:
@@ -305,7 +307,8 @@ def write_run_report(directory: Path) -> tuple[Path, Path]:
                            "summary.json + timeseries.parquet (run llmsim run ... --out DIR first)"])
     summary = _checked_summary(read_json_object(summary_path), summary_path)
     series = _series(read_parquet(series_path, needs=SERIES_COLUMNS))
-    endpoints = [c.removeprefix("replicas_serving_") for c in series.columns if c.startswith("replicas_serving_")]
+    endpoints = [c.removeprefix("utilisation_") for c in series.columns
+                 if c.startswith("utilisation_") and not c.endswith(RANGE)]
     name = summary.get("workload") or directory.name
     figures = make_run_figures(series, endpoints, directory / "figures", name)
     figures += summary_figures(summary, directory / "figures", name)
