@@ -235,6 +235,12 @@ def test_latency_figure_shows_slo_line_and_capacity_markers(sweep_dir, report):
     assert ">target load</text>" in svg and "axis cut at 3x the SLO" in svg  # linear around the SLO
 
 
+def test_max_load_figure_shows_each_configs_limit_with_its_bracket(sweep_dir, report):
+    svg = (sweep_dir / "figures" / "max_load.svg").read_text()
+    assert "highest load meeting the SLO (bars: the search&#39;s bracket)" in svg or "search's bracket" in svg
+    assert ">replicas=1</text>" in svg and ">target load" in svg
+
+
 def test_cost_figures_grey_out_what_fails_the_slo_and_compare_at_the_target_load(sweep_dir, report):
     per_1k = (sweep_dir / "figures" / "cost_per_1k_vs_load.svg").read_text()
     assert ">fails the SLO</text>" in per_1k and ">target load</text>" in per_1k

@@ -704,6 +704,38 @@ def plot_utilisation(points: pd.DataFrame, experiment: dict, out_dir: Path) -> l
         return _save(fig, out_dir, "utilisation_vs_load")
 
 
+def plot_max_load(points: pd.DataFrame, experiment: dict, out_dir: Path, capacity: Optional[dict]) -> list[Path]:
+    """Each config's highest load meeting the SLO, as bars with the capacity search's final bracket (the true
+    limit lies inside it; the SLO itself was judged on the pessimistic end of each point's 95% interval), and the
+    target load."""
+    configs = [c for c in (capacity or {}).get("configs", []) if c.get("max_load") is not None]
+    if not configs:
+        raise SkipFigure("no capacity search (a capacity block), or no config met the SLO at any load")
+    in_rps = all(c.get("max_load_rps") and c["max_load"] > 0 for c in configs)
+    colours = _colours(points, [capacity_label(c, experiment) for c in configs])
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(8, 1.4 + 0.5 * len(configs)), layout="constrained")
+        for k, config in enumerate(configs):
+            scale = config["max_load_rps"] / config["max_load"] if in_rps else 1.0
+            value = config["max_load"] * scale
+            low, high = (b * scale for b in config.get("bracket") or (config["max_load"], config["max_load"]))
+            ax.barh(k, value, color=colours.get(capacity_label(config, experiment), "grey"), alpha=0.85)
+            ax.errorbar(value, k, xerr=[[value - low], [max(high - value, 0.0)]], color="black", capsize=4)
+            ceiling = "≥ " if config.get("at_least") else ""
+            ax.annotate(f"{ceiling}{value:.3g}", (high, k), xytext=(6, 0), textcoords="offset points", va="center",
+                        fontsize=8)
+        ax.set_yticks(range(len(configs)), [capacity_label(c, experiment) for c in configs])
+        ax.invert_yaxis()
+        target = target_load_rps(experiment, capacity) if in_rps else (experiment.get("capacity") or {}).get("target")
+        if target is not None:
+            ax.axvline(target, color="dimgrey", linewidth=1.6, alpha=0.7, label=f"target load {target:.3g}")
+            _legend_beside(ax)
+        ax.set(title=_title(experiment, "highest load meeting the SLO (bars: the search's bracket)"),
+               xlabel="offered load (req/s)" if in_rps else x_label(load_axis(experiment)))
+        ax.set_xlim(left=0)
+        return _save(fig, out_dir, "max_load")
+
+
 # --------------------------------------------------------------------------- all of them
 
 FIGURES = (
@@ -719,6 +751,10 @@ FIGURES = (
     ("cost_vs_latency", "Cost vs p95 latency",
      "At the target load (after a capacity search; else every point of the sweep): the black line joins the "
      "Pareto frontier (no point is both cheaper and faster); hollow grey points fail the SLO."),
+    ("max_load", "Highest load meeting the SLO",
+     "Each config's highest load meeting the SLO, found by the capacity search; the bar's whisker is the search's "
+     "final bracket (the limit lies inside it; '≥' where even the search's highest load met it), the grey line "
+     "the target load."),
     ("utilisation_vs_load", "Utilisation and batch size vs offered load",
      "Share of capacity in use and the mean number of requests running on a busy replica."),
     ("cost_vs_quality", "Cost vs answer quality",
@@ -739,6 +775,7 @@ def make_figures(points: pd.DataFrame, experiment: dict, out_dir: Path,
         "cost_per_1k_vs_load": lambda: plot_cost_per_1k(points, experiment, out_dir, capacity),
         "cost_vs_latency": lambda: plot_cost_latency(points, experiment, out_dir, capacity),
         "utilisation_vs_load": lambda: plot_utilisation(points, experiment, out_dir),
+        "max_load": lambda: plot_max_load(points, experiment, out_dir, capacity),
         "cost_vs_quality": lambda: plot_cost_quality(points, experiment, out_dir),
     }
     out = FigureSet()
