@@ -38,7 +38,8 @@ class WindowLimit(_Limit):
     else the request's output), as providers reserve max_tokens.
     """
 
-    kind: Literal["fixed_window", "sliding_window"]
+    kind: Literal["fixed_window", "sliding_window"] = Field(
+        description="fixed_window: counts reset at each window's start; sliding_window: over the last window_s.")
     window_s: float = Field(60.0, gt=0, description="Window length (60 for per-minute limits).")
     max_requests: Optional[int] = Field(None, gt=0, description="Requests per window at most.")
     max_tokens: Optional[int] = Field(None, gt=0, description="Prompt + max output tokens per window at most.")

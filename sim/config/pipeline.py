@@ -186,11 +186,13 @@ class Quality(Block):
     evidence_confidence: Distribution = Field(
         default_factory=lambda: {"kind": "uniform", "low": 0.5, "high": 1.0}, validate_default=True,
         description="Per request: the retriever's confidence in its evidence, clipped to 0..1 (assumption).")
-    grounding: Grounding = Field(default_factory=Grounding)
+    grounding: Grounding = Field(default_factory=Grounding, description="How groundedness and citation accuracy "
+                                 "follow the evidence kept in the prompt (see Grounding).")
     citation_accuracy: float = Field(
         0.95, ge=0, le=1, description="Citation accuracy with all evidence kept; it falls in proportion to the "
         "evidence trimmed away (cited sources that are no longer in the prompt; assumption).")
-    usefulness: Usefulness = Field(default_factory=Usefulness)
+    usefulness: Usefulness = Field(default_factory=Usefulness, description="What each kind of answer is worth to "
+                                   "the user (see Usefulness).")
     correct_share: float = Field(
         0.75, ge=0, le=1, description="Without a router: the share of answers that are correct (between RouteLLM's "
         "MMLU weak model, 0.68, and strong model, 0.81).")

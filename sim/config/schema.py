@@ -233,8 +233,9 @@ class Workload(Block):
     version: Literal[1] = Field(1, description="Workload format version.")
     name: Optional[str] = Field(None, description="Short name shown in summaries.")
     description: Optional[str] = Field(None, description="Free text.")
-    simulation: Simulation = Field(default_factory=Simulation)
-    traffic: Traffic
+    simulation: Simulation = Field(default_factory=Simulation, description="How long to simulate, seeds, "
+                                   "replications, warm-up (all have defaults).")
+    traffic: Traffic = Field(description="Who sends requests: the request classes and the load knob.")
     models: dict[str, Endpoint] = Field(min_length=1, description="Model endpoints by name.")
     slo: Optional[Slo] = Field(None, description="Per-request targets for goodput.")
     rate_limits: list[RateLimit] = Field(default_factory=list, description="Our limiters, checked in order before the queue.")
