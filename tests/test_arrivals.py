@@ -452,9 +452,9 @@ def test_bad_arrivals_are_one_line_errors(tmp_path, arrival, message):
 
 
 def test_readme_arrival_examples_validate():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Arrival processes and traces", 1)[1].split("\n### ", 1)[0]
-    examples = re.findall(r"^```yaml\n(.*?)^```", section, re.S | re.M)
+    from documents import PAGES, blocks
+
+    examples = blocks("yaml", PAGES["guides/arrivals.md"])
     kinds = set()
     for text in examples:
         arrival = yaml.safe_load(text)["arrival"]

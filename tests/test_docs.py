@@ -1,5 +1,5 @@
-"""The docs' commands and examples run: every `llmsim` line of docs/serving.md's and the README's
-catalog and calibration blocks, the YAML examples, and docs/validation.py.
+"""The docs' commands and examples run: every `llmsim` line of docs/serving.md's and the guides' catalog and
+calibration blocks, the YAML examples, and docs/validation.py.
 
 Commands on ../shared/data skip (with the reason) where it is absent; files a command writes go to
 a temporary folder; the vLLM results the docs name are made by the simulator.
@@ -20,7 +20,7 @@ from sim.config.schema import Workload
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVING = (ROOT / "docs" / "serving.md").read_text()
-README = (ROOT / "README.md").read_text()
+GUIDES = "\n".join((ROOT / "docs" / "guides" / name).read_text() for name in ("models.md", "commands.md"))
 SHARED = ROOT.parent / "shared" / "data"
 
 
@@ -33,7 +33,7 @@ def commands(text: str, prefix: str = "llmsim ") -> list[str]:
 
 
 DOC_COMMANDS = commands(SERVING)
-README_COMMANDS = [c for c in commands(README) if c.split()[1] in ("catalog", "calibrate")]
+README_COMMANDS = [c for c in commands(GUIDES) if c.split()[1] in ("catalog", "calibrate")]
 
 
 def vllm_results(folder: Path) -> None:

@@ -283,12 +283,11 @@ def test_agent_tools_workload_runs_end_to_end():
 
 
 def test_the_readme_flow_example_validates():
-    import re
 
     import yaml
+    from documents import PAGES, blocks
 
-    readme = (ROOT / "README.md").read_text()
-    block = next(b for b in re.findall(r"^```yaml\n(.*?)^```", readme, re.S | re.M) if "\n  flow:\n" in b)
+    block = next(b for b in blocks("yaml", PAGES["guides/flows.md"]) if "\n  flow:\n" in b)
     chat = {"arrival": {"kind": "poisson", "rate_rps": 1}, "prompt_tokens": 10, "output_tokens": 10,
             "endpoint": "gpt4o"}
     spec = Workload.model_validate({

@@ -1,19 +1,13 @@
-"""The README's examples are tested: the quick start, the workload example, the Python API."""
+"""The README's quick start and the docs' examples are tested: the workload and experiment examples, the Python
+API; every file they name exists; the README stays one screen or two."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import yaml
+from documents import ALL, PAGES, README, ROOT, blocks
 
 from sim.config.schema import Workload
-
-ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
-
-
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, re.S | re.M)
 
 
 def quick_start() -> list[str]:
@@ -46,14 +40,21 @@ def test_experiment_example_validates(tmp_path):
 
 
 def test_documented_files_exist():
-    for path in set(re.findall(r"(?:workloads|experiments)/[\w.-]+\.yaml", README)):
+    for path in set(re.findall(r"(?:workloads|experiments)/[\w.-]+\.yaml", ALL)):
         assert (ROOT / path).is_file(), path
+
+
+def test_the_readme_is_short_and_links_every_docs_page():
+    assert len(README.splitlines()) < 250
+    for page in PAGES:
+        if page != "index.md":
+            assert f"](docs/{page})" in README, page
 
 
 def test_python_api_example_runs(monkeypatch):
     monkeypatch.chdir(ROOT)
     example = next(b for b in blocks("python") if "sim.run(" in b)
     scope: dict = {}
-    exec(compile(example, "README.md", "exec"), scope)
+    exec(compile(example, "docs/reference/python-api.md", "exec"), scope)
     summary = scope["result"].summary
     assert summary["ttft_p95_s_ci95_low"] <= summary["ttft_p95_s"] <= summary["ttft_p95_s_ci95_high"]

@@ -116,7 +116,7 @@ class Users(Block):
 class RequestClass(Block):
     """One kind of request: how it arrives, how long its prompt and answer are, where it goes."""
 
-    arrival: Arrivals = Field(description="Arrival process (its `kind` picks one; see the README).")
+    arrival: Arrivals = Field(description="Arrival process (its `kind` picks one; see docs/guides/arrivals.md).")
     prompt_tokens: Optional[Distribution] = Field(
         None, description="Prompt length in tokens (rounded, at least 1). Required but for a trace replay, "
         "which takes them from its trace."

@@ -61,7 +61,7 @@ class _Prober:
 
 
 def search_capacity(task: CapacityTask) -> dict[str, Any]:
-    """The capacity record of one config (see README, "capacity.json"); errors are returned as data."""
+    """The capacity record of one config (see docs/guides/sweeps.md, "capacity.json"); errors are returned as data."""
     record: dict[str, Any] = {"key": task.key, "variant": task.variant, "values": task.values}
     try:
         record.update(_search(task))

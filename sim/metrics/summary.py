@@ -1,7 +1,7 @@
 """Summaries: the flat metrics of one replication, and their intervals across replications.
 
 Metric names are flat and carry their unit; they are the same in the run
-summary, sweep results and reports (see README, "Output").
+summary, sweep results and reports (see docs/reference/metrics.md).
 """
 from __future__ import annotations
 

@@ -238,7 +238,7 @@ AREAS = (
 
 
 def metric_unit(key: str) -> str:
-    """A summary metric's unit, read from its name (the README's Output table says the same)."""
+    """A summary metric's unit, read from its name (docs/reference/metrics.md says the same)."""
     if key in ("seed", "replications"):
         return ""
     for suffix, unit in (("_usd", "USD"), ("_rps", "req/s"), ("_per_s_per_user", "tokens/s"),
