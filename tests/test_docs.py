@@ -66,6 +66,30 @@ def run_documented(command: str, tmp_path: Path, monkeypatch) -> None:
     assert main(args) == 0, command
 
 
+HOW_TO = {path.name: commands(path.read_text()) for path in sorted((ROOT / "docs" / "how-to").glob("*.md"))}
+
+
+def test_every_how_to_guide_has_commands():
+    assert set(HOW_TO) >= {"size-self-hosted.md", "api-tier.md", "ab-test.md", "replay-trace.md", "dask.md"}
+    assert all(HOW_TO.values()), HOW_TO
+
+
+@pytest.mark.parametrize("command", [c for cs in HOW_TO.values() for c in cs])
+def test_every_how_to_command_runs(command, tmp_path, monkeypatch, capsys):
+    if "../shared/data" in command and not SHARED.is_dir():
+        pytest.skip(f"public reference data not found at {SHARED}")
+    if "--executor dask" in command:
+        pytest.importorskip("distributed", reason="the dask extra is not installed")
+    monkeypatch.chdir(ROOT)
+    args = shlex.split(command)[1:]
+    if "--out" in args:  # what a guide writes goes to a temporary folder
+        k = args.index("--out") + 1
+        args[k] = str(tmp_path / args[k])
+    if args[0] in ("run", "sweep"):
+        args.append("--quiet")
+    assert main(args) == 0, command
+
+
 def test_the_docs_have_their_commands():
     assert len(DOC_COMMANDS) >= 6 and len(README_COMMANDS) >= 3
     assert any(c.startswith("llmsim calibrate") and "load_steps.csv" in c for c in DOC_COMMANDS)
