@@ -120,6 +120,17 @@ arrivals = st.one_of(
 )
 
 
+def generated(draw, classes: dict, models: dict, longest: float) -> Workload:
+    """A generated workload around its classes and models: the simulation block and load drawn too."""
+    duration = draw(st.floats(30.0, longest))
+    return Workload.model_validate({
+        "simulation": {"duration_s": duration, "warmup_s": draw(st.floats(0.0, duration / 2)),
+                       "seed": draw(st.integers(0, 2**31)), "timeseries_interval_s": draw(st.floats(1.0, 60.0))},
+        "traffic": {"classes": classes, "rate_scale": draw(st.floats(0.5, 2.0))},
+        "models": models,
+    })
+
+
 @st.composite
 def workloads(draw) -> Workload:
     models = {}
@@ -146,13 +157,7 @@ def workloads(draw) -> Workload:
         if draw(st.booleans()):
             cls["max_output_tokens"] = draw(st.integers(1, 200))
         classes[f"c{k}"] = cls
-    duration = draw(st.floats(30.0, 300.0))
-    return Workload.model_validate({
-        "simulation": {"duration_s": duration, "warmup_s": draw(st.floats(0.0, duration / 2)),
-                       "seed": draw(st.integers(0, 2**31)), "timeseries_interval_s": draw(st.floats(1.0, 60.0))},
-        "traffic": {"classes": classes, "rate_scale": draw(st.floats(0.5, 2.0))},
-        "models": models,
-    })
+    return generated(draw, classes, models, longest=300.0)
 
 
 @settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -187,13 +192,7 @@ def engine_workloads(draw) -> Workload:
         cls = {"arrival": draw(arrivals), "prompt_tokens": draw(tokens), "output_tokens": draw(tokens)}
         cls["endpoint"] = {"engine": 0.6, "slots": 0.4} if "slots" in models and draw(st.booleans()) else "engine"
         classes[f"c{k}"] = cls
-    duration = draw(st.floats(30.0, 240.0))
-    return Workload.model_validate({
-        "simulation": {"duration_s": duration, "warmup_s": draw(st.floats(0.0, duration / 2)),
-                       "seed": draw(st.integers(0, 2**31)), "timeseries_interval_s": draw(st.floats(1.0, 60.0))},
-        "traffic": {"classes": classes, "rate_scale": draw(st.floats(0.5, 2.0))},
-        "models": models,
-    })
+    return generated(draw, classes, models, longest=240.0)
 
 
 @settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
