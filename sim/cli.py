@@ -230,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = args.overrides + (["simulation.warm=true"] if args.warm else [])
     say = None if args.quiet else (lambda line: print(f"llmsim run: {line}", file=sys.stderr, flush=True))
     result = run(args.workload, seed=args.seed, replications=args.replications, overrides=overrides,
-                 force=args.force, progress=say, keep_requests=args.out is not None)
+                 force=args.force, progress=say, keep_requests=args.out is not None, user_costs=fmt == "text")
     _print_warnings(result.warnings)
     if args.out is not None:
         try:

@@ -135,7 +135,7 @@ def workload_warnings(workload: Workload) -> list[str]:
 def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
         replications: Optional[int] = None, overrides: Sequence[str] = (),
         keep_requests: bool = True, force: bool = False,
-        progress: Optional[Callable[[str], None]] = None) -> RunResult:
+        progress: Optional[Callable[[str], None]] = None, user_costs: bool = False) -> RunResult:
     """Simulate a workload (a file path or a validated Workload) and summarise it.
 
     `seed` and `replications` override the workload's `simulation` block;
@@ -143,7 +143,8 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
     `keep_requests=False` skips the per-request table, the time series and the ledger (sweeps, and a
     `llmsim run` that writes no files, don't need them: no table is built, pandas is not even imported).
     Work estimated above the limits (see sim.experiments.estimate) raises ConfigError unless `force`;
-    `progress(line)` hears about long work before and while it runs.
+    `progress(line)` hears about long work before and while it runs. `user_costs` tallies each user's
+    dollars (`user_usd`) even without the tables (the terminal's top users); with them it always does.
     """
     if not isinstance(workload, Workload):
         workload = load_workload(workload, overrides)
@@ -185,7 +186,7 @@ def run(workload: Union[Workload, str, Path], *, seed: Optional[int] = None,
             series = timeseries(rec, sim.timeseries_interval_s, sim.duration_s, hosted)
             series.insert(0, "replication", r)
             series_frames.append(series)
-        if keep_requests or users > 1:
+        if keep_requests or (user_costs and users > 1):
             book = ledger(rec, workload)
             if users > 1:
                 for user, usd in book.groupby("user")["usd"].sum().items():
