@@ -109,10 +109,10 @@ class CachedTokens:
         self.read, self.written = ints(), ints()
 
     def __setitem__(self, c: int, value: tuple[int, int]) -> None:
-        short = c + 1 - len(self.read)
-        if short > 0:
-            self.read.frombytes(bytes(8 * short))
-            self.written.frombytes(bytes(8 * short))
+        if c >= len(self.read):  # grown by doubling: a growth per call would cost two calls a call
+            more = bytes(8 * max(c + 1 - len(self.read), len(self.read), 1024))
+            self.read.frombytes(more)
+            self.written.frombytes(more)
         self.read[c], self.written[c] = value
 
     def __getitem__(self, c: int) -> tuple[int, int]:
