@@ -199,7 +199,7 @@ class Flows:
             node = nodes[k]
             k += 1
             if not self._holds(state, node):
-                self._log(r, node, self.env.now, SKIPPED, 0)
+                self._log(r, node, self.env._now, SKIPPED, 0)
                 continue
             self._start(r, node, lambda k=k: self._sequence(r, nodes, k, then, top))
             return
@@ -213,7 +213,7 @@ class Flows:
         return all(state.labels.get(step, -1) in allowed for step, allowed in node.when)
 
     def _start(self, r, node: _Node, then: Then) -> None:
-        now = self.env.now
+        now = self.env._now
         if node.kind == "tool":
             self._attempt(r, node, then, now, 1)
         elif node.kind == "model":
@@ -232,7 +232,7 @@ class Flows:
 
     def _log(self, r, node: _Node, start: float, label: int, attempts: int) -> None:
         r.flow.labels[node.step] = label
-        self.rec.flow_log += (r.i, node.step, start, self.env.now, label, attempts)
+        self.rec.flow_log += (r.i, node.step, start, self.env._now, label, attempts)
 
     def _done(self, r, node: _Node, then: Then, start: float, label: int, attempts: int) -> None:
         self._log(r, node, start, label, attempts)
@@ -249,8 +249,8 @@ class Flows:
                 self._done(r, node, then, start, SKIPPED if attempt == 1 else FAILED, attempt - 1)
                 return
             r.tools += 1
-        ok, back = self.tools[node.tool].attempt(self.env.now)
-        call_later(self.env, back - self.env.now, self._back, (r, node, then, start, attempt, ok))
+        ok, back = self.tools[node.tool].attempt(self.env._now)
+        call_later(self.env, back - self.env._now, self._back, (r, node, then, start, attempt, ok))
 
     def _back(self, event) -> None:
         r, node, then, start, attempt, ok = event.value

@@ -54,7 +54,7 @@ class Guardrails:
     def watch_request(self, r, arrival: float) -> None:
         """Request r's time limit, counted from its arrival (a wait at the rate limits included)."""
         if self.max_time is not None:
-            self.deadlines.add(max(0.0, arrival + self.max_time - self.env.now), r)
+            self.deadlines.add(max(0.0, arrival + self.max_time - self.env._now), r)
 
     def watch_call(self, r, c: int) -> None:
         """Call c's timeouts, from its send now."""
@@ -67,7 +67,7 @@ class Guardrails:
     def _check_call(self, value: tuple) -> None:
         """A running call at its first-token limit (times out if silent) or at its whole limit (times out)."""
         r, c, first_token_limit = value
-        if not first_token_limit or not self.first_token[c] <= self.env.now:  # silent: no token yet
+        if not first_token_limit or not self.first_token[c] <= self.env._now:  # silent: no token yet
             self.on_call_timeout((r, c))  # (an API's first token is known ahead: it may be due later)
             return
         whole = self.spec.call_timeout_s

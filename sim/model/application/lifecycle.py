@@ -167,7 +167,7 @@ class Lifecycle:
     # --- the request's way in -----------------------------------------------------
     def start(self, i: int) -> None:
         """Request i passed the rate limits: build its prompt, look in the cache, else call the model."""
-        rec, now = self.rec, self.env.now
+        rec, now = self.rec, self.env._now
         r = self.live[i] = _Request(i, now)
         if self.router is not None:
             # Routed at arrival, in arrival order: two configs run with the same seed give the same request
@@ -201,7 +201,7 @@ class Lifecycle:
 
     def _answer(self, r: _Request) -> None:
         """The answer: from the output cache, else retrieval and the model."""
-        rec, i, now = self.rec, r.i, self.env.now
+        rec, i, now = self.rec, r.i, self.env._now
         if self.cache is not None:
             key = self.cache.draw_key(i)
             code = self.cache.lookup(key, now, i)
@@ -289,7 +289,7 @@ class Lifecycle:
         r.hops += 1
         r.asked += 1
         r.tokens += prompt + output
-        now = self.env.now
+        now = self.env._now
         c = r.call = self.calls.new(rec.cls[i], endpoint, now, prompt, output, rec.user[i], rec.feature[i])
         self.parent.append(i)
         cache = self.prompt_caches[endpoint]
@@ -388,7 +388,7 @@ class Lifecycle:
     def _finish(self, r: _Request) -> None:
         """The final answer is in and post-processed: cache it, end."""
         if r.cache_key >= 0:
-            self.cache.insert(r.cache_key, self.env.now, r.i)
+            self.cache.insert(r.cache_key, self.env._now, r.i)
         self._complete(r)
 
     def _complete(self, r: _Request) -> None:
@@ -407,7 +407,7 @@ class Lifecycle:
         if self.rec.outcome[r.i] >= 0:
             return
         rec = self.rec
-        rec.admit[r.i] = rec.first_token[r.i] = self.env.now
+        rec.admit[r.i] = rec.first_token[r.i] = self.env._now
         self._complete(r)
 
     # --- guardrails --------------------------------------------------------------------
@@ -500,7 +500,7 @@ class Lifecycle:
         del self.live[i]
         if r.flow is not None and r.flow.calls:
             self.flows.stop(r)
-        now = self.env.now
+        now = self.env._now
         rec.outcome[i] = outcome
         rec.end[i] = now
         if outcome == COMPLETED and (not self.streaming or r.validations):

@@ -172,7 +172,7 @@ class Endpoint:
         if self.deadlines is not None:
             deadline = self.deadlines[self.recorder.cls[i]]
             if deadline is not None:
-                wait = self.recorder.arrival[i] + deadline - self.env.now
+                wait = self.recorder.arrival[i] + deadline - self.env._now
                 call_later(self.env, max(0.0, wait), self._expire, i)
 
     # --- the queue --------------------------------------------------------------
@@ -244,7 +244,7 @@ class Endpoint:
         rec = self.recorder
         if rec.outcome[i] >= 0:
             return
-        now = self.env.now
+        now = self.env._now
         rec.outcome[i] = outcome
         rec.end[i] = now
         self.pending.pop(i, None)
@@ -265,7 +265,7 @@ class Endpoint:
     def _finish(self, i: int, outcome: int) -> None:
         rec = self.recorder
         rec.outcome[i] = outcome
-        rec.end[i] = self.env.now
+        rec.end[i] = self.env._now
         self.pending.pop(i, None)
         if self.on_done is not None:
             self.on_done(i)

@@ -158,7 +158,7 @@ class EngineReplica:
         i = event.value
         if self.rec.outcome[i] >= 0:  # cancelled during its handshake: its place was freed then
             return
-        self._join_now(i, self.env.now)
+        self._join_now(i, self.env._now)
 
     def _join_now(self, i: int, now: float) -> None:
         """Request i's prompt enters the batch (less what its prefix cache holds): the engine plans its next step."""
@@ -253,7 +253,7 @@ class EngineReplica:
         self.serving = False
         self.draining = True
         if self.load == 0:
-            self.retired = self.env.now
+            self.retired = self.env._now
 
     # --- the engine ---------------------------------------------------------
     def _account(self, now: float) -> None:
@@ -489,4 +489,4 @@ class EngineReplica:
         if self.kv_capacity is not None:
             self.kv_used -= self.rec.prompt[i] + self.rec.output[i]
         if self.load == 0 and not self.serving:  # drained: only a draining replica completes while not serving
-            self.retired = self.env.now
+            self.retired = self.env._now

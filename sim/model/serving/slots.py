@@ -56,7 +56,7 @@ class SlotServer:
         """Take request i; after `delay` (a handshake, the slot held meanwhile) it is served."""
         if self.provider_gate is not None and not self.provider_gate(i):
             return  # the provider answered 429: the slot stays free, the client retries
-        now = self.env.now
+        now = self.env._now
         self._account(now)
         self.load += 1
         rec = self.rec
@@ -88,7 +88,7 @@ class SlotServer:
             return
         if self.ends is not None:
             del self.ends[i]
-        now = self.env.now
+        now = self.env._now
         self._account(now)
         self.load -= 1
         rec.end[i] = now

@@ -144,11 +144,11 @@ class ClosedLoopUsers:
 
     def _think(self, user: int) -> None:
         think = self.think()
-        if self.env.now + think < self.until:
+        if self.env._now + think < self.until:
             call_later(self.env, think, self._arrive, user)
 
     def _arrive(self, event) -> None:
-        self.submit(self.make(self.env.now, user=event.value))
+        self.submit(self.make(self.env._now, user=event.value))
 
 
 class TimesSource:
@@ -171,7 +171,7 @@ class TimesSource:
 
     def _arrive(self, event) -> None:
         self._schedule(self.next_time())
-        self.submit(self.make(self.env.now))
+        self.submit(self.make(self.env._now))
 
 
 class PiecewiseTimes:
@@ -316,7 +316,7 @@ class SessionSource:
             call_later(self.env, gap, self._start_session)
 
     def _start_session(self, event) -> None:
-        self._next(self.env.now)
+        self._next(self.env._now)
         user = self.make.first_user + self.sessions % self.users
         self.sessions += 1
         self._send(_Session(user, int(self.turns())), 0)
@@ -326,7 +326,7 @@ class SessionSource:
         if self.max_context is not None and prompt > self.max_context:
             prompt = self.max_context
         session.turns_left -= 1
-        i = self.make(self.env.now, prompt=prompt, user=session.user)
+        i = self.make(self.env._now, prompt=prompt, user=session.user)
         self.session_of[i] = session  # before submit: a rejection calls done() at once
         self.submit(i)
 
@@ -337,7 +337,7 @@ class SessionSource:
         if session is None or session.turns_left <= 0 or rec.outcome[i] != COMPLETED:
             return
         think = self.think()
-        if self.env.now + think < self.until:
+        if self.env._now + think < self.until:
             call_later(self.env, think, self._turn, (session, rec.prompt[i] + rec.output[i]))
 
     def _turn(self, event) -> None:

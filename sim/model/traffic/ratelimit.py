@@ -341,7 +341,7 @@ class Client:
         """Request i ends rate-limited now."""
         rec = self.rec
         rec.outcome[i] = RATE_LIMITED
-        rec.end[i] = self.env.now
+        rec.end[i] = self.env._now
         self.done(i)
 
 
@@ -381,7 +381,7 @@ class Gate:
     def _pass(self, i: int, first: int) -> None:
         stages = self.by_class[self.cls[i]]
         if first < len(stages):
-            now = self.env.now
+            now = self.env._now
             cost = self.client.cost(i)
             for k in range(first, len(stages)):
                 stage = stages[k]
@@ -425,7 +425,7 @@ class ProviderGate:
         self.resend = resend
 
     def __call__(self, i: int) -> bool:
-        now = self.env.now
+        now = self.env._now
         cost = self.client.cost(i)
         if self.log.take(0, now, cost):
             return True

@@ -72,7 +72,7 @@ class TraceSource:
         k = event.value
         if k + 1 < len(self.times):
             call_at(self.env, self.times[k + 1], self._arrive, k + 1)
-        i = self.make(self.env.now, prompt=self.prompt[k], output=self.output[k])
+        i = self.make(self.env._now, prompt=self.prompt[k], output=self.output[k])
         if self.blocks is not None:
             blocks = self.blocks
             if len(blocks) <= i:
