@@ -1,5 +1,6 @@
 """Reference pages generated from the code, so they never drift from it: the workload schema (from the
-pydantic models, through their JSON Schema) and every command of the CLI (from its argparse parser).
+pydantic models, through their JSON Schema), every command of the CLI (from its argparse parser) and the
+summary's metrics (from sim/metrics/glossary.py).
 
 The documentation site's build (docs/hooks.py) puts them into docs/reference/; tests check that every
 field has help text and that the site builds.
@@ -104,6 +105,14 @@ def fields_without_help() -> list[str]:
             if not node.get("description") and "const" not in node:
                 out.append(f"{name}.{field}")
     return out
+
+
+def metrics_markdown() -> str:
+    """The summary's metrics: a table row per name (sim/metrics/glossary.py), with its unit and meaning."""
+    from sim.metrics.glossary import METRICS
+
+    rows = [f"| `{name}` | {unit} | {meaning} |" for name, unit, meaning in METRICS]
+    return "\n".join(["| key | unit | meaning |", "| --- | --- | --- |", *rows])
 
 
 def cli_markdown() -> str:

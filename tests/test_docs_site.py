@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from sim.cli import build_parser
-from sim.reference import cli_markdown, fields_without_help, schema_markdown
+from sim.metrics.glossary import METRICS
+from sim.reference import cli_markdown, fields_without_help, metrics_markdown, schema_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +31,8 @@ def test_the_reference_covers_every_model_and_command():
     for name in commands:
         assert f"## llmsim {name}\n" in text, name
     assert "`--format`" in text and "(one of: text, json, csv)" in text
+    table = metrics_markdown()
+    assert all(f"| `{name}` | {unit} |" in table for name, unit, _ in METRICS)
 
 
 def test_the_site_builds_strictly(tmp_path):
@@ -42,4 +45,5 @@ def test_the_site_builds_strictly(tmp_path):
     workload = (site / "reference" / "workload" / "index.html").read_text()
     assert "duration_s" in workload and "generated:" not in workload  # the placeholder was filled
     assert "llmsim calibrate" in (site / "reference" / "cli" / "index.html").read_text()
+    assert "utilisation_&lt;endpoint&gt;" in (site / "reference" / "metrics" / "index.html").read_text()
     assert (site / "serving" / "index.html").is_file()

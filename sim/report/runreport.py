@@ -18,6 +18,7 @@ from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 from sim.config.loader import ConfigError  # noqa: E402
 from sim.config.traces import excerpt  # noqa: E402
+from sim.metrics.glossary import unit_of  # noqa: E402
 
 from .figures import _RC, Figure, _save, log_axis  # noqa: E402
 from .review import (
@@ -237,22 +238,6 @@ AREAS = (
 )
 
 
-def metric_unit(key: str) -> str:
-    """A summary metric's unit, read from its name (docs/reference/metrics.md says the same)."""
-    if key in ("seed", "replications"):
-        return ""
-    for suffix, unit in (("_usd", "USD"), ("_rps", "req/s"), ("_per_s_per_user", "tokens/s"),
-                         ("_per_s_per_gpu", "tokens/s"), ("_per_s", "tokens/s"), ("_s", "s"), ("_share", "share"),
-                         ("_rate", "share"), ("_share_p95", "share")):
-        if key.endswith(suffix):
-            return unit
-    if key.startswith(("utilisation_", "offered_utilisation_")):
-        return "share"
-    if key.startswith(("requests_", "batch_mean_")):
-        return "requests"
-    return ""
-
-
 def _metrics_tables(summary: dict) -> list:
     """Every numeric metric, grouped by area, with its unit and interval; metrics zero throughout (value and
     interval) are left out, and counted."""
@@ -269,7 +254,7 @@ def _metrics_tables(summary: dict) -> list:
         low, high = summary.get(f"{key}_ci95_low"), summary.get(f"{key}_ci95_high")
         interval = f"[{low:.4g}, {high:.4g}]" if low is not None and high is not None and not math.isnan(low) else ""
         areas.setdefault(area, []).append([f"`{key}`", f"{value:.4g}" if isinstance(value, float) else str(value),
-                                           metric_unit(key), interval])
+                                           unit_of(key), interval])
     blocks: list = []
     for name, _ in AREAS:
         if name in areas:
