@@ -84,9 +84,10 @@ def format_summary(result) -> str:
     # Plain service-time endpoints have no prefill: admission to the end is their service.
     said = {"prefill": "service"} if all(getattr(m, "service_time", None) is not None for m in w.models.values()) else {}
     if stages:
+        bottleneck = s.get("bottleneck_stage")
         lines.append("stages     " + "  ".join(f"{said.get(name, name)} {share:.0%}" for name, share in stages
                                                if share >= 0.005)
-                     + f"   of mean latency; bottleneck: {said.get(s.get('bottleneck_stage'), s.get('bottleneck_stage'))}")
+                     + f"   of mean latency; bottleneck: {said.get(bottleneck, bottleneck)}")
     steps = [k[len("flow_step_"):-len("_mean_s")] for k in s if k.startswith("flow_step_") and k.endswith("_mean_s")
              and "_ci95_" not in k]
     if steps:
