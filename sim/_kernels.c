@@ -23,32 +23,35 @@ static int earlier(const Departure *a, const Departure *b) {
     return a->time < b->time || (a->time == b->time && a->order < b->order);
 }
 
-static void push(Departure *heap, Py_ssize_t *size, Departure item) {
-    Py_ssize_t k = (*size)++;
-    while (k > 0) {
-        Py_ssize_t parent = (k - 1) / 2;
-        if (!earlier(&item, &heap[parent])) break;
-        heap[k] = heap[parent];
-        k = parent;
+/* A binary min-heap of TYPE in an array, ordered by BEFORE(&a, &b): NAME_push and NAME_pop, which keep the
+ * heap's size in *size (heapq's algorithm, so ties come out as Python's heapq gives them). */
+#define DEFINE_HEAP(NAME, TYPE, BEFORE)                                          \
+    static void NAME##_push(TYPE *heap, Py_ssize_t *size, TYPE item) {           \
+        Py_ssize_t k = (*size)++;                                                \
+        while (k > 0) {                                                          \
+            Py_ssize_t parent = (k - 1) / 2;                                     \
+            if (!BEFORE(&item, &heap[parent])) break;                            \
+            heap[k] = heap[parent];                                              \
+            k = parent;                                                          \
+        }                                                                        \
+        heap[k] = item;                                                          \
+    }                                                                            \
+    static TYPE NAME##_pop(TYPE *heap, Py_ssize_t *size) {                       \
+        TYPE top = heap[0], last = heap[--(*size)];                              \
+        Py_ssize_t k = 0, n = *size;                                             \
+        while (1) {                                                              \
+            Py_ssize_t child = 2 * k + 1;                                        \
+            if (child >= n) break;                                               \
+            if (child + 1 < n && BEFORE(&heap[child + 1], &heap[child])) child++; \
+            if (!BEFORE(&heap[child], &last)) break;                             \
+            heap[k] = heap[child];                                               \
+            k = child;                                                           \
+        }                                                                        \
+        if (n > 0) heap[k] = last;                                               \
+        return top;                                                              \
     }
-    heap[k] = item;
-}
 
-static Departure pop(Departure *heap, Py_ssize_t *size) {
-    Departure top = heap[0];
-    Departure last = heap[--(*size)];
-    Py_ssize_t k = 0, n = *size;
-    while (1) {
-        Py_ssize_t child = 2 * k + 1;
-        if (child >= n) break;
-        if (child + 1 < n && earlier(&heap[child + 1], &heap[child])) child++;
-        if (!earlier(&heap[child], &last)) break;
-        heap[k] = heap[child];
-        k = child;
-    }
-    if (n > 0) heap[k] = last;
-    return top;
-}
+DEFINE_HEAP(departures, Departure, earlier)
 
 static int as_buffer(PyObject *obj, Py_buffer *view, int writable, const char *what, Py_ssize_t itemsize) {
     if (PyObject_GetBuffer(obj, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
@@ -130,7 +133,7 @@ static PyObject *fifo_slots(PyObject *self, PyObject *args) {
             continue;
         }
         if (td <= ta) {
-            Departure d = pop(heap, &size);
+            Departure d = departures_pop(heap, &size);
             double t = d.time;
             int64_t s = d.server;
             double elapsed = t - last[s];
@@ -144,7 +147,7 @@ static PyObject *fifo_slots(PyObject *self, PyObject *args) {
                 last[s] = t;
                 load[s] += 1;
                 admit[i] = t, replica[i] = s, first[i] = t + ttft[i];
-                push(heap, &size, (Departure){t + service[i], order++, s, i});
+                departures_push(heap, &size, (Departure){t + service[i], order++, s, i});
             }
             continue;
         }
@@ -163,7 +166,7 @@ static PyObject *fifo_slots(PyObject *self, PyObject *args) {
         load[best] += 1;
         head++;
         admit[i] = ta, replica[i] = best, first[i] = ta + ttft[i];
-        push(heap, &size, (Departure){ta + service[i], order++, best, i});
+        departures_push(heap, &size, (Departure){ta + service[i], order++, best, i});
     }
     Py_END_ALLOW_THREADS
     result = Py_None;
@@ -219,33 +222,7 @@ static int decoding_before(const Decoding *a, const Decoding *b) {
     return a->finish < b->finish || (a->finish == b->finish && a->request < b->request);
 }
 
-static void decoding_push(Replica *rp, Decoding item) {
-    Decoding *heap = rp->decoding;
-    Py_ssize_t k = rp->n_decoding++;
-    while (k > 0) {
-        Py_ssize_t parent = (k - 1) / 2;
-        if (!decoding_before(&item, &heap[parent])) break;
-        heap[k] = heap[parent];
-        k = parent;
-    }
-    heap[k] = item;
-}
-
-static Decoding decoding_pop(Replica *rp) {
-    Decoding *heap = rp->decoding;
-    Decoding top = heap[0], last = heap[--rp->n_decoding];
-    Py_ssize_t k = 0, n = rp->n_decoding;
-    while (1) {
-        Py_ssize_t child = 2 * k + 1;
-        if (child >= n) break;
-        if (child + 1 < n && decoding_before(&heap[child + 1], &heap[child])) child++;
-        if (!decoding_before(&heap[child], &last)) break;
-        heap[k] = heap[child];
-        k = child;
-    }
-    if (n > 0) heap[k] = last;
-    return top;
-}
+DEFINE_HEAP(decodes, Decoding, decoding_before)
 
 static Prefilling *prefilling_at(Engine *e, Replica *rp, Py_ssize_t j) {
     return &rp->prefilling[(rp->p_head + j) % e->max_batch];
@@ -497,7 +474,7 @@ static int boundary(Engine *e, int64_t index, double now) {
             e->first[i] = now;
             int64_t remaining = e->output[i] - 1;
             if (remaining > 0) {
-                decoding_push(rp, (Decoding){step + remaining, i});
+                decodes_push(rp->decoding, &rp->n_decoding, (Decoding){step + remaining, i});
                 rp->context_base += e->prompt[i] + 1 - step;
             } else {
                 complete(e, rp, i, now);
@@ -505,7 +482,7 @@ static int boundary(Engine *e, int64_t index, double now) {
         }
     }
     while (rp->n_decoding && rp->decoding[0].finish <= step) {
-        Decoding done = decoding_pop(rp);
+        Decoding done = decodes_pop(rp->decoding, &rp->n_decoding);
         rp->context_base -= e->prompt[done.request] + e->output[done.request] - done.finish;
         complete(e, rp, done.request, now);
     }
