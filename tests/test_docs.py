@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,38 @@ def test_every_how_to_command_runs(command, tmp_path, monkeypatch, capsys):
     if args[0] in ("run", "sweep"):
         args.append("--quiet")
     assert main(args) == 0, command
+
+
+# Commands of the commands page that cannot run here, and why (every other line runs, in the page's order).
+NOT_HERE = {"my-variant.yaml": "a variant file the reader writes", "tcp://10.0.0.5:8786": "the reader's Dask cluster",
+            "llmsim bench": "tests/test_cli.py runs the benchmark"}
+
+
+def test_the_commands_page_runs_in_order(tmp_path, monkeypatch, capsys):
+    # In a copy of the workloads and experiments, so what the commands write (reports/...) stays out of the checkout.
+    for folder in ("workloads", "experiments"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    monkeypatch.chdir(tmp_path)
+    ran = 0
+    for command in commands((ROOT / "docs" / "guides" / "commands.md").read_text()):
+        if any(marker in command for marker in NOT_HERE):
+            continue
+        if "../shared/data" in command:
+            if not SHARED.is_dir():
+                continue
+            command = command.replace("../shared/data", str(SHARED))
+        args = shlex.split(command, comments=True)[1:]
+        if ">" in args:  # a redirection: the output itself does not matter here
+            args = args[:args.index(">")]
+        if args[0] in ("run", "sweep"):
+            args.append("--quiet")
+        try:
+            assert main(args) == 0, command
+        except SystemExit as done:  # --version exits, as argparse does
+            assert done.code == 0, command
+        capsys.readouterr()
+        ran += 1
+    assert ran >= 15
 
 
 def test_the_docs_have_their_commands():
