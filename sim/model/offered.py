@@ -59,8 +59,7 @@ def offered_load_rps(workload: Workload) -> float:
 def offered_utilisation(workload: Workload) -> dict[str, float]:
     """Offered utilisation per endpoint (open-loop traffic only, as much as the rate limits let through)."""
     classes = workload.traffic.classes
-    passed, provider = rates_past_limits(
-        workload, {n: open_loop_rate(c) * workload.traffic.rate_scale for n, c in classes.items()}, _tokens)
+    passed, provider = _past_our_limits(workload)
     prompt = _budget_prompt(workload)  # both sample 100k draws: once, not per class
     routed = routed_calls(workload)
     result = {}
@@ -70,14 +69,24 @@ def offered_utilisation(workload: Workload) -> dict[str, float]:
         for cname, cls in classes.items():
             if cls.batch and getattr(model, "batch", None) is not None:
                 continue  # the provider's batch lane, not the interactive slots
-            # (calls per request, extra prompt tokens) of this class on this endpoint
-            calls = routed[cname].get(name, []) if routed else [(cls.endpoint_mix().get(name, 0.0), 0.0)]
-            for per_request, extra in calls:
+            for per_request, extra in _calls_to(name, cname, cls, routed):
                 rate = passed[cname] * per_request * provider[name]
                 if rate > 0:
                     load += rate * _work_per_request(model, cls, batch, prompt, extra)
         result[name] = load / _servers(model)
     return result
+
+
+def _past_our_limits(workload: Workload) -> tuple[dict[str, float], dict[str, float]]:
+    """`rates_past_limits` of the classes' open-loop rates (rate_scale applied)."""
+    rates = {n: open_loop_rate(c) * workload.traffic.rate_scale for n, c in workload.traffic.classes.items()}
+    return rates_past_limits(workload, rates, _tokens)
+
+
+def _calls_to(endpoint: str, cname: str, cls, routed) -> list[tuple[float, float]]:
+    """(model calls per request, extra prompt tokens) of class `cname` on `endpoint`: per router tier with a
+    router (`routed_calls`), else its endpoint mix's share."""
+    return routed[cname].get(endpoint, []) if routed else [(cls.endpoint_mix().get(endpoint, 0.0), 0.0)]
 
 
 NEAR_LIMIT = 0.8
@@ -88,9 +97,10 @@ def provider_limit_warnings(workload: Workload) -> list[str]:
     """One line per API endpoint whose offered traffic (past our own rate limits; with a router, the calls it
     sends there) comes near its provider's rpm or tpm, naming the binding one. A tpm counts prompt + max
     output tokens, as providers do."""
+    if not any(getattr(model, "limits", None) is not None for model in workload.models.values()):
+        return []  # (the rates below cost 100k draws apiece: every run asks)
     classes = workload.traffic.classes
-    open_rates = {n: open_loop_rate(c) * workload.traffic.rate_scale for n, c in classes.items()}
-    passed, _ = rates_past_limits(workload, open_rates, _tokens)
+    passed, _ = _past_our_limits(workload)
     prompt, routed = _budget_prompt(workload), routed_calls(workload)
     out = []
     for name, model in workload.models.items():
@@ -101,7 +111,7 @@ def provider_limit_warnings(workload: Workload) -> list[str]:
         for cname, cls in classes.items():
             cost = ((_tokens(cls.prompt_tokens) if prompt is None else prompt)
                     + (cls.max_output_tokens or _tokens(cls.output_tokens)))
-            for per_request, extra in routed[cname].get(name, []) if routed else [(cls.endpoint_mix().get(name, 0), 0)]:
+            for per_request, extra in _calls_to(name, cname, cls, routed):
                 rate = passed[cname] * per_request * 60.0
                 calls += rate
                 tokens += rate * (cost + extra)
