@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from sim.experiments.run import run
-from sim.experiments.spec import Bound, LoadedExperiment, override
+from sim.experiments.spec import LoadedExperiment, override, slo_verdict
 
 
 @dataclass(frozen=True)
@@ -24,20 +24,6 @@ class CapacityTask:
     variant: str
     values: dict[str, Any]
     overrides: tuple[str, ...] = field(default=())
-
-
-def slo_verdict(summary: dict[str, Any], slo: dict[str, Bound]) -> tuple[bool, Optional[str]]:
-    """Whether every bound holds on its pessimistic 95% end; else the first metric that fails."""
-    for metric, bound in slo.items():
-        if bound.max is not None:
-            value = summary.get(f"{metric}_ci95_high", summary.get(metric, math.nan))
-            if not value <= bound.max:  # NaN fails too
-                return False, metric
-        if bound.min is not None:
-            value = summary.get(f"{metric}_ci95_low", summary.get(metric, math.nan))
-            if not value >= bound.min:
-                return False, metric
-    return True, None
 
 
 class _Prober:

@@ -75,6 +75,21 @@ class Bound(Block):
         return self
 
 
+def slo_verdict(summary: dict[str, Any], slo: dict[str, Bound]) -> tuple[bool, Optional[str]]:
+    """Whether every bound holds on its pessimistic 95% end (the capacity search's test, and the figures'); else
+    the first metric that fails. `summary`: a run's summary, or a sweep point's row."""
+    for metric, bound in slo.items():
+        if bound.max is not None:
+            value = summary.get(f"{metric}_ci95_high", summary.get(metric, math.nan))
+            if not value <= bound.max:  # NaN fails too
+                return False, metric
+        if bound.min is not None:
+            value = summary.get(f"{metric}_ci95_low", summary.get(metric, math.nan))
+            if not value >= bound.min:
+                return False, metric
+    return True, None
+
+
 def _number_is_max(value: Any) -> Any:
     return {"max": value} if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 

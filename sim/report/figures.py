@@ -24,6 +24,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter, PercentFormatter  # noqa: E402
 
+from sim.experiments.spec import Bound, slo_verdict  # noqa: E402
 from sim.metrics.summary import aggregate_points  # noqa: E402
 
 LOAD_X = "offered_load_rps"
@@ -319,14 +320,8 @@ def _slo_label(metric: str, side: str, bound: float) -> str:
 
 def meets_slo(row: pd.Series, experiment: dict) -> bool:
     """Whether a point meets every SLO bound on its pessimistic 95% end, as the capacity search judges."""
-    for metric, bound in (experiment.get("slo") or {}).items():
-        high = row.get(f"{metric}_ci95_high", row.get(metric, math.nan))
-        low = row.get(f"{metric}_ci95_low", row.get(metric, math.nan))
-        if bound.get("max") is not None and not high <= bound["max"]:
-            return False
-        if bound.get("min") is not None and not low >= bound["min"]:
-            return False
-    return True
+    slo = {metric: Bound.model_construct(**bound) for metric, bound in (experiment.get("slo") or {}).items()}
+    return slo_verdict(row, slo)[0]
 
 
 def target_load_rps(experiment: dict, capacity: Optional[dict]) -> Optional[float]:
