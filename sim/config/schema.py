@@ -69,9 +69,10 @@ class Simulation(Block):
     )
     warm: bool = Field(False, description="Start warm: replicas loaded, connections open (the --warm flag).")
     fast_path: bool = Field(
-        True, description="Run open-loop traffic (Poisson, schedule, diurnal, MMPP, gamma) on plain FIFO slot "
-        "endpoints without events (the same results to the bit, several times faster: sim/model/fastpath.py); "
-        "false: always the event path.")
+        True, description="Run open-loop traffic (Poisson, schedule, diurnal, MMPP, gamma, trace replays) on plain "
+        "FIFO endpoints (slots, and engine replicas without prefix caches, slow time or cold starts) without events, "
+        "compiled (the same results to the bit, several times faster: sim/model/fastpath.py); false: always the "
+        "event path.")
     max_requests: Optional[float] = Field(
         None, gt=0, description="Refuse to start a run (or a sweep) estimated above this many simulated requests "
         "(default 1e8; the --force flag ignores it)."
