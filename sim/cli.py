@@ -352,9 +352,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from sim.config.schema import Workload
+    from sim.reference import workload_schema
 
-    schema = Workload.model_json_schema(by_alias=True)
+    schema = workload_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "llmsim workload (format v1)"
     print(json.dumps(schema, indent=2))
