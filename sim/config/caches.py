@@ -126,7 +126,7 @@ def class_rates(workload) -> list[float]:
         if isinstance(arrival, ClosedLoopArrivals):
             rates.append(arrival.users / max(arrival.think_time_s.mean, 1e-9))
         else:
-            rates.append(getattr(arrival, "mean_rate_rps", lambda: 0.0)() * workload.traffic.rate_scale)
+            rates.append(spec.open_loop_rate_rps() * workload.traffic.rate_scale)
     return rates
 
 

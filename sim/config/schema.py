@@ -167,6 +167,10 @@ class RequestClass(Block):
             setattr(self, name, trace_tokens(replay.prompt if name == "prompt_tokens" else replay.output))
         return self
 
+    def open_loop_rate_rps(self) -> float:
+        """The class's mean open-loop arrival rate at rate_scale 1 (0 for a closed loop)."""
+        return getattr(self.arrival, "mean_rate_rps", lambda: 0.0)()
+
     def endpoint_mix(self) -> dict[str, float]:
         """{endpoint: share} with shares summing to 1 (after endpoint resolution)."""
         if isinstance(self.endpoint, dict):
@@ -203,7 +207,7 @@ class Traffic(Block):
     def _absolute_rate(self) -> "Traffic":
         if self.rate_rps is None:
             return self
-        base = sum(getattr(cls.arrival, "mean_rate_rps", lambda: 0.0)() for cls in self.classes.values())
+        base = sum(cls.open_loop_rate_rps() for cls in self.classes.values())
         if base <= 0:
             raise ValueError("rate_rps needs an open-loop class: closed loops have no arrival rate to scale")
         scale = self.rate_rps / base

@@ -15,7 +15,6 @@ from typing import Optional
 
 from sim.config.loader import ConfigError
 from sim.config.schema import ClosedLoopArrivals, TraceArrivals, Workload
-from sim.model.offered import open_loop_rate
 
 # Measured (llmsim bench, tracemalloc): a request's records while a replication runs (its
 # columns, the engine's and the pipeline's per-request state), and its row in the table a
@@ -62,7 +61,7 @@ def requests_per_replication(workload: Workload) -> float:
         elif isinstance(arrival, TraceArrivals):
             total += len(arrival.replay) - arrival.arrivals_after(duration, workload.traffic.rate_scale)
         else:
-            total += open_loop_rate(cls) * workload.traffic.rate_scale * duration
+            total += cls.open_loop_rate_rps() * workload.traffic.rate_scale * duration
     return total
 
 

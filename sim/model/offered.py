@@ -39,21 +39,16 @@ def _tokens(spec) -> float:
     return _token_means[key]
 
 
-def open_loop_rate(cls) -> float:
-    """A class's mean open-loop arrival rate at rate_scale 1 (0 for a closed loop)."""
-    return getattr(cls.arrival, "mean_rate_rps", lambda: 0.0)()
-
-
 def _request_rate(cls) -> float:
     """A class's mean request rate; for a closed loop its ceiling, users / think time."""
     if isinstance(cls.arrival, ClosedLoopArrivals):
         return cls.arrival.users / max(cls.arrival.think_time_s.mean, 1e-9)
-    return open_loop_rate(cls)
+    return cls.open_loop_rate_rps()
 
 
 def offered_load_rps(workload: Workload) -> float:
     """Total open-loop arrival rate (rate_scale applied): the x axis of load curves."""
-    return sum(open_loop_rate(cls) for cls in workload.traffic.classes.values()) * workload.traffic.rate_scale
+    return sum(cls.open_loop_rate_rps() for cls in workload.traffic.classes.values()) * workload.traffic.rate_scale
 
 
 def offered_utilisation(workload: Workload) -> dict[str, float]:
@@ -79,7 +74,7 @@ def offered_utilisation(workload: Workload) -> dict[str, float]:
 
 def _past_our_limits(workload: Workload) -> tuple[dict[str, float], dict[str, float]]:
     """`rates_past_limits` of the classes' open-loop rates (rate_scale applied)."""
-    rates = {n: open_loop_rate(c) * workload.traffic.rate_scale for n, c in workload.traffic.classes.items()}
+    rates = {n: c.open_loop_rate_rps() * workload.traffic.rate_scale for n, c in workload.traffic.classes.items()}
     return rates_past_limits(workload, rates, _tokens)
 
 
