@@ -87,7 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check every point's values and estimate the work; run nothing, write nothing")
 
-    p = sub.add_parser("report", help="write the capacity-review report and figures of a sweep folder")
+    p = sub.add_parser("plan", help="the cheapest deployment that meets the SLO: GPU types, tensor parallelism, "
+                       "replicas and hosted APIs searched")
+    p.add_argument("plan", metavar="PLAN", help="plan YAML file (kind: plan)")
+    p.add_argument("--out", type=Path, help="output folder (default: reports/<plan name>)")
+    p.add_argument("--workers", type=_positive_int, help="candidates searched at once (default: all cores)")
+    p.add_argument("--executor", choices=("local", "dask"), default="local",
+                   help="local processes, or a Dask cluster (pip install 'llmsim[dask]')")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address (default: a local cluster)")
+    p.add_argument("--resume", action="store_true", help="keep the candidates finished in --out and search the rest")
+    p.add_argument("--report", action="store_true", help="write report.md and report.html when done")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--force", action="store_true",
+                   help="run even when the work estimate is over the limit (see simulation.max_requests)")
+
+    p = sub.add_parser("report", help="write the report and figures of a sweep, plan or run folder")
     p.add_argument("dir", type=Path, metavar="DIR", help="folder written by llmsim sweep")
 
     p = sub.add_parser("validate", help="check a workload file")
@@ -256,10 +270,10 @@ def _output_format(args: argparse.Namespace) -> str:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from sim.experiments.sweep import plan, sweep
+    from sim.experiments.sweep import dry_run, sweep
 
     if args.dry_run:
-        print(plan(args.experiment, force=args.force))
+        print(dry_run(args.experiment, force=args.force))
         return EXIT_OK
     try:
         result = sweep(args.experiment, out=args.out, workers=args.workers, executor=args.executor,
@@ -283,14 +297,38 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sim.experiments.plan.planner import make_plan
+    from sim.report.plan import format_plan
+
+    try:
+        result = make_plan(args.plan, out=args.out, workers=args.workers, executor=args.executor,
+                           scheduler=args.scheduler, resume=args.resume, progress=not args.quiet, force=args.force)
+    except KeyboardInterrupt:
+        print("llmsim plan: interrupted; every finished candidate is saved: "
+              "run the same command with --resume to finish", file=sys.stderr)
+        return 130
+    print(format_plan(result.document))
+    print(f"plan in {result.out / 'plan.json'}, ranking in {result.out / 'plan.parquet'}")
+    if args.report:
+        from sim.report.plan import write_plan_report
+
+        for path in write_plan_report(result.out):
+            print(f"wrote {path}")
+    return EXIT_OK
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from sim.report.review import require_folder, write_report
     from sim.report.runreport import write_run_report
 
     folder = Path(args.dir)
     require_folder(folder)
-    # A sweep folder has results.parquet; a run folder (run --out) has a time series.
-    writer = write_report if (folder / "results.parquet").is_file() else write_run_report
+    # A sweep folder has results.parquet, a plan's plan.json; a run folder (run --out) has a time series.
+    if (folder / "plan.json").is_file():
+        from sim.report.plan import write_plan_report as writer
+    else:
+        writer = write_report if (folder / "results.parquet").is_file() else write_run_report
     for path in writer(folder):
         print(path)
     return EXIT_OK
@@ -460,8 +498,8 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "schema": cmd_schema, "bench": cmd_bench,
-            "compare": cmd_compare, "report": cmd_report, "fit-traffic": cmd_fit_traffic,
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "plan": cmd_plan, "validate": cmd_validate, "schema": cmd_schema,
+            "bench": cmd_bench, "compare": cmd_compare, "report": cmd_report, "fit-traffic": cmd_fit_traffic,
             "catalog": cmd_catalog, "calibrate": cmd_calibrate}
 
 

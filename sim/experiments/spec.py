@@ -103,6 +103,18 @@ class Capacity(Block):
     tolerance: float = Field(0.02, gt=0, lt=1, description="Stop when the bracket is this narrow (relative).")
 
 
+def plain_file_name(name: Optional[str]) -> Optional[str]:
+    """The name becomes the folder reports/<name>/: it must not lead anywhere else."""
+    if name is None:
+        return name
+    plain = all(kind(name).name == name for kind in (PurePosixPath, PureWindowsPath))
+    if not name or not plain or name == ".." or "\0" in name:
+        raise ValueError(f"must be a plain file name (no '/', '\\', '..', drive or absolute path), got {name!r}")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"must be at most {MAX_NAME_BYTES} bytes long (it names a folder)")
+    return name
+
+
 class Experiment(Block):
     """A sweep over a base workload."""
 
@@ -126,15 +138,7 @@ class Experiment(Block):
     @field_validator("name")
     @classmethod
     def _plain_file_name(cls, name: Optional[str]) -> Optional[str]:
-        """The name becomes the folder reports/<name>/: it must not lead anywhere else."""
-        if name is None:
-            return name
-        plain = all(kind(name).name == name for kind in (PurePosixPath, PureWindowsPath))
-        if not name or not plain or name == ".." or "\0" in name:
-            raise ValueError(f"must be a plain file name (no '/', '\\', '..', drive or absolute path), got {name!r}")
-        if len(name.encode()) > MAX_NAME_BYTES:
-            raise ValueError(f"must be at most {MAX_NAME_BYTES} bytes long (it names a folder)")
-        return name
+        return plain_file_name(name)
 
     @model_validator(mode="before")
     @classmethod
@@ -359,19 +363,24 @@ def load_experiment(path: Union[str, Path]) -> LoadedExperiment:
     path = Path(path)
     data, lines = load_yaml_with_lines(path)
     spec = validate_model(Experiment, data, lines, str(path), path.parent)
+    loaded = with_base_workload(spec, path, lines)
+    _check_paths(loaded, lines)
+    return loaded
+
+
+def with_base_workload(spec: Experiment, path: Path, lines: dict) -> LoadedExperiment:
+    """`spec` (read from `path`, or made in code for it) with its base workload read and checked."""
     base_path = path.parent / spec.workload
     if not base_path.is_file():
         raise ConfigError([f"{path}:{lines.get(('workload',), 1)}: workload: file not found: {base_path}"])
     base_data, base_lines = load_yaml_with_lines(base_path)
     base = validate_model(Workload, base_data, base_lines, str(base_path), base_path.parent)
-    loaded = LoadedExperiment(
+    return LoadedExperiment(
         spec, path, spec.name or path.stem, base_path, base_data, base_lines,
         spec.seed if spec.seed is not None else base.simulation.seed,
         spec.replications or base.simulation.replications,
         lines,
     )
-    _check_paths(loaded, lines)
-    return loaded
 
 
 def _check_paths(loaded: LoadedExperiment, lines: dict) -> None:

@@ -127,13 +127,14 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def check_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> Optional[str]:
+def check_fingerprint(folder: Path, fingerprint: dict[str, Any], name: str = "experiment.json") -> Optional[str]:
     """Before --resume: the results in `folder` must be of the experiment `fingerprint` describes.
 
     A different experiment is a ConfigError naming the parts that differ (an axis, a variant, a
     block of the workload). Returns a note when the folder predates fingerprints and cannot be checked.
+    `name`: the file in `folder` that holds the saved fingerprint (a plan's is plan.json).
     """
-    path = folder / "experiment.json"
+    path = folder / name
     try:
         saved = read_json(path)
     except (OSError, ValueError) as err:

@@ -103,7 +103,7 @@ def sweep(experiment: Union[str, Path], *, out: Optional[Path] = None, workers: 
         return _sweep_in(exp, base, out, workers, executor, scheduler, resume, progress)
 
 
-def plan(experiment: Union[str, Path], force: bool = False) -> str:
+def dry_run(experiment: Union[str, Path], force: bool = False) -> str:
     """What a sweep of `experiment` would run, checked as `sweep` checks it, without running anything."""
     exp = load_experiment(experiment)
     _check_metric_names(exp, exp.workload())

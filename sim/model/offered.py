@@ -88,16 +88,16 @@ NEAR_LIMIT = 0.8
 """Offered traffic past this share of a provider's limit gets a warning: bursts will meet it."""
 
 
-def provider_limit_warnings(workload: Workload) -> list[str]:
-    """One line per API endpoint whose offered traffic (past our own rate limits; with a router, the calls it
-    sends there) comes near its provider's rpm or tpm, naming the binding one. A tpm counts prompt + max
-    output tokens, as providers do."""
+def provider_limit_shares(workload: Workload) -> dict[str, tuple[str, float, float, float]]:
+    """Per API endpoint with provider limits: (its binding limit as 'rpm 500', the offered share of it, offered
+    calls and tokens a minute). The traffic is what passes our own rate limits; with a router, the calls it
+    sends there; a tpm counts prompt + max output tokens, as providers do."""
     if not any(getattr(model, "limits", None) is not None for model in workload.models.values()):
-        return []  # (the rates below cost 100k draws apiece: every run asks)
+        return {}  # (the rates below cost 100k draws apiece: every run asks)
     classes = workload.traffic.classes
     passed, _ = _past_our_limits(workload)
     prompt, routed = _budget_prompt(workload), routed_calls(workload)
-    out = []
+    out = {}
     for name, model in workload.models.items():
         limits = getattr(model, "limits", None)
         if limits is None:
@@ -113,10 +113,19 @@ def provider_limit_warnings(workload: Workload) -> list[str]:
         shares = {f"{unit} {limit:,}": offered / limit
                   for unit, limit, offered in (("rpm", limits.rpm, calls), ("tpm", limits.tpm, tokens)) if limit}
         binding = max(shares, key=shares.get)
-        if shares[binding] >= NEAR_LIMIT:
-            what = "exceeds" if shares[binding] > 1 else "comes near"
+        out[name] = (binding, shares[binding], calls, tokens)
+    return out
+
+
+def provider_limit_warnings(workload: Workload) -> list[str]:
+    """One line per API endpoint whose offered traffic comes near its provider's rpm or tpm (see
+    provider_limit_shares), naming the binding one."""
+    out = []
+    for name, (binding, share, calls, tokens) in provider_limit_shares(workload).items():
+        if share >= NEAR_LIMIT:
+            what = "exceeds" if share > 1 else "comes near"
             out.append(f"models.{name}.limits: the offered traffic ({calls:,.0f} requests and {tokens:,.0f} tokens a "
-                       f"minute) {what} the provider's {binding} ({shares[binding]:.0%} of it): calls past it get "
+                       f"minute) {what} the provider's {binding} ({share:.0%} of it): calls past it get "
                        "429s and wait (retry); raise the tier, or spread the traffic")
     return out
 

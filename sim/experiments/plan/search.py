@@ -1,0 +1,307 @@
+"""The plan's search: prune from the config alone, then size each surviving candidate with as few runs as it can.
+
+Pruning (no simulation): a GPU the model does not fit; an endpoint whose offered
+utilisation (its work at the full batch over its capacity) is 1 or more, which an
+open system cannot sustain however long it runs; a hosted API whose provider
+rpm or tpm the offered traffic exceeds. What remains is searched:
+
+- the SLO holds at a replica count when every bound holds on the pessimistic end
+  of its 95% interval at every period's load (`slo_verdict`, as the capacity search);
+- the fewest replicas that meet it are found by galloping up from the fewest that
+  pass the utilisation test (1, 2, 4, ... above it) and bisecting the last gap,
+  which relies on the SLO verdict being monotone in the replicas, as it is on
+  common random numbers;
+- a candidate's GPUs cost the same whatever the traffic, so the cheapest day it
+  could reach is known before it runs; a candidate that cannot beat the `keep`-th
+  cheapest found so far is stopped, and a search never tries replica counts that
+  would cost more than that.
+
+Candidates are ranked by cost per day; at equal cost the one with more headroom to
+the SLO ranks first (then the one listed first), so a candidate is stopped only when
+its GPUs alone cost more than the bar, never when they cost the same.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from sim.config.loader import ConfigError
+from sim.config.schema import Workload
+from sim.model.offered import offered_utilisation, provider_limit_shares
+
+from ..run import run
+from ..spec import slo_verdict
+from .spec import Candidate, LoadedPlan
+
+Key = tuple[float, float, int]  # (cost per day, -headroom, candidate index): the order of the ranking
+NO_KEY: Key = (math.inf, math.inf, 1 << 62)
+_UNFIT = ("does not fit", "does not divide")  # the catalog's words for a model a GPU group cannot hold
+
+KEPT = ("offered_load_rps", "throughput_rps", "requests_completed", "cost_per_hour_usd", "cost_per_1k_usd",
+        "ttft_p95_s", "ttft_p99_s", "tpot_p95_s", "tpot_p99_s", "e2e_p95_s", "e2e_p99_s", "queue_wait_p95_s")
+"""Summary metrics each probe keeps (with their intervals), besides the SLO's and the endpoint's utilisation."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What the config alone says of a candidate: why it is pruned, or its fewest replicas and GPU bill."""
+
+    pruned: Optional[str] = None
+    fewest: dict[float, int] = field(default_factory=dict)  # per load: fewest replicas below utilisation 1
+    gpu_fixed_usd_h: float = 0.0      # GPUs of other endpoints, per hour
+    gpu_replica_usd_h: float = 0.0    # one replica of the searched endpoint, per hour
+
+    def gpu_usd_h(self, replicas: Optional[int]) -> float:
+        return self.gpu_fixed_usd_h + (replicas or 0) * self.gpu_replica_usd_h
+
+
+def gpu_usd_h(workload: Workload) -> float:
+    """The workload's GPU bill per hour: its self-hosted replicas at their GPUs' price (the cost floor)."""
+    return sum(m.replicas * m.replica_hourly_usd for m in workload.models.values() if hasattr(m, "replica_hourly_usd"))
+
+
+def bounds(plan: LoadedPlan, candidate: Candidate) -> Bounds:
+    """Prune `candidate` from its config, or say the fewest replicas each load needs and what its GPUs cost."""
+    base_r = candidate.replicas[0] if candidate.replicas_path else None
+    fewest: dict[float, int] = {}
+    bill: tuple[float, float] = (0.0, 0.0)
+    for period in plan.spec.periods():
+        try:
+            workload = plan.workload(candidate, base_r, period.load)
+        except ConfigError as err:
+            unfit = [line for line in err.lines if any(word in line for word in _UNFIT)]
+            if unfit:  # the catalog's message, from 'model X does not fit on ...' on
+                return Bounds(pruned=_from_catalog(unfit[0]))
+            raise
+        utilisation = offered_utilisation(workload)
+        busy = {name: u for name, u in utilisation.items() if u >= 1 and name != (plan.endpoint if base_r else None)}
+        if busy:
+            name, u = max(busy.items(), key=lambda item: item[1])
+            return Bounds(pruned=f"models.{name}: offered utilisation {u:.2f} at load {period.load:g} (1 or more: "
+                          "its queue grows for as long as it runs)")
+        over = {name: s for name, s in provider_limit_shares(workload).items() if s[1] > 1}
+        if over:
+            name, (limit, share, _, _) = next(iter(over.items()))
+            return Bounds(pruned=f"models.{name}: the offered traffic is {share:.0%} of the provider's {limit} at "
+                          f"load {period.load:g}")
+        if base_r is not None:
+            one = utilisation[plan.endpoint] * base_r  # what a single replica would carry
+            fewest[period.load] = max(candidate.replicas[0], math.floor(one) + 1)
+            replica = workload.models[plan.endpoint].replica_hourly_usd
+            bill = (gpu_usd_h(workload) - base_r * replica, replica)
+    peak = plan.spec.periods()[0].load
+    if base_r is not None and fewest[peak] > candidate.replicas[1]:
+        return Bounds(pruned=f"needs at least {fewest[peak]} replicas for an offered utilisation below 1 at load "
+                      f"{peak:g} (the plan allows {candidate.replicas[1]})")
+    return Bounds(None, fewest, *bill)
+
+
+def _from_catalog(line: str) -> str:
+    start = min((line.find(w) for w in ("model ", "tensor_parallel ") if w in line), default=-1)
+    text = line[start:] if start >= 0 else line
+    return text.split(": ", 1)[1] if text.startswith("model ") and ": " in text else text
+
+
+class Prober:
+    """Runs a candidate at (replicas, load), each at most once, remembering every probe in order."""
+
+    def __init__(self, plan: LoadedPlan, candidate: Candidate) -> None:
+        self.plan, self.candidate = plan, candidate
+        self.probes: list[dict[str, Any]] = []
+        self._seen: dict[tuple[Optional[int], float], dict[str, Any]] = {}
+
+    def __call__(self, replicas: Optional[int], load: float) -> dict[str, Any]:
+        """The probe (met, the failing metric, the kept metrics) of the candidate at `replicas` and `load`."""
+        if (replicas, load) not in self._seen:
+            workload = self.plan.workload(self.candidate, replicas, load)
+            summary = run(workload, keep_requests=False, force=True).summary  # the plan's estimate was checked
+            met, limit = slo_verdict(summary, self.plan.spec.slo)
+            probe = {"replicas": replicas, "load": load, "met": met, "limited_by": limit,
+                     **_kept(summary, self.plan)}
+            self._seen[(replicas, load)] = probe
+            self.probes.append(probe)
+        return self._seen[(replicas, load)]
+
+    def meets(self, replicas: Optional[int], loads: list[float]) -> bool:
+        """The SLO holds at every load (busiest first: a failure there stops the check)."""
+        return all(self(replicas, load)["met"] for load in loads)
+
+
+def _kept(summary: dict[str, Any], plan: LoadedPlan) -> dict[str, Any]:
+    names = list(KEPT) + [m for m in plan.spec.slo if m not in KEPT] + [f"utilisation_{plan.endpoint}"]
+    out = {}
+    for name in names:
+        for key in (name, f"{name}_ci95_low", f"{name}_ci95_high"):
+            if key in summary:
+                out[key] = summary[key]
+    return out
+
+
+def fewest_meeting(low: int, high: int, meets: Callable[[int], bool]) -> Optional[int]:
+    """The fewest replicas in [low, high] that meet the SLO (None if even `high` does not), for a verdict
+    monotone in the replicas: `low`, then 1, 2, 4, ... above it, then bisection of the last gap."""
+    if low > high:
+        return None
+    if meets(low):
+        return low
+    failed, step = low, 1
+    while True:
+        r = min(low + step, high)
+        if r <= failed:
+            return None
+        if meets(r):
+            break
+        failed, step = r, step * 2
+    while r - failed > 1:
+        mid = (failed + r) // 2
+        if meets(mid):
+            r = mid
+        else:
+            failed = mid
+    return r
+
+
+@dataclass(frozen=True)
+class SearchTask:
+    """One candidate to size, with what the config says of it and the bar it must beat."""
+
+    plan: LoadedPlan
+    candidate: Candidate
+    bounds: Bounds
+    bar: float = math.inf  # the keep-th cheapest cost per day found before this task started
+
+
+def search(task: SearchTask) -> dict[str, Any]:
+    """The record of one candidate (see docs/guides/plan.md); errors are returned as data."""
+    c = task.candidate
+    record: dict[str, Any] = {"index": c.index, "name": c.name, "kind": c.kind, "gpu": c.gpu,
+                              "tensor_parallel": c.tensor_parallel or None, "scaling": c.scaling}
+    prober = Prober(task.plan, c)
+    try:
+        record.update(_size(task, prober))
+    except Exception as exc:  # a failed candidate is recorded and the plan goes on
+        record.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+    record["probes"] = prober.probes
+    return record
+
+
+def _size(task: SearchTask, prober: Prober) -> dict[str, Any]:
+    c, b, plan = task.candidate, task.bounds, task.plan
+    periods = plan.spec.periods()
+    loads = [p.load for p in periods]
+    hours = {p.load: p.hours for p in periods}
+    if c.replicas_path is None:
+        if not prober.meets(None, loads):
+            return _fails(prober, None, loads)
+        return _sized(prober, {load: None for load in loads}, hours, b)
+    if c.scaling == "fixed":
+        low = max(b.fewest.values())
+        high = _affordable(c, task.bar, lambda r: 24.0 * b.gpu_usd_h(r), low)
+        found = fewest_meeting(low, high, lambda r: prober.meets(r, loads))
+        if found is None:
+            return (_stopped(task, low, high, 24.0 * b.gpu_usd_h(high + 1)) if high < c.replicas[1]
+                    else _fails(prober, high, loads))
+        return _sized(prober, {load: found for load in loads}, hours, b)
+    chosen: dict[float, int] = {}
+    for k, load in enumerate(loads):  # scheduled: each period its own replicas, busiest first
+
+        def day(r: int, load: float = load, k: int = k) -> float:
+            rest = sum(hours[x] * b.gpu_usd_h(b.fewest[x]) for x in loads[k + 1:])
+            return sum(hours[x] * b.gpu_usd_h(n) for x, n in chosen.items()) + hours[load] * b.gpu_usd_h(r) + rest
+
+        high = _affordable(c, task.bar, day, b.fewest[load])
+        found = fewest_meeting(b.fewest[load], high, lambda r, load=load: prober.meets(r, [load]))
+        if found is None:
+            return (_stopped(task, b.fewest[load], high, day(high + 1)) if high < c.replicas[1]
+                    else _fails(prober, high, [load]))
+        chosen[load] = found
+    return _sized(prober, chosen, hours, b)
+
+
+def _affordable(c: Candidate, bar: float, day_usd: Callable[[int], float], low: int) -> int:
+    """The most replicas whose GPU bill alone costs no more than `bar` a day (the plan's range if no bar)."""
+    high = c.replicas[1]
+    while high >= low and day_usd(high) > bar:
+        high -= 1
+    return high
+
+
+def _stopped(task: SearchTask, low: int, high: int, floor_usd_day: float) -> dict[str, Any]:
+    """A candidate whose affordable replica counts (low..high) all miss the SLO, or that has none."""
+    tried = f"misses the SLO with up to {high} replicas, and {high + 1} or more" if high >= low else "its GPUs alone"
+    return {"status": "stopped", "cost_per_day_usd_floor": floor_usd_day,
+            "reason": f"{tried} cost at least ${floor_usd_day:,.2f} a day, more than the {_nth(task.plan.spec.keep)} "
+                      "cheapest found before it"}
+
+
+def _nth(k: int) -> str:
+    return {1: "", 2: "2nd", 3: "3rd"}.get(k, f"{k}th")
+
+
+def _fails(prober: Prober, replicas: Optional[int], loads: list[float]) -> dict[str, Any]:
+    probe = next((p for load in loads if not (p := prober(replicas, load))["met"]), None)
+    where = f" with {replicas} replicas" if replicas is not None else ""
+    limit = probe["limited_by"] if probe else "the SLO"
+    return {"status": "fails", "reason": f"misses {limit}{where} at load {probe['load']:g}"}
+
+
+def _sized(prober: Prober, replicas: dict[float, Optional[int]], hours: dict[float, float], b: Bounds
+           ) -> dict[str, Any]:
+    """A candidate that meets the SLO: its replicas per period, what it costs a day, its headroom."""
+    probes = {load: prober(r, load) for load, r in replicas.items()}
+    day = sum(hours[load] * probes[load]["cost_per_hour_usd"] for load in replicas)
+    peak = next(iter(replicas))  # busiest first
+    slo = {metric: bound.model_dump() for metric, bound in prober.plan.spec.slo.items()}
+    room, metric = headroom({"at_peak": probes[peak]}, slo)
+    return {"status": "ok", "headroom": room, "headroom_metric": metric,
+            "replicas": {str(load): r for load, r in replicas.items()},
+            "hourly_usd_by_load": {str(load): probes[load]["cost_per_hour_usd"] for load in replicas},
+            "peak_replicas": replicas[peak], "cost_per_day_usd": day, "cost_per_hour_usd": day / 24.0,
+            "gpu_usd_per_hour_at_peak": b.gpu_usd_h(replicas[peak]), "at_peak": probes[peak]}
+
+
+def headroom(record: dict[str, Any], slo: dict[str, dict]) -> tuple[float, str]:
+    """The smallest relative margin to an SLO bound at the busiest load (pessimistic ends), and its metric.
+
+    `slo`: metric -> {max, min}, as plan.json keeps it."""
+    probe = record["at_peak"]
+    margins = []
+    for metric, bound in slo.items():
+        if bound.get("max") is not None:
+            value = probe.get(f"{metric}_ci95_high", probe.get(metric, math.nan))
+            margins.append(((bound["max"] - value) / bound["max"], metric))
+        if bound.get("min") is not None:
+            value = probe.get(f"{metric}_ci95_low", probe.get(metric, math.nan))
+            margins.append(((value - bound["min"]) / bound["min"] if bound["min"] else math.inf, metric))
+    return min(margins) if margins else (math.nan, "")
+
+
+def rank_key(record: dict[str, Any]) -> Key:
+    """Where a finished record ranks: by cost per day, then more headroom, then the candidate listed first."""
+    if record.get("status") != "ok":
+        return NO_KEY
+    return (record["cost_per_day_usd"], -record["headroom"], record["index"])
+
+
+def bar(records: list[dict[str, Any]], keep: int) -> float:
+    """The keep-th cheapest cost per day among the records (infinite while fewer have met the SLO)."""
+    costs = sorted(r["cost_per_day_usd"] for r in records if r.get("status") == "ok")
+    return costs[keep - 1] if len(costs) >= keep else math.inf
+
+
+def order(plan: LoadedPlan, all_bounds: dict[int, Bounds]) -> list[Candidate]:
+    """The candidates to search, cheapest possible first (so the bar drops early and stops the rest)."""
+    periods = plan.spec.periods()
+
+    def floor(c: Candidate) -> Key:
+        b = all_bounds[c.index]
+        return (sum(p.hours * b.gpu_usd_h(b.fewest.get(p.load)) for p in periods), c.index)
+
+    return sorted((c for c in plan.candidates if all_bounds[c.index].pruned is None), key=floor)
+
+
+def space_points(plan: LoadedPlan) -> int:
+    """Runs a brute-force plan would make: every candidate at every replica count and load."""
+    loads = len(plan.spec.periods())
+    return sum(loads * (c.replicas[1] - c.replicas[0] + 1 if c.replicas_path else 1) for c in plan.candidates)

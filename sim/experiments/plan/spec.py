@@ -1,0 +1,331 @@
+"""Plan files: a workload, a target load (or a day's forecast), an SLO, and the deployments to choose from.
+
+A plan expands into candidates. Each is a list of `--set` style overrides of the
+base workload: a catalog GPU at one tensor-parallel size (its replicas searched), a
+hosted API in place of the endpoint, or a config the user wrote out. Every probe of
+every candidate runs with the plan's seed (common random numbers), so candidates
+are compared on the same traffic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from sim.catalog import CatalogError, gpu, model
+from sim.config.base import MAX_COUNT, MAX_PRICE_USD, MAX_REPLICATIONS
+from sim.config.loader import ConfigError, load_yaml_with_lines, validate_model
+from sim.config.schema import Workload
+
+from ..spec import (
+    LOAD_AXIS,
+    Block,
+    Bound,
+    Experiment,
+    LoadedExperiment,
+    _number_is_max,
+    override,
+    plain_file_name,
+    with_base_workload,
+)
+
+SCALINGS = ("fixed", "scheduled")
+
+
+class Replicas(Block):
+    """The replica counts a self-hosted candidate may use."""
+
+    min: int = Field(1, ge=1, le=MAX_COUNT, description="Fewest replicas.")
+    max: int = Field(ge=1, le=MAX_COUNT, description="Most replicas (the search never goes past them).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Replicas":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class SelfHostedSpace(Block):
+    """Self-hosted candidates: every GPU type at every tensor-parallel size, replicas searched."""
+
+    model: Optional[str] = Field(None, description="Catalog model (or a Hugging Face config.json) the replicas "
+                                 "serve (default: the workload endpoint's engine.model).")
+    gpus: list[str] = Field(min_length=1, description="Catalog GPU names (`llmsim catalog` lists them).")
+    tensor_parallel: list[int] = Field([1], min_length=1, description="GPUs per replica to try.")
+    replicas: Replicas = Field(description="Replica range: {min, max}.")
+    scaling: list[Literal["fixed", "scheduled"]] = Field(
+        ["fixed"], min_length=1, description="fixed: one fleet all day, sized for the busiest period; scheduled "
+        "(with a forecast): replicas set per period, each sized for its own load (a schedule, not the reactive "
+        "autoscaler: scale-up delays are not simulated).")
+    gpu_hourly_usd: dict[str, float] = Field(
+        default_factory=dict, description="Your price of one GPU per hour, by GPU name (default: the catalog's).")
+    engine: Optional[dict[str, Any]] = Field(
+        None, description="Engine settings besides gpu, model and tensor_parallel (default: the endpoint's own "
+        "engine block without its hardware: no typed step-time coefficients or KV capacity).")
+
+    @field_validator("tensor_parallel")
+    @classmethod
+    def _positive(cls, sizes: list[int]) -> list[int]:
+        if any(t < 1 for t in sizes):
+            raise ValueError("tensor-parallel sizes are whole numbers of at least 1")
+        return sizes
+
+    @field_validator("gpu_hourly_usd")
+    @classmethod
+    def _prices(cls, prices: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in prices.items() if not 0 <= v <= MAX_PRICE_USD]
+        if bad:
+            raise ValueError(f"{bad[0]}: a price per GPU-hour is between 0 and {MAX_PRICE_USD:g}")
+        return prices
+
+
+class Period(Block):
+    """A part of the day at one load."""
+
+    load: float = Field(gt=0, description="Load, in units of the load axis (rate_scale by default).")
+    hours: float = Field(gt=0, le=24, description="Hours a day at this load.")
+
+
+class Plan(Block):
+    """`llmsim plan`: the cheapest deployment that meets the SLO."""
+
+    version: Literal[1] = 1
+    kind: Literal["plan"] = Field(description="Always `plan` (tells a plan from a sweep).")
+    name: Optional[str] = Field(None, description="Name of the plan (default: the file name); names reports/<name>/.")
+    description: Optional[str] = None
+    workload: str = Field(description="Base workload file, relative to this file.")
+    endpoint: Optional[str] = Field(None, description="The workload's model endpoint to provision "
+                                    "(default: its only one, or its only self-hosted one).")
+    target: Optional[float] = Field(None, gt=0, description="Load to plan for, in units of the load axis.")
+    forecast: Optional[list[Period]] = Field(None, min_length=1, description="A day's loads instead of one "
+                                             "target: [{load, hours}], hours summing to 24.")
+    load_axis: str = Field(LOAD_AXIS, description="The config path that sets the load.")
+    slo: dict[str, Bound] = Field(min_length=1, description="metric -> bound, judged on the pessimistic end of its "
+                                  "95% interval; a number means max.")
+    replications: Optional[int] = Field(None, ge=2, le=MAX_REPLICATIONS,
+                                        description="Replications per probe (default: the workload's; at least 2).")
+    seed: Optional[int] = Field(None, ge=0, description="Root seed of every probe (default: the workload's).")
+    keep: int = Field(3, ge=1, le=100, description="Candidates ranked in full: a candidate that cannot beat the "
+                      "keep-th cheapest found so far is stopped early.")
+    self_hosted: Optional[SelfHostedSpace] = Field(None, description="Catalog GPUs x tensor parallelism x replicas.")
+    apis: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Hosted API endpoints by name, each "
+                                            "a `kind: api` model block that takes the endpoint's place.")
+    configs: dict[str, Union[dict[str, Any], list[str]]] = Field(
+        default_factory=dict, description="Deployments written out: {path: value} or 'path=value' overrides each "
+        "(a mix, such as a class routed to an API); simulated as given, no replica search.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_file_name(cls, name: Optional[str]) -> Optional[str]:
+        return plain_file_name(name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand_bounds(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("slo"), dict):
+            data = {**data, "slo": {k: _number_is_max(v) for k, v in data["slo"].items()}}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Plan":
+        if (self.target is None) == (self.forecast is None):
+            raise ValueError("give target (one load) or forecast (a day's loads), not both")
+        if self.forecast is not None and abs(sum(p.hours for p in self.forecast) - 24.0) > 1e-6:
+            raise ValueError(f"forecast: the hours sum to {sum(p.hours for p in self.forecast):g}, not 24")
+        if self.self_hosted is None and not self.apis and not self.configs:
+            raise ValueError("nothing to choose from: give self_hosted, apis or configs")
+        return self
+
+    def periods(self) -> list[Period]:
+        """The day's periods, busiest first (a target is one period of 24 hours)."""
+        periods = self.forecast or [Period(load=self.target, hours=24.0)]
+        return sorted(periods, key=lambda p: -p.load)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One deployment to size: overrides of the base workload, and the replica path the search sets."""
+
+    index: int
+    name: str
+    kind: Literal["self_hosted", "api", "config"]
+    overrides: tuple[str, ...]
+    replicas_path: Optional[str] = None
+    replicas: tuple[int, int] = (1, 1)
+    scaling: str = "fixed"
+    gpu: Optional[str] = None
+    tensor_parallel: int = 0
+    model: Optional[str] = None
+
+    def at(self, replicas: Optional[int]) -> tuple[str, ...]:
+        """The overrides with `replicas` set (when this candidate searches them)."""
+        if self.replicas_path is None or replicas is None:
+            return self.overrides
+        return self.overrides + (override(self.replicas_path, replicas),)
+
+    def label(self, replicas: Optional[int] = None) -> str:
+        """'3 x h100-sxm (TP 2)' or the name."""
+        if self.kind != "self_hosted":
+            return self.name
+        return f"{replicas if replicas is not None else '?'} x {self.name}"
+
+
+@dataclass
+class LoadedPlan:
+    """A validated plan, its experiment form (seed, replications, workloads with overrides) and its candidates."""
+
+    spec: Plan
+    path: Path
+    name: str
+    experiment: LoadedExperiment
+    endpoint: str
+    candidates: list[Candidate]
+    lines: dict
+
+    def workload(self, candidate: Candidate, replicas: Optional[int], load: float) -> Workload:
+        """The workload of `candidate` at `replicas` and `load`; ConfigError if invalid."""
+        return self.experiment.workload(candidate.at(replicas) + (override(self.spec.load_axis, load),))
+
+    @property
+    def seed(self) -> int:
+        return self.experiment.seed
+
+    @property
+    def replications(self) -> int:
+        return self.experiment.replications
+
+
+def load_plan(path: Union[str, Path]) -> LoadedPlan:
+    """Load and check a plan file and its base workload; ConfigError (file:line) on any problem."""
+    path = Path(path)
+    data, lines = load_yaml_with_lines(path)
+    spec = validate_model(Plan, data, lines, str(path), path.parent)
+    # The plan's experiment form: the same workload, seed, replications, SLO and load axis, so the sweep's
+    # machinery (workloads with overrides, metric-name checks, blame on the file's lines) serves it as is.
+    experiment = Experiment(workload=spec.workload, replications=spec.replications, seed=spec.seed,
+                            slo=spec.slo, load_axis=spec.load_axis, name=spec.name or path.stem)
+    loaded = with_base_workload(experiment, path, lines)
+    base = loaded.workload()
+    endpoint = _endpoint(spec, base, path, lines)
+    raw_model = loaded.base_data["models"][endpoint]
+    candidates = _candidates(spec, base, raw_model, endpoint, path, lines)
+    plan = LoadedPlan(spec, path, spec.name or path.stem, loaded, endpoint, candidates, lines)
+    _check_overrides(plan)
+    return plan
+
+
+def _where(path: Path, lines: dict, *keys: Any) -> str:
+    """'FILE:LINE: a.b' for an error about the plan's key path `keys`."""
+    for k in range(len(keys), 0, -1):
+        if keys[:k] in lines:
+            return f"{path}:{lines[keys[:k]]}: {'.'.join(map(str, keys))}"
+    return f"{path}:1: {'.'.join(map(str, keys))}"
+
+
+def _endpoint(spec: Plan, base: Workload, path: Path, lines: dict) -> str:
+    """The endpoint the plan provisions: named, or the only (self-hosted) one."""
+    if spec.endpoint is not None:
+        if spec.endpoint not in base.models:
+            raise ConfigError([f"{_where(path, lines, 'endpoint')}: no model endpoint {spec.endpoint!r} in the "
+                               f"workload (it has: {', '.join(base.models)})"])
+        return spec.endpoint
+    hosted = [n for n, m in base.models.items() if getattr(m, "kind", "") == "self_hosted"]
+    choices = list(base.models) if len(base.models) == 1 else hosted
+    if len(choices) != 1:
+        raise ConfigError([f"{_where(path, lines, 'endpoint')}: the workload has several model endpoints "
+                           f"({', '.join(base.models)}); name the one to provision"])
+    return choices[0]
+
+
+_HARDWARE_KEYS = ("gpu", "model", "tensor_parallel", "kv_cache_tokens")
+_COEFFICIENTS = ("base_s", "per_decode_seq_s", "per_kv_token_s", "per_prefill_token_s", "per_prefill_attention_s")
+
+
+def _engine_template(spec: SelfHostedSpace, raw_model: dict[str, Any]) -> dict[str, Any]:
+    """The engine settings every self-hosted candidate keeps: the plan's, or the endpoint's as written in the
+    workload file, less its hardware (a GPU, typed step-time coefficients, a KV capacity)."""
+    if spec.engine is not None:
+        return dict(spec.engine)
+    raw = raw_model.get("engine") if raw_model.get("kind") == "self_hosted" else None
+    if not isinstance(raw, dict):
+        return {}
+    kept = {k: v for k, v in raw.items() if k not in _HARDWARE_KEYS + ("step_time", "efficiency")}
+    step = {k: v for k, v in (raw.get("step_time") or {}).items() if k not in _COEFFICIENTS}
+    return {**kept, **({"step_time": step} if step else {})}
+
+
+def _candidates(spec: Plan, base: Workload, raw_model: dict[str, Any], endpoint: str, path: Path,
+                lines: dict) -> list[Candidate]:
+    """Every candidate, in the plan's order: GPU x TP x scaling, then the APIs, then the configs."""
+    out: list[Candidate] = []
+    where = f"models.{endpoint}"
+    hosted = spec.self_hosted
+    if hosted is not None:
+        shape = _model_name(hosted, base, endpoint, path, lines)
+        template = _engine_template(hosted, raw_model)
+        scalings = [s for s in SCALINGS if s in hosted.scaling and (s == "fixed" or spec.forecast is not None)]
+        if not scalings:
+            raise ConfigError([f"{_where(path, lines, 'self_hosted', 'scaling')}: scheduled scaling sets replicas "
+                               "per forecast period: give a forecast, or add fixed"])
+        for k, name in enumerate(hosted.gpus):
+            try:
+                the_gpu = gpu(name)
+            except CatalogError as err:
+                raise ConfigError([f"{_where(path, lines, 'self_hosted', 'gpus', k)}: {err}"]) from None
+            price = hosted.gpu_hourly_usd.get(name, hosted.gpu_hourly_usd.get(the_gpu.key, the_gpu.price_usd_per_hour))
+            for tp in hosted.tensor_parallel:
+                engine = {**template, "gpu": the_gpu.key, "model": shape, "tensor_parallel": tp}
+                block = {"kind": "self_hosted", **_kept_model_fields(raw_model), "gpu_hourly_usd": price,
+                         "engine": engine}
+                for scaling in scalings:
+                    suffix = "" if len(scalings) == 1 else f", {scaling}"
+                    out.append(Candidate(len(out), f"{the_gpu.key} (TP {tp}{suffix})", "self_hosted",
+                                         (override(where, block),), f"{where}.replicas",
+                                         (hosted.replicas.min, hosted.replicas.max), scaling, the_gpu.key, tp, shape))
+    for name, block in spec.apis.items():
+        out.append(Candidate(len(out), f"API {name}", "api", (override(where, block),)))
+    for name, spec_overrides in spec.configs.items():
+        ovs = tuple(spec_overrides) if isinstance(spec_overrides, list) else tuple(
+            override(p, v) for p, v in spec_overrides.items())
+        out.append(Candidate(len(out), name, "config", ovs))
+    return out
+
+
+def _kept_model_fields(raw_model: dict[str, Any]) -> dict[str, Any]:
+    """The endpoint's settings that are not its hardware (queue, max_batch, prompt cache, ...), when self-hosted."""
+    if raw_model.get("kind") != "self_hosted":
+        return {}
+    dropped = ("kind", "engine", "service_time", "gpu_hourly_usd", "replicas")
+    return {k: v for k, v in raw_model.items() if k not in dropped}
+
+
+def _model_name(hosted: SelfHostedSpace, base: Workload, endpoint: str, path: Path, lines: dict) -> str:
+    """The model the self-hosted candidates serve: the plan's, or the endpoint engine's."""
+    engine = getattr(base.models[endpoint], "engine", None)
+    name = hosted.model or (engine.model if engine is not None else None)
+    if name is None:
+        raise ConfigError([f"{_where(path, lines, 'self_hosted', 'model')}: the endpoint {endpoint!r} names no "
+                           "catalog model: give self_hosted.model (e.g. llama-3.1-8b)"])
+    try:
+        model(name, path.parent)
+    except CatalogError as err:
+        raise ConfigError([f"{_where(path, lines, 'self_hosted', 'model')}: {err}"]) from None
+    return name
+
+
+def _check_overrides(plan: LoadedPlan) -> None:
+    """Every API and config candidate must make a valid workload; a bad value is a file:line error now."""
+    problems = []
+    load = plan.spec.periods()[0].load
+    for candidate in plan.candidates:
+        if candidate.kind == "self_hosted":
+            continue  # a GPU the model does not fit is pruned, not an error (see search.prune)
+        key = ("apis", candidate.name.removeprefix("API ")) if candidate.kind == "api" else ("configs", candidate.name)
+        try:
+            plan.workload(candidate, None, load)
+        except ConfigError as err:
+            problems += [f"{_where(plan.path, plan.lines, *key)}: {line}" for line in err.lines]
+    if problems:
+        raise ConfigError(problems)
