@@ -3,7 +3,8 @@
 Pruning (no simulation): a GPU the model does not fit; an endpoint whose offered
 utilisation (its work at the full batch over its capacity) is 1 or more, which an
 open system cannot sustain however long it runs; a hosted API whose provider
-rpm or tpm the offered traffic exceeds. What remains is searched:
+rpm or tpm the offered traffic exceeds; a GPU group on which a request served
+alone already misses a latency bound (see `latency_floor`). What remains is searched:
 
 - the SLO holds at a replica count when every bound holds on the pessimistic end
   of its 95% interval at every period's load (`slo_verdict`, as the capacity search);
@@ -23,8 +24,11 @@ its GPUs alone cost more than the bar, never when they cost the same.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+
+import numpy as np
 
 from sim.config.loader import ConfigError
 from sim.config.schema import Workload
@@ -86,6 +90,9 @@ def bounds(plan: LoadedPlan, candidate: Candidate) -> Bounds:
             return Bounds(pruned=f"models.{name}: the offered traffic is {share:.0%} of the provider's {limit} at "
                           f"load {period.load:g}")
         if base_r is not None:
+            floor = latency_floor(workload, plan.endpoint, plan.spec.slo)
+            if floor is not None:
+                return Bounds(pruned=floor)
             one = utilisation[plan.endpoint] * base_r  # what a single replica would carry
             fewest[period.load] = max(candidate.replicas[0], math.floor(one) + 1)
             replica = workload.models[plan.endpoint].replica_hourly_usd
@@ -95,6 +102,48 @@ def bounds(plan: LoadedPlan, candidate: Candidate) -> Bounds:
         return Bounds(pruned=f"needs at least {fewest[peak]} replicas for an offered utilisation below 1 at load "
                       f"{peak:g} (the plan allows {candidate.replicas[1]})")
     return Bounds(None, fewest, *bill)
+
+
+_LATENCY = re.compile(r"(ttft|tpot|e2e)_p(\d+)_s")
+_FLOOR_DRAWS = 100_000
+
+
+def latency_floor(workload: Workload, endpoint: str, slo: dict) -> Optional[str]:
+    """Why no replica count can meet a latency bound, when a request served alone, with no queue, already misses it.
+
+    Alone, a request's TTFT is at least its prefill (c x prompt tokens plus one step's base a) and each later
+    token at least a one-sequence decode step (a + b): so every request's TTFT, TPOT and end-to-end latency are
+    at least these floors, and so is each percentile. The floors' percentile (from the token distributions as
+    drawn) must pass the bound by a margin covering per-step noise (4 standard deviations) and sampling (10%).
+    Only where the floors hold for every request: one model, no pipeline, no prefix or prompt cache (cached
+    tokens skip prefill), no deadlines (expired requests leave the percentiles) and no batch lane.
+    """
+    model = workload.models[endpoint]
+    engine = getattr(model, "engine", None)
+    classes = list(workload.traffic.classes.values())
+    if (engine is None or workload.pipeline is not None or len(workload.models) != 1 or model.prompt_cache is not None
+            or engine.prefix_cache is not None or any(c.deadline_s is not None or c.batch for c in classes)):
+        return None
+    st = engine.step_time
+    margin = 0.9 * max(0.5, 1.0 - 4.0 * st.noise_cv)
+    rng = np.random.default_rng(0)
+    weights = np.array([c.open_loop_rate_rps() for c in classes])
+    counts = np.maximum(1, np.round(_FLOOR_DRAWS * weights / weights.sum())).astype(int)
+    prompt = np.concatenate([np.maximum(np.rint(c.prompt_tokens.sample(rng, n)), 1) for c, n in zip(classes, counts)])
+    output = np.concatenate([np.clip(np.rint(c.output_tokens.sample(rng, n)), 1, c.max_output_tokens or np.inf)
+                             for c, n in zip(classes, counts)])
+    step = st.base_s + st.per_decode_seq_s
+    ttft = st.base_s + st.per_prefill_token_s * prompt
+    floors = {"ttft": ttft, "tpot": np.full(1, step), "e2e": ttft + (output - 1) * step}
+    for metric, bound in slo.items():
+        found = _LATENCY.fullmatch(metric)
+        if found is None or bound.max is None:
+            continue
+        floor = margin * float(np.percentile(floors[found[1]], min(float(found[2]), 99.9)))
+        if floor > bound.max:
+            return (f"served alone, with no queue, a request's {metric} is already about {floor / margin:.3g} s "
+                    f"(prefill and one-sequence decode steps), over the SLO's {bound.max:g} s: no replica count helps")
+    return None
 
 
 def _from_catalog(line: str) -> str:
