@@ -1,8 +1,8 @@
 """MkDocs hook: the reference pages' generated parts, made from the code at build time (sim/reference.py)."""
-from sim.reference import cli_markdown, metrics_markdown, schema_markdown
+from sim.reference import cli_markdown, metrics_markdown, plan_markdown, schema_markdown
 
 GENERATED = {"<!-- generated: workload schema -->": schema_markdown, "<!-- generated: command line -->": cli_markdown,
-             "<!-- generated: metrics -->": metrics_markdown}
+             "<!-- generated: metrics -->": metrics_markdown, "<!-- generated: plan schema -->": plan_markdown}
 
 
 def on_page_markdown(markdown, page, config, files):

@@ -8,7 +8,7 @@
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["run", "sweep", "compare", "load_workload", "__version__"]
+__all__ = ["run", "sweep", "plan", "compare", "load_workload", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,6 +21,10 @@ def __getattr__(name: str) -> Any:
         from sim.experiments.sweep import sweep
 
         return sweep
+    if name == "plan":
+        from sim.experiments.plan.planner import make_plan
+
+        return make_plan
     if name == "compare":
         from sim.experiments.compare import compare
 

@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local processes, or a Dask cluster (pip install 'llmsim[dask]')")
     p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address (default: a local cluster)")
     p.add_argument("--resume", action="store_true", help="keep the candidates finished in --out and search the rest")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the plan, prune from the config alone and estimate the work; run nothing, write nothing")
     p.add_argument("--report", action="store_true", help="write report.md and report.html when done")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--force", action="store_true",
@@ -298,9 +300,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from sim.experiments.plan.planner import make_plan
+    from sim.experiments.plan.planner import dry_run, make_plan
     from sim.report.plan import format_plan
 
+    if args.dry_run:
+        print(dry_run(args.plan, force=args.force))
+        return EXIT_OK
     try:
         result = make_plan(args.plan, out=args.out, workers=args.workers, executor=args.executor,
                            scheduler=args.scheduler, resume=args.resume, progress=not args.quiet, force=args.force)

@@ -21,10 +21,18 @@ def workload_schema() -> dict:
     return Workload.model_json_schema(by_alias=True)
 
 
+def plan_schema() -> dict:
+    """The plan file's JSON Schema."""
+    from sim.experiments.plan.spec import Plan
+
+    return Plan.model_json_schema(by_alias=True)
+
+
 def _models(schema: dict) -> Iterator[tuple[str, dict]]:
     """(name, schema) of the top-level model, then every model it uses, in the order a reader meets them."""
     defs = schema.get("$defs", {})
-    seen, queue = {TOP}, [(TOP, schema)]
+    top = schema.get("title", TOP)
+    seen, queue = {top}, [(top, schema)]
     while queue:
         name, model = queue.pop(0)
         yield name, model
@@ -82,10 +90,10 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def schema_markdown() -> str:
-    """The workload schema as Markdown: one section per model, a table row per field."""
+def schema_markdown(schema: dict | None = None) -> str:
+    """A schema (the workload's by default) as Markdown: one section per model, a table row per field."""
     lines = []
-    for name, model in _models(workload_schema()):
+    for name, model in _models(schema or workload_schema()):
         lines += [f"## {name}", "", _cell(model.get("description", "")).strip(), "",
                   "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
         required = set(model.get("required", []))
@@ -96,11 +104,15 @@ def schema_markdown() -> str:
     return "\n".join(lines)
 
 
-def fields_without_help() -> list[str]:
-    """`Model.field` of every schema field without a description (a discriminator's `kind` tag excepted: it is
-    its model's name)."""
+def plan_markdown() -> str:
+    return schema_markdown(plan_schema())
+
+
+def fields_without_help(schema: dict | None = None) -> list[str]:
+    """`Model.field` of every schema field (the workload's by default) without a description (a discriminator's
+    `kind` tag excepted: it is its model's name)."""
     out = []
-    for name, model in _models(workload_schema()):
+    for name, model in _models(schema or workload_schema()):
         for field, node in model.get("properties", {}).items():
             if not node.get("description") and "const" not in node:
                 out.append(f"{name}.{field}")

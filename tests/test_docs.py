@@ -71,7 +71,7 @@ HOW_TO = {path.name: commands(path.read_text()) for path in sorted((ROOT / "docs
 
 
 def test_every_how_to_guide_has_commands():
-    assert set(HOW_TO) >= {"size-self-hosted.md", "api-tier.md", "ab-test.md", "replay-trace.md", "dask.md"}
+    assert set(HOW_TO) >= {"size-self-hosted.md", "api-tier.md", "ab-test.md", "replay-trace.md", "dask.md", "plan.md"}
     assert all(HOW_TO.values()), HOW_TO
 
 
@@ -88,7 +88,7 @@ def test_every_how_to_command_runs(command, tmp_path, monkeypatch, capsys):
     if "--out" in args:  # what a guide writes goes to a temporary folder
         k = args.index("--out") + 1
         args[k] = str(tmp_path / args[k])
-    if args[0] in ("run", "sweep"):
+    if args[0] in ("run", "sweep", "plan"):
         args.append("--quiet")
     assert main(args) == 0, command
 
@@ -114,7 +114,7 @@ def test_the_commands_page_runs_in_order(tmp_path, monkeypatch, capsys):
         args = shlex.split(command, comments=True)[1:]
         if ">" in args:  # a redirection: the output itself does not matter here
             args = args[:args.index(">")]
-        if args[0] in ("run", "sweep"):
+        if args[0] in ("run", "sweep", "plan"):
             args.append("--quiet")
         try:
             assert main(args) == 0, command

@@ -24,7 +24,8 @@ from sim.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = sorted(p for p in (ROOT / "workloads").glob("*.yaml") if "replay" not in p.name)
-EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+EXPERIMENTS = sorted(p for p in (ROOT / "experiments").glob("*.yaml") if not p.name.startswith("plan-"))
+PLANS = sorted((ROOT / "experiments").glob("plan-*.yaml"))
 CASE_SECONDS = 20.0
 
 EXTREMES = [0, -1, -0.0, 1e-300, 1e308, -1e308, 2 ** 70, 10 ** 30, 0.5, 3, "nan", "inf", ".inf", "-.inf",
@@ -135,3 +136,17 @@ def test_the_mutator_breaks_files_in_the_ways_it_says():
     data = {"a": {"b": 1, "c": [1, 2]}}
     assert paths(data) == [("a",), ("a", "b"), ("a", "c"), ("a", "c", 0), ("a", "c", 1)]
     assert parent_of(data, ("a", "c", 1)) == [1, 2]
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=mutated(PLANS))
+def test_broken_plans_are_refused_before_any_candidate_runs(case, tmp_path):
+    """`plan --dry-run` checks the plan, its candidates and the work estimate, as a plan does first."""
+    source, text = case
+    path = tmp_path / source.name
+    path.write_text(text.replace("../workloads/", f"{ROOT / 'workloads'}/"), encoding="utf-8")
+    start = time.monotonic()
+    code, err = cli(["plan", str(path), "--dry-run"])
+    check(code, err, time.monotonic() - start)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from sim.cli import main
 from sim.config.loader import ConfigError
-from sim.experiments.plan.planner import make_plan
+from sim.experiments.plan.planner import dry_run, make_plan
 from sim.experiments.plan.search import bounds, fewest_meeting, headroom
 from sim.experiments.plan.spec import load_plan
 from sim.experiments.run import run
@@ -288,3 +288,24 @@ def test_a_gpu_too_slow_for_a_latency_bound_alone_is_pruned(tmp_path):
     # An L40S reads the 16 GB of weights at 864 GB/s: ~22 ms a token, 17 s for a p99 answer of ~800 tokens.
     assert slow is not None and "e2e_p99_s is already about 17" in slow, slow
     assert fast is None  # an H100's floor, ~5 s, passes: only simulation can tell
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("plan-*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_plan_checks_and_prunes_without_running(path, tmp_path):
+    text = dry_run(path)
+    assert text.startswith(f"{path}: ") and "nothing run" in text
+    assert main(["plan", str(path), "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_plans_and_sweeps_name_each_other(capsys):
+    assert main(["sweep", str(ROOT / "experiments" / "plan-chat.yaml")]) == 2
+    assert "run it with `llmsim plan" in capsys.readouterr().err
+    assert main(["plan", str(ROOT / "experiments" / "capacity-review.yaml")]) == 2
+    assert "run it with `llmsim sweep" in capsys.readouterr().err
+
+
+def test_every_plan_field_has_help():
+    from sim.reference import fields_without_help, plan_schema
+
+    assert fields_without_help(plan_schema()) == []

@@ -362,6 +362,8 @@ def load_experiment(path: Union[str, Path]) -> LoadedExperiment:
     """Load and check an experiment file and its base workload; ConfigError on any problem."""
     path = Path(path)
     data, lines = load_yaml_with_lines(path)
+    if data.get("kind") == "plan":
+        raise ConfigError([f"{path}:{lines.get(('kind',), 1)}: kind: this is a plan: run it with `llmsim plan {path}`"])
     spec = validate_model(Experiment, data, lines, str(path), path.parent)
     loaded = with_base_workload(spec, path, lines)
     _check_paths(loaded, lines)

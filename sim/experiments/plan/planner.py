@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import sys
 from contextlib import closing
 from dataclasses import dataclass
@@ -65,6 +66,19 @@ def make_plan(path: Union[str, Path], *, out: Optional[Path] = None, workers: Op
         if lock.note:
             print(f"llmsim plan: note: {lock.note}", file=sys.stderr, flush=True)
         return _plan_in(plan, base, all_bounds, out, workers, executor, scheduler, resume, progress)
+
+
+def dry_run(path: Union[str, Path], force: bool = False) -> str:
+    """What `make_plan` would search, checked and pruned as it would be, without running anything."""
+    plan = load_plan(path)
+    _check_metric_names(plan.experiment, plan.experiment.workload())
+    all_bounds = {c.index: bounds(plan, c) for c in plan.candidates}
+    work = _work(plan, all_bounds)
+    check_work(work, force, "this plan", plan.experiment.workload().simulation.max_requests)
+    pruned = [f"{plan.candidates[i].name}: {b.pruned}" for i, b in all_bounds.items() if b.pruned is not None]
+    lines = [f"{plan.path}: {len(plan.candidates)} candidates, {space_points(plan):,} points for a brute-force "
+             f"search; {len(pruned)} pruned from the config alone; to search: {work.describe()} at most; nothing run"]
+    return "\n".join(lines + [f"  pruned: {line}" for line in pruned])
 
 
 def _work(plan: LoadedPlan, all_bounds: dict[int, Bounds]) -> WorkEstimate:
@@ -219,7 +233,7 @@ def describe(plan: LoadedPlan, base) -> dict[str, Any]:
     spec = plan.spec
     return {
         "name": plan.name, "description": spec.description, "plan_file": str(plan.path),
-        "workload_file": str(plan.experiment.base_path), "workload_name": base.name or plan.experiment.base_path.stem,
+        "workload_file": os.path.normpath(plan.experiment.base_path), "workload_name": base.name or plan.experiment.base_path.stem,
         "endpoint": plan.endpoint, "seed": plan.seed, "replications": plan.replications, "keep": spec.keep,
         "load_axis": spec.load_axis, "base_load_rps": offered_load_rps(base),
         "periods": [p.model_dump() for p in spec.periods()], "forecast": spec.forecast is not None,

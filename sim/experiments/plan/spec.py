@@ -94,7 +94,7 @@ class Plan(Block):
     version: Literal[1] = 1
     kind: Literal["plan"] = Field(description="Always `plan` (tells a plan from a sweep).")
     name: Optional[str] = Field(None, description="Name of the plan (default: the file name); names reports/<name>/.")
-    description: Optional[str] = None
+    description: Optional[str] = Field(None, description="A line under the report's title.")
     workload: str = Field(description="Base workload file, relative to this file.")
     endpoint: Optional[str] = Field(None, description="The workload's model endpoint to provision "
                                     "(default: its only one, or its only self-hosted one).")
@@ -201,6 +201,8 @@ def load_plan(path: Union[str, Path]) -> LoadedPlan:
     """Load and check a plan file and its base workload; ConfigError (file:line) on any problem."""
     path = Path(path)
     data, lines = load_yaml_with_lines(path)
+    if data.get("kind") != "plan" and ("axes" in data or "variants" in data):
+        raise ConfigError([f"{path}:1: this is a sweep's experiment (no `kind: plan`): run it with `llmsim sweep {path}`"])
     spec = validate_model(Plan, data, lines, str(path), path.parent)
     # The plan's experiment form: the same workload, seed, replications, SLO and load axis, so the sweep's
     # machinery (workloads with overrides, metric-name checks, blame on the file's lines) serves it as is.
