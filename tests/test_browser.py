@@ -1,4 +1,4 @@
-"""The reports in a real browser: a capacity review and a run report opened in headless Chromium.
+"""The reports in a real browser: a capacity review, a plan and a run report opened in headless Chromium.
 
 Every figure must load (natural width > 0), the page must log no error, and the answer box (and, for the
 capacity review, the capacity table) must be visible. Screenshots are kept under the test run's temp folder
@@ -74,4 +74,20 @@ def test_a_run_report_reads_in_a_browser(browser, tmp_path, tmp_path_factory, ca
     assert check_figures_loaded(page) >= 4 and errors == []
     answer = page.locator("p.answer").first
     assert answer.is_visible() and "SLO:" in answer.inner_text() and "±" in answer.inner_text()
+    page.close()
+
+
+def test_a_plan_reads_in_a_browser(browser, tmp_path, tmp_path_factory, capsys):
+    out = tmp_path / "plan"
+    assert main(["plan", str(ROOT / "experiments" / "plan-chat.yaml"), "--out", str(out), "--report", "--quiet"]) == 0
+    capsys.readouterr()
+    shot = tmp_path_factory.getbasetemp() / "screenshots" / "plan.png"
+    page, errors = open_report(browser, out / "report.html", shot)
+    assert check_figures_loaded(page) >= 1 and errors == []
+    answer = page.locator("p.answer").first
+    assert answer.is_visible() and answer.inner_text().startswith("The cheapest deployment meeting the SLO")
+    box, heading = answer.bounding_box(), page.locator("h2").first.bounding_box()
+    assert box["y"] < heading["y"] and box["y"] < 300  # the answer is the first thing read, above the fold
+    ranking = page.locator("table").first
+    assert ranking.is_visible() and "headroom" in ranking.inner_text()
     page.close()

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from sim.cli import main
 from sim.config.loader import ConfigError
-from sim.experiments.plan.planner import dry_run, make_plan
+from sim.experiments.plan.planner import deployment, dry_run, make_plan
 from sim.experiments.plan.search import bounds, fewest_meeting, headroom
 from sim.experiments.plan.spec import load_plan
 from sim.experiments.run import run
@@ -148,6 +148,21 @@ def test_fewer_workers_or_more_give_the_same_answer(small_space, tmp_path):
     again = make_plan(path, out=tmp_path / "two", workers=2, progress=False)
     assert again.document["best"] == result.document["best"]
     assert again.answer == result.answer
+
+
+def test_a_dask_cluster_gives_the_local_answer(small_space, tmp_path):
+    pytest.importorskip("dask.distributed")
+    path, result = small_space
+    remote = make_plan(path, out=tmp_path / "dask", executor="dask", workers=2, progress=False)
+    assert remote.answer == result.answer
+
+
+def test_a_forecast_counts_each_load_once():
+    from sim.experiments.plan.spec import Plan
+
+    plan = Plan(kind="plan", workload="w.yaml", slo={"ttft_p95_s": 1.0}, apis={"a": {}},
+                forecast=[{"load": 1.0, "hours": 8}, {"load": 2.0, "hours": 8}, {"load": 1.0, "hours": 8}])
+    assert [(p.load, p.hours) for p in plan.periods()] == [(2.0, 8.0), (1.0, 16.0)]
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
@@ -309,3 +324,32 @@ def test_every_plan_field_has_help():
     from sim.reference import fields_without_help, plan_schema
 
     assert fields_without_help(plan_schema()) == []
+
+
+def test_a_mix_splits_a_class_between_replicas_and_an_api(tmp_path):
+    body = """\
+target: 3.0
+slo: {ttft_p95_s: 1.5, e2e_p99_s: 15.0}
+self_hosted: {model: llama-3.1-8b, gpus: [h100-sxm], replicas: {min: 1, max: 4}}
+mixes:
+  quarter: {gpu: h100-sxm, api: small, to_self_hosted: {chat: 0.75}}
+"""
+    path = write_plan(tmp_path, body)
+    plan = load_plan(path)
+    mix = next(c for c in plan.candidates if c.kind == "mix")
+    workload = plan.workload(mix, 1, 3.0)
+    assert workload.traffic.classes["chat"].endpoint_mix() == {"llama8b": 0.75, "small": 0.25}
+    assert set(workload.models) == {"llama8b", "small"}
+    doc = make_plan(path, out=tmp_path / "out", workers=1, progress=False).document
+    record = next(r for r in doc["candidates"] if r["kind"] == "mix")
+    assert record["status"] == "ok"
+    # Its fewest replicas, as a run of every count finds them; its bill: the GPUs and the API's quarter of the tokens.
+    r = record["peak_replicas"]
+    counts = range(1, 5)
+    met = [slo_verdict(run(plan.workload(mix, n, 3.0), keep_requests=False).summary, plan.spec.slo)[0] for n in counts]
+    assert r == counts[met.index(True)]
+    hourly = record["at_peak"]["cost_per_hour_usd"]
+    assert hourly > r * 2.99
+    alone = next(x for x in doc["candidates"] if x["name"] == "API small")["at_peak"]["cost_per_hour_usd"]
+    assert hourly - r * 2.99 == pytest.approx(0.25 * alone, rel=0.1)
+    assert deployment(record) == f"quarter: {r} x h100-sxm (TP 1) + API small"

@@ -213,17 +213,19 @@ def _where_text(plan: LoadedPlan) -> str:
 
 def deployment(record: dict[str, Any]) -> str:
     """'2 x h100-sxm (TP 1)', 'h200 (TP 1, scheduled) with 1-3 replicas' or the candidate's name."""
-    if record.get("kind") != "self_hosted" or record.get("status") != "ok":
+    if record.get("kind") not in ("self_hosted", "mix") or record.get("status") != "ok":
         return record["name"]
-    counts = [r for r in record["replicas"].values()]
-    if min(counts) == max(counts):
-        return f"{counts[0]} x {record['name']}"
-    return f"{record['name']} with {min(counts)}-{max(counts)} replicas"
+    counts = list(record["replicas"].values())
+    if min(counts) != max(counts):
+        return f"{record['name']} with {min(counts)}-{max(counts)} replicas"
+    if record["kind"] == "mix":  # 'half: 2 x h100-sxm (TP 1) + API gpt-4o-mini'
+        return record["name"].replace(": ", f": {counts[0]} x ", 1)
+    return f"{counts[0]} x {record['name']}"
 
 
 def gpus(record: dict[str, Any]) -> Optional[int]:
     """GPUs of a sized self-hosted candidate at its busiest period."""
-    if record.get("kind") != "self_hosted" or record.get("status") != "ok":
+    if record.get("kind") not in ("self_hosted", "mix") or record.get("status") != "ok":
         return None
     return record["peak_replicas"] * (record.get("tensor_parallel") or 1)
 
@@ -233,7 +235,8 @@ def describe(plan: LoadedPlan, base) -> dict[str, Any]:
     spec = plan.spec
     return {
         "name": plan.name, "description": spec.description, "plan_file": str(plan.path),
-        "workload_file": os.path.normpath(plan.experiment.base_path), "workload_name": base.name or plan.experiment.base_path.stem,
+        "workload_file": os.path.normpath(plan.experiment.base_path),
+        "workload_name": base.name or plan.experiment.base_path.stem,
         "endpoint": plan.endpoint, "seed": plan.seed, "replications": plan.replications, "keep": spec.keep,
         "load_axis": spec.load_axis, "base_load_rps": offered_load_rps(base),
         "periods": [p.model_dump() for p in spec.periods()], "forecast": spec.forecast is not None,

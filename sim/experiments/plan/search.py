@@ -122,12 +122,14 @@ def latency_floor(workload: Workload, endpoint: str, slo: dict) -> Optional[str]
     engine = getattr(model, "engine", None)
     classes = list(workload.traffic.classes.values())
     if (engine is None or workload.pipeline is not None or len(workload.models) != 1 or model.prompt_cache is not None
-            or engine.prefix_cache is not None or any(c.deadline_s is not None or c.batch for c in classes)):
+            or engine.prefix_cache is not None or any(c.deadline_s is not None or c.batch for c in classes)
+            or any(c.prompt_tokens is None or c.output_tokens is None for c in classes)):
         return None
     st = engine.step_time
     margin = 0.9 * max(0.5, 1.0 - 4.0 * st.noise_cv)
     rng = np.random.default_rng(0)
-    weights = np.array([c.open_loop_rate_rps() for c in classes])
+    weights = np.array([c.open_loop_rate_rps() for c in classes], dtype=float)
+    weights = weights if weights.sum() > 0 else np.ones(len(classes))  # closed loops only: classes alike
     counts = np.maximum(1, np.round(_FLOOR_DRAWS * weights / weights.sum())).astype(int)
     prompt = np.concatenate([np.maximum(np.rint(c.prompt_tokens.sample(rng, n)), 1) for c, n in zip(classes, counts)])
     output = np.concatenate([np.clip(np.rint(c.output_tokens.sample(rng, n)), 1, c.max_output_tokens or np.inf)

@@ -81,6 +81,25 @@ class SelfHostedSpace(Block):
         return prices
 
 
+class Mix(Block):
+    """A self-hosted GPU group with a hosted API beside it, each class's requests split between the two."""
+
+    gpu: str = Field(description="Catalog GPU of the self-hosted replicas (model, replicas and prices: self_hosted's).")
+    tensor_parallel: int = Field(1, ge=1, description="GPUs per replica.")
+    api: str = Field(description="The API beside them: a name under apis (it becomes a model endpoint of that name).")
+    to_self_hosted: dict[str, float] = Field(
+        min_length=1, description="Class -> the share of its requests the self-hosted replicas serve (0 to 1); the "
+        "rest go to the API. Classes not named keep their endpoint.")
+
+    @field_validator("to_self_hosted")
+    @classmethod
+    def _shares(cls, shares: dict[str, float]) -> dict[str, float]:
+        bad = [c for c, v in shares.items() if not 0 <= v <= 1]
+        if bad:
+            raise ValueError(f"{bad[0]}: a share is between 0 and 1")
+        return shares
+
+
 class Period(Block):
     """A part of the day at one load."""
 
@@ -112,6 +131,8 @@ class Plan(Block):
     self_hosted: Optional[SelfHostedSpace] = Field(None, description="Catalog GPUs x tensor parallelism x replicas.")
     apis: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Hosted API endpoints by name, each "
                                             "a `kind: api` model block that takes the endpoint's place.")
+    mixes: dict[str, Mix] = Field(default_factory=dict, description="Self-hosted replicas with an API beside them, "
+                                  "classes split between the two; replicas searched as self_hosted's.")
     configs: dict[str, Union[dict[str, Any], list[str]]] = Field(
         default_factory=dict, description="Deployments written out: {path: value} or 'path=value' overrides each "
         "(a mix, such as a class routed to an API); simulated as given, no replica search.")
@@ -135,13 +156,15 @@ class Plan(Block):
         if self.forecast is not None and abs(sum(p.hours for p in self.forecast) - 24.0) > 1e-6:
             raise ValueError(f"forecast: the hours sum to {sum(p.hours for p in self.forecast):g}, not 24")
         if self.self_hosted is None and not self.apis and not self.configs:
-            raise ValueError("nothing to choose from: give self_hosted, apis or configs")
+            raise ValueError("nothing to choose from: give self_hosted, apis, mixes or configs")
         return self
 
     def periods(self) -> list[Period]:
-        """The day's periods, busiest first (a target is one period of 24 hours)."""
-        periods = self.forecast or [Period(load=self.target, hours=24.0)]
-        return sorted(periods, key=lambda p: -p.load)
+        """The day's periods, busiest first, one per load (a target is one period of 24 hours)."""
+        hours: dict[float, float] = {}
+        for p in self.forecast or [Period(load=self.target, hours=24.0)]:
+            hours[p.load] = hours.get(p.load, 0.0) + p.hours
+        return [Period(load=load, hours=h) for load, h in sorted(hours.items(), key=lambda item: -item[0])]
 
 
 @dataclass(frozen=True)
@@ -150,7 +173,7 @@ class Candidate:
 
     index: int
     name: str
-    kind: Literal["self_hosted", "api", "config"]
+    kind: Literal["self_hosted", "api", "mix", "config"]
     overrides: tuple[str, ...]
     replicas_path: Optional[str] = None
     replicas: tuple[int, int] = (1, 1)
@@ -164,12 +187,6 @@ class Candidate:
         if self.replicas_path is None or replicas is None:
             return self.overrides
         return self.overrides + (override(self.replicas_path, replicas),)
-
-    def label(self, replicas: Optional[int] = None) -> str:
-        """'3 x h100-sxm (TP 2)' or the name."""
-        if self.kind != "self_hosted":
-            return self.name
-        return f"{replicas if replicas is not None else '?'} x {self.name}"
 
 
 @dataclass
@@ -202,7 +219,8 @@ def load_plan(path: Union[str, Path]) -> LoadedPlan:
     path = Path(path)
     data, lines = load_yaml_with_lines(path)
     if data.get("kind") != "plan" and ("axes" in data or "variants" in data):
-        raise ConfigError([f"{path}:1: this is a sweep's experiment (no `kind: plan`): run it with `llmsim sweep {path}`"])
+        raise ConfigError([f"{path}:1: this is a sweep's experiment (no `kind: plan`): run it with "
+                           f"`llmsim sweep {path}`"])
     spec = validate_model(Plan, data, lines, str(path), path.parent)
     # The plan's experiment form: the same workload, seed, replications, SLO and load axis, so the sweep's
     # machinery (workloads with overrides, metric-name checks, blame on the file's lines) serves it as is.
@@ -211,8 +229,7 @@ def load_plan(path: Union[str, Path]) -> LoadedPlan:
     loaded = with_base_workload(experiment, path, lines)
     base = loaded.workload()
     endpoint = _endpoint(spec, base, path, lines)
-    raw_model = loaded.base_data["models"][endpoint]
-    candidates = _candidates(spec, base, raw_model, endpoint, path, lines)
+    candidates = _candidates(spec, base, loaded.base_data["models"], endpoint, path, lines)
     plan = LoadedPlan(spec, path, spec.name or path.stem, loaded, endpoint, candidates, lines)
     _check_overrides(plan)
     return plan
@@ -258,41 +275,81 @@ def _engine_template(spec: SelfHostedSpace, raw_model: dict[str, Any]) -> dict[s
     return {**kept, **({"step_time": step} if step else {})}
 
 
-def _candidates(spec: Plan, base: Workload, raw_model: dict[str, Any], endpoint: str, path: Path,
+def _candidates(spec: Plan, base: Workload, raw_models: dict[str, Any], endpoint: str, path: Path,
                 lines: dict) -> list[Candidate]:
-    """Every candidate, in the plan's order: GPU x TP x scaling, then the APIs, then the configs."""
+    """Every candidate, in the plan's order: GPU x TP x scaling, then the APIs, the mixes and the configs.
+
+    `raw_models`: the workload file's models block as written."""
     out: list[Candidate] = []
+    raw_model = raw_models[endpoint]
     where = f"models.{endpoint}"
     hosted = spec.self_hosted
+    replicas = (hosted.replicas.min, hosted.replicas.max) if hosted is not None else (1, 1)
     if hosted is not None:
         shape = _model_name(hosted, base, endpoint, path, lines)
-        template = _engine_template(hosted, raw_model)
         scalings = [s for s in SCALINGS if s in hosted.scaling and (s == "fixed" or spec.forecast is not None)]
         if not scalings:
             raise ConfigError([f"{_where(path, lines, 'self_hosted', 'scaling')}: scheduled scaling sets replicas "
                                "per forecast period: give a forecast, or add fixed"])
         for k, name in enumerate(hosted.gpus):
-            try:
-                the_gpu = gpu(name)
-            except CatalogError as err:
-                raise ConfigError([f"{_where(path, lines, 'self_hosted', 'gpus', k)}: {err}"]) from None
-            price = hosted.gpu_hourly_usd.get(name, hosted.gpu_hourly_usd.get(the_gpu.key, the_gpu.price_usd_per_hour))
             for tp in hosted.tensor_parallel:
-                engine = {**template, "gpu": the_gpu.key, "model": shape, "tensor_parallel": tp}
-                block = {"kind": "self_hosted", **_kept_model_fields(raw_model), "gpu_hourly_usd": price,
-                         "engine": engine}
+                key, block = _hosted_block(hosted, raw_model, name, tp, shape, _where(path, lines, "self_hosted",
+                                                                                       "gpus", k))
                 for scaling in scalings:
                     suffix = "" if len(scalings) == 1 else f", {scaling}"
-                    out.append(Candidate(len(out), f"{the_gpu.key} (TP {tp}{suffix})", "self_hosted",
-                                         (override(where, block),), f"{where}.replicas",
-                                         (hosted.replicas.min, hosted.replicas.max), scaling, the_gpu.key, tp, shape))
+                    out.append(Candidate(len(out), f"{key} (TP {tp}{suffix})", "self_hosted",
+                                         (override(where, block),), f"{where}.replicas", replicas, scaling, key, tp,
+                                         shape))
     for name, block in spec.apis.items():
         out.append(Candidate(len(out), f"API {name}", "api", (override(where, block),)))
+    for name, mix in spec.mixes.items():
+        at = _where(path, lines, "mixes", name)
+        if hosted is None:
+            raise ConfigError([f"{at}: a mix takes its model, replicas and prices from self_hosted: give it"])
+        if mix.api not in spec.apis:
+            raise ConfigError([f"{at}.api: no API {mix.api!r} under apis (there: {', '.join(spec.apis) or 'none'})"])
+        if mix.api in base.models:
+            raise ConfigError([f"{at}.api: the workload has a model endpoint {mix.api!r} already: rename the API"])
+        if base.pipeline is not None and base.pipeline.router is not None:
+            raise ConfigError([f"{at}: the workload's router picks each call's endpoint, so classes cannot be split "
+                               "between endpoints: write the mix out under configs"])
+        unknown = [c for c in mix.to_self_hosted if c not in base.traffic.classes]
+        if unknown:
+            raise ConfigError([f"{at}.to_self_hosted: no class {unknown[0]!r} in the workload "
+                               f"(it has: {', '.join(base.traffic.classes)})"])
+        shape = _model_name(hosted, base, endpoint, path, lines)
+        key, block = _hosted_block(hosted, raw_model, mix.gpu, mix.tensor_parallel, shape, f"{at}.gpu")
+        routes = tuple(override(f"traffic.classes.{c}.endpoint", _split(endpoint, mix.api, share))
+                       for c, share in mix.to_self_hosted.items())
+        # The API is a new endpoint: the models block is set whole (an override of a path that is not there yet
+        # would be refused as a typo).
+        overrides = (override("models", {**raw_models, endpoint: block, mix.api: spec.apis[mix.api]}),) + routes
+        out.append(Candidate(len(out), f"{name}: {key} (TP {mix.tensor_parallel}) + API {mix.api}", "mix", overrides,
+                             f"{where}.replicas", replicas, "fixed", key, mix.tensor_parallel, shape))
     for name, spec_overrides in spec.configs.items():
         ovs = tuple(spec_overrides) if isinstance(spec_overrides, list) else tuple(
             override(p, v) for p, v in spec_overrides.items())
         out.append(Candidate(len(out), name, "config", ovs))
     return out
+
+
+def _split(hosted: str, api: str, share: float) -> Union[str, dict[str, float]]:
+    """A class's endpoint: the self-hosted one, the API, or both with their shares."""
+    return hosted if share == 1 else api if share == 0 else {hosted: share, api: round(1.0 - share, 12)}
+
+
+def _hosted_block(hosted: SelfHostedSpace, raw_model: dict[str, Any], gpu_name: str, tp: int, shape: str,
+                  where: str) -> tuple[str, dict[str, Any]]:
+    """(the GPU's catalog key, the endpoint's self_hosted block) for `gpu_name` at tensor parallelism `tp`."""
+    try:
+        the_gpu = gpu(gpu_name)
+    except CatalogError as err:
+        raise ConfigError([f"{where}: {err}"]) from None
+    prices = hosted.gpu_hourly_usd
+    price = prices.get(gpu_name, prices.get(the_gpu.key, the_gpu.price_usd_per_hour))
+    engine = {**_engine_template(hosted, raw_model), "gpu": the_gpu.key, "model": shape, "tensor_parallel": tp}
+    return the_gpu.key, {"kind": "self_hosted", **_kept_model_fields(raw_model), "gpu_hourly_usd": price,
+                         "engine": engine}
 
 
 def _kept_model_fields(raw_model: dict[str, Any]) -> dict[str, Any]:
@@ -322,8 +379,8 @@ def _check_overrides(plan: LoadedPlan) -> None:
     problems = []
     load = plan.spec.periods()[0].load
     for candidate in plan.candidates:
-        if candidate.kind == "self_hosted":
-            continue  # a GPU the model does not fit is pruned, not an error (see search.prune)
+        if candidate.kind in ("self_hosted", "mix"):
+            continue  # a GPU the model does not fit is pruned, not an error (see search.bounds)
         key = ("apis", candidate.name.removeprefix("API ")) if candidate.kind == "api" else ("configs", candidate.name)
         try:
             plan.workload(candidate, None, load)
