@@ -353,3 +353,22 @@ mixes:
     alone = next(x for x in doc["candidates"] if x["name"] == "API small")["at_peak"]["cost_per_hour_usd"]
     assert hourly - r * 2.99 == pytest.approx(0.25 * alone, rel=0.1)
     assert deployment(record) == f"quarter: {r} x h100-sxm (TP 1) + API small"
+
+
+def test_a_mix_can_burst_to_the_api_when_the_replicas_queue(tmp_path):
+    body = """\
+target: 3.0
+slo: {ttft_p95_s: 1.5, e2e_p99_s: 15.0}
+self_hosted: {model: llama-3.1-8b, gpus: [h100-sxm], replicas: {min: 1, max: 3}}
+mixes:
+  burst: {gpu: h100-sxm, api: small, overflow_above: 0}
+"""
+    plan = load_plan(write_plan(tmp_path, body))
+    mix = next(c for c in plan.candidates if c.kind == "mix")
+    workload = plan.workload(mix, 1, 3.0)
+    assert workload.models["llama8b"].queue.overflow.to == "small"
+    assert workload.traffic.classes["chat"].endpoint_mix() == {"llama8b": 1.0}
+    b = bounds(plan, mix)
+    assert b.pruned is None and b.fewest == {3.0: 1}  # its load on the replicas is not known before it runs
+    one = run(workload, keep_requests=False).summary
+    assert one["utilisation_small"] > 0 and one["utilisation_llama8b"] > 0.9  # the replica full, the rest bursts

@@ -182,6 +182,14 @@ class HoldBack(Block):
     )
 
 
+class Overflow(Block):
+    """Burst to another endpoint: a request that would wait behind `above` others goes there instead."""
+
+    to: str = Field(description="The model endpoint that takes the overflow (a hosted API, typically).")
+    above: int = Field(ge=0, le=MAX_COUNT, description="Requests already waiting here at which a new one goes to "
+                       "`to` instead (0: whenever it would have to wait).")
+
+
 class Queue(Block):
     """The endpoint's waiting line."""
 
@@ -198,6 +206,8 @@ class Queue(Block):
         None, ge=0, description="Requests waiting at most; more are rejected (0: no waiting room, M/M/c/c)."
     )
     hold_back: Optional[HoldBack] = Field(None, description="Hold low-priority work back while busy.")
+    overflow: Optional[Overflow] = Field(None, description="Send requests to another endpoint while this queue is "
+                                         "long (self-hosted replicas bursting to an API).")
 
 
 class PromptCache(Block):

@@ -100,7 +100,8 @@ def _plain(workload: Workload) -> bool:
             return False
         queue = model.queue
         if (queue is not None and (queue.discipline != "fifo" or queue.capacity is not None
-                                   or queue.hold_back is not None)) or model.connections is not None:
+                                   or queue.hold_back is not None or queue.overflow is not None)
+                or model.connections is not None):
             return False
     return True
 

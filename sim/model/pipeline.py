@@ -44,6 +44,7 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     # With a pipeline, endpoints serve model calls, recorded apart from the requests users make.
     calls = Recorder.for_workload(workload) if workload.pipeline is not None else recorder
     endpoints = [build_endpoint(env, name, k, workload, calls, streams) for k, name in enumerate(workload.models)]
+    _connect_overflows(endpoints, workload)
     cls_of = recorder.cls
     hooks: list[Optional[Callable[[int], None]]] = []
 
@@ -123,11 +124,28 @@ def beyond_calibration(endpoint: Endpoint, model) -> list[str]:
     return out
 
 
+def _connect_overflows(endpoints: list[Endpoint], workload: Workload) -> None:
+    """Each endpoint with a queue.overflow learns where its overflow goes."""
+    by_name = {e.name: e for e in endpoints}
+    for endpoint in endpoints:
+        overflow = workload.models[endpoint.name].queue.overflow
+        if overflow is not None:
+            endpoint.spill = (by_name[overflow.to], overflow.above)
+
+
 def _router(endpoints: list[Endpoint], rec: Recorder) -> Callable[[int], None]:
-    """Sends job i (a request, or a model call) to its endpoint."""
+    """Sends job i (a request, or a model call) to its endpoint (or where that one's overflow goes)."""
     if len(endpoints) == 1:  # one endpoint: no lookup per request
         return endpoints[0].submit
     endpoint_of = rec.endpoint
+    if any(e.spill is not None for e in endpoints):
+
+        def route_spilling(i: int) -> None:
+            endpoint = endpoints[endpoint_of[i]].destination()
+            endpoint_of[i] = endpoint.index
+            endpoint.submit(i)
+
+        return route_spilling
 
     def route(i: int) -> None:
         endpoints[endpoint_of[i]].submit(i)

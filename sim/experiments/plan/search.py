@@ -79,7 +79,11 @@ def bounds(plan: LoadedPlan, candidate: Candidate) -> Bounds:
                 return Bounds(pruned=_from_catalog(unfit[0]))
             raise
         utilisation = offered_utilisation(workload)
-        busy = {name: u for name, u in utilisation.items() if u >= 1 and name != (plan.endpoint if base_r else None)}
+        overflow = workload.models[plan.endpoint].queue.overflow
+        # The searched endpoint's load falls with its replicas; an overflow moves load between it and its target
+        # in a way the config alone does not tell: none of these can be judged here.
+        unknown = {plan.endpoint if base_r else None} | ({plan.endpoint, overflow.to} if overflow else set())
+        busy = {name: u for name, u in utilisation.items() if u >= 1 and name not in unknown}
         if busy:
             name, u = max(busy.items(), key=lambda item: item[1])
             return Bounds(pruned=f"models.{name}: offered utilisation {u:.2f} at load {period.load:g} (1 or more: "
@@ -94,7 +98,8 @@ def bounds(plan: LoadedPlan, candidate: Candidate) -> Bounds:
             if floor is not None:
                 return Bounds(pruned=floor)
             one = utilisation[plan.endpoint] * base_r  # what a single replica would carry
-            fewest[period.load] = max(candidate.replicas[0], math.floor(one) + 1)
+            fewest[period.load] = candidate.replicas[0] if overflow else max(candidate.replicas[0],
+                                                                             math.floor(one) + 1)
             replica = workload.models[plan.endpoint].replica_hourly_usd
             bill = (gpu_usd_h(workload) - base_r * replica, replica)
     peak = plan.spec.periods()[0].load

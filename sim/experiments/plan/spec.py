@@ -82,14 +82,24 @@ class SelfHostedSpace(Block):
 
 
 class Mix(Block):
-    """A self-hosted GPU group with a hosted API beside it, each class's requests split between the two."""
+    """A self-hosted GPU group with a hosted API beside it: each class's requests split between the two by
+    share, or the replicas' overflow sent to the API while their queue is long, or both."""
 
     gpu: str = Field(description="Catalog GPU of the self-hosted replicas (model, replicas and prices: self_hosted's).")
     tensor_parallel: int = Field(1, ge=1, description="GPUs per replica.")
     api: str = Field(description="The API beside them: a name under apis (it becomes a model endpoint of that name).")
     to_self_hosted: dict[str, float] = Field(
-        min_length=1, description="Class -> the share of its requests the self-hosted replicas serve (0 to 1); the "
-        "rest go to the API. Classes not named keep their endpoint.")
+        default_factory=dict, description="Class -> the share of its requests the self-hosted replicas serve (0 to "
+        "1); the rest go to the API. Classes not named keep their endpoint.")
+    overflow_above: Optional[int] = Field(
+        None, ge=0, le=MAX_COUNT, description="Send a request to the API instead when this many already wait at the "
+        "replicas (0: whenever they are all full): their queue.overflow.")
+
+    @model_validator(mode="after")
+    def _some_split(self) -> "Mix":
+        if not self.to_self_hosted and self.overflow_above is None:
+            raise ValueError("give to_self_hosted (a split by class), overflow_above (a burst to the API), or both")
+        return self
 
     @field_validator("to_self_hosted")
     @classmethod
@@ -310,17 +320,22 @@ def _candidates(spec: Plan, base: Workload, raw_models: dict[str, Any], endpoint
             raise ConfigError([f"{at}.api: no API {mix.api!r} under apis (there: {', '.join(spec.apis) or 'none'})"])
         if mix.api in base.models:
             raise ConfigError([f"{at}.api: the workload has a model endpoint {mix.api!r} already: rename the API"])
-        if base.pipeline is not None and base.pipeline.router is not None:
-            raise ConfigError([f"{at}: the workload's router picks each call's endpoint, so classes cannot be split "
-                               "between endpoints: write the mix out under configs"])
+        if mix.to_self_hosted and base.pipeline is not None and base.pipeline.router is not None:
+            raise ConfigError([f"{at}.to_self_hosted: the workload's router picks each call's endpoint, so classes "
+                               "cannot be split between endpoints: use overflow_above, or write the mix out under "
+                               "configs"])
         unknown = [c for c in mix.to_self_hosted if c not in base.traffic.classes]
         if unknown:
             raise ConfigError([f"{at}.to_self_hosted: no class {unknown[0]!r} in the workload "
                                f"(it has: {', '.join(base.traffic.classes)})"])
         shape = _model_name(hosted, base, endpoint, path, lines)
         key, block = _hosted_block(hosted, raw_model, mix.gpu, mix.tensor_parallel, shape, f"{at}.gpu")
-        routes = tuple(override(f"traffic.classes.{c}.endpoint", _split(endpoint, mix.api, share))
-                       for c, share in mix.to_self_hosted.items())
+        if mix.overflow_above is not None:
+            block["queue"] = {**block.get("queue", {}), "overflow": {"to": mix.api, "above": mix.overflow_above}}
+        # Every class says its endpoint: with the API beside it, the workload has two to choose from.
+        routes = tuple(override(f"traffic.classes.{c}.endpoint", _split(endpoint, mix.api, mix.to_self_hosted[c])
+                                if c in mix.to_self_hosted else cls.endpoint)
+                       for c, cls in base.traffic.classes.items())
         # The API is a new endpoint: the models block is set whole (an override of a path that is not there yet
         # would be refused as a typo).
         overrides = (override("models", {**raw_models, endpoint: block, mix.api: spec.apis[mix.api]}),) + routes

@@ -280,14 +280,15 @@ class Flows:
             return
         r.hops += 1
         r.tokens += prompt + output
-        c = self.calls.new(rec.cls[i], node.endpoint, start, prompt, output, rec.user[i], rec.feature[i])
+        endpoint = self.endpoints[node.endpoint].destination().index  # (a long queue may send it to its overflow)
+        c = self.calls.new(rec.cls[i], endpoint, start, prompt, output, rec.user[i], rec.feature[i])
         self.life.parent.append(i)
         self.rec.flow_calls.append(c)
         self.side[c] = (r, node, then, start)
         r.flow.calls.add(c)
         if guard is not None:
             guard.watch_call(r, c)
-        self.endpoints[node.endpoint].submit(c)
+        self.endpoints[endpoint].submit(c)
 
     def call_done(self, c: int) -> None:
         """A model step's call ended (or was stopped at its time limit): label the step, go on."""

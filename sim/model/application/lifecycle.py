@@ -285,6 +285,7 @@ class Lifecycle:
             self._fallback(r, REJECTED, deadline=False)
             return
         endpoint, prompt, output = call
+        endpoint = self.endpoints[endpoint].destination().index  # (a long queue may send it to its overflow)
         rec.endpoint[i] = endpoint
         r.hops += 1
         r.asked += 1

@@ -74,6 +74,8 @@ class Endpoint:
         self._order = 0
         self.waiting = 0  # requests in the queue (dropped ones excluded)
         self.connections = connections
+        # (endpoint, above): where a request goes instead while `above` requests wait here (queue.overflow).
+        self.spill: Optional[tuple["Endpoint", int]] = None
         # preference(server, i): a score for sending i to server (higher first, then the least loaded).
         self.preference: Optional[Callable[[Server, int], int]] = None
         # The common case (FIFO, no deadlines, hold-back or pool) takes a lean path per request.
@@ -81,6 +83,19 @@ class Endpoint:
         self.open = connections.pool_size if connections is not None and warm else 0  # connections opened
 
     # --- arrivals -------------------------------------------------------------
+    def destination(self) -> "Endpoint":
+        """The endpoint a request sent here now goes to: this one, or its overflow's when it would wait behind
+        `above` others or more (with `above` 0: when every server is full).
+
+        Asked before the request is recorded at an endpoint (and before its prompt cache is looked up), so that
+        what the request is billed and served by is where it goes."""
+        spill = self.spill
+        if spill is None or self.waiting < spill[1]:
+            return self
+        if not self.waiting and any(s.serving and s.load < s.capacity for s in self.servers):
+            return self  # (above 0) a server has room: it would not wait
+        return spill[0]
+
     def submit(self, i: int) -> None:
         """A request arrives at this endpoint."""
         if self.prepare is not None:
