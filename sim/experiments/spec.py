@@ -326,8 +326,7 @@ class LoadedExperiment:
                      slo={m: b.model_dump() for m, b in spec.slo.items()},
                      capacity=spec.capacity.model_dump() if spec.capacity else None)
         parts.update({f"workload.{k}": v for k, v in base.model_dump(mode="json", by_alias=True).items()})
-        hashes = {k: _digest(v)[:16] for k, v in parts.items()}
-        return {"sha256": _digest(hashes), "parts": hashes}
+        return fingerprint_of(parts)
 
     def workload(self, overrides: tuple[str, ...] = ()) -> Workload:
         """The base workload with the experiment's seed and replications, then `overrides`, applied.
@@ -344,6 +343,12 @@ class LoadedExperiment:
 def _shorten(text: str, limit: int = 80) -> str:
     """A long override (a whole block set at once) cut short for a message."""
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def fingerprint_of(parts: dict[str, Any]) -> dict[str, Any]:
+    """A hash of the whole and one per part (to say what differs on a mismatched --resume)."""
+    hashes = {k: _digest(v)[:16] for k, v in parts.items()}
+    return {"sha256": _digest(hashes), "parts": hashes}
 
 
 def _digest(value: Any) -> str:

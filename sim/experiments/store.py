@@ -106,6 +106,11 @@ def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    """Write a table as Parquet atomically (mixed-type columns as JSON text)."""
+    _replace(path, lambda tmp: _parquet_safe(frame).to_parquet(tmp, index=False))
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (NaN as null)."""
     path.parent.mkdir(parents=True, exist_ok=True)

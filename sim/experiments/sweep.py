@@ -95,7 +95,7 @@ def sweep(experiment: Union[str, Path], *, out: Optional[Path] = None, workers: 
     exp = load_experiment(experiment)
     out = Path(out) if out is not None else Path("reports") / exp.name
     base = exp.workload()
-    _check_metric_names(exp, base)
+    check_metric_names(exp, base)
     check_points(exp, progress, force)
     with stop_on_sigterm(), FolderLock(out) as lock:
         if lock.note:
@@ -106,7 +106,7 @@ def sweep(experiment: Union[str, Path], *, out: Optional[Path] = None, workers: 
 def dry_run(experiment: Union[str, Path], force: bool = False) -> str:
     """What a sweep of `experiment` would run, checked as `sweep` checks it, without running anything."""
     exp = load_experiment(experiment)
-    _check_metric_names(exp, exp.workload())
+    check_metric_names(exp, exp.workload())
     work = check_points(exp, progress=False, force=force)
     searches = f", and a capacity search of {len(capacity_tasks(exp))} config(s)" if exp.spec.capacity else ""
     return (f"{exp.path}: {exp.count_points():,} points of {exp.replications} replication(s){searches}: "
@@ -282,7 +282,7 @@ def _crashed_search(task: CapacityTask, error: BaseException) -> dict[str, Any]:
             "error": f"worker crashed: {type(error).__name__}: {error}"}
 
 
-def _check_metric_names(exp: LoadedExperiment, base) -> None:
+def check_metric_names(exp: LoadedExperiment, base) -> None:
     """SLO and kept metrics must be names a run reports: a typo would otherwise pass silently."""
     known = set(metric_names(base))
     wanted = [("slo", m) for m in exp.spec.slo] + [("metrics", m) for m in exp.spec.metrics or []]

@@ -45,7 +45,8 @@ from .review import (  # noqa: E402
     slo_text,
 )
 
-LATENCIES = ("ttft_p95_s", "ttft_p99_s", "tpot_p95_s", "e2e_p95_s", "e2e_p99_s")
+LATENCIES = {"ttft_p95_s": "TTFT p95", "ttft_p99_s": "TTFT p99", "tpot_p95_s": "TPOT p95", "e2e_p95_s": "e2e p95",
+             "e2e_p99_s": "e2e p99"}
 
 
 def ranked(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -65,7 +66,7 @@ def _with_interval(probe: dict[str, Any], metric: str) -> str:
 def ranking_table(doc: dict[str, Any], intervals: bool = True) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of the sized candidates, cheapest first."""
     headers = ["#", "deployment", "GPUs", "$/hour", "$/month", "$/1k requests"]
-    headers += [m for m in LATENCIES] + ["headroom"]
+    headers += list(LATENCIES.values()) + ["headroom"]
     rows = []
     for rank, r in enumerate((r for r in ranked(doc) if r["status"] == "ok"), 1):
         peak = r["at_peak"]

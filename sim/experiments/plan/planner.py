@@ -29,9 +29,9 @@ from ..estimate import WorkEstimate, check_work, estimate_run
 from ..executors import default_workers, run_tasks, stop_on_sigterm
 from ..progress import Progress
 from ..run import step_time_sources
-from ..spec import _digest
-from ..store import FolderLock, check_fingerprint, read_json, write_json
-from ..sweep import _check_metric_names
+from ..spec import fingerprint_of
+from ..store import FolderLock, check_fingerprint, read_json, write_json, write_parquet
+from ..sweep import check_metric_names
 from .search import Bounds, SearchTask, bar, bounds, order, rank_key, search, space_points
 from .spec import LoadedPlan, load_plan
 
@@ -57,7 +57,7 @@ def make_plan(path: Union[str, Path], *, out: Optional[Path] = None, workers: Op
     plan = load_plan(path)
     out = Path(out) if out is not None else Path("reports") / plan.name
     base = plan.experiment.workload()
-    _check_metric_names(plan.experiment, base)
+    check_metric_names(plan.experiment, base)
     all_bounds = {c.index: bounds(plan, c) for c in plan.candidates}
     for line in check_work(_work(plan, all_bounds), force, "this plan", base.simulation.max_requests):
         if progress:
@@ -71,7 +71,7 @@ def make_plan(path: Union[str, Path], *, out: Optional[Path] = None, workers: Op
 def dry_run(path: Union[str, Path], force: bool = False) -> str:
     """What `make_plan` would search, checked and pruned as it would be, without running anything."""
     plan = load_plan(path)
-    _check_metric_names(plan.experiment, plan.experiment.workload())
+    check_metric_names(plan.experiment, plan.experiment.workload())
     all_bounds = {c.index: bounds(plan, c) for c in plan.candidates}
     work = _work(plan, all_bounds)
     check_work(work, force, "this plan", plan.experiment.workload().simulation.max_requests)
@@ -102,8 +102,7 @@ def fingerprint(plan: LoadedPlan, base) -> dict[str, Any]:
     parts = {f"plan.{k}": v for k, v in spec.items()}
     parts.update(seed=plan.seed, replications=plan.replications)
     parts.update({f"workload.{k}": v for k, v in base.model_dump(mode="json", by_alias=True).items()})
-    hashes = {k: _digest(v)[:16] for k, v in parts.items()}
-    return {"sha256": _digest(hashes), "parts": hashes}
+    return fingerprint_of(parts)
 
 
 def _plan_in(plan: LoadedPlan, base, all_bounds: dict[int, Bounds], out: Path, workers: Optional[int],
@@ -252,21 +251,20 @@ def _write_tables(out: Path, doc: dict[str, Any]) -> None:
     """plan.parquet (the ranking) and probes.parquet (every simulated probe)."""
     import pandas as pd
 
-    from ..store import _parquet_safe, _replace
-
     by_index = {r["index"]: r for r in doc["candidates"]}
     rows = []
     for rank, index in enumerate(doc["ranking"], 1):
         r = by_index[index]
-        rows.append({"rank": rank if r["status"] == "ok" else None, "candidate": r["name"], "kind": r["kind"],
-                     "status": r["status"], "reason": r.get("reason", ""), "deployment": deployment(r) if
-                     r["status"] == "ok" else "", "peak_replicas": r.get("peak_replicas"),
-                     "gpus": gpus(r), "cost_per_hour_usd": r.get("cost_per_hour_usd"),
-                     "cost_per_day_usd": r.get("cost_per_day_usd"), **{f"peak_{k}": v for k, v in
-                                                                         (r.get("at_peak") or {}).items()}})
+        ok = r["status"] == "ok"
+        peak = {f"peak_{k}": v for k, v in (r.get("at_peak") or {}).items()}
+        rows.append({"rank": rank if ok else None, "candidate": r["name"], "kind": r["kind"], "status": r["status"],
+                     "reason": r.get("reason", ""), "deployment": deployment(r) if ok else "",
+                     "peak_replicas": r.get("peak_replicas"), "gpus": gpus(r),
+                     "cost_per_hour_usd": r.get("cost_per_hour_usd"), "cost_per_day_usd": r.get("cost_per_day_usd"),
+                     **peak})
     probes = [{"candidate": r["name"], "index": r["index"], **p} for r in doc["candidates"] for p in r["probes"]]
-    for name, frame in (("plan.parquet", pd.DataFrame(rows)), ("probes.parquet", pd.DataFrame(probes))):
-        _replace(out / name, lambda tmp, frame=frame: _parquet_safe(frame).to_parquet(tmp, index=False))
+    write_parquet(out / "plan.parquet", pd.DataFrame(rows))
+    write_parquet(out / "probes.parquet", pd.DataFrame(probes))
 
 
 def _now() -> str:

@@ -75,7 +75,7 @@ def bounds(plan: LoadedPlan, candidate: Candidate) -> Bounds:
             workload = plan.workload(candidate, base_r, period.load)
         except ConfigError as err:
             unfit = [line for line in err.lines if any(word in line for word in _UNFIT)]
-            if unfit:  # the catalog's message, from 'model X does not fit on ...' on
+            if unfit:
                 return Bounds(pruned=_from_catalog(unfit[0]))
             raise
         utilisation = offered_utilisation(workload)
@@ -154,9 +154,8 @@ def latency_floor(workload: Workload, endpoint: str, slo: dict) -> Optional[str]
 
 
 def _from_catalog(line: str) -> str:
-    start = min((line.find(w) for w in ("model ", "tensor_parallel ") if w in line), default=-1)
-    text = line[start:] if start >= 0 else line
-    return text.split(": ", 1)[1] if text.startswith("model ") and ": " in text else text
+    """The catalog's own words from a '--set PATH: message' line."""
+    return line.split(": ", 1)[1] if line.startswith("--set ") and ": " in line else line
 
 
 class Prober:
