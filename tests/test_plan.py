@@ -133,6 +133,15 @@ def test_plan_outputs_and_report(small_space, capsys):
     probes = pd.read_parquet(out / "probes.parquet")
     assert len(ranking) == 8 and ranking["rank"].iloc[0] == 1
     assert len(probes) == result.document["simulated_points"]
+    # The frontier: probes at the target no other beats on both cost and the binding latency, fastest first.
+    front, metric = result.document["frontier"], result.document["frontier_metric"]
+    at_target = probes[probes["load"] == 3.0]
+    assert front and [f[metric] for f in front] == sorted(f[metric] for f in front)
+    for f in front:
+        beaten = (at_target["cost_per_hour_usd"] <= f["cost_per_hour_usd"]) & (
+            at_target[f"{metric}_ci95_high"] <= f[metric]) & ((at_target["cost_per_hour_usd"] < f["cost_per_hour_usd"])
+                                                              | (at_target[f"{metric}_ci95_high"] < f[metric]))
+        assert not beaten.any(), f
     assert {"replicas", "load", "met", "ttft_p95_s_ci95_high", "cost_per_hour_usd"} <= set(probes.columns)
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()

@@ -18,13 +18,13 @@ import pandas as pd
 import pytest
 
 from sim.cli import main
+from sim.metrics.stats import pareto_frontier
 from sim.report.figures import (
     FIGURES,
     OPTIONAL,
     FigureSet,
     config_label,
     make_figures,
-    pareto_frontier,
     plot_latency,
     prepare_points,
     short_names,

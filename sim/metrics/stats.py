@@ -1,7 +1,8 @@
-"""Statistics across replications: Student-t intervals and MSER-5 warm-up detection."""
+"""Statistics across replications: Student-t intervals, MSER-5 warm-up detection, Pareto frontiers."""
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 
@@ -61,3 +62,25 @@ def mser5(series: np.ndarray) -> int:
     stat = sse / (n * n)
     half = m // 2
     return int(np.argmin(stat[: half + 1])) * 5
+
+
+def pareto_frontier(costs: Sequence[float], latencies: Sequence[float]) -> list[int]:
+    """Indices of the points that no other point beats on cost and latency (lower is better).
+
+    A point is dominated when another is no costlier and no slower and better
+    in one of the two. Of identical points the first index is kept; points
+    with a NaN are ignored. The result is ordered by rising latency (so by
+    falling cost).
+    """
+    candidates = sorted(
+        (float(lat), float(cost), i) for i, (cost, lat) in enumerate(zip(costs, latencies))
+        if math.isfinite(float(cost)) and math.isfinite(float(lat))
+    )
+    frontier, cheapest = [], math.inf
+    # Sorted by latency then cost, a point is on the frontier iff it is cheaper
+    # than every point before it (each of those is at least as fast).
+    for _, cost, i in candidates:
+        if cost < cheapest:
+            frontier.append(i)
+            cheapest = cost
+    return frontier

@@ -25,6 +25,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter, PercentFormatter  # noqa: E402
 
 from sim.experiments.spec import Bound, slo_verdict  # noqa: E402
+from sim.metrics.stats import pareto_frontier  # noqa: E402
 from sim.metrics.summary import aggregate_points  # noqa: E402
 
 LOAD_X = "offered_load_rps"
@@ -80,28 +81,6 @@ class FigureSet:
 
 
 # --------------------------------------------------------------------------- points and labels
-
-
-def pareto_frontier(costs: Sequence[float], latencies: Sequence[float]) -> list[int]:
-    """Indices of the points that no other point beats on cost and latency (lower is better).
-
-    A point is dominated when another is no costlier and no slower and better
-    in one of the two. Of identical points the first index is kept; points
-    with a NaN are ignored. The result is ordered by rising latency (so by
-    falling cost).
-    """
-    candidates = sorted(
-        (float(lat), float(cost), i) for i, (cost, lat) in enumerate(zip(costs, latencies))
-        if math.isfinite(float(cost)) and math.isfinite(float(lat))
-    )
-    frontier, cheapest = [], math.inf
-    # Sorted by latency then cost, a point is on the frontier iff it is cheaper
-    # than every point before it (each of those is at least as fast).
-    for _, cost, i in candidates:
-        if cost < cheapest:
-            frontier.append(i)
-            cheapest = cost
-    return frontier
 
 
 def load_axis(experiment: dict) -> str:

@@ -27,7 +27,6 @@ from .figures import (  # noqa: E402
     _legend_beside,
     _save,
     metric_words,
-    pareto_frontier,
 )
 from .review import (  # noqa: E402
     Bullets,
@@ -114,17 +113,9 @@ def format_plan(doc: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- figures
 
 
-def _latency_metric(doc: dict[str, Any]) -> str:
-    """The latency the Pareto figure plots: the answer's binding one (least headroom), else the SLO's first."""
-    best = next((r for r in doc["candidates"] if r["index"] == doc.get("best")), None)
-    if best is not None and best["headroom_metric"].endswith("_s"):
-        return best["headroom_metric"]
-    return next((m for m in doc["slo"] if m.endswith("_s")), "ttft_p95_s")
-
-
 def plot_frontier(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     """Cost per hour against latency of every probe at the busiest load, the Pareto frontier and the answer."""
-    metric, peak = _latency_metric(doc), doc["periods"][0]["load"]
+    metric, peak = doc["frontier_metric"], doc["periods"][0]["load"]
     points = [(r, p) for r in doc["candidates"] for p in r["probes"] if p["load"] == peak
               and p.get("cost_per_hour_usd") is not None and p.get(f"{metric}_ci95_high", p.get(metric)) is not None]
     if not points:
@@ -143,12 +134,14 @@ def plot_frontier(doc: dict[str, Any], out_dir: Path) -> list[Path]:
         failing = [(v, c) for (_, p), v, c in zip(points, value, cost) if not p["met"]]
         if failing:
             ax.plot(*zip(*failing), "o", markersize=6, label="fails the SLO", **FAILED)
-        front = pareto_frontier(cost, value)
-        ax.plot([value[i] for i in front], [cost[i] for i in front], color="black", drawstyle="steps-post",
-                linewidth=1.2, marker="o", markersize=10, markerfacecolor="none", label="Pareto frontier")
-        for i in front:
-            r, p = points[i]
-            ax.annotate(_probe_label(r, p), (value[i], cost[i]), fontsize=7, xytext=(6, 4), textcoords="offset points")
+        front = doc["frontier"]
+        ax.plot([f[metric] for f in front], [f["cost_per_hour_usd"] for f in front], color="black",
+                drawstyle="steps-post", linewidth=1.2, marker="o", markersize=10, markerfacecolor="none",
+                label="Pareto frontier")
+        for f in front:
+            label = f"{f['replicas']} x {f['candidate']}" if f.get("replicas") else f["candidate"]
+            ax.annotate(label, (f[metric], f["cost_per_hour_usd"]), fontsize=7, xytext=(6, 4),
+                        textcoords="offset points")
         chosen = [(v, c) for (r, p), v, c in zip(points, value, cost)
                   if r["index"] == best and p["replicas"] == r.get("peak_replicas")]
         if chosen:
@@ -163,10 +156,6 @@ def plot_frontier(doc: dict[str, Any], out_dir: Path) -> list[Path]:
                xlabel=f"{metric_words(metric)}, upper 95% bound (s)", ylabel="cost per hour (USD/h)")
         _legend_beside(ax)
         return _save(fig, out_dir, "plan_frontier")
-
-
-def _probe_label(record: dict[str, Any], probe: dict[str, Any]) -> str:
-    return f"{probe['replicas']} x {record['name']}" if probe.get("replicas") else record["name"]
 
 
 def plot_day(doc: dict[str, Any], out_dir: Path, shown: int = 8) -> list[Path]:
@@ -194,7 +183,7 @@ def plot_day(doc: dict[str, Any], out_dir: Path, shown: int = 8) -> list[Path]:
 
 
 def make_plan_figures(doc: dict[str, Any], out_dir: Path) -> FigureSet:
-    metric = metric_words(_latency_metric(doc))
+    metric = metric_words(doc["frontier_metric"])
     made = FigureSet()
     specs = [
         ("plan_frontier", "Cost vs latency at the busiest load", plot_frontier,

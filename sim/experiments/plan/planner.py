@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from sim.config.loader import ConfigError
+from sim.metrics.stats import pareto_frontier
 from sim.model.offered import offered_load_rps
 
 from ..estimate import WorkEstimate, check_work, estimate_run
@@ -163,12 +164,34 @@ def _crashed(task: SearchTask, error: BaseException) -> dict[str, Any]:
 
 
 def finish(plan: LoadedPlan, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ranking (sized candidates cheapest first, then the rest in the plan's order), counts and the answer."""
+    """The ranking (sized candidates cheapest first, then the rest in the plan's order), counts, the frontier and
+    the answer."""
     ranked = sorted(records, key=lambda r: (rank_key(r), r["index"]))
     ok = [r for r in ranked if r["status"] == "ok"]
+    metric = frontier_metric(plan, ok[0] if ok else None)
     return {"ranking": [r["index"] for r in ranked], "best": ok[0]["index"] if ok else None,
             "simulated_points": sum(len(r["probes"]) for r in records), "space_points": space_points(plan),
-            "answer": answer(plan, ok)}
+            "frontier_metric": metric, "frontier": frontier(plan, records, metric), "answer": answer(plan, ok)}
+
+
+def frontier_metric(plan: LoadedPlan, best: Optional[dict[str, Any]]) -> str:
+    """The latency the cost-latency frontier is drawn on: the answer's binding one, else the SLO's first latency."""
+    if best is not None and best["headroom_metric"].endswith("_s"):
+        return best["headroom_metric"]
+    return next((m for m in plan.spec.slo if m.endswith("_s")), "ttft_p95_s")
+
+
+def frontier(plan: LoadedPlan, records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The probes at the busiest load that no other beats on both cost per hour and `metric` (its pessimistic
+    end), fastest first: the cost-latency Pareto frontier at the target."""
+    peak = plan.spec.periods()[0].load
+    points = [(r, p) for r in records for p in r["probes"] if p["load"] == peak]
+    latency = [p.get(f"{metric}_ci95_high", p.get(metric, math.nan)) for _, p in points]
+    cost = [p.get("cost_per_hour_usd", math.nan) for _, p in points]
+    return [{"index": points[k][0]["index"], "candidate": points[k][0]["name"], "replicas": points[k][1]["replicas"],
+             "cost_per_hour_usd": cost[k], metric: latency[k], "met": points[k][1]["met"]}
+            for k in pareto_frontier([math.nan if c is None else c for c in cost],
+                                     [math.nan if v is None else v for v in latency])]
 
 
 HOURS_A_MONTH = 730.0  # 8,760 hours a year / 12
