@@ -115,7 +115,24 @@ def plain_file_name(name: Optional[str]) -> Optional[str]:
     return name
 
 
-class Experiment(Block):
+class NamedWithSlo(Block):
+    """What an experiment file and a plan file share: a name that becomes a folder, an SLO whose bare numbers
+    are maxima."""
+
+    @field_validator("name", check_fields=False)
+    @classmethod
+    def _plain_file_name(cls, name: Optional[str]) -> Optional[str]:
+        return plain_file_name(name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand_bounds(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("slo"), dict):
+            data = {**data, "slo": {k: _number_is_max(v) for k, v in data["slo"].items()}}
+        return data
+
+
+class Experiment(NamedWithSlo):
     """A sweep over a base workload."""
 
     version: Literal[1] = 1
@@ -135,17 +152,6 @@ class Experiment(Block):
     capacity: Optional[Capacity] = Field(None, description="Find each config's highest load meeting the SLO.")
     metrics: Optional[list[str]] = Field(None, description="Metrics to keep in results (default: all).")
 
-    @field_validator("name")
-    @classmethod
-    def _plain_file_name(cls, name: Optional[str]) -> Optional[str]:
-        return plain_file_name(name)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand_bounds(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("slo"), dict):
-            data = {**data, "slo": {k: _number_is_max(v) for k, v in data["slo"].items()}}
-        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "Experiment":

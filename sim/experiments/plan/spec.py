@@ -25,9 +25,8 @@ from ..spec import (
     Bound,
     Experiment,
     LoadedExperiment,
-    _number_is_max,
+    NamedWithSlo,
     override,
-    plain_file_name,
     with_base_workload,
 )
 
@@ -117,7 +116,7 @@ class Period(Block):
     hours: float = Field(gt=0, le=24, description="Hours a day at this load.")
 
 
-class Plan(Block):
+class Plan(NamedWithSlo):
     """`llmsim plan`: the cheapest deployment that meets the SLO."""
 
     version: Literal[1] = 1
@@ -146,18 +145,6 @@ class Plan(Block):
     configs: dict[str, Union[dict[str, Any], list[str]]] = Field(
         default_factory=dict, description="Deployments written out: {path: value} or 'path=value' overrides each "
         "(a mix, such as a class routed to an API); simulated as given, no replica search.")
-
-    @field_validator("name")
-    @classmethod
-    def _plain_file_name(cls, name: Optional[str]) -> Optional[str]:
-        return plain_file_name(name)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand_bounds(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("slo"), dict):
-            data = {**data, "slo": {k: _number_is_max(v) for k, v in data["slo"].items()}}
-        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "Plan":
