@@ -44,8 +44,8 @@ from .review import (  # noqa: E402
     slo_text,
 )
 
-LATENCIES = {"ttft_p95_s": "TTFT p95", "ttft_p99_s": "TTFT p99", "tpot_p95_s": "TPOT p95", "e2e_p95_s": "e2e p95",
-             "e2e_p99_s": "e2e p99"}
+LATENCIES = {"ttft_p95_s": "TTFT p95", "ttft_p99_s": "TTFT p99", "tpot_p95_s": "TPOT p95", "tpot_p99_s": "TPOT p99",
+             "e2e_p95_s": "e2e p95", "e2e_p99_s": "e2e p99"}
 
 
 def ranked(doc: dict[str, Any]) -> list[dict[str, Any]]:
