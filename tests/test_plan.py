@@ -286,6 +286,10 @@ def test_resume_keeps_finished_candidates(small_space, tmp_path):
      "min (3) is above max (2)"),
     ("target: 1\nslo: {ttft_p95_s: 1}\nself_hosted: {gpus: [h100-sxm], replicas: {max: 2}, scaling: [scheduled]}\n",
      "scheduled scaling sets replicas per forecast period"),
+    ("target: 1\nslo: {ttft_p95_s: 1}\nself_hosted: {gpus: [h100-sxm], replicas: {max: 2}, "
+     "gpu_hourly_usd: {h200: 3}}\n", "gpu_hourly_usd.h200: not one of the gpus listed (h100-sxm)"),
+    ("target: 1\nslo: {ttft_p95_s: 1}\nmixes: {m: {gpu: h100-sxm, api: x, to_self_hosted: {chat: 0.5}}}\n",
+     "a mix takes its model, replicas and prices from self_hosted"),
 ])
 def test_bad_plans_are_one_line_errors_with_exit_2(tmp_path, capsys, body, message):
     path = write_plan(tmp_path, body, apis=False)
@@ -381,3 +385,13 @@ mixes:
     assert b.pruned is None and b.fewest == {3.0: 1}  # its load on the replicas is not known before it runs
     one = run(workload, keep_requests=False).summary
     assert one["utilisation_small"] > 0 and one["utilisation_llama8b"] > 0.9  # the replica full, the rest bursts
+
+
+def test_your_gpu_price_replaces_the_catalogs(tmp_path):
+    body = "target: 1.0\nslo: {ttft_p95_s: 2.0}\nself_hosted: {model: llama-3.1-8b, gpus: [h100-sxm, l40s], " \
+           "tensor_parallel: [2], replicas: {max: 2}, gpu_hourly_usd: {H100 SXM: 2.10}}\n"
+    plan = load_plan(write_plan(tmp_path, body, apis=False))
+    h100, l40s = (plan.workload(c, 3, 1.0).models["llama8b"] for c in plan.candidates)
+    assert h100.gpu_hourly_usd == 2.10 and h100.replica_hourly_usd == pytest.approx(4.20)
+    assert l40s.gpu_hourly_usd == 1.95  # the catalog's (sim/catalog/gpus.yaml)
+    assert bounds(plan, plan.candidates[0]).gpu_usd_h(3) == pytest.approx(3 * 4.20)

@@ -2,9 +2,10 @@
 
 A plan expands into candidates. Each is a list of `--set` style overrides of the
 base workload: a catalog GPU at one tensor-parallel size (its replicas searched), a
-hosted API in place of the endpoint, or a config the user wrote out. Every probe of
-every candidate runs with the plan's seed (common random numbers), so candidates
-are compared on the same traffic.
+hosted API in place of the endpoint, a mix of the two (classes split between them,
+or a burst to the API through the replicas' queue overflow; replicas searched), or a
+config the user wrote out. Every probe of every candidate runs with the plan's seed
+(common random numbers), so candidates are compared on the same traffic.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from sim.catalog import CatalogError, gpu, model
+from sim.catalog.catalog import normalise
 from sim.config.base import MAX_COUNT, MAX_PRICE_USD, MAX_REPLICATIONS
 from sim.config.loader import ConfigError, load_yaml_with_lines, validate_model
 from sim.config.schema import Workload
@@ -69,7 +71,19 @@ class SelfHostedSpace(Block):
     def _positive(cls, sizes: list[int]) -> list[int]:
         if any(t < 1 for t in sizes):
             raise ValueError("tensor-parallel sizes are whole numbers of at least 1")
+        if len(set(sizes)) < len(sizes):
+            raise ValueError("a tensor-parallel size is listed twice")
         return sizes
+
+    @model_validator(mode="after")
+    def _prices_of_listed_gpus(self) -> "SelfHostedSpace":
+        listed = {normalise(g) for g in self.gpus}
+        stray = [k for k in self.gpu_hourly_usd if normalise(k) not in listed]
+        if stray:
+            raise ValueError(f"gpu_hourly_usd.{stray[0]}: not one of the gpus listed ({', '.join(self.gpus)})")
+        if len(listed) < len(self.gpus):
+            raise ValueError("gpus: a GPU is listed twice")
+        return self
 
     @field_validator("gpu_hourly_usd")
     @classmethod
@@ -152,7 +166,7 @@ class Plan(NamedWithSlo):
             raise ValueError("give target (one load) or forecast (a day's loads), not both")
         if self.forecast is not None and abs(sum(p.hours for p in self.forecast) - 24.0) > 1e-6:
             raise ValueError(f"forecast: the hours sum to {sum(p.hours for p in self.forecast):g}, not 24")
-        if self.self_hosted is None and not self.apis and not self.configs:
+        if self.self_hosted is None and not self.apis and not self.mixes and not self.configs:
             raise ValueError("nothing to choose from: give self_hosted, apis, mixes or configs")
         return self
 
@@ -347,8 +361,8 @@ def _hosted_block(hosted: SelfHostedSpace, raw_model: dict[str, Any], gpu_name: 
         the_gpu = gpu(gpu_name)
     except CatalogError as err:
         raise ConfigError([f"{where}: {err}"]) from None
-    prices = hosted.gpu_hourly_usd
-    price = prices.get(gpu_name, prices.get(the_gpu.key, the_gpu.price_usd_per_hour))
+    prices = {normalise(k): v for k, v in hosted.gpu_hourly_usd.items()}
+    price = prices.get(normalise(gpu_name), the_gpu.price_usd_per_hour)
     engine = {**_engine_template(hosted, raw_model), "gpu": the_gpu.key, "model": shape, "tensor_parallel": tp}
     return the_gpu.key, {"kind": "self_hosted", **_kept_model_fields(raw_model), "gpu_hourly_usd": price,
                          "engine": engine}
