@@ -228,7 +228,7 @@ class SearchTask:
 
 
 def search(task: SearchTask) -> dict[str, Any]:
-    """The record of one candidate (see docs/guides/plan.md); errors are returned as data."""
+    """The record of one candidate (in plan.json: docs/how-to/plan.md); errors are returned as data."""
     c = task.candidate
     record: dict[str, Any] = {"index": c.index, "name": c.name, "kind": c.kind, "gpu": c.gpu,
                               "tensor_parallel": c.tensor_parallel or None, "scaling": c.scaling}
@@ -286,19 +286,23 @@ def _stopped(task: SearchTask, low: int, high: int, floor_usd_day: float) -> dic
     """A candidate whose affordable replica counts (low..high) all miss the SLO, or that has none."""
     tried = f"misses the SLO with up to {high} replicas, and {high + 1} or more" if high >= low else "its GPUs alone"
     return {"status": "stopped", "cost_per_day_usd_floor": floor_usd_day,
-            "reason": f"{tried} cost at least ${floor_usd_day:,.2f} a day, more than the {_nth(task.plan.spec.keep)} "
-                      "cheapest found before it"}
+            "reason": f"{tried} cost at least ${floor_usd_day:,.2f} a day, more than {_nth(task.plan.spec.keep)} "
+                      "found before it"}
 
 
 def _nth(k: int) -> str:
-    return {1: "", 2: "2nd", 3: "3rd"}.get(k, f"{k}th")
+    """'the cheapest', 'the 2nd cheapest', 'the 3rd cheapest', 'the 11th cheapest'."""
+    if k == 1:
+        return "the cheapest"
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"the {k}{suffix} cheapest"
 
 
 def _fails(prober: Prober, replicas: Optional[int], loads: list[float]) -> dict[str, Any]:
     probe = next((p for load in loads if not (p := prober(replicas, load))["met"]), None)
     where = f" with {replicas} replicas" if replicas is not None else ""
-    limit = probe["limited_by"] if probe else "the SLO"
-    return {"status": "fails", "reason": f"misses {limit}{where} at load {probe['load']:g}"}
+    at = f" at load {probe['load']:g}" if probe else ""
+    return {"status": "fails", "reason": f"misses {probe['limited_by'] if probe else 'the SLO'}{where}{at}"}
 
 
 def _sized(prober: Prober, replicas: dict[float, Optional[int]], hours: dict[float, float], b: Bounds
