@@ -80,3 +80,34 @@ models:
     (tmp_path / "w.yaml").write_text(text)
     with pytest.raises(ConfigError, match=r"w.yaml:\d+: .*overflow.to: 'b' overflows itself: one step of overflow"):
         load_workload(tmp_path / "w.yaml")
+
+
+def test_a_pipelines_model_calls_overflow_too():
+    """rag-support with its cheap tier cut to one replica of 8 sequences: its calls queue for tens of seconds;
+    with an overflow to the gpt-4o tier at once, none waits there, and the bill carries gpt-4o's tokens."""
+    from pathlib import Path
+
+    workload = Path(__file__).resolve().parent.parent / "workloads" / "rag-support.yaml"
+    small = ["simulation.duration_s=600", "models.llama8b.replicas=1", "models.llama8b.max_batch=8"]
+    spill = ["models.llama8b.queue={overflow: {to: gpt4o, above: 0}}"]
+    queued, spilled = (run(workload, replications=2, overrides=small + extra, keep_requests=False).summary
+                       for extra in ([], spill))
+    assert queued["queue_wait_p95_s"] > 5.0 and spilled["queue_wait_p95_s"] < 0.05
+    assert spilled["utilisation_gpt4o"] > 2 * queued["utilisation_gpt4o"]
+    assert spilled["cost_per_hour_usd"] > 1.5 * queued["cost_per_hour_usd"]
+    assert spilled["requests_completed"] > queued["requests_completed"]
+
+
+def test_a_flows_model_steps_overflow_too():
+    """agent-tools with gpt-4o-mini cut to 4 concurrent calls: with an overflow to gpt-4o its steps stop
+    queueing behind them (end-to-end p95 falls by half or more) and gpt-4o serves more."""
+    from pathlib import Path
+
+    workload = Path(__file__).resolve().parent.parent / "workloads" / "agent-tools.yaml"
+    small = ["simulation.duration_s=600", "models.gpt4o-mini.concurrency=4"]
+    spill = ["models.gpt4o-mini.queue={overflow: {to: gpt4o, above: 0}}"]
+    queued, spilled = (run(workload, replications=2, overrides=small + extra, keep_requests=False).summary
+                       for extra in ([], spill))
+    assert spilled["e2e_p95_s"] < 0.5 * queued["e2e_p95_s"]
+    assert spilled["utilisation_gpt4o"] > queued["utilisation_gpt4o"]
+    assert spilled["utilisation_gpt4o-mini"] < queued["utilisation_gpt4o-mini"]

@@ -280,7 +280,9 @@ class Flows:
             return
         r.hops += 1
         r.tokens += prompt + output
-        endpoint = self.endpoints[node.endpoint].destination().index  # (a long queue may send it to its overflow)
+        endpoint = node.endpoint
+        if self.life.spilling:  # a long queue may send the call to its overflow
+            endpoint = self.endpoints[endpoint].destination().index
         c = self.calls.new(rec.cls[i], endpoint, start, prompt, output, rec.user[i], rec.feature[i])
         self.life.parent.append(i)
         self.rec.flow_calls.append(c)

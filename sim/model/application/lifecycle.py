@@ -100,6 +100,7 @@ class Lifecycle:
         self.rec = recorder
         self.calls = calls
         self.endpoints = endpoints
+        self.spilling = any(e.spill is not None for e in endpoints)  # some queue overflows elsewhere
         self.done = done
         self.parent = ints()                 # per call: its request
         calls.parent = self.parent
@@ -285,7 +286,8 @@ class Lifecycle:
             self._fallback(r, REJECTED, deadline=False)
             return
         endpoint, prompt, output = call
-        endpoint = self.endpoints[endpoint].destination().index  # (a long queue may send it to its overflow)
+        if self.spilling:  # a long queue may send the call to its overflow
+            endpoint = self.endpoints[endpoint].destination().index
         rec.endpoint[i] = endpoint
         r.hops += 1
         r.asked += 1
