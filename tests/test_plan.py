@@ -395,3 +395,14 @@ def test_your_gpu_price_replaces_the_catalogs(tmp_path):
     assert h100.gpu_hourly_usd == 2.10 and h100.replica_hourly_usd == pytest.approx(4.20)
     assert l40s.gpu_hourly_usd == 1.95  # the catalog's (sim/catalog/gpus.yaml)
     assert bounds(plan, plan.candidates[0]).gpu_usd_h(3) == pytest.approx(3 * 4.20)
+
+
+def test_the_how_to_plan_example_loads(tmp_path):
+    import re
+
+    text = (ROOT / "docs" / "how-to" / "plan.md").read_text()
+    example = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "kind: plan" in b)
+    path = tmp_path / "plan.yaml"
+    path.write_text(example.replace("../workloads/", f"{ROOT / 'workloads'}/"))
+    plan = load_plan(path)
+    assert [c.kind for c in plan.candidates] == ["self_hosted"] * 8 + ["api"]
