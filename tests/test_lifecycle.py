@@ -180,6 +180,24 @@ def test_autoscaler_scales_with_the_load_pays_cold_starts_and_bills_replica_seco
     np.testing.assert_array_equal(series.loc[series["start_s"] % interval == 5, "replicas_llm"], held)
 
 
+def test_a_replica_added_without_a_cold_start_takes_the_queue_at_once():
+    # The same surge with no cold start: each replica the autoscaler adds is serving when added, and the queue
+    # is long then, so it must start work at that very tick (it once waited for a request to find an empty
+    # queue, which never came: the new replicas idled while requests queued).
+    data = autoscaled_workload().model_dump(mode="json", by_alias=True, exclude_unset=True)
+    data["models"]["llm"]["cold_start_s"] = 0.0
+    rec = simulate(Workload.model_validate(data), seed=51)
+    interval, duration = AUTOSCALE["interval_s"], data["simulation"]["duration_s"]
+    gauges = {t: g["llm"] for t, g in rec.gauges}
+    ticks = np.arange(0.0, duration, interval)
+    held = np.array([gauges[t + 5][1] for t in ticks])
+    added = [float(t) for t, d in zip(ticks[1:], np.diff(held)) for _ in range(max(int(d), 0))]
+    assert len(added) == AUTOSCALE["max_replicas"] - 1
+    replica, admit = np.asarray(rec.replica), np.asarray(rec.admit)
+    for r, tick in enumerate(added, start=1):
+        assert admit[replica == r].min() == tick, f"replica {r} added at {tick}"
+
+
 # ---------------------------------------------------------------------- connection pool
 
 POOL = {"pool_size": 2, "handshake_s": 0.5}

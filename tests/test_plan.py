@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sim.cli import main
 from sim.config.loader import ConfigError
 from sim.experiments.plan.planner import deployment, dry_run, make_plan
-from sim.experiments.plan.search import bounds, fewest_meeting, headroom
+from sim.experiments.plan.search import bounds, fewest_meeting, headroom, served_share
 from sim.experiments.plan.spec import load_plan
 from sim.experiments.run import run
 from sim.experiments.spec import slo_verdict
@@ -92,7 +92,7 @@ def brute_force(path: Path) -> dict[int, tuple[float, float, int]]:
             except ConfigError:
                 break  # the model does not fit this GPU group: nothing to run
             summary = run(workload, keep_requests=False, force=True).summary
-            if slo_verdict(summary, plan.spec.slo)[0]:
+            if slo_verdict(summary, plan.spec.slo)[0] and served_share(summary) >= plan.spec.min_served_share:
                 room = headroom({"at_peak": summary}, slo)[0]
                 out[c.index] = (summary["cost_per_hour_usd"] * 24.0, -room, r)
                 break
@@ -359,7 +359,8 @@ mixes:
     # Its fewest replicas, as a run of every count finds them; its bill: the GPUs and the API's quarter of the tokens.
     r = record["peak_replicas"]
     counts = range(1, 5)
-    met = [slo_verdict(run(plan.workload(mix, n, 3.0), keep_requests=False).summary, plan.spec.slo)[0] for n in counts]
+    summaries = [run(plan.workload(mix, n, 3.0), keep_requests=False).summary for n in counts]
+    met = [slo_verdict(x, plan.spec.slo)[0] and served_share(x) >= 0.99 for x in summaries]
     assert r == counts[met.index(True)]
     hourly = record["at_peak"]["cost_per_hour_usd"]
     assert hourly > r * 2.99
@@ -406,3 +407,50 @@ def test_the_how_to_plan_example_loads(tmp_path):
     path.write_text(example.replace("../workloads/", f"{ROOT / 'workloads'}/"))
     plan = load_plan(path)
     assert [c.kind for c in plan.candidates] == ["self_hosted"] * 8 + ["api"]
+
+
+def test_an_autoscaled_fleet_is_simulated_and_must_serve_the_load(tmp_path):
+    body = """\
+target: 3.0
+slo: {ttft_p95_s: 1.5, e2e_p99_s: 15.0}
+self_hosted:
+  model: llama-3.1-8b
+  gpus: [h100-sxm]
+  replicas: {min: 1, max: 6}
+  scaling: [fixed, autoscaled]
+  autoscale: {metric: utilisation, target: 0.5}
+"""
+    path = write_plan(tmp_path, body, apis=False)
+    plan = load_plan(path)
+    fixed, scaled = plan.candidates
+    workload = plan.workload(scaled, None, 3.0)
+    policy = workload.models["llama8b"].autoscale
+    assert (policy.min_replicas, policy.max_replicas, policy.target) == (1, 6, 0.5)
+    doc = make_plan(path, out=tmp_path / "out", workers=1, progress=False).document
+    auto = next(r for r in doc["candidates"] if r["index"] == scaled.index)
+    assert auto["status"] == "ok" and len(auto["probes"]) == 1 and auto["peak_replicas"] is None
+    # At a target utilisation of 0.5 the autoscaler holds more than the 2 replicas the fixed fleet needs.
+    assert auto["cost_per_hour_usd"] > 2 * 2.99
+    assert served_share(auto["at_peak"]) >= 0.99
+
+
+def test_a_deployment_that_drops_requests_fails_however_fast_its_answers(tmp_path):
+    from sim.experiments.plan.search import plan_verdict
+
+    plan = load_plan(write_plan(tmp_path, SMALL_SPACE))
+    fast = {"ttft_p95_s": 0.2, "ttft_p95_s_ci95_high": 0.3, "e2e_p99_s": 5.0, "e2e_p99_s_ci95_high": 6.0,
+            "requests_arrived": 1000.0}
+    assert plan_verdict({**fast, "requests_completed": 995.0}, plan.spec) == (True, None)
+    assert plan_verdict({**fast, "requests_completed": 600.0}, plan.spec) == (False, "served_share")
+
+
+@pytest.mark.parametrize("policy, message", [
+    ("{target: 0.5, max_replicas: 9}", "self_hosted.autoscale: max_replicas comes from self_hosted.replicas"),
+    ("{metric: cpu, target: 0.5}", "self_hosted.autoscale.metric: Input should be"),
+])
+def test_a_bad_autoscale_policy_is_a_line_error(tmp_path, capsys, policy, message):
+    body = ("target: 1\nslo: {ttft_p95_s: 1}\nself_hosted:\n  gpus: [h100-sxm]\n  replicas: {max: 2}\n"
+            f"  scaling: [autoscaled]\n  autoscale: {policy}\n")
+    path = write_plan(tmp_path, body, apis=False)
+    assert main(["plan", str(path), "--quiet"]) == 2
+    assert message in capsys.readouterr().err

@@ -238,6 +238,8 @@ def deployment(record: dict[str, Any]) -> str:
     if record.get("kind") not in ("self_hosted", "mix") or record.get("status") != "ok":
         return record["name"]
     counts = list(record["replicas"].values())
+    if None in counts:  # the autoscaler sized it
+        return record["name"]
     if min(counts) != max(counts):
         return f"{record['name']} with {min(counts)}-{max(counts)} replicas"
     if record["kind"] == "mix":  # 'half: 2 x h100-sxm (TP 1) + API gpt-4o-mini'
@@ -247,8 +249,8 @@ def deployment(record: dict[str, Any]) -> str:
 
 def gpus(record: dict[str, Any]) -> Optional[int]:
     """GPUs of a sized self-hosted candidate at its busiest period."""
-    if record.get("kind") not in ("self_hosted", "mix") or record.get("status") != "ok":
-        return None
+    if record.get("kind") not in ("self_hosted", "mix") or record.get("peak_replicas") is None:
+        return None  # not sized, or sized by the autoscaler as it went
     return record["peak_replicas"] * (record.get("tensor_parallel") or 1)
 
 

@@ -7,7 +7,9 @@ rpm or tpm the offered traffic exceeds; a GPU group on which a request served
 alone already misses a latency bound (see `latency_floor`). What remains is searched:
 
 - the SLO holds at a replica count when every bound holds on the pessimistic end
-  of its 95% interval at every period's load (`slo_verdict`, as the capacity search);
+  of its 95% interval at every period's load (`slo_verdict`, as the capacity search)
+  and the deployment completes `min_served_share` of the requests (a deployment that
+  drops requests would otherwise look fast and cheap);
 - the fewest replicas that meet it are found by galloping up from the fewest that
   pass the utilisation test (1, 2, 4, ... above it) and bisecting the last gap,
   which relies on the SLO verdict being monotone in the replicas, as it is on
@@ -42,8 +44,10 @@ Key = tuple[float, float, int]  # (cost per day, -headroom, candidate index): th
 NO_KEY: Key = (math.inf, math.inf, 1 << 62)
 _UNFIT = ("does not fit", "does not divide")  # the catalog's words for a model a GPU group cannot hold
 
-KEPT = ("offered_load_rps", "throughput_rps", "requests_completed", "cost_per_hour_usd", "cost_per_1k_usd",
-        "ttft_p95_s", "ttft_p99_s", "tpot_p95_s", "tpot_p99_s", "e2e_p95_s", "e2e_p99_s", "queue_wait_p95_s")
+KEPT = ("offered_load_rps", "throughput_rps", "requests_arrived", "requests_completed", "requests_cancelled",
+        "cost_per_hour_usd",
+        "cost_per_1k_usd", "ttft_p95_s", "ttft_p99_s", "tpot_p95_s", "tpot_p99_s", "e2e_p95_s", "e2e_p99_s",
+        "queue_wait_p95_s")
 """Summary metrics each probe keeps (with their intervals), besides the SLO's and the endpoint's utilisation."""
 
 
@@ -171,7 +175,7 @@ class Prober:
         if (replicas, load) not in self._seen:
             workload = self.plan.workload(self.candidate, replicas, load)
             summary = run(workload, keep_requests=False, force=True).summary  # the plan's estimate was checked
-            met, limit = slo_verdict(summary, self.plan.spec.slo)
+            met, limit = plan_verdict(summary, self.plan.spec)
             probe = {"replicas": replicas, "load": load, "met": met, "limited_by": limit,
                      **_kept(summary, self.plan)}
             self._seen[(replicas, load)] = probe
@@ -181,6 +185,22 @@ class Prober:
     def meets(self, replicas: Optional[int], loads: list[float]) -> bool:
         """The SLO holds at every load (busiest first: a failure there stops the check)."""
         return all(self(replicas, load)["met"] for load in loads)
+
+
+def served_share(summary: dict[str, Any]) -> float:
+    """Of the requests that arrived and that their users did not cancel, the share answered in full (1 when
+    there are none): rejected, rate-limited, expired, timed-out, partial, try-later and unfinished ones are not."""
+    wanted = summary.get("requests_arrived", 0.0) - summary.get("requests_cancelled", 0.0)
+    return summary.get("requests_completed", 0.0) / wanted if wanted > 0 else 1.0
+
+
+def plan_verdict(summary: dict[str, Any], spec) -> tuple[bool, Optional[str]]:
+    """The SLO on its pessimistic ends (`slo_verdict`), and the deployment completes `min_served_share` of the
+    requests: else the first thing that fails ('served_share' for the latter)."""
+    met, limit = slo_verdict(summary, spec.slo)
+    if met and served_share(summary) < spec.min_served_share:
+        return False, "served_share"
+    return met, limit
 
 
 def _kept(summary: dict[str, Any], plan: LoadedPlan) -> dict[str, Any]:
@@ -302,7 +322,12 @@ def _fails(prober: Prober, replicas: Optional[int], loads: list[float]) -> dict[
     probe = next((p for load in loads if not (p := prober(replicas, load))["met"]), None)
     where = f" with {replicas} replicas" if replicas is not None else ""
     at = f" at load {probe['load']:g}" if probe else ""
-    return {"status": "fails", "reason": f"misses {probe['limited_by'] if probe else 'the SLO'}{where}{at}"}
+    if probe is not None and probe["limited_by"] == "served_share":
+        what = (f"answers {served_share(probe):.0%} of the requests in full (min_served_share "
+                f"{prober.plan.spec.min_served_share:g})")
+    else:
+        what = f"misses {probe['limited_by'] if probe else 'the SLO'}"
+    return {"status": "fails", "reason": f"{what}{where}{at}"}
 
 
 def _sized(prober: Prober, replicas: dict[float, Optional[int]], hours: dict[float, float], b: Bounds

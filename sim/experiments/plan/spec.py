@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from sim.catalog import CatalogError, gpu, model
 from sim.catalog.catalog import normalise
 from sim.config.base import MAX_COUNT, MAX_PRICE_USD, MAX_REPLICATIONS
 from sim.config.loader import ConfigError, load_yaml_with_lines, validate_model
 from sim.config.schema import Workload
+from sim.config.serving import Autoscale
 
 from ..spec import (
     LOAD_AXIS,
@@ -32,7 +33,7 @@ from ..spec import (
     with_base_workload,
 )
 
-SCALINGS = ("fixed", "scheduled")
+SCALINGS = ("fixed", "scheduled", "autoscaled")
 
 
 class Replicas(Block):
@@ -56,10 +57,14 @@ class SelfHostedSpace(Block):
     gpus: list[str] = Field(min_length=1, description="Catalog GPU names (`llmsim catalog` lists them).")
     tensor_parallel: list[int] = Field([1], min_length=1, description="GPUs per replica to try.")
     replicas: Replicas = Field(description="Replica range: {min, max}.")
-    scaling: list[Literal["fixed", "scheduled"]] = Field(
+    scaling: list[Literal["fixed", "scheduled", "autoscaled"]] = Field(
         ["fixed"], min_length=1, description="fixed: one fleet all day, sized for the busiest period; scheduled "
-        "(with a forecast): replicas set per period, each sized for its own load (a schedule, not the reactive "
-        "autoscaler: scale-up delays are not simulated).")
+        "(with a forecast): replicas set per period, each sized for its own load (a schedule: scale-up delays are "
+        "not simulated); autoscaled: the autoscaler sizes the fleet within the replica range by its policy "
+        "(`autoscale`), simulated, and the plan checks the SLO and bills the replica-hours it holds.")
+    autoscale: dict[str, Any] = Field(
+        default_factory=lambda: {"metric": "utilisation", "target": 0.6}, description="The autoscaled candidates' "
+        "policy: an autoscale block without min_replicas and max_replicas (the replica range's).")
     gpu_hourly_usd: dict[str, float] = Field(
         default_factory=dict, description="Your price of one GPU per hour, by GPU name (default: the catalog's).")
     engine: Optional[dict[str, Any]] = Field(
@@ -151,6 +156,11 @@ class Plan(NamedWithSlo):
     seed: Optional[int] = Field(None, ge=0, description="Root seed of every probe (default: the workload's).")
     keep: int = Field(3, ge=1, le=100, description="Candidates ranked in full: a candidate that cannot beat the "
                       "keep-th cheapest found so far is stopped early.")
+    min_served_share: float = Field(
+        0.99, ge=0, le=1, description="Share of the requests (those their users do not cancel) a deployment must "
+        "answer in full, besides the SLO: not rejected, rate-limited, expired, timed out, partial or unfinished. "
+        "Latencies of the answered ones alone would favour a deployment that drops requests. Lower it where your "
+        "own limits refuse some on purpose.")
     self_hosted: Optional[SelfHostedSpace] = Field(None, description="Catalog GPUs x tensor parallelism x replicas.")
     apis: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Hosted API endpoints by name, each "
                                             "a `kind: api` model block that takes the endpoint's place.")
@@ -298,16 +308,24 @@ def _candidates(spec: Plan, base: Workload, raw_models: dict[str, Any], endpoint
     replicas = (hosted.replicas.min, hosted.replicas.max) if hosted is not None else (1, 1)
     if hosted is not None:
         shape = _model_name(hosted, base, endpoint, path, lines)
-        scalings = [s for s in SCALINGS if s in hosted.scaling and (s == "fixed" or spec.forecast is not None)]
+        scalings = [s for s in SCALINGS if s in hosted.scaling and (s != "scheduled" or spec.forecast is not None)]
         if not scalings:
             raise ConfigError([f"{_where(path, lines, 'self_hosted', 'scaling')}: scheduled scaling sets replicas "
                                "per forecast period: give a forecast, or add fixed"])
+        _check_policy(hosted, _where(path, lines, "self_hosted", "autoscale"))
         for k, name in enumerate(hosted.gpus):
             for tp in hosted.tensor_parallel:
                 key, block = _hosted_block(hosted, raw_model, name, tp, shape, _where(path, lines, "self_hosted",
                                                                                        "gpus", k))
                 for scaling in scalings:
                     suffix = "" if len(scalings) == 1 else f", {scaling}"
+                    if scaling == "autoscaled":  # the autoscaler sizes it: nothing to search
+                        policy = {**hosted.autoscale, "min_replicas": replicas[0], "max_replicas": replicas[1]}
+                        scaled = {**block, "replicas": replicas[0], "autoscale": policy}
+                        out.append(Candidate(len(out), f"{key} (TP {tp}, autoscaled {replicas[0]}-{replicas[1]})",
+                                             "self_hosted", (override(where, scaled),), None, replicas, scaling, key,
+                                             tp, shape))
+                        continue
                     out.append(Candidate(len(out), f"{key} (TP {tp}{suffix})", "self_hosted",
                                          (override(where, block),), f"{where}.replicas", replicas, scaling, key, tp,
                                          shape))
@@ -347,6 +365,19 @@ def _candidates(spec: Plan, base: Workload, raw_models: dict[str, Any], endpoint
             override(p, v) for p, v in spec_overrides.items())
         out.append(Candidate(len(out), name, "config", ovs))
     return out
+
+
+def _check_policy(hosted: SelfHostedSpace, where: str) -> None:
+    """The autoscaled candidates' policy must make an autoscale block with the replica range."""
+    bad = {"min_replicas", "max_replicas"} & set(hosted.autoscale)
+    if bad:
+        raise ConfigError([f"{where}: {sorted(bad)[0]} comes from self_hosted.replicas"])
+    try:
+        Autoscale.model_validate({**hosted.autoscale, "min_replicas": hosted.replicas.min,
+                                  "max_replicas": hosted.replicas.max})
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError([f"{where}.{'.'.join(map(str, first['loc']))}: {first['msg']}"]) from None
 
 
 def _split(hosted: str, api: str, share: float) -> Union[str, dict[str, float]]:

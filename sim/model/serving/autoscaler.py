@@ -77,7 +77,10 @@ class Autoscaler:
             desired = len(active)  # scaled to zero: the next request wakes the endpoint, not the autoscaler
         if desired > len(active):
             for _ in range(desired - len(active)):
-                self.endpoint.servers.append(self.new_replica())
+                replica = self.new_replica()
+                endpoint.servers.append(replica)
+                if replica.serving:  # no cold start: it takes queued requests now (a loading one does once loaded)
+                    endpoint.refill(replica)
             self.last_change = now
         elif desired < len(active) and now - self.last_change >= spec.scale_down_cooldown_s:
             # Drain the least useful first: still loading, then the least loaded.
