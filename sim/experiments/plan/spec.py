@@ -9,9 +9,9 @@ config the user wrote out. Every probe of every candidate runs with the plan's s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -250,7 +250,7 @@ def load_plan(path: Union[str, Path]) -> LoadedPlan:
     loaded = with_base_workload(experiment, path, lines)
     base = loaded.workload()
     endpoint = _endpoint(spec, base, path, lines)
-    candidates = _candidates(spec, base, loaded.base_data["models"], endpoint, path, lines)
+    candidates = _candidates(_Space(spec, base, loaded.base_data["models"], endpoint, path, lines))
     plan = LoadedPlan(spec, path, spec.name or path.stem, loaded, endpoint, candidates, lines)
     _check_overrides(plan)
     return plan
@@ -296,59 +296,76 @@ def _engine_template(spec: SelfHostedSpace, raw_model: dict[str, Any]) -> dict[s
     return {**kept, **({"step_time": step} if step else {})}
 
 
-def _candidates(spec: Plan, base: Workload, raw_models: dict[str, Any], endpoint: str, path: Path,
-                lines: dict) -> list[Candidate]:
-    """Every candidate, in the plan's order: GPU x TP x scaling, then the APIs, the mixes and the configs.
+@dataclass(frozen=True)
+class _Space:
+    """What expanding a plan's candidates needs: the plan, its base workload (validated, and its models block as
+    written), the endpoint provisioned, and the plan file's lines for messages."""
 
-    `raw_models`: the workload file's models block as written."""
-    out: list[Candidate] = []
-    raw_model = raw_models[endpoint]
-    where = f"models.{endpoint}"
-    hosted = spec.self_hosted
-    replicas = (hosted.replicas.min, hosted.replicas.max) if hosted is not None else (1, 1)
-    if hosted is not None:
-        shape = _model_name(hosted, base, endpoint, path, lines)
-        scalings = [s for s in SCALINGS if s in hosted.scaling and (s != "scheduled" or spec.forecast is not None)]
-        if not scalings:
-            raise ConfigError([f"{_where(path, lines, 'self_hosted', 'scaling')}: scheduled scaling sets replicas "
-                               "per forecast period: give a forecast, or add fixed"])
-        _check_policy(hosted, _where(path, lines, "self_hosted", "autoscale"))
-        for k, name in enumerate(hosted.gpus):
-            for tp in hosted.tensor_parallel:
-                key, block = _hosted_block(hosted, raw_model, name, tp, shape, _where(path, lines, "self_hosted",
-                                                                                       "gpus", k))
-                for scaling in scalings:
-                    suffix = "" if len(scalings) == 1 else f", {scaling}"
-                    if scaling == "autoscaled":  # the autoscaler sizes it: nothing to search
-                        policy = {**hosted.autoscale, "min_replicas": replicas[0], "max_replicas": replicas[1]}
-                        scaled = {**block, "replicas": replicas[0], "autoscale": policy}
-                        out.append(Candidate(len(out), f"{key} (TP {tp}, autoscaled {replicas[0]}-{replicas[1]})",
-                                             "self_hosted", (override(where, scaled),), None, replicas, scaling, key,
-                                             tp, shape))
-                        continue
-                    out.append(Candidate(len(out), f"{key} (TP {tp}{suffix})", "self_hosted",
-                                         (override(where, block),), f"{where}.replicas", replicas, scaling, key, tp,
-                                         shape))
-    for name, block in spec.apis.items():
-        out.append(Candidate(len(out), f"API {name}", "api", (override(where, block),)))
+    spec: Plan
+    base: Workload
+    raw_models: dict[str, Any]
+    endpoint: str
+    path: Path
+    lines: dict
+
+    def where(self, *keys: Any) -> str:
+        return _where(self.path, self.lines, *keys)
+
+    @property
+    def at(self) -> str:
+        """The config path of the endpoint provisioned."""
+        return f"models.{self.endpoint}"
+
+    @property
+    def replicas(self) -> tuple[int, int]:
+        hosted = self.spec.self_hosted
+        return (hosted.replicas.min, hosted.replicas.max) if hosted is not None else (1, 1)
+
+
+def _candidates(space: _Space) -> list[Candidate]:
+    """Every candidate, in the plan's order: GPU x TP x scaling, then the APIs, the mixes and the configs."""
+    made = [*_self_hosted(space), *_apis(space), *_mixes(space), *_configs(space)]
+    return [replace(c, index=k) for k, c in enumerate(made)]
+
+
+def _self_hosted(space: _Space) -> Iterator[Candidate]:
+    hosted, spec = space.spec.self_hosted, space.spec
+    if hosted is None:
+        return
+    shape = _model_name(hosted, space)
+    scalings = [s for s in SCALINGS if s in hosted.scaling and (s != "scheduled" or spec.forecast is not None)]
+    if not scalings:
+        raise ConfigError([f"{space.where('self_hosted', 'scaling')}: scheduled scaling sets replicas per forecast "
+                           "period: give a forecast, or add fixed"])
+    _check_policy(hosted, space.where("self_hosted", "autoscale"))
+    low, high = space.replicas
+    for k, name in enumerate(hosted.gpus):
+        for tp in hosted.tensor_parallel:
+            key, block = _hosted_block(hosted, space, name, tp, shape, space.where("self_hosted", "gpus", k))
+            for scaling in scalings:
+                if scaling == "autoscaled":  # the autoscaler sizes it: nothing to search
+                    scaled = {**block, "replicas": low,
+                              "autoscale": {**hosted.autoscale, "min_replicas": low, "max_replicas": high}}
+                    yield Candidate(-1, f"{key} (TP {tp}, autoscaled {low}-{high})", "self_hosted",
+                                    (override(space.at, scaled),), None, space.replicas, scaling, key, tp, shape)
+                    continue
+                suffix = "" if len(scalings) == 1 else f", {scaling}"
+                yield Candidate(-1, f"{key} (TP {tp}{suffix})", "self_hosted", (override(space.at, block),),
+                                f"{space.at}.replicas", space.replicas, scaling, key, tp, shape)
+
+
+def _apis(space: _Space) -> Iterator[Candidate]:
+    for name, block in space.spec.apis.items():
+        yield Candidate(-1, f"API {name}", "api", (override(space.at, block),))
+
+
+def _mixes(space: _Space) -> Iterator[Candidate]:
+    spec, base, endpoint = space.spec, space.base, space.endpoint
     for name, mix in spec.mixes.items():
-        at = _where(path, lines, "mixes", name)
-        if hosted is None:
-            raise ConfigError([f"{at}: a mix takes its model, replicas and prices from self_hosted: give it"])
-        if mix.api not in spec.apis:
-            raise ConfigError([f"{at}.api: no API {mix.api!r} under apis (there: {', '.join(spec.apis) or 'none'})"])
-        if mix.api in base.models:
-            raise ConfigError([f"{at}.api: the workload has a model endpoint {mix.api!r} already: rename the API"])
-        if mix.to_self_hosted and base.pipeline is not None and base.pipeline.router is not None:
-            raise ConfigError([f"{at}.to_self_hosted: the workload's router picks each call's endpoint, so classes "
-                               "cannot be split between endpoints: use overflow_above, or write the mix out under "
-                               "configs"])
-        unknown = [c for c in mix.to_self_hosted if c not in base.traffic.classes]
-        if unknown:
-            raise ConfigError([f"{at}.to_self_hosted: no class {unknown[0]!r} in the workload "
-                               f"(it has: {', '.join(base.traffic.classes)})"])
-        shape = _model_name(hosted, base, endpoint, path, lines)
-        key, block = _hosted_block(hosted, raw_model, mix.gpu, mix.tensor_parallel, shape, f"{at}.gpu")
+        at = space.where("mixes", name)
+        _check_mix(mix, space, at)
+        shape = _model_name(spec.self_hosted, space)
+        key, block = _hosted_block(spec.self_hosted, space, mix.gpu, mix.tensor_parallel, shape, f"{at}.gpu")
         if mix.overflow_above is not None:
             block["queue"] = {**block.get("queue", {}), "overflow": {"to": mix.api, "above": mix.overflow_above}}
         # Every class says its endpoint: with the API beside it, the workload has two to choose from.
@@ -357,14 +374,33 @@ def _candidates(spec: Plan, base: Workload, raw_models: dict[str, Any], endpoint
                        for c, cls in base.traffic.classes.items())
         # The API is a new endpoint: the models block is set whole (an override of a path that is not there yet
         # would be refused as a typo).
-        overrides = (override("models", {**raw_models, endpoint: block, mix.api: spec.apis[mix.api]}),) + routes
-        out.append(Candidate(len(out), f"{name}: {key} (TP {mix.tensor_parallel}) + API {mix.api}", "mix", overrides,
-                             f"{where}.replicas", replicas, "fixed", key, mix.tensor_parallel, shape))
-    for name, spec_overrides in spec.configs.items():
-        ovs = tuple(spec_overrides) if isinstance(spec_overrides, list) else tuple(
-            override(p, v) for p, v in spec_overrides.items())
-        out.append(Candidate(len(out), name, "config", ovs))
-    return out
+        models = {**space.raw_models, endpoint: block, mix.api: spec.apis[mix.api]}
+        yield Candidate(-1, f"{name}: {key} (TP {mix.tensor_parallel}) + API {mix.api}", "mix",
+                        (override("models", models),) + routes, f"{space.at}.replicas", space.replicas, "fixed", key,
+                        mix.tensor_parallel, shape)
+
+
+def _check_mix(mix: Mix, space: _Space, at: str) -> None:
+    spec, base = space.spec, space.base
+    if spec.self_hosted is None:
+        raise ConfigError([f"{at}: a mix takes its model, replicas and prices from self_hosted: give it"])
+    if mix.api not in spec.apis:
+        raise ConfigError([f"{at}.api: no API {mix.api!r} under apis (there: {', '.join(spec.apis) or 'none'})"])
+    if mix.api in base.models:
+        raise ConfigError([f"{at}.api: the workload has a model endpoint {mix.api!r} already: rename the API"])
+    if mix.to_self_hosted and base.pipeline is not None and base.pipeline.router is not None:
+        raise ConfigError([f"{at}.to_self_hosted: the workload's router picks each call's endpoint, so classes "
+                           "cannot be split between endpoints: use overflow_above, or write the mix out under configs"])
+    unknown = [c for c in mix.to_self_hosted if c not in base.traffic.classes]
+    if unknown:
+        raise ConfigError([f"{at}.to_self_hosted: no class {unknown[0]!r} in the workload "
+                           f"(it has: {', '.join(base.traffic.classes)})"])
+
+
+def _configs(space: _Space) -> Iterator[Candidate]:
+    for name, given in space.spec.configs.items():
+        overrides = tuple(given) if isinstance(given, list) else tuple(override(p, v) for p, v in given.items())
+        yield Candidate(-1, name, "config", overrides)
 
 
 def _check_policy(hosted: SelfHostedSpace, where: str) -> None:
@@ -385,7 +421,7 @@ def _split(hosted: str, api: str, share: float) -> Union[str, dict[str, float]]:
     return hosted if share == 1 else api if share == 0 else {hosted: share, api: round(1.0 - share, 12)}
 
 
-def _hosted_block(hosted: SelfHostedSpace, raw_model: dict[str, Any], gpu_name: str, tp: int, shape: str,
+def _hosted_block(hosted: SelfHostedSpace, space: _Space, gpu_name: str, tp: int, shape: str,
                   where: str) -> tuple[str, dict[str, Any]]:
     """(the GPU's catalog key, the endpoint's self_hosted block) for `gpu_name` at tensor parallelism `tp`."""
     try:
@@ -394,6 +430,7 @@ def _hosted_block(hosted: SelfHostedSpace, raw_model: dict[str, Any], gpu_name: 
         raise ConfigError([f"{where}: {err}"]) from None
     prices = {normalise(k): v for k, v in hosted.gpu_hourly_usd.items()}
     price = prices.get(normalise(gpu_name), the_gpu.price_usd_per_hour)
+    raw_model = space.raw_models[space.endpoint]
     engine = {**_engine_template(hosted, raw_model), "gpu": the_gpu.key, "model": shape, "tensor_parallel": tp}
     return the_gpu.key, {"kind": "self_hosted", **_kept_model_fields(raw_model), "gpu_hourly_usd": price,
                          "engine": engine}
@@ -407,17 +444,17 @@ def _kept_model_fields(raw_model: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw_model.items() if k not in dropped}
 
 
-def _model_name(hosted: SelfHostedSpace, base: Workload, endpoint: str, path: Path, lines: dict) -> str:
+def _model_name(hosted: SelfHostedSpace, space: _Space) -> str:
     """The model the self-hosted candidates serve: the plan's, or the endpoint engine's."""
-    engine = getattr(base.models[endpoint], "engine", None)
+    engine = getattr(space.base.models[space.endpoint], "engine", None)
     name = hosted.model or (engine.model if engine is not None else None)
     if name is None:
-        raise ConfigError([f"{_where(path, lines, 'self_hosted', 'model')}: the endpoint {endpoint!r} names no "
+        raise ConfigError([f"{space.where('self_hosted', 'model')}: the endpoint {space.endpoint!r} names no "
                            "catalog model: give self_hosted.model (e.g. llama-3.1-8b)"])
     try:
-        model(name, path.parent)
+        model(name, space.path.parent)
     except CatalogError as err:
-        raise ConfigError([f"{_where(path, lines, 'self_hosted', 'model')}: {err}"]) from None
+        raise ConfigError([f"{space.where('self_hosted', 'model')}: {err}"]) from None
     return name
 
 
