@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run even when the work estimate is over the limit (see simulation.max_requests)")
 
     p = sub.add_parser("report", help="write the report and figures of a sweep, plan or run folder")
-    p.add_argument("dir", type=Path, metavar="DIR", help="folder written by llmsim sweep")
+    p.add_argument("dir", type=Path, metavar="DIR",
+                   help="folder written by llmsim sweep, llmsim plan or llmsim run --out")
 
     p = sub.add_parser("validate", help="check a workload file")
     p.add_argument("workload")

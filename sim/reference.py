@@ -105,6 +105,7 @@ def schema_markdown(schema: dict | None = None) -> str:
 
 
 def plan_markdown() -> str:
+    """The plan file's schema as Markdown (docs/reference/plan.md)."""
     return schema_markdown(plan_schema())
 
 
