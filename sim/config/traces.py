@@ -59,10 +59,14 @@ class Trace:
             return None
         return self.block_ids[self.block_offsets[k]:self.block_offsets[k + 1]]
 
+    def replayed_times(self, until: float, rate_scale: float = 1.0) -> np.ndarray:
+        """The arrival times a replay makes: the rows' times divided by rate_scale, those before `until`."""
+        times = self.times if rate_scale == 1 else self.times / rate_scale
+        return times[:int(np.searchsorted(times, until, side="left"))]
+
     def count_before(self, until: float, rate_scale: float = 1.0) -> int:
         """Rows arriving before `until` when replayed with times divided by rate_scale (as the replay cuts)."""
-        times = self.times if rate_scale == 1 else self.times / rate_scale
-        return int(np.searchsorted(times, until, side="left"))
+        return len(self.replayed_times(until, rate_scale))
 
     def window(self, start_s: float = 0.0, end_s: Optional[float] = None, speed: float = 1.0) -> "Trace":
         """Rows with start_s <= time < end_s, shifted so that start_s is 0, then compressed `speed` times."""

@@ -108,9 +108,7 @@ def _plain(workload: Workload) -> bool:
 
 def _trace_times(arrival: TraceArrivals, workload: Workload) -> np.ndarray:
     """A trace's arrival times as TraceSource replays them: scaled, up to duration_s."""
-    rate_scale = workload.traffic.rate_scale
-    times = arrival.replay.times if rate_scale == 1 else arrival.replay.times / rate_scale
-    return times[:int(np.searchsorted(times, workload.simulation.duration_s, side="left"))]
+    return arrival.replay.replayed_times(workload.simulation.duration_s, workload.traffic.rate_scale)
 
 
 def _distinct(times: np.ndarray) -> bool:

@@ -43,10 +43,10 @@ class TraceSource:
         self.env = env
         self.make = make
         self.submit = submit
-        times = replay.times if rate_scale == 1 else replay.times / rate_scale
-        n = int(np.searchsorted(times, until, side="left"))  # arrivals in [0, until)
+        times = replay.replayed_times(until, rate_scale)  # arrivals in [0, until)
+        n = len(times)
         # Python lists: indexing them per arrival is cheaper than numpy scalars.
-        self.times: list[float] = times[:n].tolist()
+        self.times: list[float] = times.tolist()
         self.prompt: list[int] = replay.prompt[:n].tolist()
         self.output: list[int] = replay.output[:n].tolist()
         self.replay = replay if replay.block_offsets is not None else None
