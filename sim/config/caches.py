@@ -118,16 +118,7 @@ million."""
 def class_rates(workload) -> list[float]:
     """Each class's mean request rate: an open loop's long-run mean (rate_scale applied), a closed loop's
     ceiling users / think time."""
-    from .arrivals import ClosedLoopArrivals
-
-    rates = []
-    for spec in workload.traffic.classes.values():
-        arrival = spec.arrival
-        if isinstance(arrival, ClosedLoopArrivals):
-            rates.append(arrival.users / max(arrival.think_time_s.mean, 1e-9))
-        else:
-            rates.append(spec.open_loop_rate_rps() * workload.traffic.rate_scale)
-    return rates
+    return [spec.request_rate_rps(workload.traffic.rate_scale) for spec in workload.traffic.classes.values()]
 
 
 def check_warm_up(workload) -> None:

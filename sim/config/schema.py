@@ -171,6 +171,13 @@ class RequestClass(Block):
         """The class's mean open-loop arrival rate at rate_scale 1 (0 for a closed loop)."""
         return getattr(self.arrival, "mean_rate_rps", lambda: 0.0)()
 
+    def request_rate_rps(self, rate_scale: float = 1.0) -> float:
+        """The class's mean request rate: an open loop's long-run mean times `rate_scale`, a closed loop's
+        ceiling users / think time (which rate_scale leaves alone)."""
+        if isinstance(self.arrival, ClosedLoopArrivals):
+            return self.arrival.users / max(self.arrival.think_time_s.mean, 1e-9)
+        return self.open_loop_rate_rps() * rate_scale
+
     def endpoint_mix(self) -> dict[str, float]:
         """{endpoint: share} with shares summing to 1 (after endpoint resolution)."""
         if isinstance(self.endpoint, dict):

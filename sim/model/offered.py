@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from sim.config.schema import Api, ClosedLoopArrivals, Workload
+from sim.config.schema import Api, Workload
 from sim.model.traffic.ratelimit import rates_past_limits
 
 _DRAWS = 100_000
@@ -37,13 +37,6 @@ def _tokens(spec) -> float:
     if key not in _token_means:
         _token_means[key] = _mean(lambda rng, n: np.maximum(np.rint(spec.sample(rng, n)), 1))
     return _token_means[key]
-
-
-def _request_rate(cls) -> float:
-    """A class's mean request rate; for a closed loop its ceiling, users / think time."""
-    if isinstance(cls.arrival, ClosedLoopArrivals):
-        return cls.arrival.users / max(cls.arrival.think_time_s.mean, 1e-9)
-    return cls.open_loop_rate_rps()
 
 
 def offered_load_rps(workload: Workload) -> float:
@@ -196,7 +189,7 @@ def full_batch(workload: Workload, name: str) -> int:
         return getattr(model, "max_batch", 1)
     weights, tokens = [], []
     for cls in workload.traffic.classes.values():
-        weight = cls.endpoint_mix().get(name, 0.0) * _request_rate(cls)
+        weight = cls.endpoint_mix().get(name, 0.0) * cls.request_rate_rps()
         if weight > 0:
             weights.append(weight)
             tokens.append(_tokens(cls.prompt_tokens) + _tokens(cls.output_tokens))
