@@ -53,6 +53,8 @@ if TYPE_CHECKING:  # pandas costs 0.2 s to import: only what builds tables impor
 MEASURES = ("queue_wait", "ttft", "e2e", "tpot")
 SLO_TARGETS = (("ttft_s", "ttft"), ("e2e_s", "e2e"), ("tpot_s", "tpot"))
 """The workload's `slo` fields and the measures they bound, in the order the verdict names them."""
+HOURS_PER_MONTH = 730.0
+"""A month of cost per hour, as budgets read it: 8,760 hours a year / 12."""
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p95", 95.0), ("p99", 99.0), ("p999", 99.9))
 
 

@@ -43,6 +43,8 @@ LOG_RATIO = 30.0
 SLO_HEADROOM = 3.0
 # Points that fail the SLO, in cost figures: hollow and grey (a cheap point that fails is no option).
 FAILED = {"color": "silver", "markerfacecolor": "white", "markeredgecolor": "grey"}
+# The target load: a solid grey line, in every figure that marks it (and its legend entry).
+TARGET_LINE = {"color": "dimgrey", "linewidth": 1.6, "alpha": 0.7}
 
 # text.parse_math off: names come from the user's files, and `$...$` in one must print as typed,
 # not as TeX math (which fails outright on an unknown command such as `$\x$`).
@@ -317,9 +319,9 @@ def _target_marker(ax, target: Optional[float], x: str) -> bool:
     """A solid grey vertical line at the target load, labelled at the top."""
     if target is None or x != LOAD_X:
         return False
-    ax.axvline(target, color="dimgrey", linewidth=1.6, alpha=0.7, zorder=0)
+    ax.axvline(target, zorder=0, **TARGET_LINE)
     ax.annotate(f"target {target:.3g} req/s", (target, 0.99), xycoords=("data", "axes fraction"), rotation=90,
-                ha="right", va="top", fontsize=7, color="dimgrey")
+                ha="right", va="top", fontsize=7, color=TARGET_LINE["color"])
     return True
 
 
@@ -394,7 +396,7 @@ def plot_latency(points: pd.DataFrame, experiment: dict, out_dir: Path,
             handles.append(Line2D([], [], color="grey", linestyle=":", marker="v",
                                   label="max load meeting the SLO"))
         if targeted:
-            handles.append(Line2D([], [], color="dimgrey", linewidth=1.6, alpha=0.7, label="target load"))
+            handles.append(Line2D([], [], label="target load", **TARGET_LINE))
         fig.legend(handles=_unique(handles), loc="outside right upper", fontsize=8)
         fig.suptitle(_title(experiment, f"latency vs {_versus(x)} (bands: 95% intervals)"))
         return _save(fig, out_dir, "latency_vs_load")
@@ -425,7 +427,7 @@ def plot_throughput(points: pd.DataFrame, experiment: dict, out_dir: Path,
             top = float(np.nanmax(points[LOAD_X]))
             ax.plot([0, top], [0, top], color="grey", linestyle=":", linewidth=1, label="served = offered")
         if _target_marker(ax, target_load_rps(experiment, capacity), x):
-            ax.plot([], [], color="dimgrey", linewidth=1.6, alpha=0.7, label="target load")
+            ax.plot([], [], label="target load", **TARGET_LINE)
         ax.set(title=_title(experiment, "throughput" + (" and goodput" if goodput else "") + f" vs {_versus(x)}"),
                xlabel=x_label(x), ylabel="completed requests (req/s)")
         _legend_beside(ax)
@@ -485,7 +487,7 @@ def plot_cost_per_1k(points: pd.DataFrame, experiment: dict, out_dir: Path,
         if failed_any:
             ax.plot([], [], "o", markersize=6, label="fails the SLO", **FAILED)
         if _target_marker(ax, target_load_rps(experiment, capacity), x):
-            ax.plot([], [], color="dimgrey", linewidth=1.6, alpha=0.7, label="target load")
+            ax.plot([], [], label="target load", **TARGET_LINE)
         _auto_log(ax, points["cost_per_1k_usd"])
         if x == "offered_load_rps":
             for _, _, load in break_even(points, experiment):
@@ -702,7 +704,7 @@ def plot_max_load(points: pd.DataFrame, experiment: dict, out_dir: Path, capacit
         ax.invert_yaxis()
         target = target_load_rps(experiment, capacity) if in_rps else (experiment.get("capacity") or {}).get("target")
         if target is not None:
-            ax.axvline(target, color="dimgrey", linewidth=1.6, alpha=0.7, label=f"target load {target:.3g}")
+            ax.axvline(target, label=f"target load {target:.3g}", **TARGET_LINE)
             _legend_beside(ax)
         ax.set(title=_title(experiment, "highest load meeting the SLO (bars: the search's bracket)"),
                xlabel="offered load (req/s)" if in_rps else x_label(load_axis(experiment)))

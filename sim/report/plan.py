@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sim.config.loader import ConfigError  # noqa: E402
-from sim.experiments.plan.planner import HOURS_A_MONTH, deployment, gpus  # noqa: E402
+from sim.experiments.plan.planner import deployment, gpus  # noqa: E402
+from sim.metrics.summary import HOURS_PER_MONTH  # noqa: E402
 
 from .figures import (  # noqa: E402
     _RC,
@@ -71,7 +72,7 @@ def ranking_table(doc: dict[str, Any], intervals: bool = True) -> tuple[list[str
         peak = r["at_peak"]
         room, metric = r["headroom"], r["headroom_metric"]
         cells = [str(rank), deployment(r), str(gpus(r) or "–"), fmt_usd(r["cost_per_hour_usd"]),
-                 fmt_usd(r["cost_per_hour_usd"] * HOURS_A_MONTH), fmt_usd(peak.get("cost_per_1k_usd"))]
+                 fmt_usd(r["cost_per_hour_usd"] * HOURS_PER_MONTH), fmt_usd(peak.get("cost_per_1k_usd"))]
         cells += [_with_interval(peak, m) if intervals else fmt_latency(peak.get(m)) for m in LATENCIES]
         cells.append(f"{room:.0%} ({metric})" if math.isfinite(room) else "–")
         rows.append(cells)

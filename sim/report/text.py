@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from sim.config.schema import Api
-from sim.metrics.summary import MEASURES, PERCENTILES, SLO_TARGETS
+from sim.metrics.summary import HOURS_PER_MONTH, MEASURES, PERCENTILES, SLO_TARGETS
 
 # Requests that did not complete, by why; each shown when any did.
 LOST = (("requests_cancelled", "cancelled by the user"), ("requests_partial", "partial answer"),
@@ -27,9 +27,6 @@ def _value(summary: dict, key: str, fmt: str) -> str:
     if low is not None and not math.isnan(low):
         text += f" ±{format((high - low) / 2, fmt)}"
     return text
-
-
-HOURS_PER_MONTH = 730.0  # 365 x 24 / 12
 
 
 def _scaled(summary: dict, key: str, factor: float) -> dict:

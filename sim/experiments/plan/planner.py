@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 
 from sim.config.loader import ConfigError
 from sim.metrics.stats import pareto_frontier
+from sim.metrics.summary import HOURS_PER_MONTH
 from sim.model.offered import offered_load_rps
 
 from ..estimate import WorkEstimate, check_work, estimate_run
@@ -194,9 +195,6 @@ def frontier(plan: LoadedPlan, records: list[dict[str, Any]], metric: str) -> li
                                      [math.nan if v is None else v for v in latency])]
 
 
-HOURS_A_MONTH = 730.0  # 8,760 hours a year / 12
-
-
 def answer(plan: LoadedPlan, ok: list[dict[str, Any]]) -> str:
     """The plan's answer in one sentence (and the runner-up's margin in a second)."""
     where = _where_text(plan)
@@ -205,7 +203,7 @@ def answer(plan: LoadedPlan, ok: list[dict[str, Any]]) -> str:
     best = ok[0]
     hourly = best["cost_per_hour_usd"]
     text = (f"The cheapest deployment meeting the SLO {where} is {deployment(best)}: ${hourly:,.2f} an hour "
-            f"(${hourly * HOURS_A_MONTH:,.0f} a month, ${best['at_peak'].get('cost_per_1k_usd', math.nan):,.3f} per "
+            f"(${hourly * HOURS_PER_MONTH:,.0f} a month, ${best['at_peak'].get('cost_per_1k_usd', math.nan):,.3f} per "
             f"1k requests), with {best['headroom']:.0%} headroom to the SLO ({best['headroom_metric']}).")
     if len(ok) > 1:
         second = ok[1]
