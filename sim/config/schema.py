@@ -342,15 +342,14 @@ class Workload(Block):
         """An overflow goes to another known endpoint, which itself overflows nowhere (no chains, no loops)."""
         names = list(self.models)
         for name, model in self.models.items():
-            overflow = model.queue.overflow if model.queue is not None else None
+            overflow = model.queue.overflow
             if overflow is None:
                 continue
             where = f"models.{name}.queue.overflow.to"
             if overflow.to not in self.models or overflow.to == name:
                 raise ValueError(f"{where}: {'itself' if overflow.to == name else repr(overflow.to)} is not another "
                                  f"model (known: {', '.join(names)})")
-            target = self.models[overflow.to].queue
-            if target is not None and target.overflow is not None:
+            if self.models[overflow.to].queue.overflow is not None:
                 raise ValueError(f"{where}: {overflow.to!r} overflows itself: one step of overflow at most")
 
     def _check_flows(self) -> None:

@@ -80,9 +80,9 @@ class EngineReplica:
         self.prefill_s = st.per_prefill_token_s
         self.kv_s = st.per_kv_token_s
         self.attention_s = st.per_prefill_attention_s
-        # Work is counted in seconds of a full-batch engine at normal speed (see `utilisation` in the
-        # docs/getting-started.md): a decoding sequence costs its own time plus its share of a full step's base; slow
-        # episodes shrink what the replica can do, so its work counts for more.
+        # Work is counted in seconds of a full-batch engine at normal speed (see `utilisation` in
+        # docs/getting-started.md): a decoding sequence costs its own time plus its share of a full step's base;
+        # slow episodes shrink what the replica can do, so its work counts for more.
         self.base_share_s = st.base_s / (full_batch or max_batch)
         self.decode_work_s = st.per_decode_seq_s + self.base_share_s
         self.work_scale = 1.0 / st.slow_episodes.capacity_factor() if st.slow_episodes is not None else 1.0
