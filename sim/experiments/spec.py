@@ -79,15 +79,18 @@ def slo_verdict(summary: dict[str, Any], slo: dict[str, Bound]) -> tuple[bool, O
     """Whether every bound holds on its pessimistic 95% end (the capacity search's test, and the figures'); else
     the first metric that fails. `summary`: a run's summary, or a sweep point's row."""
     for metric, bound in slo.items():
-        if bound.max is not None:
-            value = summary.get(f"{metric}_ci95_high", summary.get(metric, math.nan))
-            if not value <= bound.max:  # NaN fails too
-                return False, metric
-        if bound.min is not None:
-            value = summary.get(f"{metric}_ci95_low", summary.get(metric, math.nan))
-            if not value >= bound.min:
-                return False, metric
+        if bound.max is not None and not pessimistic(summary, metric, "max") <= bound.max:  # NaN fails too
+            return False, metric
+        if bound.min is not None and not pessimistic(summary, metric, "min") >= bound.min:
+            return False, metric
     return True, None
+
+
+def pessimistic(summary: dict[str, Any], metric: str, side: Literal["max", "min"]) -> float:
+    """The end of a metric's 95% interval that a `side` bound is judged on (the upper end against a max), or the
+    metric itself without an interval (one replication); NaN when it is missing."""
+    end = "_ci95_high" if side == "max" else "_ci95_low"
+    return summary.get(f"{metric}{end}", summary.get(metric, math.nan))
 
 
 def _number_is_max(value: Any) -> Any:

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 
 from sim.config.loader import ConfigError  # noqa: E402
 from sim.experiments.plan.planner import deployment, gpus  # noqa: E402
+from sim.experiments.spec import pessimistic  # noqa: E402
 from sim.metrics.summary import HOURS_PER_MONTH  # noqa: E402
 
 from .figures import (  # noqa: E402
@@ -114,14 +115,19 @@ def format_plan(doc: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- figures
 
 
+def _finite(value: Any) -> bool:
+    """A number to plot (plan.json keeps a missing or NaN metric as null)."""
+    return value is not None and math.isfinite(value)
+
+
 def plot_frontier(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     """Cost per hour against latency of every probe at the busiest load, the Pareto frontier and the answer."""
     metric, peak = doc["frontier_metric"], doc["periods"][0]["load"]
     points = [(r, p) for r in doc["candidates"] for p in r["probes"] if p["load"] == peak
-              and p.get("cost_per_hour_usd") is not None and p.get(f"{metric}_ci95_high", p.get(metric)) is not None]
+              and p.get("cost_per_hour_usd") is not None and _finite(pessimistic(p, metric, "max"))]
     if not points:
         raise SkipFigure("no candidate was simulated at the busiest load")
-    value = [p.get(f"{metric}_ci95_high", p.get(metric)) for _, p in points]
+    value = [pessimistic(p, metric, "max") for _, p in points]
     cost = [p["cost_per_hour_usd"] for _, p in points]
     best = doc.get("best")
     with plt.rc_context(_RC):

@@ -31,7 +31,7 @@ from ..estimate import WorkEstimate, check_work, estimate_run
 from ..executors import default_workers, run_tasks, stop_on_sigterm
 from ..progress import Progress
 from ..run import step_time_sources
-from ..spec import fingerprint_of
+from ..spec import fingerprint_of, pessimistic
 from ..store import FolderLock, check_fingerprint, read_json, write_json, write_parquet
 from ..sweep import check_metric_names
 from .search import Bounds, SearchTask, bar, bounds, order, rank_key, search, space_points
@@ -187,7 +187,7 @@ def frontier(plan: LoadedPlan, records: list[dict[str, Any]], metric: str) -> li
     end), fastest first: the cost-latency Pareto frontier at the target."""
     peak = plan.spec.periods()[0].load
     points = [(r, p) for r in records for p in r["probes"] if p["load"] == peak]
-    latency = [p.get(f"{metric}_ci95_high", p.get(metric, math.nan)) for _, p in points]
+    latency = [pessimistic(p, metric, "max") for _, p in points]
     cost = [p.get("cost_per_hour_usd", math.nan) for _, p in points]
     return [{"index": points[k][0]["index"], "candidate": points[k][0]["name"], "replicas": points[k][1]["replicas"],
              "cost_per_hour_usd": cost[k], metric: latency[k], "met": points[k][1]["met"]}

@@ -37,7 +37,7 @@ from sim.config.schema import Workload
 from sim.model.offered import offered_utilisation, provider_limit_shares
 
 from ..run import run
-from ..spec import slo_verdict
+from ..spec import pessimistic, slo_verdict
 from .spec import Candidate, LoadedPlan
 
 Key = tuple[float, float, int]  # (cost per day, -headroom, candidate index): the order of the ranking
@@ -353,10 +353,9 @@ def headroom(record: dict[str, Any], slo: dict[str, dict]) -> tuple[float, str]:
     margins = []
     for metric, bound in slo.items():
         if bound.get("max") is not None:
-            value = probe.get(f"{metric}_ci95_high", probe.get(metric, math.nan))
-            margins.append(((bound["max"] - value) / bound["max"], metric))
+            margins.append(((bound["max"] - pessimistic(probe, metric, "max")) / bound["max"], metric))
         if bound.get("min") is not None:
-            value = probe.get(f"{metric}_ci95_low", probe.get(metric, math.nan))
+            value = pessimistic(probe, metric, "min")
             margins.append(((value - bound["min"]) / bound["min"] if bound["min"] else math.inf, metric))
     return min(margins) if margins else (math.nan, "")
 
