@@ -1,10 +1,13 @@
-"""Only the compiled kernels: everything else about the package is in pyproject.toml.
+"""Only the compiled parts: everything else about the package is in pyproject.toml.
 
-The extension is optional: where it cannot be built (no C compiler), the package installs without it
-and the kernels' pure-Python twins run instead (same results, slower), with a warning.
+The fast path's kernels (sim/_kernels.c) and the event core (sim/_events.c) are optional: where they
+cannot be built (no C compiler), the package installs without them and their pure-Python twins run
+instead (same results, slower), with a warning.
 """
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("sim._kernels", ["sim/_kernels.c"], optional=True,
-                             # Python's own arithmetic, operation for operation: no fused multiply-add.
-                             extra_compile_args=["-O2", "-ffp-contract=off"])])
+# Python's own arithmetic, operation for operation: no fused multiply-add.
+FLAGS = ["-O2", "-ffp-contract=off"]
+
+setup(ext_modules=[Extension(f"sim.{name}", [f"sim/{name}.c"], optional=True, extra_compile_args=FLAGS)
+                   for name in ("_kernels", "_events")])

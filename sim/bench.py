@@ -4,15 +4,21 @@ Timings on a shared machine are noisy, so the cases take turns, `repeat` rounds,
 best time: a stretch of noise from other work hits every case alike, so the ratios of one run hold.
 Besides the rate, each llmsim case is run once more, untimed, to count what a request costs: events
 scheduled, Python function calls (a profile hook counts them) and bytes allocated at the peak
-(tracemalloc), each per simulated request.
+(tracemalloc), each per simulated request. Two reference cases measure the compiled parts against
+their Python twins in the same run: chat-selfhosted on the event path (the Python engine), and
+rag-support in a process of its own with every compiled part off (LLMSIM_PURE_PYTHON=1; the run
+alone is timed, inside that process).
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 import tracemalloc
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,6 +35,8 @@ CASES = ("mmc.yaml", "chat-api.yaml", "chat-selfhosted.yaml", "rag-support.yaml"
 REFERENCE = "chat-selfhosted.yaml"
 PYTHON_ENGINE = f"{REFERENCE}, Python engine"  # a workload key like the files', so its case reads the same way
 REFERENCE_CASE = f"llmsim {PYTHON_ENGINE}"
+PURE = "rag-support.yaml"  # run once more with every compiled part off (its own process)
+PURE_CASE = f"llmsim {PURE}, pure Python"
 NAIVE = "SimPy M/M/c, a process per customer + Resource"
 CALLBACKS = "SimPy M/M/c, callbacks on timeouts"
 
@@ -51,6 +59,22 @@ def _timed(fn) -> tuple[int, float]:
     start = time.perf_counter()
     requests = fn()
     return requests, time.perf_counter() - start
+
+
+def _pure_python(path: Path) -> tuple[int, float]:
+    """(requests, wall seconds) of one replication of `path` with every compiled part off, timed inside a
+    process of its own (the compiled parts are chosen at import)."""
+    code = ("import sys, time\n"
+            "from sim.config.loader import load_workload\n"
+            "from sim.model.pipeline import simulate\n"
+            "workload = load_workload(sys.argv[1])\n"
+            "start = time.perf_counter()\n"
+            "requests = len(simulate(workload).arrival)\n"
+            "print(requests, time.perf_counter() - start)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], env=dict(os.environ, LLMSIM_PURE_PYTHON="1"),
+                          capture_output=True, text=True, check=True)
+    requests, wall = done.stdout.split()
+    return int(requests), float(wall)
 
 
 def _mmc_draws(rate: float, mean_service: float, duration: float, seed: int) -> tuple[int, list, list]:
@@ -150,18 +174,21 @@ def run_bench(folder: Path, repeat: int = 3) -> list[BenchCase]:
     model = next(iter(mmc.models.values()))
     args = (next(iter(mmc.traffic.classes.values())).arrival.rate_rps, model.replicas * model.max_batch,
             model.service_time.mean, mmc.simulation.duration_s)
-    runs: dict[str, Callable[[], int]] = {
-        f"llmsim {name}": (lambda w=workload: len(simulate(w).arrival)) for name, workload in workloads.items()}
+    # Each case: a callable giving (requests, wall seconds) of one timed run.
+    runs: dict[str, Callable[[], tuple[int, float]]] = {
+        f"llmsim {name}": partial(_timed, lambda w=workload: len(simulate(w).arrival))
+        for name, workload in workloads.items()}
     reference = workloads[REFERENCE].model_copy(update={"simulation": workloads[REFERENCE].simulation.model_copy(
         update={"fast_path": False})})
     workloads[PYTHON_ENGINE] = reference
-    runs[REFERENCE_CASE] = lambda: len(simulate(reference).arrival)
-    runs[NAIVE] = lambda: minimal_simpy_mmc(*args)
-    runs[CALLBACKS] = lambda: callback_simpy_mmc(*args)
+    runs[REFERENCE_CASE] = partial(_timed, lambda: len(simulate(reference).arrival))
+    runs[PURE_CASE] = partial(_pure_python, folder / PURE)
+    runs[NAIVE] = partial(_timed, lambda: minimal_simpy_mmc(*args))
+    runs[CALLBACKS] = partial(_timed, lambda: callback_simpy_mmc(*args))
     best: dict[str, tuple[int, float]] = {}
     for _ in range(repeat):
         for name, fn in runs.items():
-            requests, wall = _timed(fn)
+            requests, wall = fn()
             if name not in best or wall < best[name][1]:
                 best[name] = (requests, wall)
     cases = [BenchCase(name, requests, wall) for name, (requests, wall) in best.items()]
@@ -185,4 +212,7 @@ def format_bench(cases: list[BenchCase]) -> str:
     fast, python = rates.get(f"llmsim {REFERENCE}"), rates.get(REFERENCE_CASE)
     if fast and python:
         lines.append(f"{REFERENCE}: the compiled engine runs {fast / python:.1f}x the Python engine's rate")
+    compiled, pure = rates.get(f"llmsim {PURE}"), rates.get(PURE_CASE)
+    if compiled and pure:
+        lines.append(f"{PURE}: the compiled parts run {compiled / pure:.2f}x the pure-Python rate")
     return "\n".join(lines)

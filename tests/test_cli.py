@@ -186,8 +186,12 @@ def test_bench_reports_every_case(capsys):
     python = next(c for c in cases if c.name.endswith("Python engine"))
     fast = by_name["chat-selfhosted.yaml"]
     assert python.requests == fast.requests and python.events > fast.events + 1 and python.calls > 10 * fast.calls
+    # rag-support with every compiled part off (a process of its own): the same requests.
+    pure = next(c for c in cases if c.name.endswith("pure Python"))
+    assert pure.requests == by_name["rag-support.yaml"].requests and pure.events is None
     table = format_bench(cases)
     assert "vs naive" in table and "events/req" in table and "the compiled engine runs" in table
+    assert "rag-support.yaml: the compiled parts run" in table
 
 
 def test_metric_names_lists_exactly_what_a_run_reports():

@@ -3,6 +3,11 @@
 SimPy processes (generators) cost a resume per event; components here are
 callback-driven instead, which is several times cheaper and keeps each
 component a plain object with its state in attributes.
+
+`call_later`, `call_at`, `Call` and the dispatch loop of `run` are compiled where the
+package was built with a C compiler (sim/_events.c, the same heap on SimPy's own queue:
+the same results to the bit, an event at a third of the cost); the Python versions
+below are their reference and their fallback (`LLMSIM_PURE_PYTHON=1` chooses them).
 """
 from __future__ import annotations
 
@@ -11,10 +16,12 @@ import math
 from collections import deque
 from contextlib import contextmanager
 from heapq import heappop, heappush
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import simpy
 from simpy.core import NORMAL
+
+from sim.model.kernels import compiled
 
 Callback = Callable[["Call"], None]
 
@@ -53,22 +60,47 @@ def call_at(env: simpy.Environment, t: float, callback: Callback, value: Any = N
     return call
 
 
-def run(env: simpy.Environment) -> None:
-    """Run until nothing is left scheduled, as `env.run()` does, with the garbage collector paused.
+def run_calls(env: simpy.Environment, call_type: type = Call) -> None:
+    """Dispatch until nothing is left scheduled, as `env.run()` does.
 
     A `Call` is dispatched here directly (its one callback, with the clock set to its time):
     `Environment.step` would do the same with more bookkeeping, at a third of the cost of a
     model event. Anything else scheduled (a SimPy event or process) goes through `step`.
     """
     queue, step = env._queue, env.step
+    while queue:
+        event = queue[0][3]
+        if type(event) is call_type:
+            env._now = heappop(queue)[0]
+            event.callbacks[0](event)
+        else:
+            step()
+
+
+class Core(NamedTuple):
+    """The event core: its Call type, the two ways to schedule one and the dispatch loop."""
+
+    Call: type
+    call_later: Callable[..., Any]
+    call_at: Callable[..., Any]
+    run_calls: Callable[[simpy.Environment], None]
+
+
+PYTHON_CORE = Core(Call, call_later, call_at, run_calls)
+_compiled = compiled("_events")
+# The compiled core writes SimPy's normal priority as 1 (what SimPy has always had).
+COMPILED_CORE = (Core(_compiled.Call, _compiled.call_later, _compiled.call_at, _compiled.run_calls)
+                 if _compiled is not None and NORMAL == 1 else None)
+CORE_MISSING = ("the compiled event core (sim/_events.c) is not built: events run in Python, the same results "
+                "about 15% slower; reinstall where a C compiler is available")
+if COMPILED_CORE is not None:
+    Call, call_later, call_at, run_calls = COMPILED_CORE  # type: ignore[misc]  # noqa: F811
+
+
+def run(env: simpy.Environment) -> None:
+    """Run until nothing is left scheduled, as `env.run()` does, with the garbage collector paused."""
     with gc_paused():
-        while queue:
-            event = queue[0][3]
-            if type(event) is Call:
-                env._now = heappop(queue)[0]
-                event.callbacks[0](event)
-            else:
-                step()
+        run_calls(env)
 
 
 @contextmanager

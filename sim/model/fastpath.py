@@ -42,6 +42,7 @@ import numpy as np
 from sim.config.arrivals import PoissonArrivals, TraceArrivals
 from sim.config.schema import Api, SelfHosted, Workload
 from sim.metrics.recorder import COMPLETED, NAN, REJECTED, Column, Recorder
+from sim.model.kernels import PURE_PYTHON, compiled
 from sim.model.offered import full_batch
 from sim.model.serving.api import MIN_TOKENS_PER_S
 from sim.model.serving.step_clock import BLOCK as NOISE_BLOCK
@@ -51,10 +52,7 @@ from sim.model.traffic.arrivals import TIMED, _choice, times_sampler, user_count
 
 INF = math.inf
 
-try:
-    from sim import _kernels
-except ImportError:  # built without a C compiler: the Python loops run instead (same results)
-    _kernels = None
+_kernels = compiled("_kernels")  # None where built without a C compiler: the Python loops run (same results)
 KERNEL_MISSING = ("the compiled kernels (sim/_kernels.c) are not built: the fast path runs its Python loop, the "
                   "same results several times slower; reinstall where a C compiler is available")
 ENGINE_KERNEL_MISSING = ("the compiled kernels (sim/_kernels.c) are not built: the engine replicas run on the event "
@@ -168,7 +166,7 @@ def simulate_fast(workload: Workload, replication: int = 0, seed: Optional[int] 
     rec.admit, rec.first_token, rec.end = Column.of(admit, "d"), Column.of(first, "d"), Column.of(end, "d")
     # Every request completes (the run drains) but those that can never fit an engine's KV cache.
     rec.replica, rec.outcome = Column.of(replica, "q"), Column.of(np.where(np.isnan(admit), REJECTED, COMPLETED), "q")
-    if _kernels is None:
+    if _kernels is None and not PURE_PYTHON:  # not built (PURE_PYTHON: the Python loop was asked for)
         rec.warnings.append(KERNEL_MISSING)
     rec.samples = list(zip(samples, counters))
     rec.gauges = list(zip(samples, gauges))

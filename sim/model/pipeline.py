@@ -21,8 +21,9 @@ from sim.model.serving.slots import SlotServer, plain_draws
 from sim.model.traffic.arrivals import RequestFactory, SourceContext, build_arrivals, user_count
 from sim.model.traffic.ratelimit import Client, attach_provider_limits, build_gate
 
-from . import fastpath
+from . import events, fastpath
 from .events import call_at, call_later, run
+from .kernels import PURE_PYTHON
 from .offered import full_batch
 from .streams import BlockSampler, Streams
 
@@ -90,8 +91,11 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
         recorder.retrieval_usage = lifecycle.retrieval.usage if lifecycle.retrieval.metered else None
     for endpoint in endpoints:
         recorder.warnings += beyond_calibration(endpoint, workload.models[endpoint.name])
-    if fastpath.engine_without_kernel(workload):
-        recorder.warnings.append(fastpath.ENGINE_KERNEL_MISSING)
+    if not PURE_PYTHON:  # the compiled parts missing for want of a build (PURE_PYTHON: Python was asked for)
+        if fastpath.engine_without_kernel(workload):
+            recorder.warnings.append(fastpath.ENGINE_KERNEL_MISSING)
+        if events.COMPILED_CORE is None:
+            recorder.warnings.append(events.CORE_MISSING)
     return recorder
 
 
