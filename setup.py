@@ -1,8 +1,8 @@
 """Only the compiled parts: everything else about the package is in pyproject.toml.
 
-The fast path's kernels (sim/_kernels.c) and the event core (sim/_events.c) are optional: where they
-cannot be built (no C compiler), the package installs without them and their pure-Python twins run
-instead (same results, slower), with a warning.
+The fast path's kernels (sim/_kernels.c), the event core (sim/_events.c) and the event path's engine
+replica (sim/_engine.c) are optional: where they cannot be built (no C compiler), the package installs
+without them and their pure-Python twins run instead (same results, slower), with a warning.
 """
 from setuptools import Extension, setup
 
@@ -10,4 +10,4 @@ from setuptools import Extension, setup
 FLAGS = ["-O2", "-ffp-contract=off"]
 
 setup(ext_modules=[Extension(f"sim.{name}", [f"sim/{name}.c"], optional=True, extra_compile_args=FLAGS)
-                   for name in ("_kernels", "_events")])
+                   for name in ("_kernels", "_events", "_engine")])

@@ -91,8 +91,6 @@ _compiled = compiled("_events")
 # The compiled core writes SimPy's normal priority as 1 (what SimPy has always had).
 COMPILED_CORE = (Core(_compiled.Call, _compiled.call_later, _compiled.call_at, _compiled.run_calls)
                  if _compiled is not None and NORMAL == 1 else None)
-CORE_MISSING = ("the compiled event core (sim/_events.c) is not built: events run in Python, the same results "
-                "about 15% slower; reinstall where a C compiler is available")
 if COMPILED_CORE is not None:
     Call, call_later, call_at, run_calls = COMPILED_CORE  # type: ignore[misc]  # noqa: F811
 

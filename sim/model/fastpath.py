@@ -45,8 +45,9 @@ from sim.metrics.recorder import COMPLETED, NAN, REJECTED, Column, Recorder
 from sim.model.kernels import PURE_PYTHON, compiled
 from sim.model.offered import full_batch
 from sim.model.serving.api import MIN_TOKENS_PER_S
+from sim.model.serving.engine import Coefficients
 from sim.model.serving.step_clock import BLOCK as NOISE_BLOCK
-from sim.model.serving.step_clock import MAX_STRETCH
+from sim.model.serving.step_clock import MAX_STRETCH, NoiseSource
 from sim.model.streams import BLOCK, Streams, token_draw
 from sim.model.traffic.arrivals import TIMED, _choice, times_sampler, user_count
 
@@ -61,15 +62,15 @@ ENGINE_KERNEL_MISSING = ("the compiled kernels (sim/_kernels.c) are not built: t
 
 def eligible(workload: Workload) -> bool:
     """Whether the workload runs on the fast path (see the module's docstring)."""
-    return _plain(workload) and (_kernels is not None or not _has_engine(workload))
+    return _plain(workload) and (_kernels is not None or not has_engine(workload))
 
 
 def engine_without_kernel(workload: Workload) -> bool:
     """Whether the workload would run on the fast path but for its engines' missing compiled kernel."""
-    return _kernels is None and _plain(workload) and _has_engine(workload)
+    return _kernels is None and _plain(workload) and has_engine(workload)
 
 
-def _has_engine(workload: Workload) -> bool:
+def has_engine(workload: Workload) -> bool:
     return any(getattr(model, "engine", None) is not None for model in workload.models.values())
 
 
@@ -83,7 +84,7 @@ def _plain(workload: Workload) -> bool:
         if not open_loop or cls.deadline_s is not None or cls.batch:
             return False
     if traces and (len(traces) > 1 or traces[0].replay.block_offsets is not None or (
-            (len(classes) > 1 or _has_engine(workload)) and not _distinct(_trace_times(traces[0], workload)))):
+            (len(classes) > 1 or has_engine(workload)) and not _distinct(_trace_times(traces[0], workload)))):
         return False
     for model in workload.models.values():
         if isinstance(model, SelfHosted):
@@ -290,34 +291,15 @@ def engine_replicas(workload: Workload, name: str, streams: Streams, arrival: np
     n, m = len(arrival), len(samples)
     admit, first, end = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
     replica, sampled = np.full(n, -1, dtype=np.int64), np.zeros((m, 5))
-    noise = [_NoiseSource(st.noise_cv, streams.rng(f"endpoint.{name}.replica{r}.noise"))
+    noise = [NoiseSource(st.noise_cv, streams.rng(f"endpoint.{name}.replica{r}.noise"))
              for r in range(model.replicas)] if st.noise_cv > 0 else []
-    base_share = st.base_s / (full_batch(workload, name) or model.max_batch)  # EngineReplica's, as it computes them
     phases = _kernels.engine_replicas(
         np.ascontiguousarray(arrival, dtype=float), np.ascontiguousarray(prompt, dtype=np.int64),
         np.ascontiguousarray(output, dtype=np.int64), samples, noise, model.replicas, model.max_batch,
         engine.max_batch_tokens, -1 if engine.kv_cache_tokens is None else engine.kv_cache_tokens, MAX_STRETCH,
-        NOISE_BLOCK, st.base_s, st.per_decode_seq_s, st.per_prefill_token_s, st.per_kv_token_s,
-        st.per_prefill_attention_s, base_share, st.per_decode_seq_s + base_share, 1.0, admit, first, end, replica,
+        NOISE_BLOCK, *Coefficients.of(st, model.max_batch, full_batch(workload, name)), admit, first, end, replica,
         sampled)
     return admit, first, end, replica, sampled, phases
-
-
-class _NoiseSource:
-    """A replica's per-step gamma factors from any step on, for the kernel: the very values StepNoise draws
-    from the same stream (a draw of n values then m is the draw of n + m), handed out a few blocks at a time."""
-
-    def __init__(self, cv: float, rng: np.random.Generator) -> None:
-        self.shape = 1.0 / (cv * cv)
-        self.rng = rng
-        self.first = 0            # the stream's index of g[0]
-        self.g = np.empty(0)
-
-    def __call__(self, start: int) -> np.ndarray:
-        kept = self.g[start - self.first:]
-        fresh = self.rng.gamma(self.shape, 1.0 / self.shape, 4 * NOISE_BLOCK - kept.size)
-        self.g, self.first = np.concatenate([kept, fresh]), start
-        return self.g
 
 
 def fifo_slots(arrival: np.ndarray, service: np.ndarray, ttft: np.ndarray, servers: int, slots: int,

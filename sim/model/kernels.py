@@ -22,3 +22,9 @@ def compiled(name: str) -> Optional[ModuleType]:
         return importlib.import_module(f"sim.{name}")
     except ImportError:
         return None
+
+
+def not_built(parts: list[str]) -> str:
+    """The warning for compiled parts a run needed that are not built (their Python twins ran instead)."""
+    return (f"not built: the compiled {', '.join(parts)}: the same results, slower (Python ran instead); reinstall "
+            "where a C compiler is available")

@@ -13,17 +13,18 @@ import simpy
 from sim.config.schema import Api, SelfHosted, Workload
 from sim.metrics.recorder import CachedTokens, Recorder
 from sim.model.application.lifecycle import Lifecycle
+from sim.model.serving import engine
 from sim.model.serving.api import BatchLane, streaming_draws
 from sim.model.serving.autoscaler import Autoscaler, ScaleToZero
 from sim.model.serving.endpoint import Endpoint
-from sim.model.serving.engine import EngineReplica
+from sim.model.serving.engine import EngineReplica, engine_replica
 from sim.model.serving.slots import SlotServer, plain_draws
 from sim.model.traffic.arrivals import RequestFactory, SourceContext, build_arrivals, user_count
 from sim.model.traffic.ratelimit import Client, attach_provider_limits, build_gate
 
 from . import events, fastpath
 from .events import call_at, call_later, run
-from .kernels import PURE_PYTHON
+from .kernels import PURE_PYTHON, not_built
 from .offered import full_batch
 from .streams import BlockSampler, Streams
 
@@ -94,8 +95,11 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     if not PURE_PYTHON:  # the compiled parts missing for want of a build (PURE_PYTHON: Python was asked for)
         if fastpath.engine_without_kernel(workload):
             recorder.warnings.append(fastpath.ENGINE_KERNEL_MISSING)
-        if events.COMPILED_CORE is None:
-            recorder.warnings.append(events.CORE_MISSING)
+        missing = [part for part, built in (("event core (sim/_events.c)", events.COMPILED_CORE is not None),
+                                            ("engine replica (sim/_engine.c)", engine._engine is not None
+                                             or not fastpath.has_engine(workload))) if not built]
+        if missing:
+            recorder.warnings.append(not_built(missing))
     return recorder
 
 
@@ -173,9 +177,9 @@ def build_endpoint(env: simpy.Environment, name: str, index: int, workload: Work
 
             def new_replica(cold_start_s: float = model.cold_start_s) -> EngineReplica:
                 r = len(endpoint.servers) + len(endpoint.retired)  # a new index (and noise stream) each time
-                return EngineReplica(env, endpoint, r, model.max_batch, model.engine, recorder,
-                                     streams.rng(f"endpoint.{name}.replica{r}.noise"), batch, cold_start_s,
-                                     streams.rng(f"endpoint.{name}.replica{r}.episodes"))
+                return engine_replica(env, endpoint, r, model.max_batch, model.engine, recorder,
+                                      streams.rng(f"endpoint.{name}.replica{r}.noise"), batch, cold_start_s,
+                                      streams.rng(f"endpoint.{name}.replica{r}.episodes"))
 
             if model.dispatch == "prefix_affinity":
                 endpoint.prefer(lambda server, i: server.cached_blocks(i))

@@ -29,19 +29,21 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import simpy
 
 from sim.config.schema import Engine
+from sim.config.serving import StepTime
 from sim.metrics.recorder import COMPLETED, Recorder
 from sim.model.events import call_later
+from sim.model.kernels import compiled
 from sim.model.traffic.traces import prefix_blocks
 
 from .block_cache import BlockCache
 from .endpoint import Endpoint
-from .step_clock import MAX_STRETCH, StepClock
+from .step_clock import BLOCK, MAX_STRETCH, NoiseSource, StepClock
 
 # Phases: what the stretch of steps in flight is doing.
 IDLE = 0
@@ -51,7 +53,67 @@ MIXED = 3       # one step that finishes at least one prompt
 BOUNDARY = 4    # processing a step boundary: admissions wait for the next phase
 
 
-class EngineReplica:
+class Coefficients(NamedTuple):
+    """A replica's step-time coefficients, and how its work is counted."""
+
+    base_s: float
+    decode_s: float
+    prefill_s: float
+    kv_s: float
+    attention_s: float
+    # Work is counted in seconds of a full-batch engine at normal speed (see `utilisation` in
+    # docs/getting-started.md): a decoding sequence costs its own time plus its share of a full step's base;
+    # slow episodes shrink what the replica can do, so its work counts for more.
+    base_share_s: float
+    decode_work_s: float
+    work_scale: float
+
+    @classmethod
+    def of(cls, st: StepTime, max_batch: int, full_batch: Optional[int]) -> "Coefficients":
+        base_share_s = st.base_s / (full_batch or max_batch)
+        return cls(st.base_s, st.per_decode_seq_s, st.per_prefill_token_s, st.per_kv_token_s,
+                   st.per_prefill_attention_s, base_share_s, st.per_decode_seq_s + base_share_s,
+                   1.0 / st.slow_episodes.capacity_factor() if st.slow_episodes is not None else 1.0)
+
+
+def tracks_peak(st: StepTime) -> bool:
+    """Whether a replica keeps its peak batch, prefill and context (its coefficients have a calibrated range)."""
+    calibrated = st.calibrated
+    return calibrated is not None and any(
+        v is not None for v in (calibrated.decode_seqs_max, calibrated.prefill_tokens_max, calibrated.kv_tokens_max))
+
+
+class ReplicaLifecycle:
+    """What both replicas (EngineReplica, CompiledReplica) do in Python: load, drain, read the prefix-block cache."""
+
+    def cached_blocks(self, i: int) -> int:
+        """Leading blocks of request i's prompt in this replica's prefix cache (0 without block ids)."""
+        ids = prefix_blocks(self.rec, i)
+        return self.block_cache.leading_hits(ids.tolist()) if ids is not None else 0
+
+    def _prefix_read(self, i: int) -> None:
+        """Request i's prompt joins: the prefix-block cache admits its blocks; what it held is read, not computed."""
+        rec = self.rec
+        ids = prefix_blocks(rec, i)
+        if ids is not None:
+            prompt = rec.prompt[i]
+            read = min(self.block_cache.admit(ids.tolist()) * self.block_cache.block_tokens, prompt - 1)
+            rec.cached_tokens[i] = (read, prompt - read)
+
+    def _loaded(self, event) -> None:
+        if not self.draining:
+            self.serving = True
+            self.endpoint.refill(self)
+
+    def drain(self) -> None:
+        """Stop taking requests; retire (stop paying) once the running ones are done."""
+        self.serving = False
+        self.draining = True
+        if self.load == 0:
+            self.retired = self.env._now
+
+
+class EngineReplica(ReplicaLifecycle):
     """One model replica running steps over its running batch."""
 
     def __init__(self, env: simpy.Environment, endpoint: Endpoint, index: int, max_batch: int,
@@ -75,21 +137,10 @@ class EngineReplica:
         self.fits = self._fits_kv if self.kv_capacity is not None else None  # see Server.fits
         self.block_cache = BlockCache(engine.prefix_cache) if engine.prefix_cache is not None else None
         st = engine.step_time
-        self.base_s = st.base_s
-        self.decode_s = st.per_decode_seq_s
-        self.prefill_s = st.per_prefill_token_s
-        self.kv_s = st.per_kv_token_s
-        self.attention_s = st.per_prefill_attention_s
-        # Work is counted in seconds of a full-batch engine at normal speed (see `utilisation` in
-        # docs/getting-started.md): a decoding sequence costs its own time plus its share of a full step's base;
-        # slow episodes shrink what the replica can do, so its work counts for more.
-        self.base_share_s = st.base_s / (full_batch or max_batch)
-        self.decode_work_s = st.per_decode_seq_s + self.base_share_s
-        self.work_scale = 1.0 / st.slow_episodes.capacity_factor() if st.slow_episodes is not None else 1.0
+        (self.base_s, self.decode_s, self.prefill_s, self.kv_s, self.attention_s, self.base_share_s,
+         self.decode_work_s, self.work_scale) = Coefficients.of(st, max_batch, full_batch)
         self.clock = StepClock(st, noise_rng, episode_rng)
-        calibrated = st.calibrated
-        self.track_peak = calibrated is not None and any(
-            v is not None for v in (calibrated.decode_seqs_max, calibrated.prefill_tokens_max, calibrated.kv_tokens_max))
+        self.track_peak = tracks_peak(st)
         self.noise = self.clock.noise   # per-step noise (None: off)
         self.slow = self.clock.episodes  # slow episodes and stalls (None: none)
         # Identical steps of fixed length between batch changes (no context terms, noise, slow time or
@@ -128,11 +179,6 @@ class EngineReplica:
     def _fits_kv(self, i: int) -> bool:
         return self._kv_need(i) <= self.kv_capacity
 
-    def cached_blocks(self, i: int) -> int:
-        """Leading blocks of request i's prompt in this replica's prefix cache (0 without block ids)."""
-        ids = prefix_blocks(self.rec, i)
-        return self.block_cache.leading_hits(ids.tolist()) if ids is not None else 0
-
     def can_admit(self, i: int) -> bool:
         if self.load >= self.max_batch or not self.serving:
             return False
@@ -163,13 +209,10 @@ class EngineReplica:
     def _join_now(self, i: int, now: float) -> None:
         """Request i's prompt enters the batch (less what its prefix cache holds): the engine plans its next step."""
         rec = self.rec
+        if self.block_cache is not None:
+            self._prefix_read(i)
         cached = rec.cached_tokens
         prompt = rec.prompt[i]
-        if self.block_cache is not None:
-            ids = prefix_blocks(rec, i)
-            if ids is not None:
-                read = min(self.block_cache.admit(ids.tolist()) * self.block_cache.block_tokens, prompt - 1)
-                cached[i] = (read, prompt - read)
         if cached is not None and i < len(cached.read):  # (CachedTokens[i], inlined: asked for every join)
             prompt = max(1, prompt - cached.read[i])  # the last token is always computed: it yields the first output
         self.prefilling.append([i, prompt])
@@ -241,19 +284,6 @@ class EngineReplica:
         """A decoding sequence's context before the step after step t is this + t."""
         i = entry[1]
         return self.rec.prompt[i] + self.rec.output[i] - entry[0]
-
-    # --- lifecycle ------------------------------------------------------------
-    def _loaded(self, event) -> None:
-        if not self.draining:
-            self.serving = True
-            self.endpoint.refill(self)
-
-    def drain(self) -> None:
-        """Stop taking requests; retire (stop paying) once the running ones are done."""
-        self.serving = False
-        self.draining = True
-        if self.load == 0:
-            self.retired = self.env._now
 
     # --- the engine ---------------------------------------------------------
     def _account(self, now: float) -> None:
@@ -490,3 +520,37 @@ class EngineReplica:
             self.kv_used -= self.rec.prompt[i] + self.rec.output[i]
         if self.load == 0 and not self.serving:  # drained: only a draining replica completes while not serving
             self.retired = self.env._now
+
+
+_engine = compiled("_engine")
+
+
+if _engine is not None:
+    class CompiledReplica(ReplicaLifecycle, _engine.Replica):
+        """EngineReplica compiled (sim/_engine.c): the same replica, the same results to the bit, without slow
+        episodes or stalls (those replicas stay EngineReplicas)."""
+
+        def __init__(self, env: simpy.Environment, endpoint: Endpoint, index: int, max_batch: int, engine: Engine,
+                     recorder: Recorder, noise_rng: Optional[np.random.Generator], full_batch: Optional[int] = None,
+                     cold_start_s: float = 0.0) -> None:
+            st = engine.step_time
+            noise = NoiseSource(st.noise_cv, noise_rng) if st.noise_cv > 0 and noise_rng is not None else None
+            kv = engine.kv_cache_tokens
+            blocks = BlockCache(engine.prefix_cache) if engine.prefix_cache is not None else None
+            super().__init__(env, endpoint, recorder, call_later, index, max_batch, engine.max_batch_tokens,
+                             -1 if kv is None else kv, MAX_STRETCH, BLOCK, *Coefficients.of(st, max_batch, full_batch),
+                             noise, tracks_peak(st), blocks, cold_start_s <= 0, COMPLETED)
+            self.fits = self._fits_kv if kv is not None else None  # see Server.fits
+            if not self.serving:
+                call_later(env, cold_start_s, self._loaded)
+
+
+def engine_replica(env: simpy.Environment, endpoint: Endpoint, index: int, max_batch: int, engine: Engine,
+                   recorder: Recorder, noise_rng: Optional[np.random.Generator], full_batch: Optional[int],
+                   cold_start_s: float, episode_rng: Optional[np.random.Generator]) -> ReplicaLifecycle:
+    """A replica: compiled where it was built and the replica has no slow episodes or stalls, else EngineReplica."""
+    st = engine.step_time
+    if _engine is not None and st.slow_episodes is None and not st.stalls:
+        return CompiledReplica(env, endpoint, index, max_batch, engine, recorder, noise_rng, full_batch, cold_start_s)
+    return EngineReplica(env, endpoint, index, max_batch, engine, recorder, noise_rng, full_batch, cold_start_s,
+                         episode_rng)

@@ -64,6 +64,23 @@ class StepNoise:
         return at
 
 
+class NoiseSource:
+    """A replica's per-step gamma factors from any step on, for the compiled engines: the very values StepNoise
+    draws from the same stream (a draw of n values then m is the draw of n + m), handed out a few blocks at a time."""
+
+    def __init__(self, cv: float, rng: np.random.Generator) -> None:
+        self.shape = 1.0 / (cv * cv)
+        self.rng = rng
+        self.first = 0            # the stream's index of g[0]
+        self.g = np.empty(0)
+
+    def __call__(self, start: int) -> np.ndarray:
+        kept = self.g[start - self.first:]
+        fresh = self.rng.gamma(self.shape, 1.0 / self.shape, 4 * BLOCK - kept.size)
+        self.g, self.first = np.concatenate([kept, fresh]), start
+        return self.g
+
+
 class SlowTime:
     """How fast one replica progresses in wall time: slow episodes (random) and stalls (fixed), merged.
 
