@@ -176,7 +176,7 @@ static int release(Replica *self, Py_ssize_t i) {
     if (self->load == 0 && !self->serving) { /* drained: only a draining replica completes while not serving */
         PyObject *now = PyObject_GetAttr(self->env, s_now);
         if (now == NULL) return -1;
-        Py_SETREF(self->retired, now);
+        Py_XSETREF(self->retired, now);
     }
     return 0;
 }
@@ -694,7 +694,8 @@ static PyObject *Replica_counters(Replica *self, PyObject *arg) {
     double now = PyFloat_AsDouble(arg);
     if (now == -1.0 && PyErr_Occurred()) return NULL;
     account(self, now);
-    PyObject *until = self->retired != Py_None ? (Py_INCREF(self->retired), self->retired) : (Py_INCREF(arg), arg);
+    PyObject *until = self->retired != NULL && self->retired != Py_None ? self->retired : arg;
+    Py_INCREF(until);
     PyObject *created = PyFloat_FromDouble(self->created);
     PyObject *held = created != NULL ? PyNumber_Subtract(until, created) : NULL;
     Py_DECREF(until);
