@@ -12,6 +12,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
+#include <string.h>
 #include <structmember.h>
 
 #define NORMAL 1 /* simpy.core.NORMAL: sim/model/events.py checks it before using this module */
@@ -268,6 +270,194 @@ fail:
     return NULL;
 }
 
+/* --- Timeouts: many time limits that rarely fire, on one scheduled event (events.py's Timeouts, ported) --- */
+typedef struct {
+    double t;
+    PyObject *value;
+} Limit;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *env, *alive, *fire, *wake; /* wake: the bound method the wake-up event calls */
+    Limit *items;                        /* items[head .. head + count): the limits in time order */
+    Py_ssize_t head, count, size;
+    double armed;                        /* when the wake-up in the environment's queue is due */
+} TimeoutsObject;
+
+static double now_of(PyObject *env, int *failed) {
+    PyObject *now = PyObject_GetAttr(env, s_now);
+    if (now == NULL) return *failed = 1, 0.0;
+    double t = PyFloat_AsDouble(now);
+    Py_DECREF(now);
+    if (t == -1.0 && PyErr_Occurred()) *failed = 1;
+    return t;
+}
+
+/* _arm: the one wake-up, at t (scheduled as now + (t - now), as the Python does) */
+static int timeouts_arm(TimeoutsObject *self, double t) {
+    int failed = 0;
+    double now = now_of(self->env, &failed);
+    if (failed) return -1;
+    self->armed = t;
+    PyObject *delay = PyFloat_FromDouble(t - now), *value = PyFloat_FromDouble(t), *at = NULL, *call = NULL;
+    if (delay != NULL && value != NULL) {
+        PyObject *clock = PyObject_GetAttr(self->env, s_now);
+        if (clock != NULL) {
+            at = PyFloat_CheckExact(clock) ? PyFloat_FromDouble(PyFloat_AS_DOUBLE(clock) + (t - now))
+                                           : PyNumber_Add(clock, delay);
+            Py_DECREF(clock);
+        }
+        if (at != NULL) call = schedule(self->env, at, self->wake, value); /* steals `at` */
+    }
+    Py_XDECREF(delay), Py_XDECREF(value), Py_XDECREF(call);
+    return call == NULL ? -1 : 0;
+}
+
+static PyObject *timeouts_add(TimeoutsObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "add(delay, value)");
+        return NULL;
+    }
+    int failed = 0;
+    double now = now_of(self->env, &failed), delay = PyFloat_AsDouble(args[0]);
+    if (failed || (delay == -1.0 && PyErr_Occurred())) return NULL;
+    double t = now + delay;
+    if (self->head + self->count == self->size) { /* no room at the end: move to the front, or grow */
+        if (self->head > self->size / 2) {
+            memmove(self->items, self->items + self->head, (size_t)self->count * sizeof(Limit));
+        } else {
+            Py_ssize_t size = self->size ? 2 * self->size : 64;
+            Limit *items = PyMem_Realloc(self->items, (size_t)size * sizeof(Limit));
+            if (items == NULL) return PyErr_NoMemory();
+            memmove(items, items + self->head, (size_t)self->count * sizeof(Limit));
+            self->items = items, self->size = size;
+        }
+        self->head = 0;
+    }
+    Limit *q = self->items + self->head;
+    Py_ssize_t k = self->count;
+    if (k > 0 && q[k - 1].t > t) { /* earlier than the last one: its place, searched from the back (ties keep order) */
+        k -= 1;
+        while (k > 0 && q[k - 1].t > t) k -= 1;
+        memmove(q + k + 1, q + k, (size_t)(self->count - k) * sizeof(Limit));
+    }
+    Py_INCREF(args[1]);
+    q[k] = (Limit){t, args[1]};
+    self->count += 1;
+    if (t < self->armed && timeouts_arm(self, t) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* alive(value) as a truth value; -1 on an error */
+static int call_alive(TimeoutsObject *self, PyObject *value) {
+    PyObject *result = PyObject_CallOneArg(self->alive, value);
+    if (result == NULL) return -1;
+    int truth = PyObject_IsTrue(result);
+    Py_DECREF(result);
+    return truth;
+}
+
+static PyObject *timeouts_wake(TimeoutsObject *self, PyObject *event) {
+    PyObject *value = PyObject_GetAttrString(event, "value");
+    if (value == NULL) return NULL;
+    double t = PyFloat_AsDouble(value);
+    Py_DECREF(value);
+    if (t == -1.0 && PyErr_Occurred()) return NULL;
+    if (t != self->armed) Py_RETURN_NONE; /* superseded by an earlier wake-up, which re-armed */
+    self->armed = INFINITY;
+    while (self->count > 0) {
+        Limit first = self->items[self->head];
+        if (!(first.t <= t)) {
+            int alive = call_alive(self, first.value);
+            if (alive < 0) return NULL;
+            if (alive) break;
+        }
+        self->head += 1, self->count -= 1; /* popped: its reference is ours now */
+        if (first.t <= t) {
+            int alive = call_alive(self, first.value);
+            PyObject *result = alive > 0 ? PyObject_CallOneArg(self->fire, first.value) : NULL;
+            Py_DECREF(first.value);
+            if (alive < 0 || (alive > 0 && result == NULL)) return NULL;
+            Py_XDECREF(result);
+        } else {
+            Py_DECREF(first.value);
+        }
+    }
+    if (self->count > 0 && self->items[self->head].t < self->armed &&
+        timeouts_arm(self, self->items[self->head].t) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static int timeouts_init(TimeoutsObject *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"env", "alive", "fire", NULL};
+    PyObject *env, *alive, *fire;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO", names, &env, &alive, &fire)) return -1;
+    if (self->wake != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Timeouts: initialised twice");
+        return -1;
+    }
+    Py_INCREF(env), self->env = env;
+    Py_INCREF(alive), self->alive = alive;
+    Py_INCREF(fire), self->fire = fire;
+    self->armed = INFINITY;
+    self->wake = PyObject_GetAttrString((PyObject *)self, "_wake");
+    return self->wake == NULL ? -1 : 0;
+}
+
+static int timeouts_traverse(TimeoutsObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->env);
+    Py_VISIT(self->alive);
+    Py_VISIT(self->fire);
+    Py_VISIT(self->wake);
+    for (Py_ssize_t j = 0; j < self->count; j++) Py_VISIT(self->items[self->head + j].value);
+    return 0;
+}
+
+static int timeouts_clear(TimeoutsObject *self) {
+    Py_CLEAR(self->env);
+    Py_CLEAR(self->alive);
+    Py_CLEAR(self->fire);
+    Py_CLEAR(self->wake);
+    Py_ssize_t n = self->count;
+    self->count = 0;
+    for (Py_ssize_t j = 0; j < n; j++) Py_CLEAR(self->items[self->head + j].value);
+    return 0;
+}
+
+static void timeouts_dealloc(TimeoutsObject *self) {
+    PyObject_GC_UnTrack(self);
+    timeouts_clear(self);
+    PyMem_Free(self->items);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Py_ssize_t timeouts_len(TimeoutsObject *self) { return self->count; }
+
+static PyMethodDef timeouts_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))timeouts_add, METH_FASTCALL,
+     "add(delay, value): fire(value) after `delay` seconds, if alive(value) still holds then"},
+    {"_wake", (PyCFunction)timeouts_wake, METH_O, "the wake-up (an event's callback)"},
+    {NULL},
+};
+
+static PySequenceMethods timeouts_sequence = {.sq_length = (lenfunc)timeouts_len};
+
+static PyTypeObject TimeoutsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sim._events.Timeouts",
+    .tp_doc = "Many time limits that rarely fire, on one scheduled event: see sim/model/events.py.",
+    .tp_basicsize = sizeof(TimeoutsObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)timeouts_init,
+    .tp_dealloc = (destructor)timeouts_dealloc,
+    .tp_traverse = (traverseproc)timeouts_traverse,
+    .tp_clear = (inquiry)timeouts_clear,
+    .tp_methods = timeouts_methods,
+    .tp_as_sequence = &timeouts_sequence,
+};
+
 static PyMethodDef methods[] = {
     {"call_later", (PyCFunction)(void (*)(void))call_later, METH_FASTCALL,
      "call_later(env, delay, callback, value=None) -> Call: see sim/model/events.py"},
@@ -280,7 +470,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_events", "llmsim's event core, compiled.", -1, methods};
 
 PyMODINIT_FUNC PyInit__events(void) {
-    if (PyType_Ready(&CallType) < 0) return NULL;
+    if (PyType_Ready(&CallType) < 0 || PyType_Ready(&TimeoutsType) < 0) return NULL;
     if (!(s_now = PyUnicode_InternFromString("_now")) || !(s_queue = PyUnicode_InternFromString("_queue")) ||
         !(s_eid = PyUnicode_InternFromString("_eid")) || !(s_step = PyUnicode_InternFromString("step")) ||
         !(normal = PyLong_FromLong(NORMAL)))
@@ -288,8 +478,9 @@ PyMODINIT_FUNC PyInit__events(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&CallType);
-    if (PyModule_AddObject(m, "Call", (PyObject *)&CallType) < 0) {
-        Py_DECREF(&CallType);
+    Py_INCREF(&TimeoutsType);
+    if (PyModule_AddObject(m, "Call", (PyObject *)&CallType) < 0 ||
+        PyModule_AddObject(m, "Timeouts", (PyObject *)&TimeoutsType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -73,6 +73,36 @@ def test_both_cores_dispatch_in_the_same_order(script):
     assert [t for t, _ in python] == sorted(t for t, _ in python)
 
 
+def _timeouts_log(core: events.Core, script: list[tuple[int, int, int]]) -> list[tuple[float, object]]:
+    """Limits added by a script (entry k: at time DELAYS[a], a limit DELAYS[b] later; its owner ends early when
+    c == 0, and when c == 3 firing it adds another limit): (time, owner) of every limit fired, in order."""
+    env = simpy.Environment()
+    ended, fired = set(), []
+
+    def fire(k) -> None:
+        fired.append((env.now, k))
+        if k < len(script) and script[k][2] == 3:  # once: the limit added fires without adding another
+            timeouts.add(DELAYS[script[k][1]], k + len(script))
+
+    timeouts = core.Timeouts(env, lambda k: k not in ended, fire)
+    for k, (start, delay, end) in enumerate(script):
+        core.call_later(env, DELAYS[start], lambda event: timeouts.add(DELAYS[event.value[1]], event.value[0]),
+                        (k, delay))
+        if end == 0:
+            core.call_later(env, DELAYS[start] + DELAYS[delay] / 2, lambda event: ended.add(event.value), k)
+    core.run_calls(env)
+    assert len(timeouts) == 0
+    return fired
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.integers(0, len(DELAYS) - 1), st.integers(0, len(DELAYS) - 1), st.integers(0, 3)),
+                min_size=1, max_size=80))
+def test_both_cores_fire_the_same_time_limits(script):
+    """Limits added out of order, owners ending before their limit, a limit firing that adds another."""
+    assert _timeouts_log(PYTHON_CORE, script) == _timeouts_log(COMPILED_CORE, script)
+
+
 @pytest.mark.parametrize("core", CORES)
 def test_a_call_is_what_simpy_reads_of_an_event(core):
     """SimPy's own loop (env.run, env.step) runs the core's calls as events too."""

@@ -4,10 +4,10 @@ SimPy processes (generators) cost a resume per event; components here are
 callback-driven instead, which is several times cheaper and keeps each
 component a plain object with its state in attributes.
 
-`call_later`, `call_at`, `Call` and the dispatch loop of `run` are compiled where the
-package was built with a C compiler (sim/_events.c, the same heap on SimPy's own queue:
-the same results to the bit, an event at a third of the cost); the Python versions
-below are their reference and their fallback (`LLMSIM_PURE_PYTHON=1` chooses them).
+`call_later`, `call_at`, `Call`, the dispatch loop of `run` and `Timeouts` are compiled
+where the package was built with a C compiler (sim/_events.c, the same heap on SimPy's
+own queue: the same results to the bit, an event at a third of the cost); the Python
+versions below are their reference and their fallback (`LLMSIM_PURE_PYTHON=1` chooses them).
 """
 from __future__ import annotations
 
@@ -77,24 +77,6 @@ def run_calls(env: simpy.Environment, call_type: type = Call) -> None:
             step()
 
 
-class Core(NamedTuple):
-    """The event core: its Call type, the two ways to schedule one and the dispatch loop."""
-
-    Call: type
-    call_later: Callable[..., Any]
-    call_at: Callable[..., Any]
-    run_calls: Callable[[simpy.Environment], None]
-
-
-PYTHON_CORE = Core(Call, call_later, call_at, run_calls)
-_compiled = compiled("_events")
-# The compiled core writes SimPy's normal priority as 1 (what SimPy has always had).
-COMPILED_CORE = (Core(_compiled.Call, _compiled.call_later, _compiled.call_at, _compiled.run_calls)
-                 if _compiled is not None and NORMAL == 1 else None)
-if COMPILED_CORE is not None:
-    Call, call_later, call_at, run_calls = COMPILED_CORE  # type: ignore[misc]  # noqa: F811
-
-
 def run(env: simpy.Environment) -> None:
     """Run until nothing is left scheduled, as `env.run()` does, with the garbage collector paused."""
     with gc_paused():
@@ -154,6 +136,10 @@ class Timeouts:
         if t < self._armed:
             self._arm(t)
 
+    def __len__(self) -> int:
+        """Limits held (those of owners that ended included, until they reach the head)."""
+        return len(self._queue)
+
     def _arm(self, t: float) -> None:
         self._armed = t
         call_later(self.env, t - self.env._now, self._wake, t)
@@ -170,3 +156,22 @@ class Timeouts:
                 self.fire(value)
         if queue and queue[0][0] < self._armed:
             self._arm(queue[0][0])
+
+
+class Core(NamedTuple):
+    """The event core: its Call type, the two ways to schedule one, the dispatch loop and Timeouts."""
+
+    Call: type
+    call_later: Callable[..., Any]
+    call_at: Callable[..., Any]
+    run_calls: Callable[[simpy.Environment], None]
+    Timeouts: type
+
+
+PYTHON_CORE = Core(Call, call_later, call_at, run_calls, Timeouts)
+_compiled = compiled("_events")
+# The compiled core writes SimPy's normal priority as 1 (what SimPy has always had).
+COMPILED_CORE = (Core(_compiled.Call, _compiled.call_later, _compiled.call_at, _compiled.run_calls,
+                      _compiled.Timeouts) if _compiled is not None and NORMAL == 1 else None)
+if COMPILED_CORE is not None:
+    Call, call_later, call_at, run_calls, Timeouts = COMPILED_CORE  # type: ignore[misc]  # noqa: F811
