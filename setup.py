@@ -9,5 +9,9 @@ from setuptools import Extension, setup
 # Python's own arithmetic, operation for operation: no fused multiply-add.
 FLAGS = ["-O2", "-ffp-contract=off"]
 
-setup(ext_modules=[Extension(f"sim.{name}", [f"sim/{name}.c"], optional=True, extra_compile_args=FLAGS)
-                   for name in ("_kernels", "_events", "_engine")])
+# The fast path's kernel and the event path's replica share the engine's core (a header both include).
+CORE = ["sim/_engine_core.h"]
+
+setup(ext_modules=[Extension(f"sim.{name}", [f"sim/{name}.c"], depends=depends, optional=True,
+                             extra_compile_args=FLAGS)
+                   for name, depends in (("_kernels", CORE), ("_events", []), ("_engine", CORE))])

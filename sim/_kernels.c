@@ -181,320 +181,120 @@ done:
 /* ---------------------------------------------------------------------------------------------------------
  * engine_replicas: open-loop requests on `replicas` iteration-level engine replicas behind one plain FIFO queue,
  * as sim/model/serving/engine.py's EngineReplica and endpoint.py's Endpoint run them on the event path, phase
- * for phase and operation for operation (the same additions and products in the same order: equal to the bit).
- * What the fast path leaves to the event path (cancellation, cold starts, draining, a prefix cache, slow
- * episodes, calibrated-range tracking) is not here. Each function names its Python original.
+ * for phase and operation for operation (equal to the bit). The replicas' batches and phases are the engine
+ * core the event path's compiled replica runs too (sim/_engine_core.h); the admissions, the queue and the
+ * clock are this loop's. What the fast path leaves to the event path (cancellation, cold starts, draining, a
+ * prefix cache, slow episodes, calibrated-range tracking) is not here.
  */
-enum { IDLE = 0, DECODE = 1, PREFILL = 2, MIXED = 3, BOUNDARY = 4 };
-
-typedef struct { int64_t finish, request; } Decoding;   /* heap by (finish step, request), as Python's tuples */
-typedef struct { int64_t request, left; } Prefilling;   /* FIFO of prompts: tokens still to read */
-
-typedef struct {
-    Decoding *decoding;
-    Py_ssize_t n_decoding;
-    Prefilling *prefilling;          /* a ring of max_batch entries */
-    Py_ssize_t p_head, p_count;
-    int64_t context_base, load, kv_used, step, steps, chunk, position, at, first, gsize;
-    int phase;
-    double t0, s0, growth, last, busy, area, work, work_rate;
-    double boundary;                 /* when the phase in flight ends (INFINITY: idle) */
-    double *cum, *wcum;              /* the noise window's running sums (StepNoise.cum, .wcum) */
-    PyObject *noise_source;          /* noise_source(start) -> the stream's factors from step `start` on */
-    Py_buffer noise;                 /* the latest of them: steps noise_first.. of the replica's stream */
-    int64_t noise_first;
-} Replica;
+static int prompt_of(void *engine, int64_t i, int64_t *out);
+#define CORE_PROMPT(core, i, out) prompt_of((core)->owner, (i), (out))
+#include "_engine_core.h"
 
 typedef struct {
-    int64_t replicas, max_batch, budget_tokens, kv_capacity, max_stretch, block;
-    double base_s, decode_s, prefill_s, kv_s, attention_s, base_share_s, decode_work_s, work_scale;
-    int simple, noisy;
+    int64_t replicas;
     const int64_t *prompt, *output;
     double *admit, *first, *end;
     int64_t *replica;
-    int64_t *queue;                  /* waiting requests, FIFO: queue[q_head..q_tail) */
+    int64_t *queue;   /* waiting requests, FIFO: queue[q_head..q_tail) */
     Py_ssize_t q_head, q_tail;
-    int64_t phases;                  /* phases planned (the event path schedules a boundary for each) */
-    Replica *r;
+    Core *r;          /* each replica's batch and phases */
+    double *boundary; /* when each replica's phase in flight ends (INFINITY: idle) */
 } Engine;
 
-static int decoding_before(const Decoding *a, const Decoding *b) {
-    return a->finish < b->finish || (a->finish == b->finish && a->request < b->request);
-}
-
-DEFINE_HEAP(decodes, Decoding, decoding_before)
-
-static Prefilling *prefilling_at(Engine *e, Replica *rp, Py_ssize_t j) {
-    return &rp->prefilling[(rp->p_head + j) % e->max_batch];
-}
-
-/* EngineReplica._account */
-static void account(Replica *rp, double now) {
-    if (rp->load) {
-        double elapsed = now - rp->last;
-        rp->busy += elapsed;
-        rp->area += (double)rp->load * elapsed;
-        rp->work += rp->work_rate * elapsed;
-    }
-    rp->last = now;
-}
-
-/* StepNoise.window: steps start..start+block-1 of the stream, with their running sums; -1 on a Python error */
-static int noise_window(Engine *e, Replica *rp, int64_t start) {
-    if (rp->noise.buf == NULL || start + e->block > rp->noise_first + rp->noise.len / 8) {
-        if (rp->noise.buf != NULL) PyBuffer_Release(&rp->noise), rp->noise.buf = NULL;
-        PyObject *fresh = PyObject_CallFunction(rp->noise_source, "L", (long long)start);
-        if (fresh == NULL) return -1;
-        int failed = as_buffer(fresh, &rp->noise, 0, "noise", 8);
-        Py_DECREF(fresh);  /* the buffer view keeps the array alive */
-        if (failed < 0) return -1;
-        rp->noise_first = start;
-        if (rp->noise.len / 8 < e->block) {
-            PyErr_SetString(PyExc_ValueError, "engine_replicas: a noise source returned less than a block");
-            return -1;
-        }
-    }
-    const double *g = (const double *)rp->noise.buf + (start - rp->noise_first);
-    rp->cum[0] = 0.0, rp->wcum[0] = 0.0;
-    for (int64_t j = 0; j < e->block; j++) {
-        rp->cum[j + 1] = rp->cum[j] + g[j];
-        rp->wcum[j + 1] = rp->wcum[j] + (double)j * g[j];
-    }
-    rp->first = start, rp->gsize = e->block;
+static int prompt_of(void *engine, int64_t i, int64_t *out) {
+    *out = ((Engine *)engine)->prompt[i];
     return 0;
 }
 
-/* EngineReplica._attention_pairs */
-static double attention_pairs(Engine *e, Replica *rp, int64_t prefill) {
-    double pairs = 0.0;
-    int64_t room = prefill;
-    for (Py_ssize_t j = 0; j < rp->p_count; j++) {
-        Prefilling *entry = prefilling_at(e, rp, j);
-        int64_t chunk = entry->left < room ? entry->left : room;
-        pairs += (double)chunk * ((double)(e->prompt[entry->request] - entry->left) + (double)(chunk + 1) / 2.0);
-        room -= chunk;
-        if (room <= 0) break;
-    }
-    return pairs;
-}
-
-/* EngineReplica._start_phase (and _with_attention); -1 on a Python error (from a noise source) */
-static int start_phase(Engine *e, Replica *rp, double now) {
-    Py_ssize_t n_decode = rp->n_decoding;
-    int64_t prefill;
-    if (rp->p_count) {
-        int64_t budget = e->budget_tokens - n_decode;
-        int64_t head_left = prefilling_at(e, rp, 0)->left;
-        if (head_left > budget) {
-            int64_t steps = (head_left - 1) / budget;
-            if (n_decode && rp->decoding[0].finish - rp->step < steps) steps = rp->decoding[0].finish - rp->step;
-            rp->phase = PREFILL, rp->steps = steps, rp->chunk = budget;
-            prefill = budget;
-        } else {
-            prefill = 0;
-            for (Py_ssize_t j = 0; j < rp->p_count; j++) {
-                prefill += prefilling_at(e, rp, j)->left;
-                if (prefill >= budget) {
-                    prefill = budget;
-                    break;
-                }
-            }
-            rp->phase = MIXED, rp->steps = 1, rp->chunk = prefill;
-        }
-    } else if (n_decode) {
-        rp->phase = DECODE, rp->steps = rp->decoding[0].finish - rp->step, rp->chunk = 0;
-        prefill = 0;
-    } else {
-        rp->phase = IDLE;
-        rp->work_rate = 0.0;
-        rp->boundary = INFINITY;
-        return 0;
-    }
-    double s0 = e->base_s + e->decode_s * (double)n_decode + e->prefill_s * (double)prefill;
-    int64_t steps = rp->steps;
+/* EngineReplica._start_phase: the replica's next boundary */
+static int start_phase(Engine *e, int64_t index, double now) {
     double duration;
-    if (e->simple) {
-        rp->s0 = s0;
-        rp->work_rate = s0 > 0 ? (e->prefill_s * (double)prefill + e->decode_work_s * (double)n_decode) / s0 : 0.0;
-        duration = (double)steps * s0;
-    } else {
-        double growth = 0.0;
-        if (e->kv_s != 0.0) {
-            s0 += e->kv_s * (double)(rp->context_base + (int64_t)n_decode * rp->step);
-            growth = e->kv_s * (double)n_decode;
-        }
-        if (prefill && e->attention_s != 0.0) {
-            Prefilling *head = prefilling_at(e, rp, 0);
-            if (rp->phase == PREFILL || head->left >= prefill) {
-                s0 += e->attention_s * (double)prefill *
-                      ((double)(e->prompt[head->request] - head->left) + (double)(prefill + 1) / 2.0);
-                if (rp->phase == PREFILL) growth += e->attention_s * (double)prefill * (double)prefill;
-            } else {
-                s0 = s0 + e->attention_s * attention_pairs(e, rp, prefill);
-            }
-        }
-        if (steps > e->max_stretch) steps = rp->steps = e->max_stretch;
-        rp->s0 = s0, rp->growth = growth;
-        double grown = growth != 0.0 ? growth * ((double)(steps * (steps - 1)) / 2.0) : 0.0;
-        if (!e->noisy) {
-            duration = s0 * (double)steps + grown;
-        } else {
-            int64_t at = rp->position - rp->first;
-            if (at + steps >= rp->gsize + 1) {
-                if (noise_window(e, rp, rp->position) < 0) return -1;
-                at = 0;
-            }
-            rp->at = at;
-            double g = rp->cum[at + steps] - rp->cum[at];
-            duration = growth != 0.0
-                ? s0 * g + growth * (rp->wcum[at + steps] - rp->wcum[at] - (double)at * g)
-                : s0 * g;
-        }
-        double work = (s0 - e->base_s + e->base_share_s * (double)n_decode) * (double)steps + grown;
-        rp->work_rate = duration > 0 ? work * e->work_scale / duration : 0.0;
-    }
-    rp->t0 = now;
-    rp->boundary = now + duration;
-    e->phases++;
+    int planned = core_start_phase(&e->r[index], now, &duration);
+    if (planned < 0) return -1;
+    e->boundary[index] = planned ? now + duration : INFINITY;
     return 0;
-}
-
-/* bisect.bisect_right(cum, x, lo, hi) */
-static int64_t bisect_right(const double *a, double x, int64_t lo, int64_t hi) {
-    while (lo < hi) {
-        int64_t mid = (lo + hi) / 2;
-        if (x < a[mid]) hi = mid;
-        else lo = mid + 1;
-    }
-    return lo;
-}
-
-/* EngineReplica._cut_after_current_step (with StepClock.cut, no slow time): a prompt joined a decoding batch */
-static void cut_after_current_step(Engine *e, Replica *rp, double now) {
-    int64_t done, n = rp->steps;
-    double end, s0 = rp->s0, d = rp->growth, elapsed = now - rp->t0;
-    if (e->simple) {
-        done = s0 > 0 ? (int64_t)((now - rp->t0) / s0) : n - 1;
-        end = (double)(done + 1) * s0;
-    } else if (n > 1) {
-        if (!e->noisy) {
-            if (d == 0.0) {
-                done = (int64_t)(elapsed / s0);
-                if (done > n - 1) done = n - 1;
-                end = (double)(done + 1) * s0;
-            } else {
-                double b = s0 - d / 2.0;
-                int64_t m = (int64_t)((sqrt(b * b + 2.0 * d * elapsed) - b) / d);
-                if (m > n - 1) m = n - 1;
-                if (m > 0 && s0 * (double)m + d * ((double)(m * (m - 1)) / 2.0) > elapsed) m -= 1;
-                done = m;
-                end = s0 * (double)(m + 1) + d * ((double)((m + 1) * m) / 2.0);
-            }
-        } else {
-            int64_t a = rp->at;
-            const double *cum = rp->cum, *wcum = rp->wcum;
-            int64_t m = bisect_right(cum, cum[a] + elapsed / s0, a, a + n + 1) - 1 - a;
-            if (m > n - 1) m = n - 1;
-            if (d == 0.0) {
-                end = s0 * (cum[a + m + 1] - cum[a]);
-            } else {
-                while (m > 0 && s0 * (cum[a + m] - cum[a]) +
-                                    d * (wcum[a + m] - wcum[a] - (double)a * (cum[a + m] - cum[a])) > elapsed)
-                    m -= 1;
-                double g = cum[a + m + 1] - cum[a];
-                end = s0 * g + d * (wcum[a + m + 1] - wcum[a] - (double)a * g);
-            }
-            done = m;
-        }
-    } else {
-        return;
-    }
-    if (done + 1 < n) {
-        rp->steps = done + 1;
-        double wait = rp->t0 + end - now;
-        rp->boundary = now + (wait > 0.0 ? wait : 0.0);
-        e->phases++;
-    }
 }
 
 /* EngineReplica.admit (no handshake) and _join_now (no prefix cache); -1 on a Python error */
 static int admit(Engine *e, int64_t index, int64_t i, double now) {
-    Replica *rp = &e->r[index];
-    account(rp, now);
+    Core *c = &e->r[index];
+    core_account(c, now);
     e->admit[i] = now;
     e->replica[i] = index;
-    if (e->kv_capacity >= 0) rp->kv_used += e->prompt[i] + e->output[i];
-    rp->load += 1;
-    Prefilling *entry = &rp->prefilling[(rp->p_head + rp->p_count++) % e->max_batch];
+    if (c->kv_capacity >= 0) c->kv_used += e->prompt[i] + e->output[i];
+    c->load += 1;
+    Prefilling *entry = core_prefilling_at(c, c->p_count++);
     entry->request = i, entry->left = e->prompt[i];
-    if (rp->phase == IDLE) {
+    if (c->phase == IDLE) {
         /* the event path's _wake, due at this very instant, runs next: nothing else is due then */
-        rp->phase = BOUNDARY;
-        return start_phase(e, rp, now);
+        c->phase = BOUNDARY;
+        return start_phase(e, index, now);
     }
-    if (rp->phase == DECODE) cut_after_current_step(e, rp, now);
+    double delay;
+    if (c->phase == DECODE && core_cut(c, now, &delay)) e->boundary[index] = now + delay;
     return 0;
 }
 
 /* EngineReplica.can_admit */
-static int can_admit(Engine *e, Replica *rp, int64_t i) {
-    if (rp->load >= e->max_batch) return 0;
-    return e->kv_capacity < 0 || rp->kv_used + e->prompt[i] + e->output[i] <= e->kv_capacity;
+static int can_admit(Engine *e, Core *c, int64_t i) {
+    if (c->load >= c->max_batch) return 0;
+    return c->kv_capacity < 0 || c->kv_used + e->prompt[i] + e->output[i] <= c->kv_capacity;
 }
 
 /* EngineReplica._complete and _release */
-static void complete(Engine *e, Replica *rp, int64_t i, double now) {
+static void complete(Engine *e, Core *c, int64_t i, double now) {
     e->end[i] = now;
-    rp->load -= 1;
-    if (e->kv_capacity >= 0) rp->kv_used -= e->prompt[i] + e->output[i];
+    c->load -= 1;
+    if (c->kv_capacity >= 0) c->kv_used -= e->prompt[i] + e->output[i];
 }
 
 /* EngineReplica._boundary (with _finish_prompts and the endpoint's refill) */
 static int boundary(Engine *e, int64_t index, double now) {
-    Replica *rp = &e->r[index];
-    account(rp, now);
-    int phase = rp->phase;
-    rp->phase = BOUNDARY;
-    int64_t step = rp->step + rp->steps;
-    rp->step = step;
-    if (e->noisy) rp->position += rp->steps;
+    Core *c = &e->r[index];
+    core_account(c, now);
+    int phase = c->phase;
+    c->phase = BOUNDARY;
+    int64_t step = c->step + c->steps;
+    c->step = step;
+    if (c->noisy) c->position += c->steps;
     if (phase == PREFILL) {
-        prefilling_at(e, rp, 0)->left -= rp->steps * rp->chunk;
+        core_prefilling_at(c, 0)->left -= c->steps * c->chunk;
     } else if (phase == MIXED) {
-        int64_t left = rp->chunk;
+        int64_t left = c->chunk;
         while (left > 0) {
-            Prefilling *entry = prefilling_at(e, rp, 0);
+            Prefilling *entry = core_prefilling_at(c, 0);
             if (entry->left > left) {
                 entry->left -= left;
                 break;
             }
             left -= entry->left;
             int64_t i = entry->request;
-            rp->p_head = (rp->p_head + 1) % e->max_batch, rp->p_count--;
+            c->p_head = (c->p_head + 1) % c->max_batch, c->p_count--;
             e->first[i] = now;
             int64_t remaining = e->output[i] - 1;
             if (remaining > 0) {
-                decodes_push(rp->decoding, &rp->n_decoding, (Decoding){step + remaining, i});
-                rp->context_base += e->prompt[i] + 1 - step;
+                core_decodes_push(c, (Decoding){step + remaining, i});
+                c->context_base += e->prompt[i] + 1 - step;
             } else {
-                complete(e, rp, i, now);
+                complete(e, c, i, now);
             }
         }
     }
-    while (rp->n_decoding && rp->decoding[0].finish <= step) {
-        Decoding done = decodes_pop(rp->decoding, &rp->n_decoding);
-        rp->context_base -= e->prompt[done.request] + e->output[done.request] - done.finish;
-        complete(e, rp, done.request, now);
+    while (c->n_decoding && c->decoding[0].finish <= step) {
+        Decoding done = core_decodes_pop(c);
+        c->context_base -= e->prompt[done.request] + e->output[done.request] - done.finish;
+        complete(e, c, done.request, now);
     }
-    while (e->q_head < e->q_tail && can_admit(e, rp, e->queue[e->q_head])) {
+    while (e->q_head < e->q_tail && can_admit(e, c, e->queue[e->q_head])) {
         if (admit(e, index, e->queue[e->q_head++], now) < 0) return -1;
     }
-    return start_phase(e, rp, now);
+    return start_phase(e, index, now);
 }
 
 /* Endpoint.submit (plain: FIFO, nothing held back); -1 on a Python error */
 static int submit(Engine *e, int64_t i, double now) {
-    if (e->kv_capacity >= 0 && e->prompt[i] + e->output[i] > e->kv_capacity) {
+    int64_t kv_capacity = e->r[0].kv_capacity;
+    if (kv_capacity >= 0 && e->prompt[i] + e->output[i] > kv_capacity) {
         e->end[i] = now;  /* rejected: it can never fit the KV cache */
         return 0;
     }
@@ -513,13 +313,14 @@ static PyObject *engine_replicas(PyObject *self, PyObject *args) {
      * admit, first, end, replica, sampled (out) */
     PyObject *objs[10];
     Engine e = {0};
+    Core p = {0}; /* the parameters every replica shares */
     if (!PyArg_ParseTuple(args, "OOOOOLLLLLLddddddddOOOOO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4],
-                          &e.replicas, &e.max_batch, &e.budget_tokens, &e.kv_capacity, &e.max_stretch, &e.block,
-                          &e.base_s, &e.decode_s, &e.prefill_s, &e.kv_s, &e.attention_s, &e.base_share_s,
-                          &e.decode_work_s, &e.work_scale, &objs[5], &objs[6], &objs[7], &objs[8], &objs[9]))
+                          &e.replicas, &p.max_batch, &p.budget_tokens, &p.kv_capacity, &p.max_stretch, &p.block,
+                          &p.base_s, &p.decode_s, &p.prefill_s, &p.kv_s, &p.attention_s, &p.base_share_s,
+                          &p.decode_work_s, &p.work_scale, &objs[5], &objs[6], &objs[7], &objs[8], &objs[9]))
         return NULL;
-    if (e.replicas < 1 || e.max_batch < 1 || e.budget_tokens < e.max_batch || e.block < 2 || e.max_stretch < 1 ||
-        e.max_stretch > e.block / 2 || !(e.base_s > 0)) {
+    if (e.replicas < 1 || p.max_batch < 1 || p.budget_tokens < p.max_batch || p.block < 2 || p.max_stretch < 1 ||
+        p.max_stretch > p.block / 2 || !(p.base_s > 0)) {
         PyErr_SetString(PyExc_ValueError, "engine_replicas: parameters out of range");
         return NULL;
     }
@@ -548,25 +349,20 @@ static PyObject *engine_replicas(PyObject *self, PyObject *args) {
     double *sampled = views[9].buf;
     e.prompt = views[1].buf, e.output = views[2].buf;
     e.admit = views[5].buf, e.first = views[6].buf, e.end = views[7].buf, e.replica = views[8].buf;
-    e.noisy = PyList_GET_SIZE(sources) > 0;
-    e.simple = e.kv_s == 0.0 && e.attention_s == 0.0 && !e.noisy;
+    p.noisy = PyList_GET_SIZE(sources) > 0;
     e.queue = malloc((size_t)(n + 1) * sizeof(int64_t));
-    e.r = calloc((size_t)e.replicas, sizeof(Replica));
-    int ok = e.queue && e.r;
+    e.r = calloc((size_t)e.replicas, sizeof(Core));
+    e.boundary = malloc((size_t)e.replicas * sizeof(double));
+    int ok = e.queue && e.r && e.boundary;
+    if (!ok) PyErr_NoMemory();
     for (int64_t s = 0; ok && s < e.replicas; s++) {
-        Replica *rp = &e.r[s];
-        rp->decoding = malloc((size_t)e.max_batch * sizeof(Decoding));
-        rp->prefilling = malloc((size_t)e.max_batch * sizeof(Prefilling));
-        rp->cum = calloc((size_t)e.block + 1, sizeof(double));
-        rp->wcum = calloc((size_t)e.block + 1, sizeof(double));
-        rp->noise_source = e.noisy ? PyList_GET_ITEM(sources, s) : NULL;  /* borrowed: the list holds it */
-        rp->boundary = INFINITY;
-        ok = rp->decoding && rp->prefilling && rp->cum && rp->wcum;
+        e.r[s] = p;
+        e.r[s].owner = &e;
+        e.r[s].noise_source = p.noisy ? PyList_GET_ITEM(sources, s) : NULL;  /* borrowed: the list holds it */
+        e.boundary[s] = INFINITY;
+        ok = core_alloc(&e.r[s]) == 0;
     }
-    if (!ok) {
-        PyErr_NoMemory();
-        goto freed;
-    }
+    if (!ok) goto freed;
     /* The GIL stays held: a noise source is Python, called now and then (once per few thousand steps). */
     int status = 0;
     Py_ssize_t k = 0, s_next = 0;
@@ -575,13 +371,13 @@ static PyObject *engine_replicas(PyObject *self, PyObject *args) {
         double ta = k < n ? arrival[k] : INFINITY, tb = INFINITY;
         int64_t b = -1;
         for (int64_t s = 0; s < e.replicas; s++)
-            if (e.r[s].boundary < tb) tb = e.r[s].boundary, b = s;
+            if (e.boundary[s] < tb) tb = e.boundary[s], b = s;
         /* on a tie (probability zero with these arrivals): the sample, then the boundary, then the arrival */
         if (next_sample <= ta && next_sample <= tb) {
             if (next_sample == INFINITY) break;
             double t = next_sample, totals[4] = {0.0, 0.0, 0.0, 0.0};
             for (int64_t s = 0; s < e.replicas; s++) {  /* Endpoint.counters */
-                account(&e.r[s], t);
+                core_account(&e.r[s], t);
                 totals[0] += e.r[s].busy;
                 totals[1] += e.r[s].area;
                 totals[2] += e.r[s].work;
@@ -599,13 +395,14 @@ static PyObject *engine_replicas(PyObject *self, PyObject *args) {
             k++;
         }
     }
-    if (status == 0) result = PyLong_FromLongLong((long long)e.phases);
-freed:
-    for (int64_t s = 0; e.r && s < e.replicas; s++) {
-        free(e.r[s].decoding), free(e.r[s].prefilling), free(e.r[s].cum), free(e.r[s].wcum);
-        if (e.r[s].noise.buf != NULL) PyBuffer_Release(&e.r[s].noise);
+    if (status == 0) {
+        int64_t phases = 0;  /* the event path schedules a boundary for each phase planned (and each cut) */
+        for (int64_t s = 0; s < e.replicas; s++) phases += e.r[s].generation;
+        result = PyLong_FromLongLong((long long)phases);
     }
-    free(e.r), free(e.queue);
+freed:
+    for (int64_t s = 0; e.r && s < e.replicas; s++) core_free(&e.r[s]);
+    free(e.r), free(e.queue), free(e.boundary);
 done:
     for (int j = 0; j < got; j++)
         if (j != 4) PyBuffer_Release(&views[j]);

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_fastpath import arrivals, tokens
+from test_fastpath import arrivals, engine_models, tokens
 
 from sim.config.loader import ConfigError, load_workload
 from sim.config.schema import Workload
@@ -104,21 +104,9 @@ def test_the_cancelling_variant_cancels(monkeypatch):
 @st.composite
 def event_path_engines(draw) -> Workload:
     """An engine endpoint on the event path, with what only the event path has drawn in or out."""
-    max_batch = draw(st.integers(1, 12))
-    step_time = {"base_s": draw(st.floats(0.0005, 0.02)), "per_decode_seq_s": draw(st.floats(0.0, 0.002)),
-                 "per_prefill_token_s": draw(st.floats(0.0, 5e-5))}
+    model = draw(engine_models())
     if draw(st.booleans()):
-        step_time["per_kv_token_s"] = draw(st.floats(1e-8, 2e-6))
-    if draw(st.booleans()):
-        step_time["per_prefill_attention_s"] = draw(st.floats(1e-9, 1e-7))
-    if draw(st.booleans()):
-        step_time["noise_cv"] = draw(st.floats(0.01, 0.6))
-    if draw(st.booleans()):
-        step_time["calibrated"] = {"decode_seqs_max": draw(st.integers(0, 8)), "kv_tokens_max": 2000}
-    model = {"kind": "self_hosted", "replicas": draw(st.integers(1, 3)), "max_batch": max_batch,
-             "engine": {"max_batch_tokens": draw(st.integers(max_batch, 600)), "step_time": step_time}}
-    if draw(st.booleans()):
-        model["engine"]["kv_cache_tokens"] = draw(st.integers(200, 5000))
+        model["engine"]["step_time"]["calibrated"] = {"decode_seqs_max": draw(st.integers(0, 8)), "kv_tokens_max": 2000}
     if draw(st.booleans()):
         model["connections"] = {"pool_size": draw(st.integers(1, 6)), "handshake_s": draw(st.floats(0.0, 0.3))}
     if draw(st.booleans()):

@@ -167,10 +167,8 @@ def test_generated_workloads_give_the_event_paths_records(workload):
 
 
 @st.composite
-def engine_workloads(draw) -> Workload:
-    """Engine replicas exercised in every branch of the kernel: chunked prompts longer than the step's budget
-    (PREFILL stretches), several prompts in one step, queueing for batch places and KV, rejections, context
-    and attention terms, noise over many noise blocks, and a slot endpoint beside them."""
+def engine_models(draw) -> dict:
+    """A self-hosted engine endpoint with every step-time term maybe, per-step noise and a KV cache maybe."""
     max_batch = draw(st.integers(1, 12))
     step_time = {"base_s": draw(st.floats(0.0005, 0.02)), "per_decode_seq_s": draw(st.floats(0.0, 0.002)),
                  "per_prefill_token_s": draw(st.floats(0.0, 5e-5))}
@@ -183,8 +181,15 @@ def engine_workloads(draw) -> Workload:
     engine = {"max_batch_tokens": draw(st.integers(max_batch, 600)), "step_time": step_time}
     if draw(st.booleans()):
         engine["kv_cache_tokens"] = draw(st.integers(200, 5000))
-    models = {"engine": {"kind": "self_hosted", "replicas": draw(st.integers(1, 3)), "max_batch": max_batch,
-                         "engine": engine}}
+    return {"kind": "self_hosted", "replicas": draw(st.integers(1, 3)), "max_batch": max_batch, "engine": engine}
+
+
+@st.composite
+def engine_workloads(draw) -> Workload:
+    """Engine replicas exercised in every branch of the kernel: chunked prompts longer than the step's budget
+    (PREFILL stretches), several prompts in one step, queueing for batch places and KV, rejections, context
+    and attention terms, noise over many noise blocks, and a slot endpoint beside them."""
+    models = {"engine": draw(engine_models())}
     if draw(st.booleans()):
         models["slots"] = {"kind": "self_hosted", "replicas": 1, "max_batch": 2, "service_time": draw(distribution)}
     classes = {}

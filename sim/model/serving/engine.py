@@ -23,6 +23,11 @@ Time is kept in steps: `step` counts the steps completed so far, and a decoding
 sequence is stored in a heap by the step at whose end its last token appears. Its
 context before the step after step t is prompt + output - finish + t, so the sum
 over the batch is `context_base` + decoding x t, kept as sequences come and go.
+
+`CompiledReplica` (below) is this replica compiled (sim/_engine.c, on the engine core
+sim/_engine_core.h that the fast path's kernel shares): the same results to the bit,
+several times faster. `engine_replica` makes one wherever it was built and the replica
+has no slow episodes or stalls; EngineReplica is its reference (tests compare them).
 """
 from __future__ import annotations
 
