@@ -4,7 +4,8 @@ Both run on the event path; the Python one is the reference. Compared: every req
 monitor sample and gauge, every summary metric, on the shipped workloads with engines on the event path, on
 variants that cancel running calls by the hundred, and on workloads Hypothesis makes around every branch of
 the replica (chunked prefill, noise, context and attention terms, KV capacity, handshakes, cold starts, an
-autoscaler draining replicas, calibrated ranges, deadlines, closed loops, guardrails cancelling calls)."""
+autoscaler draining replicas, scaling to zero, calibrated ranges, deadlines, closed loops, guardrails
+cancelling calls)."""
 from __future__ import annotations
 
 import math
@@ -109,6 +110,8 @@ def event_path_engines(draw) -> Workload:
         model["engine"]["step_time"]["calibrated"] = {"decode_seqs_max": draw(st.integers(0, 8)), "kv_tokens_max": 2000}
     if draw(st.booleans()):
         model["connections"] = {"pool_size": draw(st.integers(1, 6)), "handshake_s": draw(st.floats(0.0, 0.3))}
+    if draw(st.integers(0, 3)) == 0:  # idle endpoints stop every replica; the next request starts them again
+        model["scale_to_zero"] = {"idle_s": draw(st.floats(0.5, 20.0)), "cold_start_s": draw(st.floats(0.0, 5.0))}
     if draw(st.booleans()):
         model["cold_start_s"] = draw(st.floats(0.0, 20.0))
         model["autoscale"] = {"min_replicas": 1, "max_replicas": draw(st.integers(model["replicas"], 4)),

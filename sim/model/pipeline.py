@@ -17,7 +17,7 @@ from sim.model.serving import engine
 from sim.model.serving.api import BatchLane, streaming_draws
 from sim.model.serving.autoscaler import Autoscaler, ScaleToZero
 from sim.model.serving.endpoint import Endpoint
-from sim.model.serving.engine import EngineReplica, engine_replica
+from sim.model.serving.engine import ReplicaLifecycle, engine_replica
 from sim.model.serving.slots import SlotServer, plain_draws
 from sim.model.traffic.arrivals import RequestFactory, SourceContext, build_arrivals, user_count
 from sim.model.traffic.ratelimit import Client, attach_provider_limits, build_gate
@@ -175,7 +175,7 @@ def build_endpoint(env: simpy.Environment, name: str, index: int, workload: Work
             if model.engine.prefix_cache is not None and recorder.cached_tokens is None:
                 recorder.cached_tokens = CachedTokens()  # request -> (prefix tokens read from the cache, computed)
 
-            def new_replica(cold_start_s: float = model.cold_start_s) -> EngineReplica:
+            def new_replica(cold_start_s: float = model.cold_start_s) -> ReplicaLifecycle:
                 r = len(endpoint.servers) + len(endpoint.retired)  # a new index (and noise stream) each time
                 return engine_replica(env, endpoint, r, model.max_batch, model.engine, recorder,
                                       streams.rng(f"endpoint.{name}.replica{r}.noise"), batch, cold_start_s,
