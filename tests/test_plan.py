@@ -157,6 +157,9 @@ def test_fewer_workers_or_more_give_the_same_answer(small_space, tmp_path):
     again = make_plan(path, out=tmp_path / "two", workers=2, progress=False)
     assert again.document["best"] == result.document["best"]
     assert again.answer == result.answer
+    # plan.json lists the candidates in the plan's order, whichever worker finished first
+    assert [r["index"] for r in again.document["candidates"]] == sorted(r["index"] for r in
+                                                                        again.document["candidates"])
 
 
 def test_a_dask_cluster_gives_the_local_answer(small_space, tmp_path):

@@ -133,6 +133,7 @@ def _plan_in(plan: LoadedPlan, base, all_bounds: dict[int, Bounds], out: Path, w
                     shown.update(f"{record['name']}: {record['status']}", record["status"] != "error")
     finally:
         shown.close()
+    doc["candidates"].sort(key=lambda r: r["index"])  # in the plan's order, not the order the workers finished in
     doc.update(finish(plan, doc["candidates"]), finished=_now())
     write_json(path, doc)
     _write_tables(out, doc)
