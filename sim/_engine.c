@@ -4,10 +4,12 @@
  * `Replica` is a line-for-line port of EngineReplica for replicas without slow episodes or stalls: admission,
  * a handshake's delayed join, chunked prefill, the decode heap, skip-ahead over stretches of identical steps,
  * cuts, cancellation (a cancelled sequence leaves at the next boundary), per-step noise, the context and
- * attention terms, KV capacity, the calibrated-range peaks and the time-weighted counters. Each function
- * names its Python original; the arithmetic is the same operations in the same order (built with
- * -ffp-contract=off), so the results are equal to the bit. What stays Python lives in the subclass
- * (engine.CompiledReplica): the cold start, draining, the prefix-block cache.
+ * attention terms, KV capacity, the calibrated-range peaks and the time-weighted counters. The batch and its
+ * phase planning are the engine core the fast path's kernel runs too (sim/_engine_core.h); here are the
+ * admissions, cancellation and the talk with Python. Each function names its Python original; the arithmetic
+ * is the same operations in the same order (built with -ffp-contract=off), so the results are equal to the
+ * bit. What stays Python lives in the subclass (engine.CompiledReplica): the cold start, draining, the
+ * prefix-block cache.
  *
  * It reads and writes the recorder's columns by request index through the sequence protocol (they grow as
  * requests arrive) and talks to its endpoint as EngineReplica does: `waiting`, `refill(self)`, `on_done(i)`.
