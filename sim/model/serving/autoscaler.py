@@ -23,14 +23,14 @@ from sim.config.serving import ScaleToZero as ScaleToZeroSpec
 from sim.model.events import call_later
 
 from .endpoint import Endpoint
-from .engine import EngineReplica
+from .engine import ReplicaLifecycle
 
 
 class Autoscaler:
     """Watches one endpoint and adds or drains its replicas."""
 
     def __init__(self, env: simpy.Environment, endpoint: Endpoint, spec: Autoscale,
-                 new_replica: Callable[[], EngineReplica], until: float,
+                 new_replica: Callable[[], ReplicaLifecycle], until: float,
                  idle: Optional["ScaleToZero"] = None) -> None:
         self.env = env
         self.endpoint = endpoint
@@ -44,11 +44,11 @@ class Autoscaler:
     def start(self) -> None:
         call_later(self.env, self.spec.interval_s, self._tick)
 
-    def active(self) -> list[EngineReplica]:
+    def active(self) -> list[ReplicaLifecycle]:
         """Replicas that count: serving or loading (not draining, not retired)."""
         return [r for r in self.endpoint.servers if not r.draining]
 
-    def demand(self, active: list[EngineReplica]) -> float:
+    def demand(self, active: list[ReplicaLifecycle]) -> float:
         """The metric summed over replicas: replicas needed = ceil(demand / target).
 
         Summing (rather than averaging over replicas, loading ones included) keeps a
@@ -105,7 +105,7 @@ class ScaleToZero:
     """
 
     def __init__(self, env: simpy.Environment, endpoint: Endpoint, spec: ScaleToZeroSpec,
-                 new_replica: Optional[Callable[[float], EngineReplica]] = None, replicas: int = 1) -> None:
+                 new_replica: Optional[Callable[[float], ReplicaLifecycle]] = None, replicas: int = 1) -> None:
         self.env = env
         self.endpoint = endpoint
         self.spec = spec
