@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from operator import attrgetter
 from typing import Callable, Optional, Protocol
 
 import simpy
@@ -17,6 +18,9 @@ import simpy
 from sim.config.schema import Connections, Queue
 from sim.metrics.recorder import EXPIRED, QUEUE_FULL, REJECTED, Recorder
 from sim.model.events import call_later
+
+
+LOAD = attrgetter("load")
 
 
 class Server(Protocol):
@@ -167,7 +171,7 @@ class Endpoint:
 
     def in_service(self) -> int:
         """Requests running on the servers (each holds a connection while it runs)."""
-        return sum(server.load for server in self.servers)
+        return sum(map(LOAD, self.servers))  # asked twice a request with a connection pool: no generator frame
 
     def _dispatch(self, server: Server, i: int) -> None:
         """Send i to `server`, over a new connection first when every open one is busy."""
