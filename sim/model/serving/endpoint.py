@@ -19,8 +19,7 @@ from sim.config.schema import Connections, Queue
 from sim.metrics.recorder import EXPIRED, QUEUE_FULL, REJECTED, Recorder
 from sim.model.events import call_later
 
-
-LOAD = attrgetter("load")
+LOAD = attrgetter("load")  # a server's requests running
 
 
 class Server(Protocol):
