@@ -204,21 +204,26 @@ fail:
     return NULL;
 }
 
+/* Schedule `callback` after `delay` (env._now + delay, as Python adds them); the new Call, or NULL. */
+static PyObject *later(PyObject *env, PyObject *delay, PyObject *callback, PyObject *value) {
+    PyObject *now = PyObject_GetAttr(env, s_now);
+    if (now == NULL) return NULL;
+    PyObject *t;
+    if (PyFloat_CheckExact(now) && PyFloat_CheckExact(delay))
+        t = PyFloat_FromDouble(PyFloat_AS_DOUBLE(now) + PyFloat_AS_DOUBLE(delay));
+    else
+        t = PyNumber_Add(now, delay);
+    Py_DECREF(now);
+    if (t == NULL) return NULL;
+    return schedule(env, t, callback, value);
+}
+
 static PyObject *call_later(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 3 || nargs > 4) {
         PyErr_SetString(PyExc_TypeError, "call_later(env, delay, callback, value=None)");
         return NULL;
     }
-    PyObject *now = PyObject_GetAttr(args[0], s_now);
-    if (now == NULL) return NULL;
-    PyObject *t;
-    if (PyFloat_CheckExact(now) && PyFloat_CheckExact(args[1]))
-        t = PyFloat_FromDouble(PyFloat_AS_DOUBLE(now) + PyFloat_AS_DOUBLE(args[1]));
-    else
-        t = PyNumber_Add(now, args[1]); /* env._now + delay, as Python adds them */
-    Py_DECREF(now);
-    if (t == NULL) return NULL;
-    return schedule(args[0], t, args[2], nargs == 4 ? args[3] : Py_None);
+    return later(args[0], args[1], args[2], nargs == 4 ? args[3] : Py_None);
 }
 
 static PyObject *call_at(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -293,22 +298,14 @@ static double now_of(PyObject *env, int *failed) {
     return t;
 }
 
-/* _arm: the one wake-up, at t (scheduled as now + (t - now), as the Python does) */
+/* _arm: the one wake-up, at t (scheduled as call_later(env, t - now, ...), as the Python does) */
 static int timeouts_arm(TimeoutsObject *self, double t) {
     int failed = 0;
     double now = now_of(self->env, &failed);
     if (failed) return -1;
     self->armed = t;
-    PyObject *delay = PyFloat_FromDouble(t - now), *value = PyFloat_FromDouble(t), *at = NULL, *call = NULL;
-    if (delay != NULL && value != NULL) {
-        PyObject *clock = PyObject_GetAttr(self->env, s_now);
-        if (clock != NULL) {
-            at = PyFloat_CheckExact(clock) ? PyFloat_FromDouble(PyFloat_AS_DOUBLE(clock) + (t - now))
-                                           : PyNumber_Add(clock, delay);
-            Py_DECREF(clock);
-        }
-        if (at != NULL) call = schedule(self->env, at, self->wake, value); /* steals `at` */
-    }
+    PyObject *delay = PyFloat_FromDouble(t - now), *value = PyFloat_FromDouble(t), *call = NULL;
+    if (delay != NULL && value != NULL) call = later(self->env, delay, self->wake, value);
     Py_XDECREF(delay), Py_XDECREF(value), Py_XDECREF(call);
     return call == NULL ? -1 : 0;
 }
