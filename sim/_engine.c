@@ -61,6 +61,14 @@ static int get_int(PyObject *seq, Py_ssize_t i, int64_t *out) {
 
 static int prompt_of(void *replica, int64_t i, int64_t *out) { return get_int(((Replica *)replica)->prompt, i, out); }
 
+/* _kv_need: request i's prompt + output tokens (its KV at the end, and its context less the steps to go) */
+static int kv_need(Replica *self, Py_ssize_t i, int64_t *out) {
+    int64_t prompt, output;
+    if (get_int(self->prompt, i, &prompt) < 0 || get_int(self->output, i, &output) < 0) return -1;
+    *out = prompt + output;
+    return 0;
+}
+
 static int get_float(PyObject *seq, Py_ssize_t i, double *out) {
     PyObject *v = PySequence_GetItem(seq, i);
     if (v == NULL) return -1;
@@ -125,10 +133,10 @@ static int cut_after_current_step(Replica *self, double now) {
 static int release(Replica *self, Py_ssize_t i) {
     Core *c = &self->core;
     c->load -= 1;
+    int64_t need;
     if (c->kv_capacity >= 0) {
-        int64_t prompt, output;
-        if (get_int(self->prompt, i, &prompt) < 0 || get_int(self->output, i, &output) < 0) return -1;
-        c->kv_used -= prompt + output;
+        if (kv_need(self, i, &need) < 0) return -1;
+        c->kv_used -= need;
     }
     if (c->load == 0 && !self->serving) { /* drained: only a draining replica completes while not serving */
         PyObject *now = PyObject_GetAttr(self->env, s_now);
@@ -184,7 +192,7 @@ static int purge(Replica *self) {
     Py_ssize_t k = 0;
     for (Py_ssize_t j = 0; j < c->n_decoding; j++) {
         Decoding entry = c->decoding[j];
-        int64_t outcome, prompt, output;
+        int64_t outcome, need;
         if (get_int(self->outcome, entry.request, &outcome) < 0) return -1;
         if (outcome < 0) {
             c->decoding[k++] = entry;
@@ -192,9 +200,8 @@ static int purge(Replica *self) {
         }
         if (release(self, entry.request) < 0) return -1;
         if (c->track_context) {
-            if (get_int(self->prompt, entry.request, &prompt) < 0 || get_int(self->output, entry.request, &output) < 0)
-                return -1;
-            c->context_base -= prompt + output - entry.finish;
+            if (kv_need(self, entry.request, &need) < 0) return -1;
+            c->context_base -= need - entry.finish;
         }
     }
     c->n_decoding = k;
@@ -298,17 +305,17 @@ static PyObject *Replica_can_admit(Replica *self, PyObject *arg) {
     if (i == -1 && PyErr_Occurred()) return NULL;
     if (c->load >= c->max_batch || !self->serving) Py_RETURN_FALSE;
     if (c->kv_capacity < 0) Py_RETURN_TRUE;
-    int64_t prompt, output;
-    if (get_int(self->prompt, i, &prompt) < 0 || get_int(self->output, i, &output) < 0) return NULL;
-    return PyBool_FromLong(c->kv_used + prompt + output <= c->kv_capacity);
+    int64_t need;
+    if (kv_need(self, i, &need) < 0) return NULL;
+    return PyBool_FromLong(c->kv_used + need <= c->kv_capacity);
 }
 
 static PyObject *Replica_fits_kv(Replica *self, PyObject *arg) {
     Py_ssize_t i = PyNumber_AsSsize_t(arg, PyExc_IndexError);
     if (i == -1 && PyErr_Occurred()) return NULL;
-    int64_t prompt, output;
-    if (get_int(self->prompt, i, &prompt) < 0 || get_int(self->output, i, &output) < 0) return NULL;
-    return PyBool_FromLong(self->core.kv_capacity < 0 || prompt + output <= self->core.kv_capacity);
+    int64_t need;
+    if (kv_need(self, i, &need) < 0) return NULL;
+    return PyBool_FromLong(self->core.kv_capacity < 0 || need <= self->core.kv_capacity);
 }
 
 static PyObject *Replica_admit(Replica *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -324,10 +331,10 @@ static PyObject *Replica_admit(Replica *self, PyObject *const *args, Py_ssize_t 
     core_account(c, now);
     if (set_object(self->admit_col, i, PyFloat_FromDouble(now + delay)) < 0) return NULL;
     if (set_object(self->replica_col, i, PyLong_FromSsize_t(self->index)) < 0) return NULL;
+    int64_t need;
     if (c->kv_capacity >= 0) {
-        int64_t prompt, output;
-        if (get_int(self->prompt, i, &prompt) < 0 || get_int(self->output, i, &output) < 0) return NULL;
-        c->kv_used += prompt + output;
+        if (kv_need(self, i, &need) < 0) return NULL;
+        c->kv_used += need;
     }
     c->load += 1;
     if (delay > 0) {
@@ -388,11 +395,10 @@ static PyObject *Replica_boundary(Replica *self, PyObject *event) {
     }
     while (c->n_decoding && c->decoding[0].finish <= step) {
         Decoding done = core_decodes_pop(c);
+        int64_t need;
         if (c->track_context) {
-            int64_t prompt, output;
-            if (get_int(self->prompt, done.request, &prompt) < 0 || get_int(self->output, done.request, &output) < 0)
-                return NULL;
-            c->context_base -= prompt + output - done.finish;
+            if (kv_need(self, done.request, &need) < 0) return NULL;
+            c->context_base -= need - done.finish;
         }
         if (complete(self, done.request, now) < 0) return NULL;
     }
