@@ -95,9 +95,9 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     if not PURE_PYTHON:  # the compiled parts missing for want of a build (PURE_PYTHON: Python was asked for)
         if fastpath.engine_without_kernel(workload):
             recorder.warnings.append(fastpath.ENGINE_KERNEL_MISSING)
-        missing = [part for part, built in (("event core (sim/_events.c)", events.COMPILED_CORE is not None),
-                                            ("engine replica (sim/_engine.c)", engine._engine is not None
-                                             or not fastpath.has_engine(workload))) if not built]
+        missing = ["event core (sim/_events.c)"] if events.COMPILED_CORE is None else []
+        if engine._engine is None and fastpath.has_engine(workload):
+            missing.append("engine replica (sim/_engine.c)")
         if missing:
             recorder.warnings.append(not_built(missing))
     return recorder
