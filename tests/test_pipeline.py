@@ -38,7 +38,7 @@ def test_a_cache_hit_makes_no_model_call(tmp_path):
     rec = simulate(workload(tmp_path, [0.0, 5.0, 10.0], {"output_cache": ONE_KEY_CACHE}, API))
     assert rec.end == pytest.approx([1.0, 5.01, 10.01])
     assert len(rec.calls.arrival) == 1 and rec.calls.parent == [0]
-    assert rec.cache_code == [0, 0, 1, 1, 2, 1]  # rows (request, code): miss, hit, hit
+    assert rec.cache_code.values().tolist() == [0, 0, 1, 1, 2, 1]  # rows (request, code): miss, hit, hit
 
 
 def test_a_miss_while_the_answer_is_computed_calls_again(tmp_path):

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
+from sim.model.kernels import compiled
+
 if TYPE_CHECKING:  # pandas costs 0.2 s to import: only what builds tables imports it
     import pandas as pd
 
@@ -96,6 +98,34 @@ class FlatLog(list):
         if not self.spilled:
             return np.asarray(self, dtype=dtype)
         return np.concatenate(self.spilled + [np.asarray(self, dtype=float)]).astype(dtype, copy=False)
+
+
+PYTHON_FLAT_LOG = FlatLog
+_records = compiled("_records")
+if _records is not None:
+    class FlatLog(_records.FlatLog):  # type: ignore[no-redef]  # noqa: F811
+        """A per-request log of numbers, rows one after another (`Recorder.rows` reads them back as a table),
+        each value stored as a float64 as it is written (sim/_records.c): 8 bytes a value and nothing to spill.
+        The same values as the list-based twin above (PYTHON_FLAT_LOG, which LLMSIM_PURE_PYTHON=1 runs)."""
+
+        __slots__ = ()
+
+        def spill(self) -> None:
+            """Nothing to move: the values are unboxed already."""
+
+        def values(self, dtype=float) -> np.ndarray:
+            """Every value written, in order (a copy)."""
+            return np.frombuffer(self, dtype=float).astype(dtype)
+
+        def __reduce__(self):
+            return _flat_log, (bytes(memoryview(self)),)
+
+
+def _flat_log(data: bytes) -> FlatLog:
+    """A flat log holding these float64 bytes (what a pickled compiled FlatLog is rebuilt from)."""
+    log = FlatLog()
+    log += np.frombuffer(data, dtype=float).tolist()
+    return log
 
 
 class CachedTokens:
@@ -245,7 +275,7 @@ class Recorder:
     @staticmethod
     def rows(log: list, width: int, dtype=float) -> np.ndarray:
         """A flat per-request log as an array of rows."""
-        values = log.values(dtype) if isinstance(log, FlatLog) else np.asarray(log, dtype=dtype)
+        values = log.values(dtype) if isinstance(log, (FlatLog, PYTHON_FLAT_LOG)) else np.asarray(log, dtype=dtype)
         return values.reshape(-1, width)
 
     def spill_logs(self) -> None:

@@ -11,7 +11,9 @@ from typing import Callable, Iterator, Optional
 import simpy
 
 from sim.config.schema import Api, SelfHosted, Workload
+from sim.metrics import recorder as recorder_module
 from sim.metrics.recorder import CachedTokens, Recorder
+from sim.model.application import retrieval
 from sim.model.application.lifecycle import Lifecycle
 from sim.model.serving import engine
 from sim.model.serving.api import BatchLane, streaming_draws
@@ -98,6 +100,11 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
         missing = ["event core (sim/_events.c)"] if events.COMPILED_CORE is None else []
         if engine._engine is None and fastpath.has_engine(workload):
             missing.append("engine replica (sim/_engine.c)")
+        pipeline = workload.pipeline
+        if pipeline is not None and retrieval._kernels is None and (pipeline.retrieval is not None or pipeline.tools):
+            missing.append("retrieval backends (sim/_kernels.c)")
+        if pipeline is not None and recorder_module._records is None:
+            missing.append("flat logs (sim/_records.c)")
         if missing:
             recorder.warnings.append(not_built(missing))
     return recorder
