@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 import simpy
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from test_theory import check
 
-from sim.config.retrieval import RetrievalSpec, StageSpec
+from sim.config.retrieval import BackendSpec, RetrievalSpec, StageSpec
+from sim.model.application import retrieval as retrieval_module
 from sim.model.application.caches import HIT, MISS
-from sim.model.application.retrieval import NOT_LOOKED_UP, Retrieval
+from sim.model.application.retrieval import NOT_LOOKED_UP, Backend, Retrieval
 from sim.model.events import call_later
 from sim.model.streams import Streams
 
@@ -356,3 +359,28 @@ def test_in_the_pipeline_a_fresh_backends_utilisation_ignores_the_retrieval_cach
                                                                      rel=0.02)
     assert cached["backend_vector_hops"] < 0.85 * without["backend_vector_hops"]
     assert cached["utilisation_backend_vector"] < 0.85 * without["utilisation_backend_vector"]
+
+
+@pytest.mark.skipif(retrieval_module._kernels is None, reason="sim/_kernels.c not built (or LLMSIM_PURE_PYTHON set)")
+@settings(max_examples=80, deadline=None)
+@given(concurrency=st.integers(1, 6), gaps=st.lists(st.sampled_from([0.0, 0.001, 0.01, 0.05, 0.3]), max_size=120),
+       reset=st.integers(0, 120), seed=st.integers(0, 2**32 - 1))
+def test_the_compiled_backend_returns_hops_when_the_python_one_does(concurrency, gaps, reset, seed):
+    """FifoClock (sim/_kernels.c) against Backend: every hop's return time, the slots' heap in its order, the
+    counters and the reports (waits, utilisation, a counter reset mid-run), to the bit; ties included."""
+    env = simpy.Environment()
+    backend_spec = BackendSpec(concurrency=concurrency, latency_s={"kind": "lognormal", "median": 0.02, "p95": 0.2})
+    python = Backend(env, "db", backend_spec, np.random.default_rng(seed))
+    compiled = retrieval_module.CompiledBackend(env, "db", backend_spec, np.random.default_rng(seed))
+    now = 0.0
+    for k, gap in enumerate(gaps):
+        now += gap
+        assert compiled.submit(now) == python.submit(now)
+        assert compiled._free == python._free
+        if k == reset:
+            compiled.reset_counters(now)
+            python.reset_counters(now)
+    assert (compiled.hops, compiled.wait_sum, compiled._busy) == (python.hops, python.wait_sum, python._busy)
+    later = now + 0.05
+    a, b = compiled.stats(later, "db"), python.stats(later, "db")
+    assert a.keys() == b.keys() and all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)

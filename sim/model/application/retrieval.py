@@ -35,11 +35,14 @@ import simpy
 from sim.config.retrieval import BackendSpec, EmbeddingSpec, RetrievalSpec, StageSpec
 from sim.metrics.recorder import FlatLog
 from sim.model.events import call_later
+from sim.model.kernels import compiled
 from sim.model.streams import BlockSampler, Streams, token_draw
 
 from .caches import HIT, STALE_HIT, Audience, Cache
 
 Done = Callable[[int], None]
+
+_kernels = compiled("_kernels")  # None where built without a C compiler: the Python Backend runs (same results)
 
 NOT_LOOKED_UP = -1
 """Cache code of a request that never reached the cache (no such cache, or answered before it)."""
@@ -59,14 +62,44 @@ USAGE_FIELDS = ("request", "retrieval_cache_lookups", "embedding_cache_lookups",
 is priced); the hops to each backend follow, in `spec.backends` order. What the ledger bills."""
 
 
-class Backend:
+class _BackendReports:
+    """What a backend reports (shared by the Python Backend and the compiled one): its name, its concurrency
+    and its counters since the last reset (hops, wait_sum, _busy: the latencies of the hops submitted, and
+    _since), read with its slots' free times `_free`."""
+
+    __slots__ = ()
+
+    def _pending(self, now: float) -> float:
+        """Slot-seconds of hops submitted by now that lie after now (a slot's later hops follow back to back)."""
+        return sum(t - now for t in self._free if t > now)
+
+    def utilisation(self, now: float) -> float:
+        """Mean share of the slots busy since the last counter reset."""
+        span = now - self._since
+        return (self._busy - self._pending(now)) / (self.concurrency * span) if span > 0 else math.nan
+
+    def stats(self, now: float, key: str) -> dict[str, float]:
+        """`<key>_wait_mean_s` (the mean wait for a slot) and `utilisation_<key>` since the last reset."""
+        return {f"{key}_wait_mean_s": float(self.wait_sum / self.hops) if self.hops else math.nan,
+                f"utilisation_{key}": float(self.utilisation(now))}
+
+    def reset_counters(self, now: float) -> None:
+        """Zero the hop counts, the waiting time and the utilisation (after a warm-up)."""
+        self.hops = 0
+        self.wait_sum = 0.0
+        self._busy = self._pending(now)  # hops already running count from now on
+        self._since = now
+
+
+class Backend(_BackendReports):
     """A FIFO resource with `concurrency` slots; each hop holds one slot for its latency.
 
     A hop's latency is drawn when it is submitted, and slots serve FIFO, so the hop starts
     when the earliest slot frees, not before its submission (the Kiefer-Wolfowitz recursion
     for a multi-server FIFO queue): its return time is known at once. So a hop costs no event
     of its own, and a slot's release none either; the stage waiting for its hops schedules
-    one event, for when it is done.
+    one event, for when it is done. Compiled as `FifoClock` (sim/_kernels.c) where built:
+    `backend()` makes whichever runs.
     """
 
     __slots__ = ("name", "concurrency", "_latency", "_free", "hops", "wait_sum", "_busy", "_since")
@@ -90,26 +123,23 @@ class Backend:
         self._busy += latency
         return end
 
-    def _pending(self, now: float) -> float:
-        """Slot-seconds of hops submitted by now that lie after now (a slot's later hops follow back to back)."""
-        return sum(t - now for t in self._free if t > now)
 
-    def utilisation(self, now: float) -> float:
-        """Mean share of the slots busy since the last counter reset."""
-        span = now - self._since
-        return (self._busy - self._pending(now)) / (self.concurrency * span) if span > 0 else math.nan
+if _kernels is not None:
+    class CompiledBackend(_kernels.FifoClock, _BackendReports):
+        """Backend with its slots and `submit` compiled (sim/_kernels.c's FifoClock): the same return times."""
 
-    def stats(self, now: float, key: str) -> dict[str, float]:
-        """`<key>_wait_mean_s` (the mean wait for a slot) and `utilisation_<key>` since the last reset."""
-        return {f"{key}_wait_mean_s": float(self.wait_sum / self.hops) if self.hops else math.nan,
-                f"utilisation_{key}": float(self.utilisation(now))}
+        __slots__ = ("name", "concurrency", "_since")
 
-    def reset_counters(self, now: float) -> None:
-        """Zero the hop counts, the waiting time and the utilisation (after a warm-up)."""
-        self.hops = 0
-        self.wait_sum = 0.0
-        self._busy = self._pending(now)  # hops already running count from now on
-        self._since = now
+        def __init__(self, env: simpy.Environment, name: str, spec: BackendSpec, rng: np.random.Generator) -> None:
+            super().__init__(env.now, spec.concurrency, BlockSampler(spec.latency_s.sample, rng))
+            self.name = name
+            self.concurrency = spec.concurrency
+            self.reset_counters(env.now)
+
+
+def backend(env: simpy.Environment, name: str, spec: BackendSpec, rng: np.random.Generator) -> Backend:
+    """A retrieval backend: the compiled one where built, else the Python one (the same return times)."""
+    return (CompiledBackend if _kernels is not None else Backend)(env, name, spec, rng)
 
 
 class EmbeddingService:
@@ -241,7 +271,7 @@ class Retrieval:
         self.env = env
         self.spec = spec
         self.backends: dict[str, Backend] = {
-            name: Backend(env, name, b, streams.rng(f"retrieval.backend.{name}"))
+            name: backend(env, name, b, streams.rng(f"retrieval.backend.{name}"))
             for name, b in spec.backends.items()
         }
         self.plan: Plan = self.compile(spec.stages)
