@@ -5,16 +5,12 @@
  * the results are equal to the bit). Arrays come in as buffers of doubles (int64 for the servers chosen);
  * the outputs are written in place. Built with -ffp-contract=off: a fused multiply-add would round
  * differently from Python's separate multiply and add.
- *
- * engine_replicas (the fast path's engine endpoints) and FifoClock (a retrieval backend's or a tool's slots on
- * the event path: the same Kiefer-Wolfowitz step as fifo_slots, one hop at a time) are further down.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <structmember.h>
 
 typedef struct {
     double time;
@@ -413,141 +409,6 @@ done:
     return result;
 }
 
-/* ---------------------------------------------------------------------------------------------------------
- * FifoClock: sim/model/application/retrieval.py's Backend.submit, the Kiefer-Wolfowitz step of one FIFO resource
- * with `concurrency` slots on the event path: a hop submitted now starts when the earliest slot frees (not before
- * now) and holds it for a latency drawn as it is submitted; its return time is known at once. The slots' free
- * times are a heap kept exactly as heapq.heapreplace keeps it (the same layout, so the Python reports that sum
- * over it add in the same order).
- */
-typedef struct {
-    PyObject_HEAD
-    double *free;        /* heap: when each slot is free */
-    Py_ssize_t slots;
-    PyObject *latency;   /* latency() -> the next hop's latency */
-    Py_ssize_t hops;
-    double wait_sum, busy;
-} FifoClockObject;
-
-/* heapq's _siftup then _siftdown, for heapreplace at the root */
-static void replace_root(double *heap, Py_ssize_t n, double item) {
-    Py_ssize_t pos = 0, child = 1;
-    while (child < n) {
-        if (child + 1 < n && !(heap[child] < heap[child + 1])) child++;
-        heap[pos] = heap[child];
-        pos = child, child = 2 * pos + 1;
-    }
-    while (pos > 0) {
-        Py_ssize_t parent = (pos - 1) >> 1;
-        if (!(item < heap[parent])) break;
-        heap[pos] = heap[parent];
-        pos = parent;
-    }
-    heap[pos] = item;
-}
-
-static int clock_init(FifoClockObject *self, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"free_at", "concurrency", "latency", NULL};
-    double free_at;
-    Py_ssize_t slots;
-    PyObject *latency;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "dnO", names, &free_at, &slots, &latency)) return -1;
-    if (slots < 1) {
-        PyErr_SetString(PyExc_ValueError, "a FIFO clock needs at least one slot");
-        return -1;
-    }
-    double *heap = PyMem_Realloc(self->free, (size_t)slots * sizeof(double));
-    if (heap == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (Py_ssize_t k = 0; k < slots; k++) heap[k] = free_at;
-    self->free = heap, self->slots = slots;
-    Py_INCREF(latency);
-    Py_XSETREF(self->latency, latency);
-    self->hops = 0, self->wait_sum = self->busy = 0.0;
-    return 0;
-}
-
-static int clock_traverse(FifoClockObject *self, visitproc visit, void *arg) {
-    Py_VISIT(self->latency);
-    return 0;
-}
-
-static int clock_clear(FifoClockObject *self) {
-    Py_CLEAR(self->latency);
-    return 0;
-}
-
-static void clock_dealloc(FifoClockObject *self) {
-    PyObject_GC_UnTrack(self);
-    clock_clear(self);
-    PyMem_Free(self->free);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-/* Backend.submit */
-static PyObject *clock_submit(FifoClockObject *self, PyObject *arg) {
-    double now = PyFloat_AsDouble(arg);
-    if (now == -1.0 && PyErr_Occurred()) return NULL;
-    PyObject *drawn = PyObject_CallNoArgs(self->latency);
-    if (drawn == NULL) return NULL;
-    double latency = PyFloat_AsDouble(drawn);
-    Py_DECREF(drawn);
-    if (latency == -1.0 && PyErr_Occurred()) return NULL;
-    double start = self->free[0] > now ? self->free[0] : now;
-    double end = start + latency;
-    replace_root(self->free, self->slots, end);
-    self->hops += 1;
-    self->wait_sum += start - now;
-    self->busy += latency;
-    return PyFloat_FromDouble(end);
-}
-
-/* The heap as a list, in its layout order */
-static PyObject *clock_free(FifoClockObject *self, void *closure) {
-    PyObject *out = PyList_New(self->slots);
-    for (Py_ssize_t k = 0; out != NULL && k < self->slots; k++) {
-        PyObject *t = PyFloat_FromDouble(self->free[k]);
-        if (t == NULL) Py_CLEAR(out);
-        else PyList_SET_ITEM(out, k, t);
-    }
-    return out;
-}
-
-static PyMethodDef clock_methods[] = {
-    {"submit", (PyCFunction)clock_submit, METH_O, "submit(now) -> when the hop submitted now returns"},
-    {NULL},
-};
-
-static PyMemberDef clock_members[] = {
-    {"hops", T_PYSSIZET, offsetof(FifoClockObject, hops), 0, "hops submitted since the last reset"},
-    {"wait_sum", T_DOUBLE, offsetof(FifoClockObject, wait_sum), 0, "their waits for a slot, summed"},
-    {"_busy", T_DOUBLE, offsetof(FifoClockObject, busy), 0, "their latencies, summed"},
-    {NULL},
-};
-
-static PyGetSetDef clock_getset[] = {
-    {"_free", (getter)clock_free, NULL, "when each slot is free (a copy of the heap, in its order)", NULL},
-    {NULL},
-};
-
-static PyTypeObject FifoClockType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "sim._kernels.FifoClock",
-    .tp_doc = "FifoClock(free_at, concurrency, latency): a FIFO resource's slots (Backend in retrieval.py)",
-    .tp_basicsize = sizeof(FifoClockObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)clock_init,
-    .tp_traverse = (traverseproc)clock_traverse,
-    .tp_clear = (inquiry)clock_clear,
-    .tp_dealloc = (destructor)clock_dealloc,
-    .tp_methods = clock_methods,
-    .tp_members = clock_members,
-    .tp_getset = clock_getset,
-};
-
 static PyMethodDef methods[] = {
     {"fifo_slots", fifo_slots, METH_VARARGS,
      "fifo_slots(arrival, service, ttft, servers, slots, samples, admit, first, end, replica, sampled): "
@@ -561,14 +422,4 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "llmsim's compiled kernels.", -1, methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) {
-    if (PyType_Ready(&FifoClockType) < 0) return NULL;
-    PyObject *m = PyModule_Create(&module);
-    if (m == NULL) return NULL;
-    Py_INCREF(&FifoClockType);
-    if (PyModule_AddObject(m, "FifoClock", (PyObject *)&FifoClockType) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
-}
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

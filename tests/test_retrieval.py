@@ -361,7 +361,11 @@ def test_in_the_pipeline_a_fresh_backends_utilisation_ignores_the_retrieval_cach
     assert cached["utilisation_backend_vector"] < 0.85 * without["utilisation_backend_vector"]
 
 
-@pytest.mark.skipif(retrieval_module._kernels is None, reason="sim/_kernels.c not built (or LLMSIM_PURE_PYTHON set)")
+COMPILED = pytest.mark.skipif(retrieval_module._retrieval is None,
+                              reason="sim/_retrieval.c not built (or LLMSIM_PURE_PYTHON set)")
+
+
+@COMPILED
 @settings(max_examples=80, deadline=None)
 @given(concurrency=st.integers(1, 6), gaps=st.lists(st.sampled_from([0.0, 0.001, 0.01, 0.05, 0.3]), max_size=120),
        reset=st.integers(0, 120), seed=st.integers(0, 2**32 - 1))
@@ -383,4 +387,62 @@ def test_the_compiled_backend_returns_hops_when_the_python_one_does(concurrency,
     assert (compiled.hops, compiled.wait_sum, compiled._busy) == (python.hops, python.wait_sum, python._busy)
     later = now + 0.05
     a, b = compiled.stats(later, "db"), python.stats(later, "db")
+    assert a.keys() == b.keys() and all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+
+@st.composite
+def retrieval_specs(draw) -> RetrievalSpec:
+    """Retrieval specs over everything the stage loop meets: serial and parallel stages waiting for all or the
+    first k, a backend twice in a stage, fresh backends behind a retrieval cache (empty stages on a hit),
+    batched embedding with its cache, priced hops (metered usage), queueing at small concurrencies."""
+    names = ["vector", "bm25", "sql"]
+    backends = {name: {"concurrency": draw(st.integers(1, 4)),
+                       "latency_s": draw(st.sampled_from([0.0, 0.02, {"kind": "exponential", "mean": 0.03},
+                                                          {"kind": "lognormal", "median": 0.02, "p95": 0.1}])),
+                       "fresh": draw(st.booleans()), "price_per_query_usd": draw(st.sampled_from([0.0, 1e-4]))}
+                for name in names}
+    stages = []
+    for _ in range(draw(st.integers(1, 3))):
+        hops = draw(st.lists(st.sampled_from(names), min_size=1, max_size=3))
+        k = draw(st.integers(1, len(hops)))
+        stages.append({"hops": hops, "wait_for": "all"} if k == len(hops) else
+                      {"hops": hops, "wait_for": "first_k", "k": k})
+    text = {"backends": backends, "stages": stages}
+    cache = {"capacity": 50, "ttl_s": 5.0, "keys": {"universe": 80, "zipf_s": 1.0}, "hit_latency_s": 0.001,
+             "miss_latency_s": draw(st.sampled_from([0.0, 0.002]))}
+    if draw(st.booleans()):
+        text["cache"] = cache
+    if draw(st.booleans()):
+        text["embedding"] = {"max_batch": draw(st.integers(1, 4)), "max_wait_s": 0.005, "batch_time_s": 0.01,
+                             "per_query_s": 0.001, "workers": draw(st.integers(1, 2))}
+        if draw(st.booleans()):
+            text["embedding"]["cache"] = dict(cache, hit_latency_s=draw(st.sampled_from([0.0, 0.001])))
+    return RetrievalSpec.model_validate(text)
+
+
+@COMPILED
+@settings(max_examples=80, deadline=None)
+@given(retrieval_spec=retrieval_specs(), gaps=st.lists(st.sampled_from([0.0, 0.001, 0.004, 0.02]), max_size=60),
+       escalations=st.sets(st.integers(0, 59)), seed=st.integers(0, 2**16))
+def test_the_compiled_stages_give_the_python_records(retrieval_spec, gaps, escalations, seed):
+    """CompiledRetrieval (sim/_retrieval.c's stage loop and jobs) against Retrieval: every finished retrieval's
+    row and when its done(i) ran, the metered usage and every counter, to the bit; retrieve_more included."""
+    def run(kind):
+        env = simpy.Environment()
+        r = kind(env, retrieval_spec, Streams(seed))
+        finished = []
+        now = 0.0
+        for i, gap in enumerate(gaps):
+            now += gap
+            start = r.retrieve_more if i in escalations else r.run
+            call_later(env, now, lambda ev, start=start: start(ev.value, lambda j: finished.append((j, env.now))), i)
+        env.run()
+        return r, finished
+
+    (python, done_python), (compiled, done_compiled) = run(Retrieval), run(retrieval_module.CompiledRetrieval)
+    assert done_compiled == done_python and len(done_python) == len(gaps)
+    assert repr(compiled.records) == repr([(i, float(start), *rest) for i, start, *rest in python.records])
+    assert compiled.usage.values().tolist() == python.usage.values().tolist()
+    assert compiled.metered == python.metered and compiled.in_flight == python.in_flight == 0
+    a, b = compiled.stats(compiled.env.now), python.stats(python.env.now)
     assert a.keys() == b.keys() and all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)

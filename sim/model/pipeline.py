@@ -101,8 +101,8 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
         if engine._engine is None and fastpath.has_engine(workload):
             missing.append("engine replica (sim/_engine.c)")
         pipeline = workload.pipeline
-        if pipeline is not None and retrieval._kernels is None and (pipeline.retrieval is not None or pipeline.tools):
-            missing.append("retrieval backends (sim/_kernels.c)")
+        if pipeline is not None and retrieval._retrieval is None and (pipeline.retrieval is not None or pipeline.tools):
+            missing.append("retrieval (sim/_retrieval.c)")
         if pipeline is not None and recorder_module._records is None:
             missing.append("flat logs (sim/_records.c)")
         if missing:

@@ -44,7 +44,7 @@ from .caches import HIT, STALE_HIT, Audience, Cache, warm_up
 from .flow import Flows
 from .guardrails import ANSWER_PATHS, Guardrails
 from .quality import QualityInputs
-from .retrieval import Retrieval
+from .retrieval import build_retrieval
 
 Submit = Callable[[int], None]
 
@@ -126,8 +126,8 @@ class Lifecycle:
         if any(self.prompt_caches):
             calls.cached_tokens = CachedTokens()
         self.router = Routing(spec, workload, streams) if spec.router is not None else None
-        self.retrieval = (Retrieval(env, spec.retrieval, streams, warm=workload.simulation.warm, audience=self.audience,
-                                    keep_records=False)
+        self.retrieval = (build_retrieval(env, spec.retrieval, streams, warm=workload.simulation.warm,
+                                          audience=self.audience, keep_records=False)
                           if spec.retrieval is not None else None)
         chain = [("output", self.cache, False)] if self.cache is not None else []
         warm_up(chain + (self.retrieval.cache_chain() if self.retrieval is not None else []), workload, streams)

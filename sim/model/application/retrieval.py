@@ -42,7 +42,7 @@ from .caches import HIT, STALE_HIT, Audience, Cache
 
 Done = Callable[[int], None]
 
-_kernels = compiled("_kernels")  # None where built without a C compiler: the Python Backend runs (same results)
+_retrieval = compiled("_retrieval")  # None where built without a C compiler: the Python twins run (same results)
 
 NOT_LOOKED_UP = -1
 """Cache code of a request that never reached the cache (no such cache, or answered before it)."""
@@ -98,7 +98,7 @@ class Backend(_BackendReports):
     when the earliest slot frees, not before its submission (the Kiefer-Wolfowitz recursion
     for a multi-server FIFO queue): its return time is known at once. So a hop costs no event
     of its own, and a slot's release none either; the stage waiting for its hops schedules
-    one event, for when it is done. Compiled as `FifoClock` (sim/_kernels.c) where built:
+    one event, for when it is done. Compiled as `FifoClock` (sim/_retrieval.c) where built:
     `backend()` makes whichever runs.
     """
 
@@ -124,9 +124,9 @@ class Backend(_BackendReports):
         return end
 
 
-if _kernels is not None:
-    class CompiledBackend(_kernels.FifoClock, _BackendReports):
-        """Backend with its slots and `submit` compiled (sim/_kernels.c's FifoClock): the same return times."""
+if _retrieval is not None:
+    class CompiledBackend(_retrieval.FifoClock, _BackendReports):
+        """Backend with its slots and `submit` compiled (sim/_retrieval.c's FifoClock): the same return times."""
 
         __slots__ = ("name", "concurrency", "_since")
 
@@ -139,7 +139,7 @@ if _kernels is not None:
 
 def backend(env: simpy.Environment, name: str, spec: BackendSpec, rng: np.random.Generator) -> Backend:
     """A retrieval backend: the compiled one where built, else the Python one (the same return times)."""
-    return (CompiledBackend if _kernels is not None else Backend)(env, name, spec, rng)
+    return (CompiledBackend if _retrieval is not None else Backend)(env, name, spec, rng)
 
 
 class EmbeddingService:
@@ -242,7 +242,8 @@ Plan = tuple[tuple[tuple[Backend, ...], int], ...]
 
 
 class _Job:
-    """One retrieval in flight; carried by the callbacks, so no lookup by request index is needed."""
+    """One retrieval in flight; carried by the callbacks, so no lookup by request index is needed.
+    (sim/_retrieval.c's Job where built: `Retrieval.Job` is whichever runs.)"""
 
     __slots__ = ("i", "done", "plan", "start", "stage", "stage_start", "stage_s", "emb_join",
                  "emb_wait", "emb_s", "rcode", "ecode", "rkey", "ekey", "escalation")
@@ -261,7 +262,13 @@ class _Job:
 
 
 class Retrieval:
-    """Runs requests' retrievals: caches, batched embedding, stages of parallel hops to FIFO backends."""
+    """Runs requests' retrievals: caches, batched embedding, stages of parallel hops to FIFO backends.
+
+    The stage loop (`_start_stage`, `_stage_done`, `_finish`) and the jobs are compiled in CompiledRetrieval
+    where built: `build_retrieval` makes whichever runs (the same results to the bit).
+    """
+
+    Job = _Job
 
     def __init__(self, env: simpy.Environment, spec: RetrievalSpec, streams: Streams, warm: bool = False,
                  audience: Optional[Audience] = None, keep_records: bool = True) -> None:
@@ -313,9 +320,9 @@ class Retrieval:
         """What the ledger bills per request (see `usage`): only when something here has a price."""
         embedding = spec.embedding
         caches = [c for c in (spec.cache, embedding.cache if embedding is not None else None) if c is not None]
-        self.metered = (any(b.price_per_query_usd or b.hourly_usd for b in spec.backends.values())
-                        or any(c.hourly_usd for c in caches)
-                        or (embedding is not None and bool(embedding.price_per_mtok or embedding.hourly_usd)))
+        self.metered = bool(any(b.price_per_query_usd or b.hourly_usd for b in spec.backends.values())
+                            or any(c.hourly_usd for c in caches)
+                            or (embedding is not None and (embedding.price_per_mtok or embedding.hourly_usd)))
         # Rows of USAGE_FIELDS followed by the hops to each backend (in `spec.backends` order).
         self.usage = FlatLog()
         self._backend_index = {name: k for k, name in enumerate(spec.backends)}
@@ -364,7 +371,7 @@ class Retrieval:
     def run(self, i: int, done: Done, plan: Optional[Plan] = None) -> None:
         """Start request i's retrieval now (caches, embedding, then `plan`, default every stage); `done(i)` when
         it is complete."""
-        job = _Job(i, done, self.plan if plan is None else plan, self.env._now, False)
+        job = self.Job(i, done, self.plan if plan is None else plan, self.env._now, False)
         self.started += 1
         cache = self.cache
         if cache is not None:
@@ -383,7 +390,7 @@ class Retrieval:
     def retrieve_more(self, i: int, done: Done, plan: Optional[Plan] = None) -> None:
         """An escalation: run `plan` (default: the escalation stages) for request i, without caches or
         embedding (its query is embedded already); `done(i)` when it is complete."""
-        job = _Job(i, done, self.escalation_plan if plan is None else plan, self.env._now, True)
+        job = self.Job(i, done, self.escalation_plan if plan is None else plan, self.env._now, True)
         self.started += 1
         self._start_stage(job)
 
@@ -555,3 +562,21 @@ class Retrieval:
             self.embedding.reset_counters(now)
         for b in self.backends.values():
             b.reset_counters(now)
+
+
+if _retrieval is not None:
+    class CompiledRetrieval(_retrieval.Stages, Retrieval):
+        """Retrieval with its stage loop and jobs compiled (sim/_retrieval.c): the same records to the bit."""
+
+        Job = _retrieval.Job
+
+        def __init__(self, env: simpy.Environment, spec: RetrievalSpec, streams: Streams, **options) -> None:
+            Retrieval.__init__(self, env, spec, streams, **options)
+            self._bind(call_later)
+
+
+def build_retrieval(env: simpy.Environment, spec: RetrievalSpec, streams: Streams, warm: bool = False,
+                    audience: Optional[Audience] = None, keep_records: bool = True) -> Retrieval:
+    """A Retrieval (see its __init__): the compiled one where built, else the Python one (the same results)."""
+    kind = CompiledRetrieval if _retrieval is not None else Retrieval
+    return kind(env, spec, streams, warm=warm, audience=audience, keep_records=keep_records)
