@@ -45,8 +45,8 @@ static void call_dealloc(CallObject *self) {
 static PyObject *call_ok(PyObject *self, void *closure) { Py_RETURN_TRUE; } /* a Call never fails */
 
 static PyMemberDef call_members[] = {
-    {"callbacks", T_OBJECT, offsetof(CallObject, callbacks), 0, "[callback]: what Environment.step runs"},
-    {"value", T_OBJECT, offsetof(CallObject, value), 0, "what the callback reads as call.value"},
+    {"callbacks", T_OBJECT_EX, offsetof(CallObject, callbacks), 0, "[callback]: what Environment.step runs"},
+    {"value", T_OBJECT_EX, offsetof(CallObject, value), 0, "what the callback reads as call.value"},
     {NULL},
 };
 
