@@ -17,6 +17,8 @@ import math
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from test_theory import check, wide_interval
 
@@ -24,10 +26,12 @@ from sim.config.caches import CacheSpec, OutputCacheSpec
 from sim.config.distributions import Constant, Exponential
 from sim.config.schema import Workload
 from sim.metrics.recorder import Recorder
+from sim.model.application import caches as caches_module
 from sim.model.application.caches import (
     BYPASS,
     HIT,
     MISS,
+    SCOPES,
     STALE_HIT,
     Audience,
     Cache,
@@ -809,3 +813,68 @@ def test_scope_warm_up_and_personalisation_config_errors():
         text = {**base, "traffic": {"classes": {"c": {**base["traffic"]["classes"]["c"], path: value}}}}
         with pytest.raises(ValidationError, match=message):
             Workload.model_validate(text)
+
+
+@st.composite
+def cache_scripts(draw):
+    """A cache spec over every branch of the operations (LRU or FIFO, bounded or not, a TTL or none, data
+    changes, a deterministic share, scopes with personalised answers) and a script of requests: each draws its
+    key, looks it up, and inserts on a miss now or later (out of order), at times that may repeat."""
+    # Times on a grid of quarters (exact in binary): an entry's age often equals the TTL, the edge of expiry.
+    fields = {"capacity": draw(st.sampled_from([None, 1, 3, 8])), "ttl_s": draw(st.sampled_from([None, 0.5, 1.0, 3])),
+              "keys": {"universe": draw(st.sampled_from([4, 12, 40])), "zipf_s": draw(st.sampled_from([0.0, 1.2]))},
+              "eviction": draw(st.sampled_from(["lru", "fifo"])), "scope": draw(st.sampled_from(SCOPES)),
+              "change_rate_per_s": draw(st.sampled_from([0.0, 0.5])),
+              "deterministic_share": draw(st.sampled_from([1.0, 0.6]))}
+    steps = draw(st.lists(st.tuples(st.sampled_from([0.0, 0.25, 0.5, 1.0]), st.integers(0, 3)), max_size=150))
+    return OutputCacheSpec.model_validate(fields), steps, draw(st.integers(0, 2**16))
+
+
+@pytest.mark.skipif(caches_module._caches is None, reason="sim/_caches.c not built (or LLMSIM_PURE_PYTHON set)")
+@settings(max_examples=150, deadline=None)
+@given(script=cache_scripts())
+def test_the_compiled_cache_answers_as_the_python_one(script):
+    """CompiledCache (sim/_caches.c) against Cache: every key and code, the leak flag, each entry in the
+    eviction and expiry order, and every counter, to the bit; a warm start (prefill) included."""
+    cache_spec, steps, seed = script
+    users = [k % 3 for k in range(len(steps))]
+
+    def run(kind):
+        audience = Audience(users, [0] * len(users), [0], [3], [0.5], rng(seed, 1))
+        cache = kind(cache_spec, rng(seed, 2), rng(seed, 3), rng(seed, 4), audience)
+        if seed % 3 == 0:
+            cache.prefill_top(-1.0)
+        seen, pending, now = [], [], 0.0
+        for i, (gap, delay) in enumerate(steps):
+            now += gap
+            while pending and pending[0][0] <= now:  # answers that came back by now are inserted
+                _, key, j = pending.pop(0)
+                cache.insert(key, now, j)
+            key = cache.draw_key(i)
+            code = cache.lookup(key, now, i)
+            seen.append((key, code, cache.leaked))
+            if code == MISS:
+                pending.append((now + 0.25 * delay, key, i))
+                pending.sort()
+        counters = cache.stats()
+        born = list(cache._born.items()) if cache._born is not None else None
+        return seen, list(cache._entries.items()), born, counters
+
+    python, compiled = run(Cache), run(caches_module.CompiledCache)
+    assert compiled[:3] == python[:3]
+    assert compiled[3].keys() == python[3].keys()
+    assert all(compiled[3][k] == python[3][k] or (math.isnan(compiled[3][k]) and math.isnan(python[3][k]))
+               for k in python[3])
+
+
+@pytest.mark.parametrize("kind", [Cache] + ([caches_module.CompiledCache] if caches_module._caches is not None else []))
+def test_the_leak_flag_holds_until_the_next_hit(kind):
+    """User 0's personalised answer, hit by user 1 (a leak: `leaked`), then by user 0 itself (no leak)."""
+    one_key = OutputCacheSpec.model_validate({"keys": {"universe": 1, "zipf_s": 0.0}})
+    audience = Audience([0, 1, 0], [0, 0, 0], [0], [1], [1.0], rng(1))
+    cache = kind(one_key, rng(2), None, None, audience)
+    assert cache.lookup(cache.draw_key(0), 0.0, 0) == MISS
+    cache.insert(0, 0.0, 0)
+    assert cache.lookup(cache.draw_key(1), 1.0, 1) == HIT and cache.leaked
+    assert cache.lookup(cache.draw_key(2), 2.0, 2) == HIT and not cache.leaked
+    assert (cache.cross_user_hits, cache.leaks) == (1, 1)

@@ -48,6 +48,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from sim.config.caches import MAX_WARM_UP_REQUESTS, CacheSpec, class_rates
+from sim.model.kernels import compiled
 from sim.model.streams import BlockSampler, Streams
 
 MISS, HIT, STALE_HIT, BYPASS = 0, 1, 2, 3
@@ -89,14 +90,10 @@ class Cache:
     times (needed when `change_rate_per_s` > 0), `audience` who asks (needed for
     a scope other than global, and to tell cross-user hits and leaks; without it
     request indices are ignored). Times passed to `insert` must not decrease
-    (they are the simulation clock).
+    (they are the simulation clock). Compiled as CompiledCache where built: `build_cache` makes whichever runs.
     """
 
-    __slots__ = (
-        "spec", "capacity", "ttl", "scope", "audience", "leaked", "_lru", "_entries", "_born", "_key",
-        "_eligible", "_change", "_universe", "lookups", "hits", "stale_hits", "misses", "bypasses", "inserts",
-        "evictions", "expirations", "cross_user_hits", "leaks",
-    )
+    # No __slots__: CompiledCache derives from this class and a C base, which holds the hot attributes.
 
     def __init__(self, spec: CacheSpec, key_rng: np.random.Generator,
                  share_rng: Optional[np.random.Generator] = None,
@@ -309,6 +306,20 @@ class Cache:
         del self._entries[key]
         if self._born is not None:
             del self._born[key]
+
+
+_caches = compiled("_caches")  # None where built without a C compiler: the Python Cache runs (same results)
+
+if _caches is not None:
+    class CompiledCache(_caches.CacheCore, Cache):
+        """Cache with draw_key, lookup, insert and their eviction and expiry compiled (sim/_caches.c), on the
+        same OrderedDicts: the same codes, entries and counters to the bit."""
+
+
+def build_cache(spec: CacheSpec, key_rng: np.random.Generator, share_rng: Optional[np.random.Generator] = None,
+                stale_rng: Optional[np.random.Generator] = None, audience: Optional["Audience"] = None) -> Cache:
+    """A Cache (see its docstring): the compiled one where built, else the Python one (the same results)."""
+    return (CompiledCache if _caches is not None else Cache)(spec, key_rng, share_rng, stale_rng, audience)
 
 
 # ---------------------------------------------------------------------- who asks

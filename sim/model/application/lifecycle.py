@@ -40,7 +40,7 @@ from sim.model.serving.prompt_cache import PrefixCache
 from sim.model.streams import BlockSampler, Streams, uniform01
 
 from .budget import TokenBudget
-from .caches import HIT, STALE_HIT, Audience, Cache, warm_up
+from .caches import HIT, STALE_HIT, Audience, Cache, build_cache, warm_up
 from .flow import Flows
 from .guardrails import ANSWER_PATHS, Guardrails
 from .quality import QualityInputs
@@ -113,8 +113,9 @@ class Lifecycle:
         self.cache: Optional[Cache] = None
         self.audience = Audience.of(workload, recorder.user, recorder.cls, streams)  # who asks, for the caches
         if spec.output_cache is not None:
-            self.cache = Cache(spec.output_cache, streams.rng("cache.output.keys"), streams.rng("cache.output.share"),
-                               streams.rng("cache.output.stale"), self.audience)
+            self.cache = build_cache(spec.output_cache, streams.rng("cache.output.keys"),
+                                     streams.rng("cache.output.share"), streams.rng("cache.output.stale"),
+                                     self.audience)
             self.hit_latency = BlockSampler(spec.output_cache.hit_latency_s.sample, streams.rng("cache.output.latency"))
             self.miss_latency = BlockSampler(spec.output_cache.miss_latency_s.sample,
                                              streams.rng("cache.output.miss_latency"))

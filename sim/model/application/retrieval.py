@@ -38,7 +38,7 @@ from sim.model.events import call_later
 from sim.model.kernels import compiled
 from sim.model.streams import BlockSampler, Streams, token_draw
 
-from .caches import HIT, STALE_HIT, Audience, Cache
+from .caches import HIT, STALE_HIT, Audience, Cache, build_cache
 
 Done = Callable[[int], None]
 
@@ -289,8 +289,8 @@ class Retrieval:
         self._fresh_plans: dict[Plan, Plan] = {}
         self.cache: Optional[Cache] = None
         if spec.cache is not None:
-            self.cache = Cache(spec.cache, streams.rng("cache.retrieval.keys"), None,
-                               streams.rng("cache.retrieval.stale"), audience)
+            self.cache = build_cache(spec.cache, streams.rng("cache.retrieval.keys"), None,
+                                     streams.rng("cache.retrieval.stale"), audience)
             self._hit_s = BlockSampler(spec.cache.hit_latency_s.sample, streams.rng("cache.retrieval.latency"))
             self._miss_s = BlockSampler(spec.cache.miss_latency_s.sample,
                                         streams.rng("cache.retrieval.miss_latency"))
@@ -303,8 +303,8 @@ class Retrieval:
                                               self._embedded)
             ec = spec.embedding.cache
             if ec is not None:
-                self.embedding_cache = Cache(ec, streams.rng("cache.embedding.keys"), None,
-                                             streams.rng("cache.embedding.stale"), audience)
+                self.embedding_cache = build_cache(ec, streams.rng("cache.embedding.keys"), None,
+                                                   streams.rng("cache.embedding.stale"), audience)
                 self._ehit_s = BlockSampler(ec.hit_latency_s.sample, streams.rng("cache.embedding.latency"))
                 self._emiss_s = BlockSampler(ec.miss_latency_s.sample, streams.rng("cache.embedding.miss_latency"))
                 self.embedding_cache.start(warm)
