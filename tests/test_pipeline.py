@@ -10,6 +10,7 @@ import pytest
 import sim
 from sim.cli import main
 from sim.config.schema import Workload
+from sim.model.kernels import not_built
 from sim.model.pipeline import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +124,8 @@ def test_rag_support_reports_every_pipeline_figure(capsys, tmp_path):
 
 
 def test_without_a_pipeline_a_request_is_its_own_call():
-    rec = simulate(sim.load_workload(ROOT / "workloads/mmc.yaml", ["simulation.duration_s=100", "simulation.warmup_s=0"]))
+    rec = simulate(sim.load_workload(ROOT / "workloads/mmc.yaml",
+                                     ["simulation.duration_s=100", "simulation.warmup_s=0"]))
     assert rec.calls is None and rec.cache_code is None
 
 
@@ -322,3 +324,25 @@ def test_the_requests_table_has_every_prompt_section_before_and_after_trimming()
     np.testing.assert_array_equal(trimmed.sum(axis=1), requests["prompt_tokens"])
     assert (trimmed.to_numpy() <= drawn.to_numpy()).all() and (trimmed.to_numpy() < drawn.to_numpy()).any()
     assert (requests["tokens_system"] == 800).all()
+
+
+@pytest.mark.parametrize("name, parts", [
+    ("rag-support.yaml", ["event core (sim/_events.c)", "engine replica (sim/_engine.c)", "flat logs (sim/_records.c)",
+                          "retrieval (sim/_retrieval.c)", "caches (sim/_caches.c)"]),
+    ("agent-tools.yaml", ["event core (sim/_events.c)", "flat logs (sim/_records.c)", "retrieval (sim/_retrieval.c)"]),
+    ("noisy-neighbor.yaml", ["event core (sim/_events.c)", "engine replica (sim/_engine.c)"]),  # no pipeline
+    ("chat-api.yaml", []),  # the fast path: no event (its own kernel's warning is fastpath's)
+])
+def test_a_run_names_the_compiled_parts_it_used_that_are_not_built(monkeypatch, name, parts):
+    """Built without a C compiler, a run warns once, naming exactly the compiled parts it would have used."""
+    from sim.metrics import recorder
+    from sim.model import events
+    from sim.model.application import caches, retrieval
+    from sim.model.serving import engine
+
+    for module, attribute in ((events, "COMPILED_CORE"), (engine, "_engine"), (recorder, "_records"),
+                              (retrieval, "_retrieval"), (caches, "_caches")):
+        monkeypatch.setattr(module, attribute, None)
+    run = simulate(sim.load_workload(ROOT / "workloads" / name, ["simulation.duration_s=200",
+                                                                 "simulation.warmup_s=10"]))
+    assert [w for w in run.warnings if w.startswith("not built")] == ([not_built(parts)] if parts else [])

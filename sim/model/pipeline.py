@@ -13,7 +13,7 @@ import simpy
 from sim.config.schema import Api, SelfHosted, Workload
 from sim.metrics import recorder as recorder_module
 from sim.metrics.recorder import CachedTokens, Recorder
-from sim.model.application import retrieval
+from sim.model.application import caches, retrieval
 from sim.model.application.lifecycle import Lifecycle
 from sim.model.serving import engine
 from sim.model.serving.api import BatchLane, streaming_draws
@@ -97,17 +97,28 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     if not PURE_PYTHON:  # the compiled parts missing for want of a build (PURE_PYTHON: Python was asked for)
         if fastpath.engine_without_kernel(workload):
             recorder.warnings.append(fastpath.ENGINE_KERNEL_MISSING)
-        missing = ["event core (sim/_events.c)"] if events.COMPILED_CORE is None else []
-        if engine._engine is None and fastpath.has_engine(workload):
-            missing.append("engine replica (sim/_engine.c)")
-        pipeline = workload.pipeline
-        if pipeline is not None and retrieval._retrieval is None and (pipeline.retrieval is not None or pipeline.tools):
-            missing.append("retrieval (sim/_retrieval.c)")
-        if pipeline is not None and recorder_module._records is None:
-            missing.append("flat logs (sim/_records.c)")
+        missing = _not_built(workload)
         if missing:
             recorder.warnings.append(not_built(missing))
     return recorder
+
+
+def _not_built(workload: Workload) -> list[str]:
+    """The compiled parts this workload's run uses that are not built (their Python twins ran)."""
+    pipeline = workload.pipeline
+    spec = pipeline.retrieval if pipeline is not None else None
+    embedding = spec.embedding if spec is not None else None
+    cached = pipeline is not None and any(c is not None for c in (
+        pipeline.output_cache, spec.cache if spec is not None else None,
+        embedding.cache if embedding is not None else None))
+    uses = {
+        "event core (sim/_events.c)": (events.COMPILED_CORE, True),
+        "engine replica (sim/_engine.c)": (engine._engine, fastpath.has_engine(workload)),
+        "flat logs (sim/_records.c)": (recorder_module._records, pipeline is not None),
+        "retrieval (sim/_retrieval.c)": (retrieval._retrieval, spec is not None or bool(pipeline and pipeline.tools)),
+        "caches (sim/_caches.c)": (caches._caches, cached),
+    }
+    return [part for part, (module, used) in uses.items() if used and module is None]
 
 
 def _schedule_ticks(env: simpy.Environment, duration: float, ticks: int, progress: Callable[[float], None]) -> None:
