@@ -2,9 +2,9 @@
 
 The fast path's kernels (sim/_kernels.c), the event core (sim/_events.c), the event path's engine replica
 (sim/_engine.c), the recorder's flat logs (sim/_records.c), the retrieval's backends and stages
-(sim/_retrieval.c) and the caches' operations (sim/_caches.c) are optional: where they cannot be built (no C
-compiler), the package installs without them and their pure-Python twins run instead (same results, slower),
-with a warning.
+(sim/_retrieval.c), the caches' operations (sim/_caches.c) and the request lifecycle (sim/_lifecycle.c) are
+optional: where they cannot be built (no C compiler), the package installs without them and their pure-Python
+twins run instead (same results, slower), with a warning.
 """
 from setuptools import Extension, setup
 
@@ -17,4 +17,4 @@ CORE = ["sim/_engine_core.h"]
 setup(ext_modules=[Extension(f"sim.{name}", [f"sim/{name}.c"], depends=depends, optional=True,
                              extra_compile_args=FLAGS)
                    for name, depends in (("_kernels", CORE), ("_events", []), ("_engine", CORE), ("_records", []),
-                                         ("_retrieval", []), ("_caches", []))])
+                                         ("_retrieval", []), ("_caches", []), ("_lifecycle", []))])

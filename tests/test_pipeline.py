@@ -328,7 +328,8 @@ def test_the_requests_table_has_every_prompt_section_before_and_after_trimming()
 
 @pytest.mark.parametrize("name, parts", [
     ("rag-support.yaml", ["event core (sim/_events.c)", "engine replica (sim/_engine.c)", "flat logs (sim/_records.c)",
-                          "retrieval (sim/_retrieval.c)", "caches (sim/_caches.c)"]),
+                          "retrieval (sim/_retrieval.c)", "caches (sim/_caches.c)",
+                          "request lifecycle (sim/_lifecycle.c)"]),
     ("agent-tools.yaml", ["event core (sim/_events.c)", "flat logs (sim/_records.c)", "retrieval (sim/_retrieval.c)"]),
     ("noisy-neighbor.yaml", ["event core (sim/_events.c)", "engine replica (sim/_engine.c)"]),  # no pipeline
     ("chat-api.yaml", []),  # the fast path: no event (its own kernel's warning is fastpath's)
@@ -337,11 +338,11 @@ def test_a_run_names_the_compiled_parts_it_used_that_are_not_built(monkeypatch, 
     """Built without a C compiler, a run warns once, naming exactly the compiled parts it would have used."""
     from sim.metrics import recorder
     from sim.model import events
-    from sim.model.application import caches, retrieval
+    from sim.model.application import caches, lifecycle, retrieval
     from sim.model.serving import engine
 
     for module, attribute in ((events, "COMPILED_CORE"), (engine, "_engine"), (recorder, "_records"),
-                              (retrieval, "_retrieval"), (caches, "_caches")):
+                              (retrieval, "_retrieval"), (caches, "_caches"), (lifecycle, "_lifecycle")):
         monkeypatch.setattr(module, attribute, None)
     run = simulate(sim.load_workload(ROOT / "workloads" / name, ["simulation.duration_s=200",
                                                                  "simulation.warmup_s=10"]))

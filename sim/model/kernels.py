@@ -1,4 +1,5 @@
-"""The compiled parts (sim/_kernels.c, _events.c, _engine.c, _records.c, _retrieval.c), or None for each one not built.
+"""The compiled parts (sim/_kernels.c, _events.c, _engine.c, _records.c, _retrieval.c, _caches.c, _lifecycle.c),
+or None for each one not built.
 
 Each has a pure-Python twin that gives the same bits, slower: it runs where the package was
 installed without a C compiler, and wherever `LLMSIM_PURE_PYTHON=1` is set (to profile the

@@ -14,7 +14,8 @@ from sim.config.schema import Api, SelfHosted, Workload
 from sim.metrics import recorder as recorder_module
 from sim.metrics.recorder import CachedTokens, Recorder
 from sim.model.application import caches, retrieval
-from sim.model.application.lifecycle import Lifecycle
+from sim.model.application import lifecycle as lifecycle_module
+from sim.model.application.lifecycle import build_lifecycle
 from sim.model.serving import engine
 from sim.model.serving.api import BatchLane, streaming_draws
 from sim.model.serving.autoscaler import Autoscaler, ScaleToZero
@@ -61,7 +62,7 @@ def simulate(workload: Workload, replication: int = 0, seed: Optional[int] = Non
     if workload.pipeline is None:
         submit = build_gate(env, workload, recorder, streams, route, done, endpoints)
     else:
-        lifecycle = Lifecycle(env, workload, recorder, calls, streams, endpoints, done)
+        lifecycle = build_lifecycle(env, workload, recorder, calls, streams, endpoints, done)
         recorder.calls = calls
         attach_provider_limits(env, workload, Client(env, workload, calls, streams, lifecycle.call_done),
                                endpoints, route)
@@ -117,6 +118,8 @@ def _not_built(workload: Workload) -> list[str]:
         "flat logs (sim/_records.c)": (recorder_module._records, pipeline is not None),
         "retrieval (sim/_retrieval.c)": (retrieval._retrieval, spec is not None or bool(pipeline and pipeline.tools)),
         "caches (sim/_caches.c)": (caches._caches, cached),
+        "request lifecycle (sim/_lifecycle.c)": (lifecycle_module._lifecycle,
+                                                 pipeline is not None and not pipeline.has_flows()),
     }
     return [part for part, (module, used) in uses.items() if used and module is None]
 

@@ -36,6 +36,7 @@ from sim.metrics.recorder import (
     ints,
 )
 from sim.model.events import call_later
+from sim.model.kernels import compiled
 from sim.model.serving.prompt_cache import PrefixCache
 from sim.model.streams import BlockSampler, Streams, uniform01
 
@@ -530,6 +531,28 @@ class Lifecycle:
                                     r.confidence)
 
 
+_lifecycle = compiled("_lifecycle")  # None where built without a C compiler: the Python Lifecycle runs (same results)
+
+if _lifecycle is not None:
+    class CompiledLifecycle(_lifecycle.Core, Lifecycle):
+        """Lifecycle with the way every request takes compiled (sim/_lifecycle.c, its requests C structs): start,
+        the output cache, retrieval, calls, judging, post-processing, the end. Failures, retries, fallbacks,
+        time limits and validation run the Python methods above, which call back into these. The same records
+        to the bit."""
+
+        def __init__(self, *args) -> None:
+            Lifecycle.__init__(self, *args)
+            self._bind(call_later)
+
+
+def build_lifecycle(env: simpy.Environment, workload: Workload, recorder: Recorder, calls: Recorder, streams: Streams,
+                    endpoints: list, done: Submit) -> Lifecycle:
+    """A Lifecycle: the compiled one where built (and the workload has no flows, which run in Python), else the
+    Python one; the same results."""
+    kind = CompiledLifecycle if _lifecycle is not None and not workload.pipeline.has_flows() else Lifecycle
+    return kind(env, workload, recorder, calls, streams, endpoints, done)
+
+
 class Routing:
     """The router's decisions and the answers' quality (see sim.config.pipeline.Router)."""
 
@@ -548,7 +571,8 @@ class Routing:
             BlockSampler(router.difficulty[n].sample if n in router.difficulty else uniform,
                          streams.rng(f"router.{n}.difficulty")) for n in names]
         self.risky = [n in router.risky_classes for n in names]
-        self.noise = BlockSampler(lambda rng, n: rng.normal(0.0, router.estimate_noise_sd, n), streams.rng("router.estimate"))
+        self.noise = BlockSampler(lambda rng, n: rng.normal(0.0, router.estimate_noise_sd, n),
+                                  streams.rng("router.estimate"))
         self.judge = BlockSampler(uniform, streams.rng("escalation.judge"))
         escalation = spec.escalation
         self.same_tier_retries = escalation.same_tier_retries if escalation is not None else 0
