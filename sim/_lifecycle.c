@@ -12,8 +12,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
-#include <stdarg.h>
 #include <structmember.h>
+
+#include "_calls.h"
 
 /* sim/metrics/recorder.py's outcomes and caches.py's cache codes */
 enum { COMPLETED, REJECTED, RATE_LIMITED, QUEUE_FULL, EXPIRED, TIMED_OUT, CANCELLED, PARTIAL, TRY_LATER };
@@ -32,16 +33,6 @@ static PyObject *s_now, *s_value;
 NAMES(DECLARE)
 #undef DECLARE
 
-/* obj.name(*args): n arguments, each a PyObject * (borrowed) */
-static PyObject *method(PyObject *obj, PyObject *name, Py_ssize_t n, ...) {
-    PyObject *args[8];
-    va_list ap;
-    va_start(ap, n);
-    args[0] = obj;
-    for (Py_ssize_t k = 0; k < n && k < 7; k++) args[k + 1] = va_arg(ap, PyObject *);
-    va_end(ap);
-    return PyObject_VectorcallMethod(name, args, (size_t)(n + 1), NULL);
-}
 
 /* ---------------------------------------------------------------------------------------------------------
  * Request: lifecycle.py's _Request.
@@ -271,11 +262,7 @@ static int now_of(CoreObject *self, double *now) {
         PyErr_SetString(PyExc_RuntimeError, "the compiled lifecycle is not bound (_bind)");
         return -1;
     }
-    PyObject *t = PyObject_GetAttr(self->env, s_now);
-    if (t == NULL) return -1;
-    *now = PyFloat_AsDouble(t);
-    Py_DECREF(t);
-    return *now == -1.0 && PyErr_Occurred() ? -1 : 0;
+    return clock_now(self->env, s_now, now);
 }
 
 static int item_ll(PyObject *seq, Py_ssize_t i, long long *out) {
@@ -312,29 +299,9 @@ static int log_row(PyObject *log, PyObject *row) {
     return 0;
 }
 
-/* result of a call, discarded */
-static int done_with(PyObject *result) {
-    if (result == NULL) return -1;
-    Py_DECREF(result);
-    return 0;
-}
-
-static double draw(PyObject *sampler) { /* -1 with an exception set: check PyErr_Occurred */
-    PyObject *x = PyObject_CallNoArgs(sampler);
-    if (x == NULL) return -1.0;
-    double v = PyFloat_AsDouble(x);
-    Py_DECREF(x);
-    return v;
-}
-
 /* call_later(env, delay, bound, r) */
 static int later(CoreObject *self, double delay, int bound, PyObject *r) {
-    PyObject *d = PyFloat_FromDouble(delay);
-    if (d == NULL) return -1;
-    PyObject *args[4] = {self->env, d, self->bound[bound], r};
-    PyObject *call = PyObject_Vectorcall(self->call_later, args, 4, NULL);
-    Py_DECREF(d);
-    return done_with(call);
+    return schedule(self->call_later, self->env, delay, self->bound[bound], r);
 }
 
 /* rec.outcome[i] < 0: the request still runs */

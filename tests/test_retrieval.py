@@ -425,8 +425,9 @@ def retrieval_specs(draw) -> RetrievalSpec:
 @given(retrieval_spec=retrieval_specs(), gaps=st.lists(st.sampled_from([0.0, 0.001, 0.004, 0.02]), max_size=60),
        escalations=st.sets(st.integers(0, 59)), seed=st.integers(0, 2**16))
 def test_the_compiled_stages_give_the_python_records(retrieval_spec, gaps, escalations, seed):
-    """CompiledRetrieval (sim/_retrieval.c's stage loop and jobs) against Retrieval: every finished retrieval's
-    row and when its done(i) ran, the metered usage and every counter, to the bit; retrieve_more included."""
+    """CompiledRetrieval (sim/_retrieval.c: caches and embedding on the way in, the stage loop, the jobs)
+    against Retrieval: every finished retrieval's row and when its done(i) ran, the events scheduled, the
+    metered usage and every counter, to the bit; retrieve_more included."""
     def run(kind):
         env = simpy.Environment()
         r = kind(env, retrieval_spec, Streams(seed))
@@ -437,12 +438,32 @@ def test_the_compiled_stages_give_the_python_records(retrieval_spec, gaps, escal
             start = r.retrieve_more if i in escalations else r.run
             call_later(env, now, lambda ev, start=start: start(ev.value, lambda j: finished.append((j, env.now))), i)
         env.run()
-        return r, finished
+        return r, finished + [("events scheduled", next(env._eid))]
 
     (python, done_python), (compiled, done_compiled) = run(Retrieval), run(retrieval_module.CompiledRetrieval)
-    assert done_compiled == done_python and len(done_python) == len(gaps)
+    assert done_compiled == done_python and len(done_python) == len(gaps) + 1
     assert repr(compiled.records) == repr([(i, float(start), *rest) for i, start, *rest in python.records])
     assert compiled.usage.values().tolist() == python.usage.values().tolist()
     assert compiled.metered == python.metered and compiled.in_flight == python.in_flight == 0
     a, b = compiled.stats(compiled.env.now), python.stats(python.env.now)
     assert a.keys() == b.keys() and all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["Retrieval", "CompiledRetrieval"])
+def test_an_in_process_embedding_cache_costs_no_event(kind):
+    """A hit in an embedding cache of latency 0 goes straight to the stages: 20 retrievals of 3 queries, 17 of
+    them hits, schedule 20 arrivals + 3 batch timeouts + 3 batches + 20 stages = 46 events, not 17 more."""
+    if not hasattr(retrieval_module, kind):
+        pytest.skip("sim/_retrieval.c not built (or LLMSIM_PURE_PYTHON set)")
+    env = simpy.Environment()
+    r = getattr(retrieval_module, kind)(env, spec("""
+embedding: {max_batch: 4, max_wait_s: 0.005, batch_time_s: 0.01, workers: 1,
+            cache: {capacity: 50, keys: {universe: 3, zipf_s: 1.0}, hit_latency_s: 0.0, miss_latency_s: 0.0}}
+backends: {vector: {concurrency: 2, latency_s: 0.02}}
+stages: [vector]
+"""), Streams(1))
+    for i in range(20):
+        call_later(env, i * 0.1, lambda ev: r.run(ev.value, lambda j: None), i)
+    env.run()
+    assert r.embedding_cache.hits == 17 and r.embedding.batches == 3
+    assert next(env._eid) == 46

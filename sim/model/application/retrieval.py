@@ -143,10 +143,10 @@ def backend(env: simpy.Environment, name: str, spec: BackendSpec, rng: np.random
 
 
 class EmbeddingService:
-    """Batches queries: a batch is sent when full or `max_wait_s` after its first query; `workers` serve FIFO."""
+    """Batches queries: a batch is sent when full or `max_wait_s` after its first query; `workers` serve FIFO.
+    (Compiled as CompiledEmbedding, which CompiledRetrieval uses.)"""
 
-    __slots__ = ("env", "max_batch", "max_wait", "per_query", "workers", "_time", "_on_done", "busy",
-                 "_open", "_waiting", "batches", "queries", "_area", "_last", "_since")
+    # No __slots__: CompiledEmbedding derives from this class and a C base, which holds the hot attributes.
 
     def __init__(self, env: simpy.Environment, spec: EmbeddingSpec, rng: np.random.Generator,
                  on_done: Callable[[object], None]) -> None:
@@ -264,11 +264,12 @@ class _Job:
 class Retrieval:
     """Runs requests' retrievals: caches, batched embedding, stages of parallel hops to FIFO backends.
 
-    The stage loop (`_start_stage`, `_stage_done`, `_finish`) and the jobs are compiled in CompiledRetrieval
-    where built: `build_retrieval` makes whichever runs (the same results to the bit).
+    The way in (`run`, `retrieve_more`, the caches and the embedding), the stage loop and the jobs are compiled
+    in CompiledRetrieval where built: `build_retrieval` makes whichever runs (the same results to the bit).
     """
 
     Job = _Job
+    Embedding = EmbeddingService
 
     def __init__(self, env: simpy.Environment, spec: RetrievalSpec, streams: Streams, warm: bool = False,
                  audience: Optional[Audience] = None, keep_records: bool = True) -> None:
@@ -299,8 +300,8 @@ class Retrieval:
         self.embedding_cache: Optional[Cache] = None
         self._shared_key = False
         if spec.embedding is not None:
-            self.embedding = EmbeddingService(env, spec.embedding, streams.rng("retrieval.embedding.batch"),
-                                              self._embedded)
+            self.embedding = self.Embedding(env, spec.embedding, streams.rng("retrieval.embedding.batch"),
+                                            self._embedded)
             ec = spec.embedding.cache
             if ec is not None:
                 self.embedding_cache = build_cache(ec, streams.rng("cache.embedding.keys"), None,
@@ -565,10 +566,19 @@ class Retrieval:
 
 
 if _retrieval is not None:
+    class CompiledEmbedding(_retrieval.Batcher, EmbeddingService):
+        """EmbeddingService with its batching and workers compiled (sim/_retrieval.c's Batcher)."""
+
+        def __init__(self, *args) -> None:
+            EmbeddingService.__init__(self, *args)
+            self._bind(call_later)
+
     class CompiledRetrieval(_retrieval.Stages, Retrieval):
-        """Retrieval with its stage loop and jobs compiled (sim/_retrieval.c): the same records to the bit."""
+        """Retrieval with its caches' and embedding's way in, its stage loop and its jobs compiled
+        (sim/_retrieval.c): the same records to the bit."""
 
         Job = _retrieval.Job
+        Embedding = CompiledEmbedding
 
         def __init__(self, env: simpy.Environment, spec: RetrievalSpec, streams: Streams, **options) -> None:
             Retrieval.__init__(self, env, spec, streams, **options)
