@@ -25,10 +25,9 @@ static PyObject *s_now, *s_value;
 /* The names of the methods and attributes the hot path uses, interned once (a C string would be made into one,
  * and hashed, at every call) */
 #define NAMES(X)                                                                                                 \
-    X(first_tier) X(watch_request) X(draw) X(append) X(drawn) X(sizes) X(truncated) X(overflow) X(prompt_tokens) \
-    X(prefix_tokens) X(output_budget_tokens) X(confidence) X(evidence_of) X(draw_key) X(lookup) X(leaked)       \
-    X(tool_plan) X(retrieve_more) X(run) X(allows) X(new) X(spec) X(scope) X(use) X(watch_call) X(submit)       \
-    X(flagged) X(fixes) X(insert) X(last)
+    X(draw) X(append) X(drawn) X(sizes) X(truncated) X(overflow) X(prompt_tokens) \
+    X(prefix_tokens) X(output_budget_tokens) X(confidence) X(draw_key) X(lookup) X(leaked)       \
+    X(retrieve_more) X(run) X(new) X(spec) X(scope) X(use) X(submit) X(fixes) X(insert) X(last) X(add)
 #define DECLARE(name) static PyObject *n_##name;
 NAMES(DECLARE)
 #undef DECLARE
@@ -157,10 +156,19 @@ typedef struct {
     PyObject *budget_log, *cache_code, *cache_leak, *stage_log, *quality_log, *quality_inputs, *guard_log;
     PyObject *validation_retries, *router_endpoints, *router_quality, *evaluation, *escalation, *max_tokens;
     PyObject *reduced_share, *plan, *escalation_plan;
+    /* the guardrails' limits and caps (Guardrails' fields): Timeouts, and None or a number each */
+    PyObject *deadlines, *call_timeouts, *max_time, *first_timeout, *whole_timeout, *max_hops, *tool_cap;
+    /* the router's draws and policy (Routing's fields) */
+    PyObject *difficulty_draw, *risky, *noise, *thresholds, *judge;
+    PyObject *evidence_index; /* QualityInputs.evidence: the evidence section's index, or None */
     long long extra_context;
-    int same_tier_retries, tiers_tried;
+    int same_tier_retries, tiers_tried, policy, fixed_tier;
+    double false_alarm, detect_bad;
     char bound_ok;
 } CoreObject;
+
+enum { FIXED, RISK, THRESHOLD, BY_DIFFICULTY }; /* Routing.policy: fixed, risk, threshold, anything else */
+enum { LIMIT_HOPS = 1, LIMIT_TOKENS = 2, LIMIT_TOOL_CALLS = 3 }; /* guardrails.LIMITS indexes */
 
 enum { B_ANSWERED_FROM_CACHE, B_LOOKED_UP, B_RETRIEVED, B_FINISHED, B_ESCALATED };
 static const char *BOUND[5] = {"_answered_from_cache", "_looked_up", "_retrieved", "_finished", "_escalated"};
@@ -172,7 +180,9 @@ static const char *BOUND[5] = {"_answered_from_cache", "_looked_up", "_retrieved
     X(prompt) X(output) X(user) X(feature) X(outcome) X(replica) X(c_admit) X(c_replica) X(c_outcome)           \
     X(c_first_token) X(c_output) X(c_generated) X(c_cached_tokens) X(budget_log) X(cache_code) X(cache_leak)    \
     X(stage_log) X(quality_log) X(quality_inputs) X(guard_log) X(validation_retries) X(router_endpoints)        \
-    X(router_quality) X(evaluation) X(escalation) X(max_tokens) X(reduced_share) X(plan) X(escalation_plan)
+    X(router_quality) X(evaluation) X(escalation) X(max_tokens) X(reduced_share) X(plan) X(escalation_plan)       \
+    X(deadlines) X(call_timeouts) X(max_time) X(first_timeout) X(whole_timeout) X(max_hops) X(tool_cap)         \
+    X(difficulty_draw) X(risky) X(noise) X(thresholds) X(judge) X(evidence_index)
 
 static int core_traverse(CoreObject *self, visitproc visit, void *arg) {
 #define VISIT(f) Py_VISIT(self->f);
@@ -245,8 +255,52 @@ static PyObject *core_bind(CoreObject *self, PyObject *call_later) {
             !(self->escalation = PyObject_GetAttrString(self->router, "escalation")))
             return NULL;
     }
-    if (is_set(self->guard) && (!(self->max_tokens = PyObject_GetAttrString(self->guard, "max_tokens")) ||
-                                !(self->reduced_share = PyObject_GetAttrString(self->guard, "reduced_share"))))
+    if (is_set(self->router)) {
+        PyObject *policy = PyObject_GetAttrString(self->router, "policy");
+        PyObject *fixed = policy != NULL ? PyObject_GetAttrString(self->router, "fixed_tier") : NULL;
+        if (fixed == NULL) {
+            Py_XDECREF(policy);
+            return NULL;
+        }
+        self->policy = !PyUnicode_CompareWithASCIIString(policy, "fixed")       ? FIXED
+                       : !PyUnicode_CompareWithASCIIString(policy, "risk")      ? RISK
+                       : !PyUnicode_CompareWithASCIIString(policy, "threshold") ? THRESHOLD
+                                                                                : BY_DIFFICULTY;
+        self->fixed_tier = (int)PyLong_AsLong(fixed);
+        Py_DECREF(policy), Py_DECREF(fixed);
+        if (PyErr_Occurred()) return NULL;
+        if (!(self->difficulty_draw = PyObject_GetAttrString(self->router, "difficulty_draw")) ||
+            !(self->risky = PyObject_GetAttrString(self->router, "risky")) ||
+            !(self->noise = PyObject_GetAttrString(self->router, "noise")) ||
+            !(self->thresholds = PyObject_GetAttrString(self->router, "thresholds")) ||
+            !(self->judge = PyObject_GetAttrString(self->router, "judge")))
+            return NULL;
+        if (is_set(self->escalation)) {
+            PyObject *fa = PyObject_GetAttrString(self->escalation, "false_alarm");
+            PyObject *db = fa != NULL ? PyObject_GetAttrString(self->escalation, "detect_bad") : NULL;
+            self->false_alarm = fa != NULL ? PyFloat_AsDouble(fa) : -1.0;
+            self->detect_bad = db != NULL ? PyFloat_AsDouble(db) : -1.0;
+            Py_XDECREF(fa), Py_XDECREF(db);
+            if (PyErr_Occurred()) return NULL;
+        }
+    }
+    if (is_set(self->guard)) {
+        PyObject *spec = PyObject_GetAttrString(self->guard, "spec");
+        if (spec == NULL) return NULL;
+        self->first_timeout = PyObject_GetAttrString(spec, "first_token_timeout_s");
+        self->whole_timeout = PyObject_GetAttrString(spec, "call_timeout_s");
+        Py_DECREF(spec);
+        if (!self->first_timeout || !self->whole_timeout ||
+            !(self->max_tokens = PyObject_GetAttrString(self->guard, "max_tokens")) ||
+            !(self->reduced_share = PyObject_GetAttrString(self->guard, "reduced_share")) ||
+            !(self->deadlines = PyObject_GetAttrString(self->guard, "deadlines")) ||
+            !(self->call_timeouts = PyObject_GetAttrString(self->guard, "call_timeouts")) ||
+            !(self->max_time = PyObject_GetAttrString(self->guard, "max_time")) ||
+            !(self->max_hops = PyObject_GetAttrString(self->guard, "max_hops")) ||
+            !(self->tool_cap = PyObject_GetAttrString(self->guard, "tool_cap")))
+            return NULL;
+    }
+    if (is_set(self->quality) && !(self->evidence_index = PyObject_GetAttrString(self->quality, "evidence")))
         return NULL;
     if (is_set(self->retrieval) && (!(self->plan = PyObject_GetAttrString(self->retrieval, "plan")) ||
                                     !(self->escalation_plan = PyObject_GetAttrString(self->retrieval, "escalation_plan"))))
@@ -329,6 +383,154 @@ static RequestObject *event_request(PyObject *event) { /* new reference */
     return (RequestObject *)value;
 }
 
+/* ---- the guardrails' and the router's small steps (Guardrails and Routing in Python, same arithmetic) ---- */
+
+static int as_ll(PyObject *x, long long *out) { /* x an int */
+    *out = PyLong_AsLongLong(x);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* Guardrails.watch_request: the request's time limit, counted from its arrival */
+static int watch_request(CoreObject *self, RequestObject *r, double arrival, double now) {
+    if (!is_set(self->max_time)) return 0;
+    double max_time = PyFloat_AsDouble(self->max_time);
+    if (max_time == -1.0 && PyErr_Occurred()) return -1;
+    double delay = arrival + max_time - now;
+    PyObject *d = PyFloat_FromDouble(delay > 0.0 ? delay : 0.0); /* max(0.0, delay), as Python picks */
+    if (d == NULL) return -1;
+    int status = done_with(method(self->deadlines, n_add, 2, d, (PyObject *)r));
+    Py_DECREF(d);
+    return status;
+}
+
+/* Guardrails.watch_call: call c's timeouts, from its send now */
+static int watch_call(CoreObject *self, RequestObject *r, PyObject *c) {
+    PyObject *first = self->first_timeout, *whole = self->whole_timeout, *limit, *flag;
+    if (is_set(first)) {
+        int earlier = 1;
+        if (is_set(whole)) {
+            earlier = PyObject_RichCompareBool(first, whole, Py_LT);
+            if (earlier < 0) return -1;
+        }
+        limit = earlier ? first : is_set(whole) ? whole : NULL;
+        flag = earlier ? Py_True : Py_False;
+    } else {
+        limit = is_set(whole) ? whole : NULL;
+        flag = Py_False;
+    }
+    if (limit == NULL) return 0;
+    PyObject *value = PyTuple_Pack(3, (PyObject *)r, c, flag);
+    if (value == NULL) return -1;
+    int status = done_with(method(self->call_timeouts, n_add, 2, limit, value));
+    Py_DECREF(value);
+    return status;
+}
+
+/* Guardrails.allows: whether the caps allow one more call of `tokens` (a refusal noted in r->limit) */
+static int allows(CoreObject *self, RequestObject *r, long long tokens) {
+    long long cap;
+    if (is_set(self->max_hops)) {
+        if (as_ll(self->max_hops, &cap) < 0) return -1;
+        if (r->hops >= cap) {
+            r->limit = LIMIT_HOPS;
+            return 0;
+        }
+    }
+    if (is_set(self->max_tokens)) {
+        if (as_ll(self->max_tokens, &cap) < 0) return -1;
+        if (r->tokens + tokens > cap) {
+            r->limit = LIMIT_TOKENS;
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Guardrails.tool_plan: the first stages of a plan that keep r within the tool cap (their hops counted) */
+static PyObject *tool_plan(CoreObject *self, RequestObject *r, PyObject *plan) {
+    if (!is_set(self->tool_cap)) return Py_NewRef(plan);
+    long long cap, used = r->tools;
+    if (as_ll(self->tool_cap, &cap) < 0 || !PyTuple_Check(plan)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a retrieval plan is a tuple of stages");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(plan), kept = 0;
+    for (; kept < n; kept++) {
+        PyObject *stage = PyTuple_GET_ITEM(plan, kept);
+        PyObject *hops = PyTuple_Check(stage) && PyTuple_GET_SIZE(stage) > 0 ? PyTuple_GET_ITEM(stage, 0) : NULL;
+        Py_ssize_t size = hops != NULL ? PyObject_Size(hops) : -1;
+        if (size < 0) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a retrieval stage is a (backends, need) pair");
+            return NULL;
+        }
+        used += size;
+        if (used > cap) {
+            r->limit = LIMIT_TOOL_CALLS;
+            break;
+        }
+        r->tools = (int)used;
+    }
+    return PyTuple_GetSlice(plan, 0, kept);
+}
+
+/* Routing.first_tier: (the tier of the first call, the difficulty), drawn at arrival */
+static int first_tier(CoreObject *self, Py_ssize_t cls, int *tier, double *difficulty) {
+    PyObject *sampler = PySequence_GetItem(self->difficulty_draw, cls);
+    double d = sampler != NULL ? draw(sampler) : -1.0;
+    Py_XDECREF(sampler);
+    if (PyErr_Occurred()) return -1;
+    d = d < 0.0 ? 0.0 : d > 1.0 ? 1.0 : d;
+    *difficulty = d;
+    int risky = 0;
+    if (self->policy == RISK) {
+        PyObject *flag = PySequence_GetItem(self->risky, cls);
+        risky = flag != NULL ? PyObject_IsTrue(flag) : -1;
+        Py_XDECREF(flag);
+        if (risky < 0) return -1;
+    }
+    if (self->policy == FIXED || (self->policy == RISK && !risky)) {
+        *tier = self->fixed_tier;
+        return 0;
+    }
+    if (self->policy == RISK) {
+        Py_ssize_t tiers = PyObject_Size(self->router_endpoints);
+        if (tiers < 0) return -1;
+        *tier = (int)tiers - 1;
+        return 0;
+    }
+    double estimate = d;
+    if (self->policy == THRESHOLD) {
+        double noise = draw(self->noise);
+        if (noise == -1.0 && PyErr_Occurred()) return -1;
+        estimate = d + noise;
+    }
+    *tier = 0;
+    Py_ssize_t n = PyTuple_Size(self->thresholds);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        double t = PyFloat_AsDouble(PyTuple_GET_ITEM(self->thresholds, k));
+        if (t == -1.0 && PyErr_Occurred()) return -1;
+        *tier += estimate > t;
+    }
+    return n < 0 ? -1 : 0;
+}
+
+/* Routing.flagged: the evaluator flags a bad answer with detect_bad, a good one with false_alarm */
+static int flagged(CoreObject *self, int good) {
+    double u = draw(self->judge);
+    if (u == -1.0 && PyErr_Occurred()) return -1;
+    return u < (good ? self->false_alarm : self->detect_bad);
+}
+
+/* QualityInputs.evidence_of: (retrieved, kept) tokens of the evidence section; (0.0, 0.0) without one */
+static PyObject *evidence_of(CoreObject *self, PyObject *drawn, PyObject *kept) {
+    if (!is_set(self->evidence_index)) return Py_BuildValue("(dd)", 0.0, 0.0);
+    PyObject *a = PyObject_GetItem(drawn, self->evidence_index), *b = PyObject_GetItem(kept, self->evidence_index);
+    PyObject *fa = a != NULL ? PyNumber_Float(a) : NULL, *fb = b != NULL ? PyNumber_Float(b) : NULL;
+    PyObject *out = fa != NULL && fb != NULL ? PyTuple_Pack(2, fa, fb) : NULL;
+    Py_XDECREF(a), Py_XDECREF(b), Py_XDECREF(fa), Py_XDECREF(fb);
+    return out;
+}
+
 static int answer(CoreObject *self, RequestObject *r);
 static int retrieve(CoreObject *self, RequestObject *r, int more);
 static int make_call(CoreObject *self, RequestObject *r);
@@ -350,20 +552,13 @@ static PyObject *core_start(CoreObject *self, PyObject *arg) {
     PyObject *result = NULL, *cls = NULL;
     if (PyDict_SetItem(self->live, arg, (PyObject *)r) < 0 || (cls = PySequence_GetItem(self->cls, i)) == NULL)
         goto done;
-    if (is_set(self->router)) { /* routed at arrival, in arrival order (common random numbers) */
-        PyObject *t = method(self->router, n_first_tier, 1, cls);
-        if (t == NULL) goto done;
-        r->tier = (int)PyLong_AsLong(PyTuple_GET_ITEM(t, 0));
-        r->difficulty = PyFloat_AsDouble(PyTuple_GET_ITEM(t, 1));
-        Py_DECREF(t);
-        if (PyErr_Occurred()) goto done;
-    }
+    Py_ssize_t c_index = PyLong_AsSsize_t(cls);
+    if (c_index == -1 && PyErr_Occurred()) goto done;
+    /* routed at arrival, in arrival order (common random numbers) */
+    if (is_set(self->router) && first_tier(self, c_index, &r->tier, &r->difficulty) < 0) goto done;
     if (is_set(self->guard)) {
-        PyObject *arrival = PySequence_GetItem(self->arrival, i);
-        if (arrival == NULL) goto done;
-        int failed = done_with(method(self->guard, n_watch_request, 2, (PyObject *)r, arrival));
-        Py_DECREF(arrival);
-        if (failed) goto done;
+        double arrival;
+        if (item_d(self->arrival, i, &arrival) < 0 || watch_request(self, r, arrival, now) < 0) goto done;
     }
     if (self->cancel_share > 0) {
         double u = draw(self->cancel_draw);
@@ -416,7 +611,7 @@ static PyObject *core_start(CoreObject *self, PyObject *arg) {
             failed = PyErr_Occurred() != NULL;
         }
         if (!failed && is_set(self->quality)) {
-            PyObject *evidence = method(self->quality, n_evidence_of, 2, drawn, sizes);
+            PyObject *evidence = evidence_of(self, drawn, sizes);
             PyObject *confidence = evidence != NULL ? PyObject_GetAttr(b, n_confidence) : NULL;
             if (confidence != NULL) {
                 Py_XSETREF(r->evidence, evidence);
@@ -487,7 +682,7 @@ static int retrieve(CoreObject *self, RequestObject *r, int more) {
     PyObject *plan = more ? self->escalation_plan : self->plan;
     Py_INCREF(plan);
     if (is_set(self->guard)) {
-        PyObject *kept = method(self->guard, n_tool_plan, 2, (PyObject *)r, plan);
+        PyObject *kept = tool_plan(self, r, plan);
         Py_DECREF(plan);
         if (kept == NULL) return -1;
         plan = kept;
@@ -544,13 +739,7 @@ static int may_call(CoreObject *self, RequestObject *r, long long tokens) {
         if (next_call(self, r, &endpoint, &prompt, &output) < 0) return -1;
         tokens = prompt + output;
     }
-    PyObject *n = PyLong_FromLongLong(tokens);
-    PyObject *yes = n != NULL ? method(self->guard, n_allows, 2, (PyObject *)r, n) : NULL;
-    Py_XDECREF(n);
-    if (yes == NULL) return -1;
-    int allowed = PyObject_IsTrue(yes);
-    Py_DECREF(yes);
-    return allowed;
+    return allows(self, r, tokens);
 }
 
 static PyObject *core_may_call(CoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -636,8 +825,7 @@ static int make_call(CoreObject *self, RequestObject *r) {
         }
     }
     Py_DECREF(cache);
-    if (is_set(self->guard) && done_with(method(self->guard, n_watch_call, 2, (PyObject *)r, c)) < 0)
-        goto done;
+    if (is_set(self->guard) && watch_call(self, r, c) < 0) goto done;
     if ((ep = PySequence_GetItem(self->endpoints, (Py_ssize_t)endpoint)) == NULL) goto done;
     status = done_with(method(ep, n_submit, 1, c));
 done:
@@ -661,13 +849,8 @@ static int judge(CoreObject *self, RequestObject *r, double *wait, int *again) {
         if (*wait == -1.0 && PyErr_Occurred()) return -1;
         r->evaluation_s += *wait;
         same = r->same < self->same_tier_retries; /* retrieve more or rerank before a stronger tier */
-        if (r->path == 0 && (same || r->tier + 1 < self->tiers_tried)) {
-            PyObject *flagged = method(self->router, n_flagged, 1, good ? Py_True : Py_False);
-            if (flagged == NULL) return -1;
-            *again = PyObject_IsTrue(flagged);
-            Py_DECREF(flagged);
-            if (*again < 0) return -1;
-        }
+        if (r->path == 0 && (same || r->tier + 1 < self->tiers_tried) && (*again = flagged(self, good)) < 0)
+            return -1;
     }
     if (*again) {
         int tier = r->tier, same_before = r->same;
