@@ -4,39 +4,47 @@
  * A flat log is a per-request record of numbers, one row after another, written a few values a request and
  * read back only after the run (as float64 rows). The twin keeps the values in a list (each a Python object) and
  * moves them into numpy arrays every 32k values between events (a conversion that cost rag-support 3% of its
- * time); here each value is converted to a double as it is written, into a buffer grown by doubling: 8 bytes a
- * value, nothing to move later. numpy reads the buffer (the buffer protocol, format 'd') without a copy.
+ * time); here each value is converted to a double as it is written, into blocks of 32k values allocated as they
+ * fill: 8 bytes a value, nothing to move later, and no buffer that grows by copying (a long run's memory would
+ * keep the holes such copies leave).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <string.h>
+
+#define BLOCK 32768 /* values per block */
 
 typedef struct {
     PyObject_HEAD
-    double *data;
-    Py_ssize_t size, capacity;
-    Py_ssize_t exports; /* buffer views handed out: while any lives, the buffer must not move */
+    double **blocks;
+    Py_ssize_t size, n_blocks, room; /* values written; blocks allocated; block pointers the array can hold */
 } FlatLogObject;
 
 static void log_dealloc(FlatLogObject *self) {
-    PyMem_Free(self->data);
+    for (Py_ssize_t b = 0; b < self->n_blocks; b++) PyMem_Free(self->blocks[b]);
+    PyMem_Free(self->blocks);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Room for `more` values (none while viewed); -1 with an exception set */
+/* Room for `more` values; -1 with an exception set */
 static int reserve(FlatLogObject *self, Py_ssize_t more) {
-    if (self->exports > 0) { /* a view's length (and its shape, &self->size) must hold while it lives */
-        PyErr_SetString(PyExc_BufferError, "a flat log cannot be written while a buffer view of it exists");
-        return -1;
+    while (self->size + more > self->n_blocks * BLOCK) {
+        if (self->n_blocks == self->room) {
+            Py_ssize_t room = self->room ? 2 * self->room : 16;
+            double **blocks = PyMem_Realloc(self->blocks, (size_t)room * sizeof(double *));
+            if (blocks == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            self->blocks = blocks, self->room = room;
+        }
+        double *block = PyMem_Malloc(BLOCK * sizeof(double));
+        if (block == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->blocks[self->n_blocks++] = block;
     }
-    if (self->size + more <= self->capacity) return 0;
-    Py_ssize_t capacity = self->capacity ? self->capacity : 256;
-    while (capacity < self->size + more) capacity *= 2;
-    double *data = PyMem_Realloc(self->data, (size_t)capacity * sizeof(double));
-    if (data == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    self->data = data, self->capacity = capacity;
     return 0;
 }
 
@@ -44,7 +52,8 @@ static int reserve(FlatLogObject *self, Py_ssize_t more) {
 static int put(FlatLogObject *self, PyObject *value) {
     double x = PyFloat_AsDouble(value);
     if (x == -1.0 && PyErr_Occurred()) return -1;
-    self->data[self->size++] = x;
+    self->blocks[self->size / BLOCK][self->size % BLOCK] = x;
+    self->size++;
     return 0;
 }
 
@@ -76,23 +85,18 @@ static PyObject *log_inplace_add(PyObject *self, PyObject *row) { return log_ext
 
 static Py_ssize_t log_length(FlatLogObject *self) { return self->size; }
 
-static int log_getbuffer(FlatLogObject *self, Py_buffer *view, int flags) {
-    if (PyBuffer_FillInfo(view, (PyObject *)self, self->data, self->size * (Py_ssize_t)sizeof(double), 1, flags) < 0)
-        return -1;
-    if (flags & PyBUF_FORMAT) view->format = "d";
-    view->itemsize = sizeof(double);
-    if (flags & PyBUF_ND) {
-        view->ndim = 1;
-        view->shape = &self->size;
+/* Every value written, in order, as the bytes of float64s */
+static PyObject *log_tobytes(FlatLogObject *self, PyObject *unused) {
+    PyObject *out = PyBytes_FromStringAndSize(NULL, self->size * (Py_ssize_t)sizeof(double));
+    if (out == NULL) return NULL;
+    char *to = PyBytes_AS_STRING(out);
+    for (Py_ssize_t b = 0, left = self->size; left > 0; b++, left -= BLOCK) {
+        size_t n = (size_t)(left < BLOCK ? left : BLOCK) * sizeof(double);
+        memcpy(to, self->blocks[b], n);
+        to += n;
     }
-    if (flags & PyBUF_STRIDES) view->strides = &view->itemsize;
-    self->exports++;
-    return 0;
+    return out;
 }
-
-static void log_releasebuffer(FlatLogObject *self, Py_buffer *view) { self->exports--; }
-
-static PyBufferProcs log_as_buffer = {(getbufferproc)log_getbuffer, (releasebufferproc)log_releasebuffer};
 
 static PySequenceMethods log_as_sequence = {.sq_length = (lenfunc)log_length};
 
@@ -101,6 +105,7 @@ static PyNumberMethods log_as_number = {.nb_inplace_add = log_inplace_add};
 static PyMethodDef log_methods[] = {
     {"append", (PyCFunction)log_append, METH_O, "append(value): one value"},
     {"extend", (PyCFunction)log_extend, METH_O, "extend(row): the row's values, in order"},
+    {"tobytes", (PyCFunction)log_tobytes, METH_NOARGS, "tobytes(): every value, in order, as float64 bytes"},
     {NULL},
 };
 
@@ -113,7 +118,6 @@ static PyTypeObject FlatLogType = {
     .tp_new = PyType_GenericNew,
     .tp_dealloc = (destructor)log_dealloc,
     .tp_methods = log_methods,
-    .tp_as_buffer = &log_as_buffer,
     .tp_as_sequence = &log_as_sequence,
     .tp_as_number = &log_as_number,
 };
@@ -126,6 +130,7 @@ PyMODINIT_FUNC PyInit__records(void) {
     if (m == NULL) return NULL;
     Py_INCREF(&FlatLogType);
     if (PyModule_AddObject(m, "FlatLog", (PyObject *)&FlatLogType) < 0) {
+        Py_DECREF(&FlatLogType);
         Py_DECREF(m);
         return NULL;
     }

@@ -429,7 +429,7 @@ static int finish(StagesObject *self, JobObject *job) {
         PyObject *key = PyLong_FromLongLong(job->rkey);
         if (key == NULL) goto failed;
         PyObject *args[4] = {self->cache, key, now, i};
-        result = PyObject_VectorcallMethod(s_insert, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        result = PyObject_VectorcallMethod(s_insert, args, 4, NULL);
         Py_DECREF(key);
         if (result == NULL) goto failed;
         Py_DECREF(result);

@@ -105,7 +105,7 @@ _records = compiled("_records")
 if _records is not None:
     class FlatLog(_records.FlatLog):  # type: ignore[no-redef]  # noqa: F811
         """A per-request log of numbers, rows one after another (`Recorder.rows` reads them back as a table),
-        each value stored as a float64 as it is written (sim/_records.c): 8 bytes a value and nothing to spill.
+        each value stored as a float64 as it is written (sim/_records.c): 8 bytes a value, nothing to spill.
         The same values as the list-based twin above (PYTHON_FLAT_LOG, which LLMSIM_PURE_PYTHON=1 runs)."""
 
         __slots__ = ()
@@ -115,10 +115,10 @@ if _records is not None:
 
         def values(self, dtype=float) -> np.ndarray:
             """Every value written, in order (a copy)."""
-            return np.frombuffer(self, dtype=float).astype(dtype)
+            return np.frombuffer(self.tobytes(), dtype=float).astype(dtype)
 
         def __reduce__(self):
-            return _flat_log, (bytes(memoryview(self)),)
+            return _flat_log, (self.tobytes(),)
 
 
 def _flat_log(data: bytes) -> FlatLog:
