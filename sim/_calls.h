@@ -1,4 +1,5 @@
-/* Calling Python from the compiled parts: shared by sim/_lifecycle.c and sim/_retrieval.c.
+/* Calling Python from the compiled parts (and making their modules): shared by sim/_lifecycle.c and
+ * sim/_retrieval.c.
  *
  * Names are interned once (a C string would be made into a str, and hashed, at every call); calls go through
  * vectorcall, without building an argument tuple.
@@ -52,6 +53,18 @@ static int clock_now(PyObject *env, PyObject *now_name, double *now) {
     *now = PyFloat_AsDouble(t);
     Py_DECREF(t);
     return *now == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* The module's types, added under their names; 0, or -1 with an exception set */
+static int add_types(PyObject *module, PyTypeObject **types, const char **names, int n) {
+    for (int k = 0; k < n; k++) {
+        Py_INCREF(types[k]);
+        if (PyModule_AddObject(module, names[k], (PyObject *)types[k]) < 0) {
+            Py_DECREF(types[k]);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 #endif

@@ -1166,13 +1166,9 @@ PyMODINIT_FUNC PyInit__lifecycle(void) {
     if (m == NULL) return NULL;
     PyTypeObject *types[] = {&RequestType, &CoreType};
     const char *names[] = {"Request", "Core"};
-    for (int k = 0; k < 2; k++) {
-        Py_INCREF(types[k]);
-        if (PyModule_AddObject(m, names[k], (PyObject *)types[k]) < 0) {
-            Py_DECREF(types[k]);
-            Py_DECREF(m);
-            return NULL;
-        }
+    if (add_types(m, types, names, 2) < 0) {
+        Py_DECREF(m);
+        return NULL;
     }
     return m;
 }

@@ -936,13 +936,9 @@ PyMODINIT_FUNC PyInit__retrieval(void) {
     if (m == NULL) return NULL;
     PyTypeObject *types[] = {&FifoClockType, &JobType, &StagesType, &BatcherType};
     const char *names[] = {"FifoClock", "Job", "Stages", "Batcher"};
-    for (int k = 0; k < 4; k++) {
-        Py_INCREF(types[k]);
-        if (PyModule_AddObject(m, names[k], (PyObject *)types[k]) < 0) {
-            Py_DECREF(types[k]);
-            Py_DECREF(m);
-            return NULL;
-        }
+    if (add_types(m, types, names, 4) < 0) {
+        Py_DECREF(m);
+        return NULL;
     }
     return m;
 }
