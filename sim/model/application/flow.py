@@ -31,7 +31,7 @@ from sim.model.streams import BlockSampler, Streams, token_draw, uniform01
 from sim.model.traffic.ratelimit import RetryPolicy, uniform_pm1
 
 from .guardrails import LIMITS
-from .retrieval import backend
+from .retrieval import build_backend
 
 FLOW_FIELDS = ("request", "step", "start", "end", "label", "attempts")
 """A `recorder.flow_log` row: the request, the step (index into `recorder.flow_steps`), when it started
@@ -71,11 +71,11 @@ class FlowSteps:
 
 
 class Tool:
-    """A tool: a FIFO resource (a retrieval `Backend`, made by `backend`) whose attempts may fail or time out,
+    """A tool: a FIFO resource (a retrieval `Backend`, made by `build_backend`) whose attempts may fail or time out,
     and are retried."""
 
     def __init__(self, env: simpy.Environment, name: str, spec: ToolSpec, streams: Streams) -> None:
-        self.slots = backend(env, name, spec, streams.rng(f"tool.{name}"))
+        self.slots = build_backend(env, name, spec, streams.rng(f"tool.{name}"))
         self.failure_rate, self.timeout = spec.failure_rate, spec.timeout_s
         self.fails = BlockSampler(uniform01, streams.rng(f"tool.{name}.failure"))
         jitter = (BlockSampler(uniform_pm1, streams.rng(f"tool.{name}.retry"))

@@ -99,7 +99,7 @@ class Backend(_BackendReports):
     for a multi-server FIFO queue): its return time is known at once. So a hop costs no event
     of its own, and a slot's release none either; the stage waiting for its hops schedules
     one event, for when it is done. Compiled as `FifoClock` (sim/_retrieval.c) where built:
-    `backend()` makes whichever runs.
+    `build_backend` makes whichever runs.
     """
 
     __slots__ = ("name", "concurrency", "_latency", "_free", "hops", "wait_sum", "_busy", "_since")
@@ -137,7 +137,7 @@ if _retrieval is not None:
             self.reset_counters(env.now)
 
 
-def backend(env: simpy.Environment, name: str, spec: BackendSpec, rng: np.random.Generator) -> Backend:
+def build_backend(env: simpy.Environment, name: str, spec: BackendSpec, rng: np.random.Generator) -> Backend:
     """A retrieval backend: the compiled one where built, else the Python one (the same return times)."""
     return (CompiledBackend if _retrieval is not None else Backend)(env, name, spec, rng)
 
@@ -279,7 +279,7 @@ class Retrieval:
         self.env = env
         self.spec = spec
         self.backends: dict[str, Backend] = {
-            name: backend(env, name, b, streams.rng(f"retrieval.backend.{name}"))
+            name: build_backend(env, name, b, streams.rng(f"retrieval.backend.{name}"))
             for name, b in spec.backends.items()
         }
         self.plan: Plan = self.compile(spec.stages)
