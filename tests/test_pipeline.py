@@ -347,3 +347,13 @@ def test_a_run_names_the_compiled_parts_it_used_that_are_not_built(monkeypatch, 
     run = simulate(sim.load_workload(ROOT / "workloads" / name, ["simulation.duration_s=200",
                                                                  "simulation.warmup_s=10"]))
     assert [w for w in run.warnings if w.startswith("not built")] == ([not_built(parts)] if parts else [])
+
+
+def test_the_pipelines_compiled_parts_are_built_here():
+    # CI installs the package from scratch on a machine with a C compiler: these must be there, or pipelines
+    # silently run their (correct, slower) Python twins and the compiled-against-Python tests skip.
+    from sim.metrics import recorder
+    from sim.model.application import caches, lifecycle, retrieval
+
+    assert recorder._records is not None and retrieval._retrieval is not None
+    assert caches._caches is not None and lifecycle._lifecycle is not None
