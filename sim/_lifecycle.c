@@ -208,102 +208,110 @@ static void core_dealloc(CoreObject *self) {
 
 static int is_set(PyObject *x) { return x != NULL && x != Py_None; }
 
-static PyObject *core_bind(CoreObject *self, PyObject *call_later) {
-    Py_INCREF(call_later);
-    Py_XSETREF(self->call_later, call_later);
-    for (int k = 0; k < 5; k++) {
-        PyObject *m = PyObject_GetAttrString((PyObject *)self, BOUND[k]);
-        if (m == NULL) return NULL;
-        Py_XSETREF(self->bound[k], m);
+/* fields[k] = obj.names[k] for each k; 0, or -1 with an exception set */
+static int read_fields(PyObject *obj, const char **names, PyObject ***fields, int n) {
+    for (int k = 0; k < n; k++) {
+        PyObject *value = PyObject_GetAttrString(obj, names[k]);
+        if (value == NULL) return -1;
+        Py_XSETREF(*fields[k], value);
     }
-    static const char *rec_columns[N_COLUMNS] = {"cls", "endpoint", "arrival", "admit", "first_token", "end",
-                                                 "prompt", "output", "user", "feature", "outcome", "replica"};
-    PyObject **rec_fields[N_COLUMNS] = {&self->cls, &self->endpoint, &self->arrival, &self->admit,
-                                        &self->first_token, &self->end, &self->prompt, &self->output,
-                                        &self->user, &self->feature, &self->outcome, &self->replica};
-    for (int k = 0; k < N_COLUMNS; k++)
-        if ((*rec_fields[k] = PyObject_GetAttrString(self->rec, rec_columns[k])) == NULL) return NULL;
-    static const char *call_columns[7] = {"admit", "replica", "outcome", "first_token", "output", "generated",
-                                          "cached_tokens"};
+    return 0;
+}
+
+/* an int or float attribute as a C number; 0, or -1 with an exception set */
+static int read_ll(PyObject *obj, const char *name, long long *out) {
+    PyObject *value = PyObject_GetAttrString(obj, name);
+    if (value == NULL) return -1;
+    *out = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static int read_d(PyObject *obj, const char *name, double *out) {
+    PyObject *value = PyObject_GetAttrString(obj, name);
+    if (value == NULL) return -1;
+    *out = PyFloat_AsDouble(value);
+    Py_DECREF(value);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* the recorders' columns and logs the way writes to */
+static int bind_records(CoreObject *self) {
+    const char *columns[N_COLUMNS] = {"cls", "endpoint", "arrival", "admit", "first_token", "end", "prompt",
+                                      "output", "user", "feature", "outcome", "replica"};
+    PyObject **fields[N_COLUMNS] = {&self->cls, &self->endpoint, &self->arrival, &self->admit, &self->first_token,
+                                    &self->end, &self->prompt, &self->output, &self->user, &self->feature,
+                                    &self->outcome, &self->replica};
+    const char *call_columns[7] = {"admit", "replica", "outcome", "first_token", "output", "generated",
+                                   "cached_tokens"};
     PyObject **call_fields[7] = {&self->c_admit, &self->c_replica, &self->c_outcome, &self->c_first_token,
                                  &self->c_output, &self->c_generated, &self->c_cached_tokens};
-    for (int k = 0; k < 7; k++)
-        if ((*call_fields[k] = PyObject_GetAttrString(self->calls, call_columns[k])) == NULL) return NULL;
-    static const char *logs[8] = {"budget", "cache_code", "cache_leak", "stage_log", "quality", "quality_inputs",
-                                  "guard_log", "validation_retries"};
+    const char *logs[8] = {"budget", "cache_code", "cache_leak", "stage_log", "quality", "quality_inputs",
+                           "guard_log", "validation_retries"};
     PyObject **log_fields[8] = {&self->budget_log, &self->cache_code, &self->cache_leak, &self->stage_log,
                                 &self->quality_log, &self->quality_inputs, &self->guard_log,
                                 &self->validation_retries};
-    for (int k = 0; k < 8; k++)
-        if ((*log_fields[k] = PyObject_GetAttrString(self->rec, logs[k])) == NULL) return NULL;
-    if (is_set(self->router)) {
-        PyObject *extra = PyObject_GetAttrString(self->router, "extra_context");
-        PyObject *same = PyObject_GetAttrString(self->router, "same_tier_retries");
-        PyObject *tried = PyObject_GetAttrString(self->router, "tiers_tried");
-        if (extra == NULL || same == NULL || tried == NULL) {
-            Py_XDECREF(extra), Py_XDECREF(same), Py_XDECREF(tried);
-            return NULL;
-        }
-        self->extra_context = PyLong_AsLongLong(extra);
-        self->same_tier_retries = (int)PyLong_AsLong(same);
-        self->tiers_tried = (int)PyLong_AsLong(tried);
-        Py_DECREF(extra), Py_DECREF(same), Py_DECREF(tried);
-        if (PyErr_Occurred()) return NULL;
-        if (!(self->router_endpoints = PyObject_GetAttrString(self->router, "endpoints")) ||
-            !(self->router_quality = PyObject_GetAttrString(self->router, "quality")) ||
-            !(self->evaluation = PyObject_GetAttrString(self->router, "evaluation")) ||
-            !(self->escalation = PyObject_GetAttrString(self->router, "escalation")))
-            return NULL;
-    }
-    if (is_set(self->router)) {
-        PyObject *policy = PyObject_GetAttrString(self->router, "policy");
-        PyObject *fixed = policy != NULL ? PyObject_GetAttrString(self->router, "fixed_tier") : NULL;
-        if (fixed == NULL) {
-            Py_XDECREF(policy);
-            return NULL;
-        }
-        self->policy = !PyUnicode_CompareWithASCIIString(policy, "fixed")       ? FIXED
-                       : !PyUnicode_CompareWithASCIIString(policy, "risk")      ? RISK
-                       : !PyUnicode_CompareWithASCIIString(policy, "threshold") ? THRESHOLD
-                                                                                : BY_DIFFICULTY;
-        self->fixed_tier = (int)PyLong_AsLong(fixed);
-        Py_DECREF(policy), Py_DECREF(fixed);
-        if (PyErr_Occurred()) return NULL;
-        if (!(self->difficulty_draw = PyObject_GetAttrString(self->router, "difficulty_draw")) ||
-            !(self->risky = PyObject_GetAttrString(self->router, "risky")) ||
-            !(self->noise = PyObject_GetAttrString(self->router, "noise")) ||
-            !(self->thresholds = PyObject_GetAttrString(self->router, "thresholds")) ||
-            !(self->judge = PyObject_GetAttrString(self->router, "judge")))
-            return NULL;
-        if (is_set(self->escalation)) {
-            PyObject *fa = PyObject_GetAttrString(self->escalation, "false_alarm");
-            PyObject *db = fa != NULL ? PyObject_GetAttrString(self->escalation, "detect_bad") : NULL;
-            self->false_alarm = fa != NULL ? PyFloat_AsDouble(fa) : -1.0;
-            self->detect_bad = db != NULL ? PyFloat_AsDouble(db) : -1.0;
-            Py_XDECREF(fa), Py_XDECREF(db);
-            if (PyErr_Occurred()) return NULL;
-        }
-    }
-    if (is_set(self->guard)) {
-        PyObject *spec = PyObject_GetAttrString(self->guard, "spec");
-        if (spec == NULL) return NULL;
-        self->first_timeout = PyObject_GetAttrString(spec, "first_token_timeout_s");
-        self->whole_timeout = PyObject_GetAttrString(spec, "call_timeout_s");
-        Py_DECREF(spec);
-        if (!self->first_timeout || !self->whole_timeout ||
-            !(self->max_tokens = PyObject_GetAttrString(self->guard, "max_tokens")) ||
-            !(self->reduced_share = PyObject_GetAttrString(self->guard, "reduced_share")) ||
-            !(self->deadlines = PyObject_GetAttrString(self->guard, "deadlines")) ||
-            !(self->call_timeouts = PyObject_GetAttrString(self->guard, "call_timeouts")) ||
-            !(self->max_time = PyObject_GetAttrString(self->guard, "max_time")) ||
-            !(self->max_hops = PyObject_GetAttrString(self->guard, "max_hops")) ||
-            !(self->tool_cap = PyObject_GetAttrString(self->guard, "tool_cap")))
-            return NULL;
-    }
-    if (is_set(self->quality) && !(self->evidence_index = PyObject_GetAttrString(self->quality, "evidence")))
-        return NULL;
-    if (is_set(self->retrieval) && (!(self->plan = PyObject_GetAttrString(self->retrieval, "plan")) ||
-                                    !(self->escalation_plan = PyObject_GetAttrString(self->retrieval, "escalation_plan"))))
+    return read_fields(self->rec, columns, fields, N_COLUMNS) < 0 ||
+                   read_fields(self->calls, call_columns, call_fields, 7) < 0 ||
+                   read_fields(self->rec, logs, log_fields, 8) < 0
+               ? -1
+               : 0;
+}
+
+/* Routing's fields */
+static int bind_router(CoreObject *self) {
+    const char *names[9] = {"endpoints", "quality", "evaluation", "escalation", "difficulty_draw", "risky",
+                            "noise", "thresholds", "judge"};
+    PyObject **fields[9] = {&self->router_endpoints, &self->router_quality, &self->evaluation, &self->escalation,
+                            &self->difficulty_draw, &self->risky, &self->noise, &self->thresholds, &self->judge};
+    long long extra, same, tried, fixed;
+    if (read_fields(self->router, names, fields, 9) < 0 || read_ll(self->router, "extra_context", &extra) < 0 ||
+        read_ll(self->router, "same_tier_retries", &same) < 0 || read_ll(self->router, "tiers_tried", &tried) < 0 ||
+        read_ll(self->router, "fixed_tier", &fixed) < 0)
+        return -1;
+    self->extra_context = extra, self->same_tier_retries = (int)same, self->tiers_tried = (int)tried;
+    self->fixed_tier = (int)fixed;
+    PyObject *policy = PyObject_GetAttrString(self->router, "policy");
+    if (policy == NULL) return -1;
+    self->policy = !PyUnicode_CompareWithASCIIString(policy, "fixed")       ? FIXED
+                   : !PyUnicode_CompareWithASCIIString(policy, "risk")      ? RISK
+                   : !PyUnicode_CompareWithASCIIString(policy, "threshold") ? THRESHOLD
+                                                                            : BY_DIFFICULTY;
+    Py_DECREF(policy);
+    if (!is_set(self->escalation)) return 0;
+    return read_d(self->escalation, "false_alarm", &self->false_alarm) < 0 ||
+                   read_d(self->escalation, "detect_bad", &self->detect_bad) < 0
+               ? -1
+               : 0;
+}
+
+/* Guardrails' fields and its spec's call timeouts */
+static int bind_guard(CoreObject *self) {
+    const char *names[7] = {"max_tokens", "reduced_share", "deadlines", "call_timeouts", "max_time", "max_hops",
+                            "tool_cap"};
+    PyObject **fields[7] = {&self->max_tokens, &self->reduced_share, &self->deadlines, &self->call_timeouts,
+                            &self->max_time, &self->max_hops, &self->tool_cap};
+    const char *timeouts[2] = {"first_token_timeout_s", "call_timeout_s"};
+    PyObject **timeout_fields[2] = {&self->first_timeout, &self->whole_timeout};
+    PyObject *spec = PyObject_GetAttrString(self->guard, "spec");
+    if (spec == NULL) return -1;
+    int status = read_fields(spec, timeouts, timeout_fields, 2);
+    Py_DECREF(spec);
+    return status < 0 ? -1 : read_fields(self->guard, names, fields, 7);
+}
+
+/* _bind(call_later): after Lifecycle.__init__ has set the components, read what the way needs of them */
+static PyObject *core_bind(CoreObject *self, PyObject *call_later) {
+    Py_XSETREF(self->call_later, Py_NewRef(call_later));
+    PyObject **bound[5] = {&self->bound[0], &self->bound[1], &self->bound[2], &self->bound[3], &self->bound[4]};
+    const char *plans[2] = {"plan", "escalation_plan"};
+    PyObject **plan_fields[2] = {&self->plan, &self->escalation_plan};
+    const char *evidence[1] = {"evidence"};
+    PyObject **evidence_field[1] = {&self->evidence_index};
+    if (read_fields((PyObject *)self, BOUND, bound, 5) < 0 || bind_records(self) < 0 ||
+        (is_set(self->router) && bind_router(self) < 0) || (is_set(self->guard) && bind_guard(self) < 0) ||
+        (is_set(self->quality) && read_fields(self->quality, evidence, evidence_field, 1) < 0) ||
+        (is_set(self->retrieval) && read_fields(self->retrieval, plans, plan_fields, 2) < 0))
         return NULL;
     self->bound_ok = 1;
     Py_RETURN_NONE;
