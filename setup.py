@@ -12,11 +12,11 @@ from setuptools import Extension, setup
 FLAGS = ["-O2", "-ffp-contract=off"]
 
 # The fast path's kernel and the event path's replica share the engine's core (a header both include); the
-# lifecycle and the retrieval share their calls into Python.
+# lifecycle, the retrieval and the caches share their calls into Python.
 CORE = ["sim/_engine_core.h"]
 CALLS = ["sim/_calls.h"]
 
 setup(ext_modules=[Extension(f"sim.{name}", [f"sim/{name}.c"], depends=depends, optional=True,
                              extra_compile_args=FLAGS)
                    for name, depends in (("_kernels", CORE), ("_events", []), ("_engine", CORE), ("_records", []),
-                                         ("_retrieval", CALLS), ("_caches", []), ("_lifecycle", CALLS))])
+                                         ("_retrieval", CALLS), ("_caches", CALLS), ("_lifecycle", CALLS))])

@@ -5,12 +5,14 @@
  * (_put, _sweep, _remove), on the very OrderedDicts the Python cache keeps (so the order of eviction and expiry,
  * and every entry, are the same), with its counters as C fields. The rest (construction, the warm start,
  * reports) is the Python half's, shared with the twin. Request-level draws (keys, eligibility, data changes)
- * are the twin's samplers, called in the same order.
+ * are the twin's samplers, called in the same order. Calls into Python go through sim/_calls.h.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
 #include <structmember.h>
+
+#include "_calls.h"
 
 enum { MISS, HIT, STALE_HIT, BYPASS }; /* caches.py's codes */
 
@@ -55,20 +57,15 @@ static void cache_dealloc(CacheObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int set(PyObject *x) { return x != NULL && x != Py_None; }
-
-/* a number as a double; -1 with an exception set (check PyErr_Occurred) */
-static double number(PyObject *x) { return PyFloat_AsDouble(x); }
-
 /* _remove: the key's entry (and its birth under LRU with a TTL) */
 static int remove_key(CacheObject *self, PyObject *key) {
     if (PyObject_DelItem(self->entries, key) < 0) return -1;
-    return set(self->born) ? PyObject_DelItem(self->born, key) : 0;
+    return is_set(self->born) ? PyObject_DelItem(self->born, key) : 0;
 }
 
 /* _sweep: drop expired entries from the oldest end of the insertion order */
 static int sweep(CacheObject *self, double now) {
-    int by_born = set(self->born);
+    int by_born = is_set(self->born);
     PyObject *order = by_born ? self->born : self->entries;
     while (PyDict_GET_SIZE(order) > 0) {
         PyObject *it = PyObject_GetIter(order);
@@ -82,7 +79,7 @@ static int sweep(CacheObject *self, double now) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "a cache's order and entries disagree");
             return -1;
         }
-        double b = number(by_born ? value : PyTuple_GET_ITEM(value, 0));
+        double b = PyFloat_AsDouble(by_born ? value : PyTuple_GET_ITEM(value, 0));
         if (b == -1.0 && PyErr_Occurred()) {
             Py_DECREF(key);
             return -1;
@@ -101,7 +98,7 @@ static int sweep(CacheObject *self, double now) {
 
 /* _put: the entry for key, inserted at now by owner */
 static int put(CacheObject *self, PyObject *key, PyObject *now_obj, PyObject *owner, PyObject *personal) {
-    double now = number(now_obj);
+    double now = PyFloat_AsDouble(now_obj);
     if (now == -1.0 && PyErr_Occurred()) return -1;
     if (self->ttl != INFINITY && sweep(self, now) < 0) return -1;
     int held = PyDict_Contains(self->entries, key);
@@ -111,17 +108,14 @@ static int put(CacheObject *self, PyObject *key, PyObject *now_obj, PyObject *ow
     } else if (self->capacity >= 0 && PyDict_GET_SIZE(self->entries) >= self->capacity) {
         PyObject *oldest = PyObject_CallMethodOneArg(self->entries, s_popitem, Py_False);
         if (oldest == NULL) return -1;
-        int failed = set(self->born) ? PyObject_DelItem(self->born, PyTuple_GET_ITEM(oldest, 0)) : 0;
+        int failed = is_set(self->born) ? PyObject_DelItem(self->born, PyTuple_GET_ITEM(oldest, 0)) : 0;
         Py_DECREF(oldest);
         if (failed < 0) return -1;
         self->evictions += 1;
     }
     double change_at = INFINITY;
-    if (set(self->change)) {
-        PyObject *drawn = PyObject_CallNoArgs(self->change);
-        if (drawn == NULL) return -1;
-        double wait = number(drawn);
-        Py_DECREF(drawn);
+    if (is_set(self->change)) {
+        double wait = draw(self->change);
         if (wait == -1.0 && PyErr_Occurred()) return -1;
         change_at = now + wait;
     }
@@ -133,7 +127,7 @@ static int put(CacheObject *self, PyObject *key, PyObject *now_obj, PyObject *ow
     int failed = PyObject_SetItem(self->entries, key, entry);
     Py_DECREF(entry);
     if (failed < 0) return -1;
-    return set(self->born) ? PyObject_SetItem(self->born, key, now_obj) : 0;
+    return is_set(self->born) ? PyObject_SetItem(self->born, key, now_obj) : 0;
 }
 
 /* audience.users[i], new reference */
@@ -151,7 +145,7 @@ static PyObject *cache_draw_key(CacheObject *self, PyObject *const *args, Py_ssi
     if (nargs == 1 && (i = PyLong_AsSsize_t(args[0])) == -1 && PyErr_Occurred()) return NULL;
     PyObject *key = PyObject_CallNoArgs(self->key_draw);
     if (key == NULL) return NULL;
-    if (set(self->eligible)) { /* drawn even for a bypassing request: its stream stays aligned */
+    if (is_set(self->eligible)) { /* drawn even for a bypassing request: its stream stays aligned */
         PyObject *eligible = PyObject_CallNoArgs(self->eligible);
         int yes = eligible != NULL ? PyObject_IsTrue(eligible) : -1;
         Py_XDECREF(eligible);
@@ -163,11 +157,12 @@ static PyObject *cache_draw_key(CacheObject *self, PyObject *const *args, Py_ssi
         }
     }
     if (!self->scope || i < 0) return key;
-    PyObject *sid = PyObject_CallMethod(self->audience, "scope_id", "in", self->scope, i);
-    PyObject *universe = PyLong_FromLongLong(self->universe), *offset = NULL, *scoped = NULL;
-    if (sid != NULL && universe != NULL && (offset = PyNumber_Multiply(universe, sid)) != NULL)
+    PyObject *scope = PyLong_FromLong(self->scope), *sid = NULL, *offset = NULL, *scoped = NULL;
+    PyObject *universe = PyLong_FromLongLong(self->universe);
+    if (scope != NULL && universe != NULL && (sid = method(self->audience, s_scope_id, 2, scope, args[0])) != NULL &&
+        (offset = PyNumber_Multiply(universe, sid)) != NULL)
         scoped = PyNumber_Add(key, offset);
-    Py_XDECREF(sid), Py_XDECREF(universe), Py_XDECREF(offset);
+    Py_XDECREF(scope), Py_XDECREF(sid), Py_XDECREF(universe), Py_XDECREF(offset);
     Py_DECREF(key);
     return scoped;
 }
@@ -179,7 +174,7 @@ static PyObject *cache_lookup(CacheObject *self, PyObject *const *args, Py_ssize
     if (nargs < 2 || nargs > 3) return PyErr_Format(PyExc_TypeError, "lookup takes 2 or 3 arguments (%zd given)", nargs);
     PyObject *key = args[0];
     long long k = PyLong_AsLongLong(key);
-    double now = number(args[1]);
+    double now = PyFloat_AsDouble(args[1]);
     if ((k == -1 && PyErr_Occurred()) || (now == -1.0 && PyErr_Occurred())) return NULL;
     if (nargs == 3 && (i = PyLong_AsSsize_t(args[2])) == -1 && PyErr_Occurred()) return NULL;
     if (k < 0) return code(BYPASS);
@@ -191,7 +186,7 @@ static PyObject *cache_lookup(CacheObject *self, PyObject *const *args, Py_ssize
         return code(MISS);
     }
     Py_INCREF(entry); /* held across the calls below */
-    double born = number(PyTuple_GET_ITEM(entry, 0)), change_at = number(PyTuple_GET_ITEM(entry, 1));
+    double born = PyFloat_AsDouble(PyTuple_GET_ITEM(entry, 0)), change_at = PyFloat_AsDouble(PyTuple_GET_ITEM(entry, 1));
     long long owner = PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 2));
     int personal = PyObject_IsTrue(PyTuple_GET_ITEM(entry, 3));
     Py_DECREF(entry);
@@ -239,9 +234,9 @@ static PyObject *cache_insert(CacheObject *self, PyObject *const *args, Py_ssize
     if (k < 0) Py_RETURN_NONE;
     self->inserts += 1;
     PyObject *owner, *personal;
-    if (i >= 0 && set(self->audience)) {
+    if (i >= 0 && is_set(self->audience)) {
         owner = user_of(self, i);
-        personal = owner != NULL ? PyObject_CallMethod(self->audience, "personal", "n", i) : NULL;
+        personal = owner != NULL ? method(self->audience, s_personal, 1, args[2]) : NULL;
     } else {
         owner = PyLong_FromLong(-1);
         personal = Py_NewRef(Py_False);
@@ -263,7 +258,7 @@ static PyObject *cache_put(CacheObject *self, PyObject *const *args, Py_ssize_t 
 }
 
 static PyObject *cache_sweep(CacheObject *self, PyObject *arg) {
-    double now = number(arg);
+    double now = PyFloat_AsDouble(arg);
     if ((now == -1.0 && PyErr_Occurred()) || sweep(self, now) < 0) return NULL;
     Py_RETURN_NONE;
 }

@@ -1,5 +1,5 @@
-/* Calling Python from the compiled parts (and making their modules): shared by sim/_lifecycle.c and
- * sim/_retrieval.c.
+/* Calling Python from the compiled parts (and making their modules): shared by sim/_lifecycle.c,
+ * sim/_retrieval.c and sim/_caches.c (static inline: each takes what it uses).
  *
  * Names are interned once (a C string would be made into a str, and hashed, at every call); calls go through
  * vectorcall, without building an argument tuple.
@@ -9,8 +9,11 @@
 #include <Python.h>
 #include <stdarg.h>
 
+/* Whether an optional field is set (neither unset nor None) */
+static inline int is_set(PyObject *x) { return x != NULL && x != Py_None; }
+
 /* obj.name(*args): n (at most 7) arguments, each a borrowed PyObject *; a new reference, NULL with an exception */
-static PyObject *method(PyObject *obj, PyObject *name, Py_ssize_t n, ...) {
+static inline PyObject *method(PyObject *obj, PyObject *name, Py_ssize_t n, ...) {
     PyObject *args[8];
     va_list ap;
     va_start(ap, n);
@@ -21,14 +24,14 @@ static PyObject *method(PyObject *obj, PyObject *name, Py_ssize_t n, ...) {
 }
 
 /* Drop a call's result: 0, or -1 when it failed */
-static int done_with(PyObject *result) {
+static inline int done_with(PyObject *result) {
     if (result == NULL) return -1;
     Py_DECREF(result);
     return 0;
 }
 
 /* A sampler's next draw (a float); -1 with an exception set (check PyErr_Occurred) */
-static double draw(PyObject *sampler) {
+static inline double draw(PyObject *sampler) {
     PyObject *x = PyObject_CallNoArgs(sampler);
     if (x == NULL) return -1.0;
     double v = PyFloat_AsDouble(x);
@@ -37,7 +40,7 @@ static double draw(PyObject *sampler) {
 }
 
 /* call_later(env, delay, callback, value), the event core's; 0, or -1 with an exception set */
-static int schedule(PyObject *call_later, PyObject *env, double delay, PyObject *callback, PyObject *value) {
+static inline int schedule(PyObject *call_later, PyObject *env, double delay, PyObject *callback, PyObject *value) {
     PyObject *d = PyFloat_FromDouble(delay);
     if (d == NULL) return -1;
     PyObject *args[4] = {env, d, callback, value};
@@ -47,7 +50,7 @@ static int schedule(PyObject *call_later, PyObject *env, double delay, PyObject 
 }
 
 /* env._now as a double; 0, or -1 with an exception set */
-static int clock_now(PyObject *env, PyObject *now_name, double *now) {
+static inline int clock_now(PyObject *env, PyObject *now_name, double *now) {
     PyObject *t = PyObject_GetAttr(env, now_name);
     if (t == NULL) return -1;
     *now = PyFloat_AsDouble(t);
@@ -56,7 +59,7 @@ static int clock_now(PyObject *env, PyObject *now_name, double *now) {
 }
 
 /* The module's types, added under their names; 0, or -1 with an exception set */
-static int add_types(PyObject *module, PyTypeObject **types, const char **names, int n) {
+static inline int add_types(PyObject *module, PyTypeObject **types, const char **names, int n) {
     for (int k = 0; k < n; k++) {
         Py_INCREF(types[k]);
         if (PyModule_AddObject(module, names[k], (PyObject *)types[k]) < 0) {

@@ -206,8 +206,6 @@ static void core_dealloc(CoreObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int is_set(PyObject *x) { return x != NULL && x != Py_None; }
-
 /* fields[k] = obj.names[k] for each k; 0, or -1 with an exception set */
 static int read_fields(PyObject *obj, const char **names, PyObject ***fields, int n) {
     for (int k = 0; k < n; k++) {

@@ -495,8 +495,6 @@ failed:
 
 /* ---- the way in: caches and embedding ---- */
 
-static int is_set(PyObject *x) { return x != NULL && x != Py_None; }
-
 /* A new job: Job(i, done, plan, now, escalation) */
 static JobObject *new_job(StagesObject *self, PyObject *i, PyObject *done, PyObject *plan, int escalation) {
     double now;
