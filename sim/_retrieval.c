@@ -3,8 +3,10 @@
  *
  * A retrieval runs stages of parallel hops to FIFO backends, one event per stage: a hop's return time is known
  * when it is submitted (FifoClock), so a stage schedules one callback, for when `need` of its hops are back.
- * Here are the backends' slots, a retrieval's state (Job) and the stage loop with its end (Stages: the base of
- * retrieval.py's CompiledRetrieval, whose Python half keeps the caches, the embedding and the reports).
+ * Here are the backends' slots (FifoClock), a retrieval's state (Job), the way in through the caches and the
+ * embedding, the stage loop and its end (Stages: the base of retrieval.py's CompiledRetrieval, whose Python
+ * half keeps the construction, the fresh plans, the metering and the reports) and the embedding service's
+ * batches and workers (Batcher).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -21,10 +23,10 @@ enum { MISS, HIT, STALE_HIT }; /* caches.py's codes */
 
 /* ---------------------------------------------------------------------------------------------------------
  * FifoClock: Backend.submit, the Kiefer-Wolfowitz step of one FIFO resource with `concurrency` slots (a retrieval
- * backend, a flow's tool; sim/_kernels.c's fifo_slots takes the same step for a whole run): a hop submitted now starts when the earliest slot frees (not before
- * now) and holds it for a latency drawn as it is submitted; its return time is known at once. The slots' free
- * times are a heap kept exactly as heapq.heapreplace keeps it (the same layout, so the Python reports that sum
- * over it add in the same order).
+ * backend, a flow's tool; sim/_kernels.c's fifo_slots takes the same step for a whole run): a hop submitted now
+ * starts when the earliest slot frees (not before now) and holds it for a latency drawn as it is submitted; its
+ * return time is known at once. The slots' free times are a heap kept exactly as heapq.heapreplace keeps it (the
+ * same layout, so the Python reports that sum over it add in the same order).
  */
 typedef struct {
     PyObject_HEAD
@@ -174,26 +176,30 @@ typedef struct {
     char escalation;
 } JobObject;
 
+/* _Job(i, done, plan, now, escalation): its fields as a new job has them; -1 with an exception set */
+static int job_start(JobObject *job, Py_ssize_t i, PyObject *done, PyObject *plan, double now, int escalation) {
+    PyObject *stage_s = PyTuple_New(0);
+    if (stage_s == NULL) return -1;
+    Py_XSETREF(job->done, Py_NewRef(done));
+    Py_XSETREF(job->plan, Py_NewRef(plan));
+    Py_XSETREF(job->stage_s, stage_s);
+    job->i = i, job->start = now, job->escalation = (char)escalation;
+    job->stage = 0;
+    job->stage_start = job->emb_join = 0.0;
+    job->emb_wait = job->emb_s = NAN;
+    job->rcode = job->ecode = NOT_LOOKED_UP;
+    job->rkey = job->ekey = -1;
+    return 0;
+}
+
 static int job_init(JobObject *self, PyObject *args, PyObject *kwargs) {
     static char *names[] = {"i", "done", "plan", "now", "escalation", NULL};
+    Py_ssize_t i;
     PyObject *done, *plan;
+    double now;
     int escalation;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nOOdp", names, &self->i, &done, &plan, &self->start,
-                                     &escalation))
-        return -1;
-    Py_INCREF(done);
-    Py_XSETREF(self->done, done);
-    Py_INCREF(plan);
-    Py_XSETREF(self->plan, plan);
-    Py_XSETREF(self->stage_s, PyTuple_New(0));
-    if (self->stage_s == NULL) return -1;
-    self->escalation = (char)escalation;
-    self->stage = 0;
-    self->stage_start = self->emb_join = 0.0;
-    self->emb_wait = self->emb_s = NAN;
-    self->rcode = self->ecode = NOT_LOOKED_UP;
-    self->rkey = self->ekey = -1;
-    return 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nOOdp", names, &i, &done, &plan, &now, &escalation)) return -1;
+    return job_start(self, i, done, plan, now, escalation);
 }
 
 static int job_traverse(JobObject *self, visitproc visit, void *arg) {
@@ -250,10 +256,13 @@ static PyTypeObject JobType = {
 };
 
 /* ---------------------------------------------------------------------------------------------------------
- * Stages: Retrieval._start_stage, _stage_done and _finish. The Python half (CompiledRetrieval) sets the fields
- * below as Retrieval.__init__ does, then `_bind(call_later)`.
+ * Stages: Retrieval's way in (run, retrieve_more, the caches' lookups, _embed, _embedded), _start_stage,
+ * _stage_done and _finish. The Python half (CompiledRetrieval) sets the fields below as Retrieval.__init__
+ * does, then `_bind(call_later)`.
  */
-enum { B_STAGE_DONE, B_ANSWERED_FROM_CACHE, B_AFTER_CACHE_MISS, B_AFTER_EMBEDDING_HIT, B_AFTER_EMBEDDING_MISS, N_BOUND };
+enum {
+    B_STAGE_DONE, B_ANSWERED_FROM_CACHE, B_AFTER_CACHE_MISS, B_AFTER_EMBEDDING_HIT, B_AFTER_EMBEDDING_MISS, N_BOUND
+};
 static const char *STAGES_BOUND[N_BOUND] = {"_stage_done", "_answered_from_cache", "_after_cache_miss",
                                            "_after_embedding_hit", "_after_embedding_miss"};
 
@@ -305,13 +314,17 @@ static PyObject *stages_bind(StagesObject *self, PyObject *call_later) {
     Py_RETURN_NONE;
 }
 
-/* the clock; NULL with an exception set */
-static PyObject *now_of(StagesObject *self) {
+/* the clock; -1 with an exception set */
+static int now_of(StagesObject *self, double *now) {
     if (self->env == NULL || self->call_later == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the retrieval's stages are not bound (_bind)");
-        return NULL;
+        return -1;
     }
-    return PyObject_GetAttr(self->env, s_now);
+    return clock_now(self->env, s_now, now);
+}
+
+static int later(StagesObject *self, double delay, int bound, JobObject *job) {
+    return schedule(self->call_later, self->env, delay, self->bound[bound], (PyObject *)job);
 }
 
 /* tuple + (x,); steals nothing, NULL with an exception set */
@@ -331,17 +344,15 @@ static PyObject *appended(PyObject *tuple, double x) {
     return out;
 }
 
-/* A hop to backend b submitted at now: *end, when it returns; -1 with an exception set */
+/* A hop to backend b (a compiled backend: build_backend makes one where this module is built) submitted at now:
+ * *end, when it returns; -1 with an exception set */
 static int submit_hop(PyObject *b, double now, double *end) {
-    if (PyObject_TypeCheck(b, &FifoClockType)) return hop_end((FifoClockObject *)b, now, end);
-    PyObject *arg = PyFloat_FromDouble(now);
-    if (arg == NULL) return -1;
-    PyObject *back = PyObject_CallMethodOneArg(b, s_submit, arg); /* any object with Backend's submit */
-    Py_DECREF(arg);
-    if (back == NULL) return -1;
-    *end = PyFloat_AsDouble(back);
-    Py_DECREF(back);
-    return *end == -1.0 && PyErr_Occurred() ? -1 : 0;
+    if (!PyObject_TypeCheck(b, &FifoClockType)) {
+        PyErr_Format(PyExc_TypeError, "a retrieval backend (sim._retrieval.FifoClock) expected, got %s",
+                     Py_TYPE(b)->tp_name);
+        return -1;
+    }
+    return hop_end((FifoClockObject *)b, now, end);
 }
 
 static int by_value(const void *a, const void *b) {
@@ -367,11 +378,8 @@ static PyObject *stage_of(JobObject *job, Py_ssize_t *need) {
 
 /* Retrieval._start_stage: submit the stage's hops at once; it is done when `need` of them have returned */
 static int start_stage(StagesObject *self, JobObject *job) {
-    PyObject *now_obj = now_of(self);
-    if (now_obj == NULL) return -1;
-    double now = PyFloat_AsDouble(now_obj);
-    Py_DECREF(now_obj);
-    if (now == -1.0 && PyErr_Occurred()) return -1;
+    double now;
+    if (now_of(self, &now) < 0) return -1;
     job->stage_start = now;
     Py_ssize_t need;
     PyObject *backends = stage_of(job, &need);
@@ -411,46 +419,30 @@ static int start_stage(StagesObject *self, JobObject *job) {
         done = back[need - 1];
         PyMem_Free(back);
     }
-    PyObject *delay = PyFloat_FromDouble(done - now);
-    if (delay == NULL) return -1;
-    PyObject *args[4] = {self->env, delay, self->bound[B_STAGE_DONE], (PyObject *)job};
-    PyObject *call = PyObject_Vectorcall(self->call_later, args, 4, NULL);
-    Py_DECREF(delay);
-    if (call == NULL) return -1;
-    Py_DECREF(call);
-    return 0;
+    return later(self, done - now, B_STAGE_DONE, job);
 }
 
 /* Retrieval._finish: the retrieval cache learns the answer, the row, done(i) */
 static int finish(StagesObject *self, JobObject *job) {
-    PyObject *now = now_of(self), *i = PyLong_FromSsize_t(job->i), *result = NULL;
-    if (now == NULL || i == NULL) goto failed;
-    if (job->rkey >= 0) {
-        PyObject *key = PyLong_FromLongLong(job->rkey);
-        if (key == NULL) goto failed;
-        PyObject *args[4] = {self->cache, key, now, i};
-        result = PyObject_VectorcallMethod(s_insert, args, 4, NULL);
-        Py_DECREF(key);
-        if (result == NULL) goto failed;
-        Py_DECREF(result);
-    }
+    double t;
+    if (now_of(self, &t) < 0) return -1;
+    PyObject *now = PyFloat_FromDouble(t), *i = PyLong_FromSsize_t(job->i), *key = NULL, *last = NULL;
+    int status = -1;
+    if (now == NULL || i == NULL) goto done;
+    if (job->rkey >= 0 && ((key = PyLong_FromLongLong(job->rkey)) == NULL ||
+                           done_with(method(self->cache, s_insert, 3, key, now, i)) < 0))
+        goto done;
     self->completed += 1;
-    PyObject *last = Py_BuildValue("(OdOddiiOO)", i, job->start, now, job->emb_wait, job->emb_s, job->rcode,
-                                   job->ecode, job->stage_s, job->escalation ? Py_True : Py_False);
-    if (last == NULL) goto failed;
-    Py_XSETREF(self->last, last);
-    if (self->records != NULL && self->records != Py_None && PyList_Append(self->records, last) < 0) goto failed;
-    if (self->metered) {
-        if ((result = PyObject_CallMethodOneArg((PyObject *)self, s_meter, (PyObject *)job)) == NULL) goto failed;
-        Py_DECREF(result);
-    }
-    if ((result = PyObject_CallOneArg(job->done, i)) == NULL) goto failed;
-    Py_DECREF(result);
-    Py_DECREF(now), Py_DECREF(i);
-    return 0;
-failed:
-    Py_XDECREF(now), Py_XDECREF(i);
-    return -1;
+    last = Py_BuildValue("(OdOddiiOO)", i, job->start, now, job->emb_wait, job->emb_s, job->rcode, job->ecode,
+                         job->stage_s, job->escalation ? Py_True : Py_False);
+    if (last == NULL) goto done;
+    Py_XSETREF(self->last, Py_NewRef(last));
+    if (is_set(self->records) && PyList_Append(self->records, last) < 0) goto done;
+    if (self->metered && done_with(method((PyObject *)self, s_meter, 1, (PyObject *)job)) < 0) goto done;
+    status = done_with(PyObject_CallOneArg(job->done, i));
+done:
+    Py_XDECREF(now), Py_XDECREF(i), Py_XDECREF(key), Py_XDECREF(last);
+    return status;
 }
 
 static JobObject *job_arg(PyObject *job) {
@@ -475,22 +467,19 @@ static PyObject *stages_finish(StagesObject *self, PyObject *job) {
 
 /* Retrieval._stage_done: the stage's `need` hops are back */
 static PyObject *stages_stage_done(StagesObject *self, PyObject *event) {
-    PyObject *value = PyObject_GetAttr(event, s_value), *now_obj = NULL;
+    PyObject *value = PyObject_GetAttr(event, s_value), *s = NULL;
     if (value == NULL) return NULL;
     JobObject *job = job_arg(value);
-    if (job == NULL || (now_obj = now_of(self)) == NULL) goto failed;
-    double now = PyFloat_AsDouble(now_obj);
-    if (now == -1.0 && PyErr_Occurred()) goto failed;
-    PyObject *s = appended(job->stage_s, now - job->stage_start);
-    if (s == NULL) goto failed;
-    Py_SETREF(job->stage_s, s);
-    job->stage += 1;
-    if ((job->stage < PyTuple_GET_SIZE(job->plan) ? start_stage(self, job) : finish(self, job)) < 0) goto failed;
-    Py_DECREF(value), Py_DECREF(now_obj);
+    double now;
+    int status = -1;
+    if (job != NULL && now_of(self, &now) == 0 && (s = appended(job->stage_s, now - job->stage_start)) != NULL) {
+        Py_SETREF(job->stage_s, s);
+        job->stage += 1;
+        status = job->stage < PyTuple_GET_SIZE(job->plan) ? start_stage(self, job) : finish(self, job);
+    }
+    Py_DECREF(value);
+    if (status < 0) return NULL;
     Py_RETURN_NONE;
-failed:
-    Py_DECREF(value), Py_XDECREF(now_obj);
-    return NULL;
 }
 
 /* ---- the way in: caches and embedding ---- */
@@ -499,24 +488,13 @@ failed:
 static JobObject *new_job(StagesObject *self, PyObject *i, PyObject *done, PyObject *plan, int escalation) {
     double now;
     Py_ssize_t index = PyLong_AsSsize_t(i);
-    if ((index == -1 && PyErr_Occurred()) || self->call_later == NULL) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "the retrieval's stages are not bound (_bind)");
-        return NULL;
-    }
-    if (clock_now(self->env, s_now, &now) < 0) return NULL;
+    if ((index == -1 && PyErr_Occurred()) || now_of(self, &now) < 0) return NULL;
     JobObject *job = PyObject_GC_New(JobObject, &JobType);
     if (job == NULL) return NULL;
-    job->i = index, job->start = now, job->escalation = (char)escalation;
-    job->done = Py_NewRef(done), job->plan = Py_NewRef(plan), job->stage_s = PyTuple_New(0);
-    job->stage = 0, job->stage_start = job->emb_join = 0.0, job->emb_wait = job->emb_s = NAN;
-    job->rcode = job->ecode = NOT_LOOKED_UP, job->rkey = job->ekey = -1;
+    job->done = job->plan = job->stage_s = NULL;
     PyObject_GC_Track(job);
-    if (job->stage_s == NULL) Py_CLEAR(job);
+    if (job_start(job, index, done, plan, now, escalation) < 0) Py_CLEAR(job);
     return job;
-}
-
-static int later(StagesObject *self, double delay, int bound, JobObject *job) {
-    return schedule(self->call_later, self->env, delay, self->bound[bound], (PyObject *)job);
 }
 
 /* embedding.submit(job) */
@@ -531,7 +509,7 @@ static int embed(StagesObject *self, JobObject *job) {
         double now;
         PyObject *i = PyLong_FromSsize_t(job->i), *key = NULL, *code = NULL, *now_obj = NULL;
         int status = -1;
-        if (i == NULL || clock_now(self->env, s_now, &now) < 0 || (now_obj = PyFloat_FromDouble(now)) == NULL)
+        if (i == NULL || now_of(self, &now) < 0 || (now_obj = PyFloat_FromDouble(now)) == NULL)
             goto done;
         if (self->shared_key) {
             PyObject *rkey = PyLong_FromLongLong(job->rkey);
@@ -641,7 +619,9 @@ static PyObject *after(StagesObject *self, PyObject *event, int which) {
     Py_RETURN_NONE;
 }
 
-static PyObject *stages_answered_from_cache(StagesObject *self, PyObject *e) { return after(self, e, B_ANSWERED_FROM_CACHE); }
+static PyObject *stages_answered_from_cache(StagesObject *self, PyObject *e) {
+    return after(self, e, B_ANSWERED_FROM_CACHE);
+}
 static PyObject *stages_after_cache_miss(StagesObject *self, PyObject *e) { return after(self, e, B_AFTER_CACHE_MISS); }
 static PyObject *stages_after_embedding_hit(StagesObject *self, PyObject *e) {
     return after(self, e, B_AFTER_EMBEDDING_HIT);
@@ -662,7 +642,7 @@ static PyObject *stages_embedded(StagesObject *self, PyObject *arg) {
     if (job == NULL) return NULL;
     if (job->ekey >= 0) {
         double now;
-        if (clock_now(self->env, s_now, &now) < 0) return NULL;
+        if (now_of(self, &now) < 0) return NULL;
         PyObject *key = PyLong_FromLongLong(job->ekey), *t = PyFloat_FromDouble(now), *i = PyLong_FromSsize_t(job->i);
         int failed = key == NULL || t == NULL || i == NULL ||
                      done_with(method(self->embedding_cache, s_insert, 3, key, t, i)) < 0;
