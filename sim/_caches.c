@@ -171,7 +171,8 @@ static PyObject *code(int c) { return PyLong_FromLong(c); }
 
 static PyObject *cache_lookup(CacheObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t i = -1;
-    if (nargs < 2 || nargs > 3) return PyErr_Format(PyExc_TypeError, "lookup takes 2 or 3 arguments (%zd given)", nargs);
+    if (nargs < 2 || nargs > 3)
+        return PyErr_Format(PyExc_TypeError, "lookup takes 2 or 3 arguments (%zd given)", nargs);
     PyObject *key = args[0];
     long long k = PyLong_AsLongLong(key);
     double now = PyFloat_AsDouble(args[1]);
@@ -186,7 +187,8 @@ static PyObject *cache_lookup(CacheObject *self, PyObject *const *args, Py_ssize
         return code(MISS);
     }
     Py_INCREF(entry); /* held across the calls below */
-    double born = PyFloat_AsDouble(PyTuple_GET_ITEM(entry, 0)), change_at = PyFloat_AsDouble(PyTuple_GET_ITEM(entry, 1));
+    double born = PyFloat_AsDouble(PyTuple_GET_ITEM(entry, 0));
+    double change_at = PyFloat_AsDouble(PyTuple_GET_ITEM(entry, 1));
     long long owner = PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 2));
     int personal = PyObject_IsTrue(PyTuple_GET_ITEM(entry, 3));
     Py_DECREF(entry);
@@ -227,7 +229,8 @@ static PyObject *cache_lookup(CacheObject *self, PyObject *const *args, Py_ssize
 
 static PyObject *cache_insert(CacheObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t i = -1;
-    if (nargs < 2 || nargs > 3) return PyErr_Format(PyExc_TypeError, "insert takes 2 or 3 arguments (%zd given)", nargs);
+    if (nargs < 2 || nargs > 3)
+        return PyErr_Format(PyExc_TypeError, "insert takes 2 or 3 arguments (%zd given)", nargs);
     long long k = PyLong_AsLongLong(args[0]);
     if (k == -1 && PyErr_Occurred()) return NULL;
     if (nargs == 3 && (i = PyLong_AsSsize_t(args[2])) == -1 && PyErr_Occurred()) return NULL;

@@ -545,103 +545,93 @@ static int end(CoreObject *self, RequestObject *r, PyObject *outcome);
 
 /* ---- the way in ---- */
 
+/* The user stops reading part-way (cancel_share of the requests): after what share of the answer */
+static int draw_cancel(CoreObject *self, RequestObject *r) {
+    double u = draw(self->cancel_draw);
+    if (u == -1.0 && PyErr_Occurred()) return -1;
+    if (!(u < self->cancel_share)) return 0;
+    double read = draw(self->read_share);
+    long long output;
+    if ((read == -1.0 && PyErr_Occurred()) || item_ll(self->output, r->i, &output) < 0) return -1;
+    read = read > 0.0 ? read : 0.0; /* min(1.0, max(0.0, read)), as Python picks */
+    read = read < 1.0 ? read : 1.0;
+    long long tokens = (long long)ceil(read * (double)output);
+    r->cancel_tokens = tokens > 1 ? tokens : 1;
+    return 0;
+}
+
+/* The prompt the budget builds for class c's request (its row logged): 1 when it overflows the window even
+ * trimmed (the request is refused, as a provider would: ended here), 0 to go on, -1 with an exception set */
+static int apply_budget(CoreObject *self, RequestObject *r, PyObject *i, Py_ssize_t c) {
+    PyObject *budget = PySequence_GetItem(self->budgets, c);
+    PyObject *b = budget != NULL ? method(budget, n_draw, 0) : NULL; /* a BudgetResult */
+    Py_XDECREF(budget);
+    if (b == NULL) return -1;
+    PyObject *drawn = PyObject_GetAttr(b, n_drawn), *sizes = PyObject_GetAttr(b, n_sizes);
+    PyObject *truncated = PyObject_GetAttr(b, n_truncated), *overflow = PyObject_GetAttr(b, n_overflow);
+    PyObject *prompt = PyObject_GetAttr(b, n_prompt_tokens), *prefix = PyObject_GetAttr(b, n_prefix_tokens);
+    PyObject *room = PyObject_GetAttr(b, n_output_budget_tokens), *confidence = PyObject_GetAttr(b, n_confidence);
+    int status = -1, over;
+    long long output, budget_tokens;
+    if (!drawn || !sizes || !truncated || !overflow || !prompt || !prefix || !room || !confidence) goto done;
+    if (done_with(method(self->budget_log, n_append, 1, i)) < 0 ||
+        done_with(method(self->budget_log, n_append, 1, truncated)) < 0 ||
+        log_row(self->budget_log, Py_NewRef(drawn)) < 0 || log_row(self->budget_log, Py_NewRef(sizes)) < 0 ||
+        (over = PyObject_IsTrue(overflow)) < 0)
+        goto done;
+    if (over) {
+        PyObject *code = PyLong_FromLong(REJECTED);
+        status = code == NULL || end(self, r, code) < 0 ? -1 : 1;
+        Py_XDECREF(code);
+        goto done;
+    }
+    if (PySequence_SetItem(self->prompt, r->i, prompt) < 0 || as_ll(prefix, &r->prefix) < 0) goto done;
+    if (is_set(self->quality)) {
+        PyObject *evidence = evidence_of(self, drawn, sizes);
+        if (evidence == NULL) goto done;
+        Py_XSETREF(r->evidence, evidence);
+        if ((r->confidence = PyFloat_AsDouble(confidence)) == -1.0 && PyErr_Occurred()) goto done;
+    }
+    /* the answer cannot outgrow what the window leaves */
+    if (as_ll(room, &budget_tokens) < 0 || item_ll(self->output, r->i, &output) < 0) goto done;
+    if (output > budget_tokens &&
+        set_item(self->output, r->i, PyLong_FromLongLong(budget_tokens > 1 ? budget_tokens : 1)) < 0)
+        goto done;
+    status = 0;
+done:
+    Py_DECREF(b);
+    Py_XDECREF(drawn), Py_XDECREF(sizes), Py_XDECREF(truncated), Py_XDECREF(overflow), Py_XDECREF(prompt);
+    Py_XDECREF(prefix), Py_XDECREF(room), Py_XDECREF(confidence);
+    return status;
+}
+
 /* Lifecycle.start */
 static PyObject *core_start(CoreObject *self, PyObject *arg) {
-    Py_ssize_t i = PyLong_AsSsize_t(arg);
-    double now;
+    Py_ssize_t i = PyLong_AsSsize_t(arg), c;
+    double now, arrival;
     if ((i == -1 && PyErr_Occurred()) || now_of(self, &now) < 0) return NULL;
     RequestObject *r = PyObject_GC_New(RequestObject, &RequestType);
     if (r == NULL) return NULL;
     r->correct = r->evidence = r->flow = NULL;
     request_defaults(r, i, now);
     PyObject_GC_Track(r);
-    PyObject *result = NULL, *cls = NULL;
-    if (PyDict_SetItem(self->live, arg, (PyObject *)r) < 0 || (cls = PySequence_GetItem(self->cls, i)) == NULL)
+    int status = -1;
+    PyObject *cls = NULL;
+    if (PyDict_SetItem(self->live, arg, (PyObject *)r) < 0 || (cls = PySequence_GetItem(self->cls, i)) == NULL ||
+        ((c = PyLong_AsSsize_t(cls)) == -1 && PyErr_Occurred()))
         goto done;
-    Py_ssize_t c_index = PyLong_AsSsize_t(cls);
-    if (c_index == -1 && PyErr_Occurred()) goto done;
     /* routed at arrival, in arrival order (common random numbers) */
-    if (is_set(self->router) && first_tier(self, c_index, &r->tier, &r->difficulty) < 0) goto done;
-    if (is_set(self->guard)) {
-        double arrival;
-        if (item_d(self->arrival, i, &arrival) < 0 || watch_request(self, r, arrival, now) < 0) goto done;
-    }
-    if (self->cancel_share > 0) {
-        double u = draw(self->cancel_draw);
-        if (u == -1.0 && PyErr_Occurred()) goto done;
-        if (u < self->cancel_share) {
-            double read = draw(self->read_share);
-            long long output;
-            if ((read == -1.0 && PyErr_Occurred()) || item_ll(self->output, i, &output) < 0) goto done;
-            read = read > 0.0 ? read : 0.0; /* min(1.0, max(0.0, read)), as Python picks */
-            read = read < 1.0 ? read : 1.0;
-            long long tokens = (long long)ceil(read * (double)output);
-            r->cancel_tokens = tokens > 1 ? tokens : 1;
-        }
-    }
-    if (is_set(self->budgets)) {
-        Py_ssize_t c = PyLong_AsSsize_t(cls);
-        PyObject *budget = c >= 0 ? PySequence_GetItem(self->budgets, c) : NULL;
-        if (budget == NULL) goto done;
-        PyObject *b = method(budget, n_draw, 0); /* BudgetResult: a named tuple */
-        Py_DECREF(budget);
-        if (b == NULL) goto done;
-        /* drawn, sizes, truncated, prompt_tokens, prefix_tokens, output_budget_tokens, overflow, confidence */
-        PyObject *drawn = PyObject_GetAttr(b, n_drawn), *sizes = PyObject_GetAttr(b, n_sizes);
-        PyObject *truncated = PyObject_GetAttr(b, n_truncated);
-        int failed = drawn == NULL || sizes == NULL || truncated == NULL ||
-                     done_with(method(self->budget_log, n_append, 1, arg)) < 0 ||
-                     done_with(method(self->budget_log, n_append, 1, truncated)) < 0 ||
-                     log_row(self->budget_log, Py_NewRef(drawn)) < 0 || log_row(self->budget_log, Py_NewRef(sizes)) < 0;
-        Py_XDECREF(truncated);
-        PyObject *overflow = failed ? NULL : PyObject_GetAttr(b, n_overflow);
-        int over = overflow != NULL ? PyObject_IsTrue(overflow) : -1;
-        Py_XDECREF(overflow);
-        if (failed || over < 0) {
-            Py_XDECREF(drawn), Py_XDECREF(sizes), Py_DECREF(b);
-            goto done;
-        }
-        if (over) { /* longer than the context window even trimmed: refused, as a provider would */
-            Py_DECREF(drawn), Py_DECREF(sizes), Py_DECREF(b);
-            PyObject *code = PyLong_FromLong(REJECTED);
-            failed = code == NULL || end(self, r, code) < 0;
-            Py_XDECREF(code);
-            if (!failed) result = Py_NewRef(Py_None);
-            goto done;
-        }
-        PyObject *prompt = PyObject_GetAttr(b, n_prompt_tokens), *prefix = PyObject_GetAttr(b, n_prefix_tokens);
-        PyObject *room = PyObject_GetAttr(b, n_output_budget_tokens);
-        failed = prompt == NULL || prefix == NULL || room == NULL || PySequence_SetItem(self->prompt, i, prompt) < 0;
-        if (!failed) {
-            r->prefix = PyLong_AsLongLong(prefix);
-            failed = PyErr_Occurred() != NULL;
-        }
-        if (!failed && is_set(self->quality)) {
-            PyObject *evidence = evidence_of(self, drawn, sizes);
-            PyObject *confidence = evidence != NULL ? PyObject_GetAttr(b, n_confidence) : NULL;
-            if (confidence != NULL) {
-                Py_XSETREF(r->evidence, evidence);
-                r->confidence = PyFloat_AsDouble(confidence);
-                Py_DECREF(confidence);
-            } else
-                Py_XDECREF(evidence);
-            failed = PyErr_Occurred() != NULL;
-        }
-        if (!failed) { /* the answer cannot outgrow what the window leaves */
-            long long output, budget_tokens = PyLong_AsLongLong(room);
-            failed = PyErr_Occurred() != NULL || item_ll(self->output, i, &output) < 0;
-            if (!failed && output > budget_tokens)
-                failed = set_item(self->output, i, PyLong_FromLongLong(budget_tokens > 1 ? budget_tokens : 1)) < 0;
-        }
-        Py_XDECREF(prompt), Py_XDECREF(prefix), Py_XDECREF(room);
-        Py_DECREF(drawn), Py_DECREF(sizes), Py_DECREF(b);
-        if (failed) goto done;
-    }
-    if (answer(self, r) == 0) result = Py_NewRef(Py_None);
+    if (is_set(self->router) && first_tier(self, c, &r->tier, &r->difficulty) < 0) goto done;
+    if (is_set(self->guard) && (item_d(self->arrival, i, &arrival) < 0 || watch_request(self, r, arrival, now) < 0))
+        goto done;
+    if (self->cancel_share > 0 && draw_cancel(self, r) < 0) goto done;
+    status = is_set(self->budgets) ? apply_budget(self, r, arg, c) : 0;
+    if (status == 0) status = answer(self, r);
 done:
     Py_XDECREF(cls);
     Py_DECREF(r);
-    return result;
+    if (status < 0) return NULL;
+    Py_RETURN_NONE;
 }
 
 /* Lifecycle._answer: from the output cache, else retrieval and the model */
@@ -771,12 +761,9 @@ static int make_call(CoreObject *self, RequestObject *r) {
         int allowed = may_call(self, r, prompt + output);
         if (allowed < 0) return -1;
         if (!allowed) {
-            PyObject *fallback = PyObject_GetAttrString((PyObject *)self, "_fallback");
-            if (fallback == NULL) return -1;
-            PyObject *args = Py_BuildValue("(Oi)", (PyObject *)r, REJECTED), *kwargs = Py_BuildValue("{s:O}", "deadline", Py_False);
-            int status = args == NULL || kwargs == NULL ? -1 : done_with(PyObject_Call(fallback, args, kwargs));
-            Py_DECREF(fallback), Py_XDECREF(args), Py_XDECREF(kwargs);
-            return status;
+            /* _fallback(r, REJECTED, deadline=False): a Python method, the rare path */
+            return done_with(PyObject_CallMethod((PyObject *)self, "_fallback", "OiO", (PyObject *)r, REJECTED,
+                                                 Py_False));
         }
     }
     if (self->spilling) { /* a long queue may send the call to its overflow */
@@ -960,8 +947,10 @@ static int finish(CoreObject *self, RequestObject *r) {
     if (r->cache_key >= 0) {
         double now;
         if (now_of(self, &now) < 0) return -1;
-        PyObject *key = PyLong_FromLongLong(r->cache_key), *t = PyFloat_FromDouble(now), *i = PyLong_FromSsize_t(r->i);
-        int failed = key == NULL || t == NULL || i == NULL || done_with(method(self->cache, n_insert, 3, key, t, i)) < 0;
+        PyObject *key = PyLong_FromLongLong(r->cache_key), *t = PyFloat_FromDouble(now);
+        PyObject *i = PyLong_FromSsize_t(r->i);
+        int failed = key == NULL || t == NULL || i == NULL ||
+                     done_with(method(self->cache, n_insert, 3, key, t, i)) < 0;
         Py_XDECREF(key), Py_XDECREF(t), Py_XDECREF(i);
         if (failed) return -1;
     }
